@@ -12,8 +12,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-# name -> "module:attribute" of a click command or group.
-SUBCOMMANDS: dict[str, str] = {}
+# name -> "module:attribute" of a click command or group. Each package adds its own
+# commands here (one line each) when they exist; none is a placeholder.
+SUBCOMMANDS: dict[str, str] = {
+}
 
 
 def register_subcommand(name: str, target: str) -> None:
