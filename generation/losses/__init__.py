@@ -1,0 +1,198 @@
+"""Every image loss in one registry: ``build_loss(name_or_spec, **options)``.
+
+``build_loss("l2")`` returns an ``nn.Module``; ``module(prediction, target)`` on float
+tensors N×C×H×W in [0, 1] (C = 1 or 3) returns N per-image distances (lower = more
+similar), differentiable in the prediction. ``available_losses()`` maps each name to a
+one-line description. A composite spec such as ``"l2:1.0,deep:0.1"`` (or the mapping
+``{"l2": 1.0, "deep": {"weight": 0.1, **options}}``) builds a weighted sum of registered
+losses (:class:`CompositeLoss`), so DeePSiM-style mixtures are configuration, not code.
+
+Bad input (unknown name, bad option, malformed spec) raises ``ValueError`` naming the
+problem and the accepted values. Modules are imported lazily, so building ``l2`` does
+not import torchvision.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from generation.losses.base import ImageLoss, check_images
+
+__all__ = [
+    "CompositeLoss",
+    "ImageLoss",
+    "available_losses",
+    "build_loss",
+    "check_images",
+    "parse_spec",
+]
+
+# name -> ("module:Class", one-line description)
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "l1": ("generation.losses.pixel:L1Loss", "mean absolute pixel difference"),
+    "l2": ("generation.losses.pixel:L2Loss", "mean squared pixel difference"),
+}
+
+
+def available_losses() -> dict[str, str]:
+    """Registered loss names mapped to a one-line description each."""
+    return {name: description for name, (_, description) in _REGISTRY.items()}
+
+
+def _normalise_name(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def _loss_class(name: str) -> type[nn.Module]:
+    key = _normalise_name(name)
+    if key not in _REGISTRY:
+        raise ValueError(
+            f"unknown loss {name!r}; accepted names: {', '.join(_REGISTRY)} "
+            "(or a weighted spec such as 'l2:1.0,deep:0.1')"
+        )
+    module_name, attribute = _REGISTRY[key][0].split(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def _accepted_options(cls: type) -> list[str] | None:
+    """Keyword options of ``cls.__init__``; None when it takes arbitrary ``**kwargs``."""
+    if cls.__init__ is nn.Module.__init__:
+        return []
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+
+def _build_single(name: str, options: Mapping[str, Any]) -> nn.Module:
+    cls = _loss_class(name)
+    accepted = _accepted_options(cls)
+    if accepted is not None:
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"loss {name!r} got unknown option(s) {', '.join(unknown)}; accepted options: "
+                f"{', '.join(accepted) if accepted else '(none)'}"
+            )
+    return cls(**options)
+
+
+def _parse_weight(text: Any, name: str) -> float:
+    try:
+        weight = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"weight of {name!r} must be a number, got {text!r} (spec format 'l2:1.0,deep:0.1')"
+        ) from None
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight of {name!r} must be finite and >= 0, got {weight}")
+    return weight
+
+
+def parse_spec(spec: str | Mapping[str, Any]) -> list[tuple[str, float, dict[str, Any]]]:
+    """Parse a composite spec into ``[(name, weight, options), ...]``.
+
+    ``spec`` is either a string ``"name[:weight],name[:weight],..."`` (weight defaults to
+    1) or a mapping ``{name: weight}`` / ``{name: {"weight": w, **options}}``.
+    """
+    entries: list[tuple[str, float, dict[str, Any]]] = []
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+        if not items:
+            raise ValueError("empty loss spec; give at least one name, e.g. {'l2': 1.0}")
+        for raw_name, value in items:
+            if isinstance(value, Mapping):
+                options = dict(value)
+                weight = _parse_weight(options.pop("weight", 1.0), raw_name)
+            else:
+                options, weight = {}, _parse_weight(value, raw_name)
+            entries.append((str(raw_name), weight, options))
+    elif isinstance(spec, str):
+        parts = [part.strip() for part in spec.split(",")]
+        if not spec.strip() or any(not part for part in parts):
+            raise ValueError(
+                f"malformed loss spec {spec!r}; expected 'name[:weight],...' such as "
+                "'l2:1.0,deep:0.1'"
+            )
+        for part in parts:
+            raw_name, _, weight_text = part.partition(":")
+            weight = _parse_weight(weight_text, raw_name) if weight_text.strip() else 1.0
+            entries.append((raw_name.strip(), weight, {}))
+    else:
+        raise ValueError(
+            f"loss spec must be a name, a 'name:weight,...' string or a mapping, got "
+            f"{type(spec).__name__}"
+        )
+    seen: set[str] = set()
+    for name, _, _ in entries:
+        _loss_class(name)  # unknown names fail here, before anything is built
+        key = _normalise_name(name)
+        if key in seen:
+            raise ValueError(f"loss {name!r} appears twice in the spec; give each loss once")
+        seen.add(key)
+    return [(_normalise_name(name), weight, options) for name, weight, options in entries]
+
+
+class CompositeLoss(ImageLoss):
+    """Weighted sum of registered losses: Σ_k weight_k · loss_k(prediction, target).
+
+    ``terms(prediction, target)`` returns the unweighted per-image distance of each part
+    (name -> tensor N), e.g. for logging.
+    """
+
+    name = "composite"
+
+    def __init__(self, parts: Mapping[str, nn.Module], weights: Mapping[str, float]):
+        super().__init__()
+        if not parts:
+            raise ValueError("a composite loss needs at least one part")
+        self.parts = nn.ModuleDict(dict(parts))
+        self.weights = {name: float(weights[name]) for name in parts}
+        self.min_size = max(getattr(part, "min_size", 1) for part in self.parts.values())
+
+    @property
+    def spec(self) -> str:
+        """The normalised spec string, e.g. ``'l2:1.0,deep:0.1'``."""
+        return ",".join(f"{name}:{weight:g}" for name, weight in self.weights.items())
+
+    def terms(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_images(prediction, target, self.name, self.min_size)
+        return {name: part(prediction, target) for name, part in self.parts.items()}
+
+    def distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = None
+        for name, part in self.parts.items():
+            value = self.weights[name] * part(prediction, target).float()
+            total = value if total is None else total + value
+        return total
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec!r}"
+
+
+def build_loss(name_or_spec: str | Mapping[str, Any], **options: Any) -> nn.Module:
+    """Build a loss module from a registered name (with ``options``) or a composite spec.
+
+    ``build_loss("ssim")``, ``build_loss("lpips-alex", weights="alexnet.pth")``,
+    ``build_loss("l2:1.0,deep:0.1")``, ``build_loss({"l2": 1, "deep": {"weight": 0.1}})``.
+    A single name returns that loss's module; a spec with weights or several names returns
+    a :class:`CompositeLoss` (options then go per part, in the mapping form).
+    """
+    if isinstance(name_or_spec, str) and not any(c in name_or_spec for c in ",:"):
+        return _build_single(name_or_spec, options)
+    if options:
+        raise ValueError(
+            f"options {', '.join(sorted(options))} cannot apply to the composite spec "
+            f"{name_or_spec!r}; give them per part in the mapping form, e.g. "
+            "{'l2': 1.0, 'lpips-alex': {'weight': 0.1, 'weights': 'alexnet.pth'}}"
+        )
+    entries = parse_spec(name_or_spec)
+    parts = {name: _build_single(name, part_options) for name, _, part_options in entries}
+    return CompositeLoss(parts, {name: weight for name, weight, _ in entries})
