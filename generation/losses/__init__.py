@@ -38,6 +38,11 @@ __all__ = [
 _REGISTRY: dict[str, tuple[str, str]] = {
     "l1": ("generation.losses.pixel:L1Loss", "mean absolute pixel difference"),
     "l2": ("generation.losses.pixel:L2Loss", "mean squared pixel difference"),
+    "ssim": ("generation.losses.ssim:SSIMLoss", "1 − SSIM (Gaussian window 11, σ 1.5)"),
+    "msssim": (
+        "generation.losses.ssim:MSSSIMLoss",
+        "1 − MS-SSIM (5 scales; fewer, renormalised, on small images)",
+    ),
 }
 
 
