@@ -25,6 +25,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["DATABASE_URL"]
     if os.environ.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = os.environ["SECRET_KEY"]
+    app.config.from_prefixed_env("PSTUDY")  # e.g. PSTUDY_PARTICIPANT_RATE_LIMIT='[100, 1]'
     if test_config:
         app.config.from_mapping(test_config)
     if not app.config.get("SQLALCHEMY_DATABASE_URI"):
@@ -33,9 +34,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     init_extensions(app)
 
-    from study_app import health
+    from study_app import api, health, models  # noqa: F401 - models registers the tables
 
     app.register_blueprint(health.bp)
+    api.init_app(app)
     return app
 
 

@@ -1,14 +1,26 @@
-"""Flask extensions, created unbound and wired with ``init_app`` in the factory."""
+"""Flask extensions, created unbound and wired with ``init_app`` in the factory.
+
+SQLite: WAL journal, a busy timeout, foreign keys; transactions are begun by SQLAlchemy
+(the driver's own implicit BEGIN is switched off) so that a write transaction can start
+with ``BEGIN IMMEDIATE`` (see :func:`study_app.db.write_transaction`): one writer at a
+time, waiting up to the busy timeout instead of failing on a lock upgrade.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flask import Flask
+from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+# Execution option that makes the next transaction on a SQLite connection BEGIN IMMEDIATE.
+SQLITE_IMMEDIATE = "pstudy_sqlite_immediate"
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
 class Base(DeclarativeBase):
@@ -16,10 +28,12 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
+migrate = Migrate(directory=str(MIGRATIONS_DIR), render_as_batch=True, compare_type=True)
 
 
 def _configure_sqlite(dbapi_connection, _record) -> None:
     """WAL journal, a busy timeout and foreign keys for every SQLite connection."""
+    dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -28,10 +42,24 @@ def _configure_sqlite(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _sqlite_begin(connection) -> None:
+    """BEGIN (readers) or BEGIN IMMEDIATE (writers that asked for it)."""
+    if connection.get_execution_options().get(SQLITE_IMMEDIATE):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        connection.exec_driver_sql("BEGIN")
+
+
+def configure_engine(engine: Engine) -> None:
+    """Install the SQLite connection settings on ``engine`` (no-op for other databases)."""
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "begin", _sqlite_begin)
+
+
 def init_extensions(app: Flask) -> None:
     """Bind the extensions to ``app``."""
     db.init_app(app)
+    migrate.init_app(app, db)
     with app.app_context():
-        engine: Engine = db.engine
-        if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _configure_sqlite)
+        configure_engine(db.engine)

@@ -1,0 +1,404 @@
+"""The participant JSON API (``/api/v1``), described by ``/api/v1/openapi.json``.
+
+Thin HTTP layer: parse and validate the request (malformed → 400 before any database
+write), authenticate the participant (``Authorization: Bearer <participant token>``),
+run the rule in :mod:`study_app.scheduling` in one write transaction, answer JSON.
+Errors are ``{"error": message, "code": code, "status": status}``; docs/study_api.md
+lists every endpoint, field and code.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, jsonify, request, session
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from werkzeug.exceptions import HTTPException
+
+from study_app import scheduling
+from study_app.errors import ApiError
+from study_app.extensions import db
+from study_app.models import Image, Participant, Study, Trial, utcnow
+from study_app.openapi import openapi_document
+from study_app.scheduling import VoteInput
+from study_app.stimuli import media_url
+from study_app.studies import StudyConfig, study_config
+from study_app.transactions import DatabaseBusy, run_write
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+VOTE_MAX_BYTES = 4096  # a vote is ~300 bytes of JSON
+START_MAX_BYTES = 4096
+MAX_RT_MS = 600_000.0  # 10 minutes
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_PROLIFIC = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+VOTE_FIELDS = ("trial_token", "choice", "rt_ms", "presented_at", "answered_at", "viewport_w",
+               "viewport_h", "device_pixel_ratio")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@bp.errorhandler(ApiError)
+def _api_error(error: ApiError):
+    return jsonify(error.to_dict()), error.status
+
+
+@bp.errorhandler(DatabaseBusy)
+def _busy(_error: DatabaseBusy):
+    response = jsonify(error="the database is busy; retry in a moment", code="database_busy",
+                       status=503)
+    response.status_code = 503
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(error: HTTPException):
+    code = (error.name or "error").lower().replace(" ", "_")
+    response = jsonify(error=error.description or error.name, code=code, status=error.code)
+    response.status_code = error.code or 500
+    return response
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def json_body(max_bytes: int, required: bool = True) -> dict[str, Any]:
+    """The request's JSON object, or an ApiError (413 too large, 415 not JSON, 400 bad)."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise ApiError(413, "payload_too_large",
+                       f"request body of {length} bytes is over the {max_bytes}-byte limit")
+    raw = request.get_data(cache=True)
+    if len(raw) > max_bytes:
+        raise ApiError(413, "payload_too_large",
+                       f"request body is over the {max_bytes}-byte limit")
+    if not raw.strip():
+        if required:
+            raise ApiError(400, "malformed_json", "send a JSON object as the request body")
+        return {}
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type",
+                       "send the body with Content-Type: application/json")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "malformed_json", "the request body must be a JSON object")
+    return body
+
+
+def _number(body: dict, name: str, low: float, high: float, integer: bool = False) -> float:
+    value = body.get(name)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok or not math.isfinite(value) or not (low <= value <= high):
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, "invalid_field", f"'{name}' must be {kind} in [{low:g}, {high:g}]",
+                       field=name)
+    return int(value) if integer else float(value)
+
+
+def _timestamp(body: dict, name: str) -> datetime:
+    value = body.get(name)
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None or not 2000 <= parsed.year <= 2200:
+        raise ApiError(400, "invalid_field",
+                       f"'{name}' must be an ISO 8601 time with a zone, e.g. "
+                       "2025-01-31T12:00:00.123Z", field=name)
+    return parsed.astimezone(UTC)
+
+
+def parse_vote(body: dict[str, Any]) -> VoteInput:
+    """Validate a vote body (all fields required, no others); raise ApiError 400."""
+    unknown = sorted(set(body) - set(VOTE_FIELDS))
+    if unknown:
+        raise ApiError(400, "unknown_field",
+                       f"unknown field(s) {unknown}; a vote has {list(VOTE_FIELDS)}",
+                       field=unknown[0])
+    missing = [name for name in VOTE_FIELDS if name not in body]
+    if missing:
+        raise ApiError(400, "missing_field", f"missing field(s) {missing}", field=missing[0])
+    token = body["trial_token"]
+    if not isinstance(token, str) or not _TOKEN.match(token):
+        raise ApiError(400, "invalid_field", "'trial_token' must be the token of a trial",
+                       field="trial_token")
+    if body["choice"] not in ("left", "right"):
+        raise ApiError(400, "invalid_field", "'choice' must be \"left\" or \"right\"",
+                       field="choice")
+    presented_at = _timestamp(body, "presented_at")
+    answered_at = _timestamp(body, "answered_at")
+    if answered_at < presented_at:
+        raise ApiError(400, "invalid_field", "'answered_at' is before 'presented_at'",
+                       field="answered_at")
+    return VoteInput(
+        trial_token=token, choice=body["choice"],
+        rt_ms=_number(body, "rt_ms", 0.0, MAX_RT_MS),
+        presented_at=presented_at, answered_at=answered_at,
+        viewport_w=int(_number(body, "viewport_w", 1, 100_000, integer=True)),
+        viewport_h=int(_number(body, "viewport_h", 1, 100_000, integer=True)),
+        device_pixel_ratio=_number(body, "device_pixel_ratio", 0.1, 16.0),
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _study_or_404(slug: str) -> Study:
+    study = db.session.scalars(select(Study).where(Study.slug == slug)).first()
+    if study is None:
+        raise ApiError(404, "unknown_study", f"no study is called {slug!r}")
+    return study
+
+
+def _authenticated() -> tuple[Participant, Study, StudyConfig]:
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if not _TOKEN.match(token):
+        raise ApiError(401, "unauthorized",
+                       "send the participant token as 'Authorization: Bearer <token>'")
+    participant = db.session.scalars(select(Participant).where(Participant.token == token)).first()
+    if participant is None:
+        raise ApiError(401, "unauthorized", "the participant token is not valid")
+    study = db.session.get(Study, participant.study_id)
+    return participant, study, study_config(study)
+
+
+def _progress(participant: Participant, config: StudyConfig) -> dict[str, int]:
+    return {"answered": participant.n_answered, "total": scheduling.planned_total(config)}
+
+
+def participant_json(participant: Participant, study: Study, config: StudyConfig) -> dict:
+    return {
+        "id": participant.public_id, "token": participant.token, "status": participant.status,
+        "study": study.slug, "preview": participant.preview,
+        "progress": _progress(participant, config),
+    }
+
+
+def trial_json(trial: Trial, config: StudyConfig, reference_sha: str | None) -> dict:
+    """What the page needs for a trial; the conditions stay on the server (blinding)."""
+    return {
+        "token": trial.token,
+        "reference_url": media_url(reference_sha) if config.reference_shown else None,
+        "left_url": media_url(trial.left_sha256),
+        "right_url": media_url(trial.right_sha256),
+        "expires_at": _iso(trial.expires_at),
+    }
+
+
+def _practice(study: Study, config: StudyConfig) -> list[dict]:
+    """Practice trials: the reference itself against a reconstruction (answer known)."""
+    from study_app.models import Stimulus
+
+    if config.practice_trials == 0:
+        return []
+    rng = random.Random(f"practice:{config.seed}:{study.slug}")
+    rows = db.session.execute(
+        select(Stimulus.sha256, Image.sha256).join(Image, Stimulus.image_id == Image.id)
+        .where(Stimulus.stimulus_set_id == study.stimulus_set_id)
+        .order_by(Stimulus.id).limit(200)
+    ).all()
+    practice = []
+    for stimulus_sha, reference_sha in rng.sample(rows, min(config.practice_trials, len(rows))):
+        reference_left = rng.random() < 0.5
+        left, right = ((reference_sha, stimulus_sha) if reference_left
+                       else (stimulus_sha, reference_sha))
+        practice.append({
+            "reference_url": media_url(reference_sha) if config.reference_shown else None,
+            "left_url": media_url(left), "right_url": media_url(right),
+            "correct": "left" if reference_left else "right",
+        })
+    return practice
+
+
+def study_json(study: Study, config: StudyConfig) -> dict:
+    """The public description of a study (what a participant page shows)."""
+    stimulus_set = study.stimulus_set
+    return {
+        "slug": study.slug, "title": study.title, "status": study.status,
+        "question": config.question_text, "question_mode": config.question_mode,
+        "reference_shown": config.reference_shown, "instructions": config.instructions,
+        "consent": config.consent,
+        "display": {
+            "image_size": [stimulus_set.image_height, stimulus_set.image_width],
+            "scale": config.display_scale, "pixelated": config.pixelated,
+            "exposure_ms": config.exposure_ms, "min_viewport_w": config.min_viewport_w,
+        },
+        "trials_total": scheduling.planned_total(config),
+        "batch_size": config.batch_size,
+        "practice": _practice(study, config),
+    }
+
+
+# --------------------------------------------------------------------------- routes
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """The OpenAPI 3.1 document of this API."""
+    return jsonify(openapi_document())
+
+
+@bp.get("/studies/<slug>")
+def get_study(slug: str):
+    study = _study_or_404(slug)
+    if study.status == "draft" and not session.get("researcher_id"):
+        raise ApiError(404, "unknown_study", f"no study is called {slug!r}")
+    return jsonify(study=study_json(study, study_config(study)))
+
+
+@bp.post("/studies/<slug>/participants")
+def start(slug: str):
+    """Start, or resume (same PROLIFIC_PID or participant token), a participation."""
+    body = json_body(START_MAX_BYTES, required=False)
+    allowed = {"prolific_pid", "study_id", "session_id", "participant_token", "preview"}
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown field(s) {unknown}; allowed: "
+                       f"{sorted(allowed)}", field=unknown[0])
+    for name in ("prolific_pid", "study_id", "session_id"):
+        value = body.get(name)
+        if value is not None and not (isinstance(value, str) and _PROLIFIC.match(value)):
+            raise ApiError(400, "invalid_field",
+                           f"'{name}' must be 1-64 letters, digits, '_' or '-'", field=name)
+    preview = body.get("preview", False)
+    if not isinstance(preview, bool):
+        raise ApiError(400, "invalid_field", "'preview' must be true or false", field="preview")
+    if preview and not session.get("researcher_id"):
+        raise ApiError(403, "preview_needs_login", "log in as a researcher to preview a study")
+    study = _study_or_404(slug)
+    config = study_config(study)
+
+    existing = None
+    token = body.get("participant_token")
+    if token is not None:
+        if not isinstance(token, str) or not _TOKEN.match(token):
+            raise ApiError(400, "invalid_field", "'participant_token' is malformed",
+                           field="participant_token")
+        existing = db.session.scalars(select(Participant).where(
+            Participant.token == token, Participant.study_id == study.id)).first()
+        if existing is None:
+            raise ApiError(404, "unknown_participant",
+                           "no participant of this study has this token; start without it")
+    elif body.get("prolific_pid") and not preview:
+        existing = db.session.scalars(select(Participant).where(
+            Participant.study_id == study.id,
+            Participant.prolific_pid == body["prolific_pid"])).first()
+    if existing is not None:
+        return jsonify(participant=participant_json(existing, study, config), resumed=True)
+
+    if study.status != "live" and not preview:
+        code = "study_closed" if study.status == "closed" else "study_not_live"
+        raise ApiError(409, code, f"this study is {study.status} and accepts no new "
+                       "participants")
+
+    def create() -> Participant:
+        participant = Participant(
+            study_id=study.id, public_id="p" + secrets.token_hex(8),
+            token=secrets.token_urlsafe(24),
+            prolific_pid=None if preview else body.get("prolific_pid"),
+            prolific_study_id=body.get("study_id"), prolific_session_id=body.get("session_id"),
+            status="started", preview=preview, n_answered=0, n_issued=0,
+            user_agent=(request.user_agent.string or "")[:400],
+        )
+        db.session.add(participant)
+        db.session.flush()
+        return participant
+
+    try:
+        participant = run_write(create)
+    except IntegrityError:  # the same PROLIFIC_PID raced in: resume that participant
+        db.session.rollback()
+        participant = db.session.scalars(select(Participant).where(
+            Participant.study_id == study.id,
+            Participant.prolific_pid == body.get("prolific_pid"))).one()
+        return jsonify(participant=participant_json(participant, study, config), resumed=True)
+    return jsonify(participant=participant_json(participant, study, config),
+                   resumed=False), 201
+
+
+@bp.get("/participant")
+def me():
+    participant, study, config = _authenticated()
+    return jsonify(participant=participant_json(participant, study, config),
+                   study_status=study.status)
+
+
+@bp.post("/participant/trials/next")
+def next_trials():
+    """The open trials, topped up with new leases (idempotent while trials are open)."""
+    json_body(START_MAX_BYTES, required=False)
+    participant, study, config = _authenticated()
+    participant_id = participant.id
+    now = utcnow()
+    trials, done = run_write(lambda: scheduling.lease_trials(participant_id, study, config, now))
+    references = dict(db.session.execute(
+        select(Image.id, Image.sha256).where(Image.id.in_({t.image_id for t in trials}))
+    ).all()) if trials else {}
+    participant = db.session.get(Participant, participant_id)
+    return jsonify(
+        trials=[trial_json(t, config, references[t.image_id]) for t in trials],
+        done=done, study_status=study.status, progress=_progress(participant, config),
+    )
+
+
+@bp.post("/participant/votes")
+def vote():
+    """Store one vote, exactly once per trial token (a replay answers the same)."""
+    body = json_body(VOTE_MAX_BYTES)
+    parsed = parse_vote(body)
+    participant, study, config = _authenticated()
+    participant_id = participant.id
+    now = utcnow()
+    stored, replayed = run_write(lambda: scheduling.record_vote(
+        participant_id, study, parsed, config.reference_shown, now))
+    response = jsonify(vote={
+        "trial_token": parsed.trial_token, "choice": stored.choice,
+        "trial_index": stored.trial_index, "received_at": _iso(stored.received_at),
+    })
+    if replayed:
+        response.headers["X-Idempotent-Replay"] = "true"
+    return response
+
+
+@bp.post("/participant/finish")
+def finish():
+    """Finish as completed (gets the completion code / redirect) or returned."""
+    body = json_body(START_MAX_BYTES, required=False)
+    status = body.get("status", "completed")
+    if status not in ("completed", "returned") or set(body) - {"status"}:
+        raise ApiError(400, "invalid_field",
+                       "send {\"status\": \"completed\"} or {\"status\": \"returned\"}",
+                       field="status")
+    participant, study, config = _authenticated()
+    participant_id = participant.id
+    now = utcnow()
+    participant = run_write(lambda: scheduling.finish(participant_id, study, config, status, now))
+    completed = participant.status == "completed"
+    return jsonify(
+        participant=participant_json(participant, study, config),
+        completion_code=config.completion_code if completed else None,
+        redirect_url=config.completion_url if completed else None,
+    )
+
+
+def init_app(app) -> None:
+    """Register the API and the media routes."""
+    from study_app import stimuli
+
+    app.register_blueprint(bp)
+    app.register_blueprint(stimuli.bp)

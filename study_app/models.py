@@ -1,0 +1,282 @@
+"""The study database: typed SQLAlchemy 2.0 models.
+
+Where a vote is stored: :class:`Vote`, one row per answered trial, written at the moment
+of the vote (unique per :class:`Trial`, which carries the server-issued token).
+
+Tables, in the order data flows:
+``researcher``; ``stimulus_set`` → ``condition``, ``image`` (references),
+``stimulus`` (one reconstruction of one image by one condition); ``study`` → ``item``
+(image × condition pair, the unit that gets K votes); ``participant`` → ``trial`` (a lease
+of one item, or a catch / repeat trial, to one participant) → ``vote``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from study_app.extensions import db
+
+STUDY_STATUSES = ("draft", "live", "paused", "closed")
+PARTICIPANT_STATUSES = ("started", "completed", "returned")
+TRIAL_KINDS = ("main", "catch", "repeat")
+TRIAL_STATUSES = ("leased", "answered", "released")
+CHOICES = ("left", "right")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp stored as naive UTC and always read back timezone-aware (UTC).
+
+    SQLite has no time zones; storing naive UTC everywhere keeps comparisons in SQL
+    (``expires_at > :now``) correct on both databases.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("UTCDateTime needs a timezone-aware datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)
+
+
+class Researcher(db.Model):
+    """A person who may log in to create and run studies (werkzeug password hash)."""
+
+    __tablename__ = "researcher"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def set_password(self, password: str) -> None:
+        """Store a salted hash of ``password`` (never the password)."""
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password: str) -> bool:
+        """True when ``password`` matches the stored hash."""
+        return check_password_hash(self.password_hash, password)
+
+
+class StimulusSet(db.Model):
+    """An imported stimulus set (contract 1): a folder plus its (possibly inferred) manifest."""
+
+    __tablename__ = "stimulus_set"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    root: Mapped[str] = mapped_column(Text)  # absolute folder path
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    manifest_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    manifest_inferred: Mapped[bool] = mapped_column(Boolean, default=False)
+    image_height: Mapped[int] = mapped_column(Integer)
+    image_width: Mapped[int] = mapped_column(Integer)
+    channels: Mapped[int] = mapped_column(Integer)
+    imported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    conditions: Mapped[list[Condition]] = relationship(
+        back_populates="stimulus_set", order_by="Condition.name"
+    )
+    images: Mapped[list[Image]] = relationship(
+        back_populates="stimulus_set", order_by="Image.key"
+    )
+
+
+class Condition(db.Model):
+    """A method (e.g. the loss an autoencoder was trained with) in a stimulus set."""
+
+    __tablename__ = "condition"
+    __table_args__ = (UniqueConstraint("stimulus_set_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    stimulus_set_id: Mapped[int] = mapped_column(ForeignKey("stimulus_set.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # manifest entry
+
+    stimulus_set: Mapped[StimulusSet] = relationship(back_populates="conditions")
+
+
+class Image(db.Model):
+    """A reference image of a stimulus set (``reference/<key>.png``)."""
+
+    __tablename__ = "image"
+    __table_args__ = (UniqueConstraint("stimulus_set_id", "key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    stimulus_set_id: Mapped[int] = mapped_column(ForeignKey("stimulus_set.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(200))  # the image id of contract 1
+    path: Mapped[str] = mapped_column(Text)  # relative to the set's root
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+
+    stimulus_set: Mapped[StimulusSet] = relationship(back_populates="images")
+
+
+class Stimulus(db.Model):
+    """One condition's reconstruction of one image (``<condition>/<key>.png``)."""
+
+    __tablename__ = "stimulus"
+    __table_args__ = (UniqueConstraint("image_id", "condition_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    stimulus_set_id: Mapped[int] = mapped_column(ForeignKey("stimulus_set.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"))
+    condition_id: Mapped[int] = mapped_column(ForeignKey("condition.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    image: Mapped[Image] = relationship()
+    condition: Mapped[Condition] = relationship()
+
+
+class Study(db.Model):
+    """A 2AFC study over a stimulus set; ``config`` is the validated StudyConfig as JSON."""
+
+    __tablename__ = "study"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(80), unique=True)
+    title: Mapped[str] = mapped_column(String(200))
+    stimulus_set_id: Mapped[int] = mapped_column(ForeignKey("stimulus_set.id"))
+    status: Mapped[str] = mapped_column(String(16), default="draft")
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    config_sha256: Mapped[str] = mapped_column(String(64))
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("researcher.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    stimulus_set: Mapped[StimulusSet] = relationship()
+    created_by: Mapped[Researcher | None] = relationship()
+
+
+class Item(db.Model):
+    """An image × unordered condition pair (``condition_a`` < ``condition_b`` by name).
+
+    ``n_votes`` counts answered main trials and ``n_a_left`` those of them that showed
+    condition a on the left; both change only under this row's lock.
+    """
+
+    __tablename__ = "item"
+    __table_args__ = (UniqueConstraint("study_id", "image_id", "condition_a_id", "condition_b_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id"))
+    condition_a_id: Mapped[int] = mapped_column(ForeignKey("condition.id"))
+    condition_b_id: Mapped[int] = mapped_column(ForeignKey("condition.id"))
+    n_votes: Mapped[int] = mapped_column(Integer, default=0)
+    n_a_left: Mapped[int] = mapped_column(Integer, default=0)
+
+    image: Mapped[Image] = relationship()
+    condition_a: Mapped[Condition] = relationship(foreign_keys=[condition_a_id])
+    condition_b: Mapped[Condition] = relationship(foreign_keys=[condition_b_id])
+
+
+class Participant(db.Model):
+    """One person taking one study; ``token`` authenticates their API calls.
+
+    Prolific's ``PROLIFIC_PID`` is unique per study, so the same link resumes the same
+    participant. ``public_id`` is the anonymous id that appears in exports.
+    """
+
+    __tablename__ = "participant"
+    __table_args__ = (UniqueConstraint("study_id", "prolific_pid"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    prolific_pid: Mapped[str | None] = mapped_column(String(64))
+    prolific_study_id: Mapped[str | None] = mapped_column(String(64))
+    prolific_session_id: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="started")
+    preview: Mapped[bool] = mapped_column(Boolean, default=False)
+    n_answered: Mapped[int] = mapped_column(Integer, default=0)
+    n_issued: Mapped[int] = mapped_column(Integer, default=0)  # trials ever leased
+    user_agent: Mapped[str | None] = mapped_column(String(400))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    study: Mapped[Study] = relationship()
+
+
+class Trial(db.Model):
+    """A trial issued to a participant, identified by its server-issued ``token``.
+
+    ``status``: ``leased`` (open until ``expires_at``), ``answered`` (has a Vote), or
+    ``released`` (returned to the pool: the participant finished or withdrew). A lease
+    whose ``expires_at`` has passed counts as returned to the pool as well.
+    """
+
+    __tablename__ = "trial"
+    __table_args__ = (
+        Index("ix_trial_item_status", "item_id", "status"),
+        Index("ix_trial_participant_status", "participant_id", "status"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"))
+    participant_id: Mapped[int] = mapped_column(ForeignKey("participant.id", ondelete="CASCADE"))
+    item_id: Mapped[int | None] = mapped_column(ForeignKey("item.id"))
+    kind: Mapped[str] = mapped_column(String(8))
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id"))
+    condition_left: Mapped[str] = mapped_column(String(200))
+    condition_right: Mapped[str] = mapped_column(String(200))
+    left_sha256: Mapped[str] = mapped_column(String(64))
+    right_sha256: Mapped[str] = mapped_column(String(64))
+    expected_condition: Mapped[str | None] = mapped_column(String(200))
+    a_left: Mapped[bool | None] = mapped_column(Boolean)  # main: condition a shown left
+    repeat_of_id: Mapped[int | None] = mapped_column(ForeignKey("trial.id"))
+    preview: Mapped[bool] = mapped_column(Boolean, default=False)
+    sequence: Mapped[int] = mapped_column(Integer)  # issue order within the participant
+    status: Mapped[str] = mapped_column(String(10), default="leased")
+    leased_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    participant: Mapped[Participant] = relationship()
+    image: Mapped[Image] = relationship()
+    item: Mapped[Item | None] = relationship()
+
+
+class Vote(db.Model):
+    """One answered trial: the row the export reads (exactly one per trial)."""
+
+    __tablename__ = "vote"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trial.id", ondelete="CASCADE"), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    participant_id: Mapped[int] = mapped_column(ForeignKey("participant.id", ondelete="CASCADE"))
+    trial_index: Mapped[int] = mapped_column(Integer)  # 0-based answer order
+    choice: Mapped[str] = mapped_column(String(5))
+    chosen_condition: Mapped[str] = mapped_column(String(200))
+    rt_ms: Mapped[float] = mapped_column(Float)
+    presented_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    answered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    reference_shown: Mapped[bool] = mapped_column(Boolean)
+    viewport_w: Mapped[int] = mapped_column(Integer)
+    viewport_h: Mapped[int] = mapped_column(Integer)
+    device_pixel_ratio: Mapped[float] = mapped_column(Float)
+
+    trial: Mapped[Trial] = relationship()

@@ -1,0 +1,231 @@
+"""The OpenAPI 3.1 document of the participant API, served at ``/api/v1/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR_CODES = {
+    400: "malformed_json, missing_field, unknown_field, invalid_field",
+    401: "unauthorized (missing or invalid participant token)",
+    403: "trial_not_assigned, preview_needs_login",
+    404: "unknown_study, unknown_trial, unknown_participant",
+    409: "vote_conflict, study_closed, study_not_live, participant_finished, trials_open, "
+         "trials_remaining",
+    410: "trial_expired",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    503: "database_busy (retry after the Retry-After header)",
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): _json(_ref("Error"), _ERROR_CODES[s]) for s in statuses}
+
+
+def _body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error", "code", "status"],
+        "properties": {
+            "error": {"type": "string", "description": "what went wrong and how to fix it"},
+            "code": {"type": "string", "description": "stable machine-readable code"},
+            "status": {"type": "integer"},
+            "field": {"type": "string", "description": "the request field at fault"},
+        },
+    },
+    "Progress": {
+        "type": "object", "required": ["answered", "total"],
+        "properties": {"answered": {"type": "integer"}, "total": {"type": "integer"}},
+    },
+    "Participant": {
+        "type": "object",
+        "required": ["id", "token", "status", "study", "preview", "progress"],
+        "properties": {
+            "id": {"type": "string", "description": "anonymous id used in exports"},
+            "token": {"type": "string", "description": "secret; send as Bearer token"},
+            "status": {"enum": ["started", "completed", "returned"]},
+            "study": {"type": "string"},
+            "preview": {"type": "boolean"},
+            "progress": _ref("Progress"),
+        },
+    },
+    "Trial": {
+        "type": "object",
+        "required": ["token", "reference_url", "left_url", "right_url", "expires_at"],
+        "properties": {
+            "token": {"type": "string"},
+            "reference_url": {"type": ["string", "null"]},
+            "left_url": {"type": "string"},
+            "right_url": {"type": "string"},
+            "expires_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "PracticeTrial": {
+        "type": "object",
+        "properties": {
+            "reference_url": {"type": ["string", "null"]}, "left_url": {"type": "string"},
+            "right_url": {"type": "string"}, "correct": {"enum": ["left", "right"]},
+        },
+    },
+    "Study": {
+        "type": "object",
+        "properties": {
+            "slug": {"type": "string"}, "title": {"type": "string"},
+            "status": {"enum": ["draft", "live", "paused", "closed"]},
+            "question": {"type": "string"},
+            "question_mode": {"enum": ["reference", "no-reference"]},
+            "reference_shown": {"type": "boolean"},
+            "instructions": {"type": "string"}, "consent": {"type": "string"},
+            "display": {
+                "type": "object",
+                "properties": {
+                    "image_size": {"type": "array", "items": {"type": "integer"}},
+                    "scale": {"oneOf": [{"type": "integer"}, {"const": "auto"}]},
+                    "pixelated": {"type": "boolean"},
+                    "exposure_ms": {"type": ["integer", "null"]},
+                    "min_viewport_w": {"type": ["integer", "null"]},
+                },
+            },
+            "trials_total": {"type": "integer"}, "batch_size": {"type": "integer"},
+            "practice": {"type": "array", "items": _ref("PracticeTrial")},
+        },
+    },
+    "StartRequest": {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "prolific_pid": {"type": "string", "description": "PROLIFIC_PID URL parameter"},
+            "study_id": {"type": "string", "description": "STUDY_ID URL parameter"},
+            "session_id": {"type": "string", "description": "SESSION_ID URL parameter"},
+            "participant_token": {"type": "string", "description": "resume this participant"},
+            "preview": {"type": "boolean", "description": "researcher preview (needs login)"},
+        },
+    },
+    "VoteRequest": {
+        "type": "object", "additionalProperties": False,
+        "required": ["trial_token", "choice", "rt_ms", "presented_at", "answered_at",
+                     "viewport_w", "viewport_h", "device_pixel_ratio"],
+        "properties": {
+            "trial_token": {"type": "string"},
+            "choice": {"enum": ["left", "right"]},
+            "rt_ms": {"type": "number", "minimum": 0, "maximum": 600000},
+            "presented_at": {"type": "string", "format": "date-time"},
+            "answered_at": {"type": "string", "format": "date-time"},
+            "viewport_w": {"type": "integer", "minimum": 1},
+            "viewport_h": {"type": "integer", "minimum": 1},
+            "device_pixel_ratio": {"type": "number", "minimum": 0.1, "maximum": 16},
+        },
+    },
+    "VoteResponse": {
+        "type": "object",
+        "properties": {"vote": {
+            "type": "object",
+            "properties": {
+                "trial_token": {"type": "string"}, "choice": {"enum": ["left", "right"]},
+                "trial_index": {"type": "integer"},
+                "received_at": {"type": "string", "format": "date-time"},
+            },
+        }},
+    },
+}
+
+_BEARER = [{"participantToken": []}]
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of ``/api/v1`` and the ``/media`` images."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Perceptual Study Platform participant API", "version": "1",
+            "description": "Start or resume, fetch trials, vote exactly once, finish. "
+                           "See docs/study_api.md.",
+        },
+        "servers": [{"url": "/"}],
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"participantToken": {"type": "http", "scheme": "bearer"}},
+        },
+        "paths": {
+            "/api/v1/openapi.json": {"get": {
+                "summary": "This document",
+                "responses": {"200": {"description": "the OpenAPI document"}},
+            }},
+            "/api/v1/studies/{slug}": {"get": {
+                "summary": "The public description of a study",
+                "parameters": [{"name": "slug", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "study": _ref("Study")}}, "the study"), **_errors(404)},
+            }},
+            "/api/v1/studies/{slug}/participants": {"post": {
+                "summary": "Start a participation, or resume (same PROLIFIC_PID or token)",
+                "parameters": [{"name": "slug", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "requestBody": _body(_ref("StartRequest"), required=False),
+                "responses": {
+                    "201": _json({"type": "object", "properties": {
+                        "participant": _ref("Participant"), "resumed": {"const": False}}},
+                        "a new participant"),
+                    "200": _json({"type": "object", "properties": {
+                        "participant": _ref("Participant"), "resumed": {"const": True}}},
+                        "an existing participant resumed"),
+                    **_errors(400, 403, 404, 409, 413, 415),
+                },
+            }},
+            "/api/v1/participant": {"get": {
+                "summary": "The authenticated participant's status and progress",
+                "security": _BEARER,
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "participant": _ref("Participant"),
+                    "study_status": {"type": "string"}}}, "the participant"),
+                    **_errors(401)},
+            }},
+            "/api/v1/participant/trials/next": {"post": {
+                "summary": "Open trials topped up to the batch size with new leases",
+                "security": _BEARER,
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "trials": {"type": "array", "items": _ref("Trial")},
+                    "done": {"type": "boolean"}, "study_status": {"type": "string"},
+                    "progress": _ref("Progress")}}, "the trials to show, in order"),
+                    **_errors(401, 409, 413, 415, 503)},
+            }},
+            "/api/v1/participant/votes": {"post": {
+                "summary": "Submit one vote; exactly once per trial token",
+                "security": _BEARER,
+                "requestBody": _body(_ref("VoteRequest")),
+                "responses": {"200": _json(_ref("VoteResponse"),
+                                           "stored (or replayed: X-Idempotent-Replay: true)"),
+                              **_errors(400, 401, 403, 404, 409, 410, 413, 415, 503)},
+            }},
+            "/api/v1/participant/finish": {"post": {
+                "summary": "Finish as completed (completion code, redirect) or returned",
+                "security": _BEARER,
+                "requestBody": _body({"type": "object", "properties": {
+                    "status": {"enum": ["completed", "returned"]}}}, required=False),
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "participant": _ref("Participant"),
+                    "completion_code": {"type": ["string", "null"]},
+                    "redirect_url": {"type": ["string", "null"]}}}, "finished"),
+                    **_errors(400, 401, 409, 413, 415)},
+            }},
+            "/media/{sha256}.png": {"get": {
+                "summary": "A stimulus image by content hash (ETag = hash, immutable cache)",
+                "parameters": [{"name": "sha256", "in": "path", "required": True,
+                                "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
+                "responses": {"200": {"description": "the PNG"},
+                              "304": {"description": "not modified"},
+                              "404": {"description": "no image has this hash"}},
+            }},
+        },
+    }

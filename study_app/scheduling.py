@@ -1,0 +1,425 @@
+"""Balanced per-item scheduling, exactly-once votes, finishing: the study's core rules.
+
+Every function here runs inside :func:`study_app.transactions.run_write` (one write
+transaction). The rules (docs/study_api.md, ../shared/design/study.md):
+
+- an item (image × condition pair) has a *load* = its votes + its open leases (leased,
+  not expired, not preview); a participant's main trials are drawn from the items with
+  the lowest load below K, never an item this participant already has or answered;
+  ties are broken by a seeded pseudo-random order;
+- on PostgreSQL the candidate items are locked ``FOR UPDATE SKIP LOCKED`` (two
+  participants never lease the same item concurrently) and their load is re-read after
+  the lock; on SQLite ``BEGIN IMMEDIATE`` makes the whole transaction the only writer;
+- sides: condition a goes left when fewer of the item's votes + open leases showed it
+  left (ties: random), so each side order gets about K/2;
+- a vote locks the participant, then the item, then the trial; a trial that is already
+  answered returns the stored vote (same answer), a different choice is a conflict;
+- a lease that expires returns the item to the pool (it simply stops counting); a vote
+  on it is refused (410), so no item ever gets more than K votes.
+
+Lock order everywhere: participant → item(s) → trial, which rules out deadlocks between
+scheduling and voting.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, or_, select, update
+
+from study_app.errors import ApiError
+from study_app.extensions import db
+from study_app.models import Condition, Image, Item, Participant, Stimulus, Study, Trial, Vote
+from study_app.studies import StudyConfig
+
+KINDS = ("main", "catch", "repeat")
+REFERENCE = "reference"
+# A seeded pseudo-random order over item ids, computable in SQL on both databases.
+_HASH_MULT = 2654435761
+_HASH_MOD = 4294967311
+
+
+@dataclass(frozen=True)
+class VoteInput:
+    """A validated vote request (see ``api.parse_vote``); times are aware UTC datetimes."""
+
+    trial_token: str
+    choice: str  # "left" | "right"
+    rt_ms: float
+    presented_at: datetime
+    answered_at: datetime
+    viewport_w: int
+    viewport_h: int
+    device_pixel_ratio: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    answered: int
+    total: int
+
+
+def planned_total(config: StudyConfig) -> int:
+    """Trials a participant answers when nothing runs out: M main + catch + repeat."""
+    return config.trials_per_participant + config.catch_trials + config.repeat_trials
+
+
+def _open(now: datetime):
+    return and_(Trial.status == "leased", Trial.expires_at > now)
+
+
+def _live_or_answered(now: datetime):
+    return or_(Trial.status == "answered", _open(now))
+
+
+def item_load(now: datetime):
+    """SQL expression: votes + open non-preview main leases of the current ``Item`` row."""
+    open_leases = (
+        select(func.count(Trial.id))
+        .where(Trial.item_id == Item.id, Trial.kind == "main", Trial.preview.is_(False),
+               _open(now))
+        .correlate(Item)
+        .scalar_subquery()
+    )
+    return Item.n_votes + open_leases
+
+
+def _seeded_order(salt: int):
+    return (Item.id * _HASH_MULT + salt) % _HASH_MOD
+
+
+def lock_participant(participant_id: int) -> Participant:
+    """The participant row, locked for this transaction (PostgreSQL ``FOR UPDATE``)."""
+    return db.session.execute(
+        select(Participant).where(Participant.id == participant_id).with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+
+
+def _eligible_items(participant: Participant, study: Study, config: StudyConfig,
+                    now: datetime):
+    taken = select(Trial.item_id).where(
+        Trial.participant_id == participant.id, Trial.kind == "main",
+        Trial.item_id.is_not(None), _live_or_answered(now),
+    )
+    query = select(Item).where(Item.study_id == study.id, Item.id.not_in(taken))
+    if not participant.preview:
+        query = query.where(item_load(now) < config.votes_per_item)
+    return query
+
+
+def _repeat_candidates(participant: Participant, now: datetime) -> list[Trial]:
+    repeated = select(Trial.repeat_of_id).where(
+        Trial.participant_id == participant.id, Trial.kind == "repeat",
+        Trial.repeat_of_id.is_not(None), _live_or_answered(now),
+    )
+    return list(db.session.scalars(
+        select(Trial).where(
+            Trial.participant_id == participant.id, Trial.kind == "main",
+            Trial.status == "answered", Trial.id.not_in(repeated),
+        ).order_by(Trial.sequence)
+    ))
+
+
+def _usage(participant: Participant, now: datetime) -> dict[str, int]:
+    rows = db.session.execute(
+        select(Trial.kind, func.count(Trial.id)).where(
+            Trial.participant_id == participant.id, _live_or_answered(now)
+        ).group_by(Trial.kind)
+    ).all()
+    usage = dict.fromkeys(KINDS, 0)
+    usage.update({kind: count for kind, count in rows})
+    return usage
+
+
+def remaining_trials(participant: Participant, study: Study, config: StudyConfig,
+                     now: datetime) -> dict[str, int]:
+    """How many more trials of each kind could be issued to ``participant`` now."""
+    if study.status != "live" and not participant.preview:
+        return dict.fromkeys(KINDS, 0)
+    usage = _usage(participant, now)
+    eligible = db.session.scalar(
+        select(func.count()).select_from(
+            _eligible_items(participant, study, config, now).subquery()
+        )
+    )
+    return {
+        "main": max(0, min(config.trials_per_participant - usage["main"], eligible or 0)),
+        "catch": max(0, config.catch_trials - usage["catch"]),
+        "repeat": max(0, min(config.repeat_trials - usage["repeat"],
+                             len(_repeat_candidates(participant, now)))),
+    }
+
+
+def draw_kinds(n: int, remaining: dict[str, int], rng: random.Random) -> list[str]:
+    """``n`` trial kinds drawn without replacement, weighted by what remains (pure)."""
+    left = dict(remaining)
+    kinds: list[str] = []
+    for _ in range(n):
+        pool = [k for k in KINDS if left.get(k, 0) > 0]
+        if not pool:
+            break
+        kind = rng.choices(pool, weights=[left[k] for k in pool])[0]
+        left[kind] -= 1
+        kinds.append(kind)
+    return kinds
+
+
+def choose_a_left(a_left: int, b_left: int, rng: random.Random) -> bool:
+    """Show condition a on the left when it was shown left less often (ties: random)."""
+    if a_left != b_left:
+        return a_left < b_left
+    return rng.random() < 0.5
+
+
+def _lease_items(participant: Participant, study: Study, config: StudyConfig, now: datetime,
+                 n: int, rng: random.Random) -> list[Item]:
+    """Lock up to ``n`` lowest-load eligible items (SKIP LOCKED) and re-check their load."""
+    if n <= 0:
+        return []
+    query = (
+        _eligible_items(participant, study, config, now)
+        .order_by(item_load(now), _seeded_order(rng.randrange(1, _HASH_MOD)))
+        .limit(n)
+    )
+    if participant.preview:
+        return list(db.session.scalars(query))
+    locked = list(db.session.scalars(
+        query.with_for_update(skip_locked=True, of=Item)
+        .execution_options(populate_existing=True)
+    ))
+    if not locked:
+        return []
+    # Re-read the load after the lock: a statement of its own sees every commit made by
+    # transactions that held these rows before us (PostgreSQL READ COMMITTED).
+    loads = dict(db.session.execute(
+        select(Item.id, item_load(now)).where(Item.id.in_([i.id for i in locked]))
+    ).all())
+    return [i for i in locked if loads[i.id] < config.votes_per_item]
+
+
+def _side_counts(items: list[Item], now: datetime) -> dict[int, tuple[int, int]]:
+    """(a shown left, b shown left) over votes + open leases, per item id."""
+    rows = db.session.execute(
+        select(Trial.item_id, Trial.a_left, func.count(Trial.id)).where(
+            Trial.item_id.in_([i.id for i in items]), Trial.kind == "main",
+            Trial.preview.is_(False), _open(now),
+        ).group_by(Trial.item_id, Trial.a_left)
+    ).all()
+    counts = {i.id: [i.n_a_left, i.n_votes - i.n_a_left] for i in items}
+    for item_id, a_left, count in rows:
+        counts[item_id][0 if a_left else 1] += count
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def _stimuli(pairs: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[str, str]]:
+    """(image id, condition id) -> (sha256, condition name) for the given pairs."""
+    if not pairs:
+        return {}
+    rows = db.session.execute(
+        select(Stimulus.image_id, Stimulus.condition_id, Stimulus.sha256, Condition.name)
+        .join(Condition, Stimulus.condition_id == Condition.id)
+        .where(Stimulus.image_id.in_({p[0] for p in pairs}),
+               Stimulus.condition_id.in_({p[1] for p in pairs}))
+    ).all()
+    return {(r[0], r[1]): (r[2], r[3]) for r in rows if (r[0], r[1]) in pairs}
+
+
+def _new_trial(participant: Participant, study: Study, now: datetime, config: StudyConfig,
+               **fields) -> Trial:
+    return Trial(
+        token=secrets.token_urlsafe(24), study_id=study.id, participant_id=participant.id,
+        preview=participant.preview, status="leased", leased_at=now,
+        expires_at=now + timedelta(seconds=config.lease_seconds), sequence=0, **fields,
+    )
+
+
+def open_trials(participant: Participant, now: datetime) -> list[Trial]:
+    """The participant's leased, unexpired trials in issue order."""
+    return list(db.session.scalars(
+        select(Trial).where(Trial.participant_id == participant.id, _open(now))
+        .order_by(Trial.sequence)
+    ))
+
+
+def lease_trials(participant_id: int, study: Study, config: StudyConfig,
+                 now: datetime) -> tuple[list[Trial], bool]:
+    """The participant's open trials, topped up to ``batch_size`` with new leases.
+
+    Returns ``(trials, done)``; ``done`` is true when nothing is open and nothing more can
+    be issued (the participant may finish). A paused study issues nothing new.
+    """
+    participant = lock_participant(participant_id)
+    if participant.status != "started":
+        raise ApiError(409, "participant_finished",
+                       f"this participation is already {participant.status}")
+    trials = open_trials(participant, now)
+    want = config.batch_size - len(trials)
+    if want <= 0 or (study.status != "live" and not participant.preview):
+        return trials, (not trials and study.status == "closed")
+    rng = random.Random(f"{config.seed}:{participant.public_id}:{participant.n_issued}")
+    remaining = remaining_trials(participant, study, config, now)
+    kinds = draw_kinds(want, remaining, rng)
+    n_main = kinds.count("main")
+    items = _lease_items(participant, study, config, now, n_main, rng)
+    if len(items) < n_main:  # fewer items than hoped: fill the gap with other kinds
+        rest = dict(remaining, main=0)
+        for kind in kinds:
+            if kind != "main":
+                rest[kind] -= 1
+        kinds = [k for k in kinds if k != "main"] + draw_kinds(n_main - len(items), rest, rng)
+    new: list[Trial] = []
+    needed: set[tuple[int, int]] = set()
+    sides = _side_counts(items, now) if items else {}
+    for item in items:
+        a_left = choose_a_left(*sides[item.id], rng)
+        needed |= {(item.image_id, item.condition_a_id), (item.image_id, item.condition_b_id)}
+        new.append(_new_trial(participant, study, now, config, kind="main", item_id=item.id,
+                              image_id=item.image_id, a_left=a_left,
+                              condition_left=str(item.condition_a_id if a_left
+                                                 else item.condition_b_id),
+                              condition_right=str(item.condition_b_id if a_left
+                                                  else item.condition_a_id),
+                              left_sha256="", right_sha256=""))
+    for _ in range(kinds.count("catch")):
+        item = db.session.scalars(
+            select(Item).where(Item.study_id == study.id)
+            .order_by(_seeded_order(rng.randrange(1, _HASH_MOD))).limit(1)
+        ).one()
+        condition_id = rng.choice([item.condition_a_id, item.condition_b_id])
+        needed.add((item.image_id, condition_id))
+        reference_left = rng.random() < 0.5
+        new.append(_new_trial(participant, study, now, config, kind="catch", item_id=None,
+                              image_id=item.image_id, expected_condition=REFERENCE,
+                              condition_left=REFERENCE if reference_left else str(condition_id),
+                              condition_right=str(condition_id) if reference_left else REFERENCE,
+                              left_sha256="", right_sha256=""))
+    if kinds.count("repeat"):
+        candidates = _repeat_candidates(participant, now)
+        for original in rng.sample(candidates, min(kinds.count("repeat"), len(candidates))):
+            new.append(_new_trial(participant, study, now, config, kind="repeat",
+                                  item_id=original.item_id, image_id=original.image_id,
+                                  repeat_of_id=original.id,
+                                  a_left=None if original.a_left is None else not original.a_left,
+                                  condition_left=original.condition_right,
+                                  condition_right=original.condition_left,
+                                  left_sha256=original.right_sha256,
+                                  right_sha256=original.left_sha256))
+    stimuli = _stimuli(needed)
+    references = dict(db.session.execute(
+        select(Image.id, Image.sha256).where(Image.id.in_({t.image_id for t in new}))
+    ).all()) if new else {}
+    for trial in new:
+        if trial.left_sha256:  # a repeat: copied from its original
+            continue
+        for side in ("left", "right"):
+            value = getattr(trial, f"condition_{side}")
+            if value == REFERENCE:
+                sha = references[trial.image_id]
+            else:
+                sha, value = stimuli[(trial.image_id, int(value))]
+            setattr(trial, f"condition_{side}", value)
+            setattr(trial, f"{side}_sha256", sha)
+    rng.shuffle(new)
+    for offset, trial in enumerate(new):
+        trial.sequence = participant.n_issued + offset
+    participant.n_issued += len(new)
+    db.session.add_all(new)
+    db.session.flush()
+    trials.extend(new)
+    return trials, not trials
+
+
+def record_vote(participant_id: int, study: Study, vote: VoteInput, reference_shown: bool,
+                now: datetime) -> tuple[Vote, bool]:
+    """Store the vote for ``vote.trial_token`` exactly once; ``(vote, replayed)``.
+
+    Raises :class:`ApiError`: 404 unknown trial, 403 another participant's trial, 409 a
+    different choice for an answered trial / closed study / finished participant, 410 an
+    expired or released lease.
+    """
+    trial = db.session.scalars(select(Trial).where(Trial.token == vote.trial_token)).first()
+    if trial is None or trial.study_id != study.id:
+        raise ApiError(404, "unknown_trial", "no trial has this token in this study",
+                       field="trial_token")
+    if trial.participant_id != participant_id:
+        raise ApiError(403, "trial_not_assigned",
+                       "this trial was issued to another participant", field="trial_token")
+    participant = lock_participant(participant_id)
+    item = None
+    if trial.kind == "main" and trial.item_id is not None:
+        item = db.session.execute(
+            select(Item).where(Item.id == trial.item_id).with_for_update()
+            .execution_options(populate_existing=True)
+        ).scalar_one()
+    trial = db.session.execute(
+        select(Trial).where(Trial.id == trial.id).with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+    if trial.status == "answered":
+        existing = db.session.scalars(select(Vote).where(Vote.trial_id == trial.id)).one()
+        if existing.choice != vote.choice:
+            raise ApiError(409, "vote_conflict",
+                           f"this trial was already answered '{existing.choice}'; a vote "
+                           "cannot be changed", field="choice")
+        return existing, True
+    if study.status == "closed":
+        raise ApiError(409, "study_closed", "this study is closed and accepts no more votes")
+    if participant.status != "started":
+        raise ApiError(409, "participant_finished",
+                       f"this participation is already {participant.status}")
+    if trial.status != "leased" or trial.expires_at <= now:
+        raise ApiError(410, "trial_expired",
+                       "this trial's lease expired and it went back to the pool; "
+                       "fetch the next trials")
+    chosen = trial.condition_left if vote.choice == "left" else trial.condition_right
+    row = Vote(
+        trial_id=trial.id, study_id=study.id, participant_id=participant.id,
+        trial_index=participant.n_answered, choice=vote.choice, chosen_condition=chosen,
+        rt_ms=vote.rt_ms, presented_at=vote.presented_at, answered_at=vote.answered_at,
+        received_at=now, reference_shown=reference_shown, viewport_w=vote.viewport_w,
+        viewport_h=vote.viewport_h, device_pixel_ratio=vote.device_pixel_ratio,
+    )
+    db.session.add(row)
+    trial.status = "answered"
+    participant.n_answered += 1
+    if item is not None and not trial.preview:
+        item.n_votes += 1
+        item.n_a_left += 1 if trial.a_left else 0
+    db.session.flush()
+    return row, False
+
+
+def finish(participant_id: int, study: Study, config: StudyConfig, status: str,
+           now: datetime) -> Participant:
+    """End a participation as ``completed`` (nothing left to answer) or ``returned``.
+
+    Open leases are released to the pool. Finishing again with the same status is a
+    no-op; with another status it is a 409.
+    """
+    participant = lock_participant(participant_id)
+    if participant.status != "started":
+        if participant.status == status:
+            return participant
+        raise ApiError(409, "participant_finished",
+                       f"this participation is already {participant.status}")
+    if status == "completed":
+        if open_trials(participant, now):
+            raise ApiError(409, "trials_open",
+                           "answer the open trials first (or finish with status 'returned')")
+        remaining = remaining_trials(participant, study, config, now)
+        if any(remaining.values()):
+            raise ApiError(409, "trials_remaining",
+                           f"{sum(remaining.values())} more trial(s) can be issued; fetch "
+                           "them first (or finish with status 'returned')")
+    db.session.execute(
+        update(Trial).where(Trial.participant_id == participant.id, Trial.status == "leased")
+        .values(status="released")
+    )
+    participant.status = status
+    participant.finished_at = now
+    db.session.flush()
+    return participant

@@ -1,0 +1,232 @@
+"""A study's design (StudyConfig), its creation from a stimulus set, and its status.
+
+The configuration is a plain mapping (YAML/JSON file, CLI options or a form) validated
+into :class:`StudyConfig`; the stored copy is the validated, complete one, hashed, so an
+export can name exactly the design that produced it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from sqlalchemy import select
+
+from study_app.extensions import db
+from study_app.models import STUDY_STATUSES, Condition, Image, Item, StimulusSet, Study
+from study_app.stimuli import canonical_json_sha256
+
+QUESTIONS = {
+    "reference": "Which image is closer to the reference?",
+    "no-reference": "Which image looks better?",
+}
+# draft -> live <-> paused -> closed; a closed study stays closed.
+TRANSITIONS = {
+    "draft": {"live", "closed"},
+    "live": {"paused", "closed"},
+    "paused": {"live", "closed"},
+    "closed": set(),
+}
+SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,78}[a-z0-9]$")
+
+
+class StudyConfigError(ValueError):
+    """An invalid study design; the message names the field and the allowed values."""
+
+
+@dataclass(frozen=True)
+class ExclusionRules:
+    """When a participant's responses are excluded (applied at export and in the analysis).
+
+    ``min_catch_accuracy``: fraction of catch trials answered correctly (0..1);
+    ``min_rt_ms`` + ``max_fast_fraction``: at most that fraction of responses faster than
+    ``min_rt_ms``; ``max_side_bias``: at most that fraction of answers on one side (needs
+    ``min_trials_for_bias`` answers); ``min_repeat_consistency``: fraction of repeat trials
+    with the same condition chosen as the first time. ``None`` disables a rule.
+    """
+
+    min_catch_accuracy: float | None = 0.75
+    min_rt_ms: float | None = 200.0
+    max_fast_fraction: float | None = 0.2
+    max_side_bias: float | None = 0.9
+    min_trials_for_bias: int = 10
+    min_repeat_consistency: float | None = None
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything a researcher chooses for a study (see docs/study_api.md).
+
+    K = ``votes_per_item`` votes wanted per item (image × condition pair); M =
+    ``trials_per_participant`` main trials per participant, plus ``catch_trials`` and
+    ``repeat_trials``. Leases last ``lease_seconds`` before an unanswered trial returns
+    to the pool. ``batch_size`` trials are leased per fetch.
+    """
+
+    title: str
+    slug: str
+    conditions: list[str] | None = None  # None: every condition of the set
+    pairs: list[list[str]] | None = None  # None: all pairs of `conditions`
+    images: list[str] | None = None  # None: every image of the set
+    votes_per_item: int = 5
+    trials_per_participant: int = 20
+    catch_trials: int = 2
+    repeat_trials: int = 2
+    practice_trials: int = 2
+    question_mode: str = "reference"  # or "no-reference"
+    question: str | None = None  # None: the default text for question_mode
+    instructions: str = (
+        "You will see a reference image and two reconstructions of it. Choose the one "
+        "closer to the reference: click it, or press F / ← for left and J / → for right."
+    )
+    consent: str = (
+        "This is a research study. Your answers are stored anonymously. You may stop at "
+        "any time. By continuing you agree to take part."
+    )
+    completion_code: str | None = None
+    completion_url: str | None = None  # e.g. https://app.prolific.com/submissions/complete?cc=CODE
+    display_scale: int | str = "auto"  # integer enlargement factor, or "auto"
+    pixelated: bool = True
+    exposure_ms: int | None = None  # limited exposure, then a mask
+    min_viewport_w: int | None = None
+    lease_seconds: int = 600
+    batch_size: int = 4
+    seed: int = 0
+    exclusion: ExclusionRules = field(default_factory=ExclusionRules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def question_text(self) -> str:
+        return self.question or QUESTIONS[self.question_mode]
+
+    @property
+    def reference_shown(self) -> bool:
+        return self.question_mode == "reference"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise StudyConfigError(message)
+
+
+def parse_config(data: dict[str, Any]) -> StudyConfig:
+    """Validate a mapping into a StudyConfig; unknown keys and bad values are errors."""
+    data = dict(data)
+    known = {f.name for f in fields(StudyConfig)}
+    unknown = sorted(set(data) - known)
+    _check(not unknown, f"unknown study setting(s) {unknown}; known: {sorted(known)}")
+    for key in ("title", "slug"):
+        _check(isinstance(data.get(key), str) and data[key].strip() != "",
+               f"'{key}' is required (a non-empty string)")
+    _check(bool(SLUG.match(data["slug"])),
+           f"slug {data['slug']!r} must be 2-80 lowercase letters, digits or '-'")
+    rules = data.pop("exclusion", None) or {}
+    _check(isinstance(rules, dict), "'exclusion' must be a mapping of rule -> value")
+    rule_names = {f.name for f in fields(ExclusionRules)}
+    bad_rules = sorted(set(rules) - rule_names)
+    _check(not bad_rules, f"unknown exclusion rule(s) {bad_rules}; known: {sorted(rule_names)}")
+    config = StudyConfig(**data, exclusion=ExclusionRules(**rules))
+    for name in ("votes_per_item", "trials_per_participant", "lease_seconds", "batch_size"):
+        value = getattr(config, name)
+        _check(isinstance(value, int) and value >= 1, f"'{name}' must be an integer >= 1")
+    for name in ("catch_trials", "repeat_trials", "practice_trials"):
+        value = getattr(config, name)
+        _check(isinstance(value, int) and value >= 0, f"'{name}' must be an integer >= 0")
+    _check(config.repeat_trials <= config.trials_per_participant,
+           "'repeat_trials' cannot exceed 'trials_per_participant'")
+    _check(config.question_mode in QUESTIONS,
+           f"'question_mode' must be one of {sorted(QUESTIONS)}")
+    _check(config.display_scale == "auto"
+           or (isinstance(config.display_scale, int) and 1 <= config.display_scale <= 32),
+           "'display_scale' must be 'auto' or an integer 1..32")
+    _check(config.exposure_ms is None or (isinstance(config.exposure_ms, int)
+                                          and config.exposure_ms > 0),
+           "'exposure_ms' must be a positive integer or null")
+    _check(config.completion_url is None or config.completion_url.startswith(("https://",
+                                                                              "http://")),
+           "'completion_url' must be an http(s) URL")
+    for name in ("min_catch_accuracy", "max_fast_fraction", "max_side_bias",
+                 "min_repeat_consistency"):
+        value = getattr(config.exclusion, name)
+        _check(value is None or (isinstance(value, int | float) and 0 <= value <= 1),
+               f"exclusion rule '{name}' must be a fraction 0..1 or null")
+    if config.pairs is not None:
+        _check(all(isinstance(p, list | tuple) and len(p) == 2 and p[0] != p[1]
+                   for p in config.pairs), "'pairs' must be a list of [condition, condition]")
+    return config
+
+
+def resolve_design(
+    config: StudyConfig, stimulus_set: StimulusSet
+) -> tuple[list[Image], list[tuple[Condition, Condition]]]:
+    """The images and (a < b) condition pairs a config selects from a set."""
+    by_name = {c.name: c for c in stimulus_set.conditions}
+    names = config.conditions if config.conditions is not None else sorted(by_name)
+    missing = sorted(set(names) - set(by_name))
+    _check(not missing, f"condition(s) {missing} are not in stimulus set "
+           f"'{stimulus_set.name}' (it has {sorted(by_name)})")
+    if config.pairs is None:
+        pairs = list(itertools.combinations(sorted(set(names)), 2))
+    else:
+        pairs = sorted({tuple(sorted(p)) for p in config.pairs})
+        missing = sorted({c for p in pairs for c in p} - set(by_name))
+        _check(not missing, f"pairs name unknown condition(s) {missing}")
+    _check(len(pairs) >= 1, "a study needs at least one condition pair")
+    by_key = {i.key: i for i in stimulus_set.images}
+    keys = config.images if config.images is not None else sorted(by_key)
+    missing = sorted(set(keys) - set(by_key))
+    _check(not missing, f"image(s) {missing[:10]} are not in stimulus set '{stimulus_set.name}'")
+    _check(len(keys) >= 1, "a study needs at least one image")
+    return [by_key[k] for k in keys], [(by_name[a], by_name[b]) for a, b in pairs]
+
+
+def create_study(stimulus_set: StimulusSet, config: StudyConfig,
+                 researcher_id: int | None = None) -> Study:
+    """Create a draft study and its items (image × pair) in the current session (flushes)."""
+    existing = db.session.scalars(select(Study).where(Study.slug == config.slug)).first()
+    _check(existing is None, f"a study with slug {config.slug!r} exists; choose another slug")
+    images, pairs = resolve_design(config, stimulus_set)
+    as_dict = config.to_dict()
+    study = Study(
+        slug=config.slug, title=config.title, stimulus_set_id=stimulus_set.id, status="draft",
+        config=as_dict, config_sha256=canonical_json_sha256(as_dict),
+        created_by_id=researcher_id,
+    )
+    db.session.add(study)
+    db.session.flush()
+    db.session.add_all(
+        Item(study_id=study.id, image_id=image.id, condition_a_id=a.id, condition_b_id=b.id,
+             n_votes=0, n_a_left=0)
+        for image in images for a, b in pairs
+    )
+    db.session.flush()
+    return study
+
+
+def study_config(study: Study) -> StudyConfig:
+    """The validated config of a stored study."""
+    return parse_config(study.config)
+
+
+def set_status(study: Study, status: str) -> None:
+    """Move a study to ``status`` if the transition is allowed (draft→live→paused→closed)."""
+    _check(status in STUDY_STATUSES, f"status must be one of {list(STUDY_STATUSES)}")
+    if status == study.status:
+        return
+    _check(status in TRANSITIONS[study.status],
+           f"a {study.status} study cannot become {status} "
+           f"(allowed: {sorted(TRANSITIONS[study.status]) or 'none'})")
+    study.status = status
+
+
+def find_study(key: str | int) -> Study | None:
+    """A study by slug or numeric id."""
+    if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+        study = db.session.get(Study, int(key))
+        if study is not None:
+            return study
+    return db.session.scalars(select(Study).where(Study.slug == str(key))).first()

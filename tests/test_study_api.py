@@ -1,0 +1,294 @@
+"""The participant JSON API over a real SQLite database: the happy path, resume,
+exactly-once replays, and every refused request answering 4xx JSON with no state change."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from study_app.extensions import db
+from study_app.models import Item, Participant, Trial, Vote
+from tests.study_support import Participant as P
+from tests.study_support import make_study, vote_body, write_stimulus_set
+
+
+@pytest.fixture
+def stimulus_root(tmp_path):
+    return write_stimulus_set(tmp_path / "set")
+
+
+@pytest.fixture
+def slug(app, stimulus_root):
+    return make_study(app, stimulus_root, votes_per_item=3, trials_per_participant=6,
+                      completion_code="C0DE42",
+                      completion_url="https://app.prolific.com/submissions/complete?cc=C0DE42")
+
+
+def snapshot(app) -> tuple:
+    """Everything a refused request must leave unchanged."""
+    with app.app_context():
+        return (
+            db.session.scalar(select(func.count(Vote.id))),
+            tuple(db.session.execute(select(Trial.id, Trial.status).order_by(Trial.id)).all()),
+            tuple(db.session.execute(select(Item.id, Item.n_votes, Item.n_a_left)
+                                     .order_by(Item.id)).all()),
+            tuple(db.session.execute(select(Participant.id, Participant.status,
+                                            Participant.n_answered).order_by(Participant.id))
+                  .all()),
+        )
+
+
+def test_study_description_hides_conditions_and_draft_studies(app, client, stimulus_root):
+    make_study(app, stimulus_root, slug="hidden", status="draft")
+    make_study(app, stimulus_root, slug="shown", title="Shown", practice_trials=3)
+    assert client.get("/api/v1/studies/hidden").status_code == 404
+    body = client.get("/api/v1/studies/shown").get_json()["study"]
+    assert body["title"] == "Shown" and body["status"] == "live"
+    assert body["question"] == "Which image is closer to the reference?"
+    assert body["display"]["image_size"] == [8, 8]
+    assert len(body["practice"]) == 3
+    for practice in body["practice"]:
+        correct_url = practice[f"{practice['correct']}_url"]
+        assert correct_url == practice["reference_url"]
+    text = str(body)
+    assert "l1" not in text and "ssim" not in text  # participants stay blind
+    missing = client.get("/api/v1/studies/nope")
+    assert missing.status_code == 404 and missing.get_json()["code"] == "unknown_study"
+
+
+def test_a_participant_completes_a_study_and_gets_the_completion_code(app, client, slug):
+    participant = P(client, slug, prolific_pid="PID1", study_id="S1", session_id="X1")
+    assert participant.start_response.status_code == 201
+    votes = participant.complete()
+    assert votes == 6 + 2 + 2  # main + catch + repeat
+    finished = participant.finish().get_json()
+    assert finished["participant"]["status"] == "completed"
+    assert finished["completion_code"] == "C0DE42"
+    assert finished["redirect_url"].endswith("cc=C0DE42")
+    with app.app_context():
+        kinds = db.session.execute(select(Trial.kind, func.count()).join(Vote)
+                                   .group_by(Trial.kind)).all()
+        assert dict(kinds) == {"main": 6, "catch": 2, "repeat": 2}
+        indices = db.session.scalars(select(Vote.trial_index).order_by(Vote.id)).all()
+        assert indices == list(range(10))
+    again = participant.finish()  # finishing twice is a no-op
+    assert again.status_code == 200 and again.get_json()["completion_code"] == "C0DE42"
+    assert participant.finish("returned").status_code == 409
+
+
+def test_same_prolific_pid_resumes_the_same_participant(app, client, slug):
+    first = P(client, slug, prolific_pid="PID7")
+    trials = first.next().get_json()["trials"]
+    assert first.vote(trials[0]["token"]).status_code == 200
+    second = P(client, slug, prolific_pid="PID7")
+    assert second.start_response.status_code == 200
+    assert second.start_response.get_json()["resumed"] is True
+    assert second.token == first.token
+    resumed = second.next().get_json()
+    tokens = [t["token"] for t in resumed["trials"]]
+    assert tokens[:3] == [t["token"] for t in trials[1:]]  # open trials first, in order
+    assert len(tokens) == 4 and trials[0]["token"] not in tokens  # topped up to the batch
+    assert resumed["progress"]["answered"] == 1
+    by_token = P(client, slug, participant_token=first.token)
+    assert by_token.token == first.token
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Participant.id))) == 1
+    other = P(client, slug, prolific_pid="PID8")
+    assert other.token != first.token
+
+
+def test_replayed_vote_is_stored_once_and_answers_the_same(app, client, slug):
+    participant = P(client, slug)
+    token = participant.next().get_json()["trials"][0]["token"]
+    first = participant.vote(token, "right")
+    before = snapshot(app)
+    replay = participant.vote(token, "right", rt_ms=999.0)
+    assert first.status_code == replay.status_code == 200
+    assert first.get_json() == replay.get_json()
+    assert replay.headers["X-Idempotent-Replay"] == "true"
+    assert "X-Idempotent-Replay" not in first.headers
+    assert snapshot(app) == before
+    conflict = participant.vote(token, "left")
+    assert conflict.status_code == 409 and conflict.get_json()["code"] == "vote_conflict"
+    assert snapshot(app) == before
+
+
+BAD_VOTES = [
+    ({"choice": "middle"}, "choice"),
+    ({"choice": None}, "choice"),
+    ({"rt_ms": -1}, "rt_ms"),
+    ({"rt_ms": "fast"}, "rt_ms"),
+    ({"rt_ms": True}, "rt_ms"),
+    ({"rt_ms": 10**9}, "rt_ms"),
+    ({"presented_at": "yesterday"}, "presented_at"),
+    ({"presented_at": "2025-01-01T12:00:00"}, "presented_at"),  # no time zone
+    ({"answered_at": "2024-12-31T12:00:00Z"}, "answered_at"),  # before presented_at
+    ({"viewport_w": 0}, "viewport_w"),
+    ({"viewport_h": 10.5}, "viewport_h"),
+    ({"device_pixel_ratio": 0}, "device_pixel_ratio"),
+    ({"trial_token": "short"}, "trial_token"),
+    ({"extra": 1}, "extra"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), BAD_VOTES)
+def test_malformed_votes_are_400_and_change_nothing(app, client, slug, change, field):
+    participant = P(client, slug)
+    token = participant.next().get_json()["trials"][0]["token"]
+    before = snapshot(app)
+    response = participant.vote(token, **change)
+    assert response.status_code == 400
+    body = response.get_json()
+    assert body["field"] == field and body["status"] == 400 and body["error"]
+    assert snapshot(app) == before
+
+
+def test_missing_field_non_json_and_oversized_bodies(app, client, slug):
+    participant = P(client, slug)
+    token = participant.next().get_json()["trials"][0]["token"]
+    before = snapshot(app)
+    body = vote_body(token)
+    del body["rt_ms"]
+    missing = client.post("/api/v1/participant/votes", headers=participant.headers, json=body)
+    assert missing.status_code == 400 and missing.get_json()["field"] == "rt_ms"
+    form = client.post("/api/v1/participant/votes", headers=participant.headers,
+                       data="choice=left", content_type="application/x-www-form-urlencoded")
+    assert form.status_code == 415
+    garbage = client.post("/api/v1/participant/votes", headers=participant.headers,
+                          data="{not json", content_type="application/json")
+    assert garbage.status_code == 400 and garbage.get_json()["code"] == "malformed_json"
+    huge = client.post("/api/v1/participant/votes", headers=participant.headers,
+                       json={**vote_body(token), "padding": "x" * 10_000})
+    assert huge.status_code == 413 and huge.is_json
+    assert snapshot(app) == before
+
+
+def test_unauthorised_unknown_foreign_and_expired_trials_are_refused(app, client, slug):
+    alice, bob = P(client, slug), P(client, slug)
+    alice_token = alice.next().get_json()["trials"][0]["token"]
+    bob.next()
+    before = snapshot(app)
+    anonymous = client.post("/api/v1/participant/votes", json=vote_body(alice_token))
+    assert anonymous.status_code == 401 and anonymous.get_json()["code"] == "unauthorized"
+    forged = client.post("/api/v1/participant/votes", json=vote_body(alice_token),
+                         headers={"Authorization": "Bearer " + "x" * 32})
+    assert forged.status_code == 401
+    foreign = bob.vote(alice_token)
+    assert foreign.status_code == 403 and foreign.get_json()["code"] == "trial_not_assigned"
+    unknown = alice.vote("y" * 32)
+    assert unknown.status_code == 404 and unknown.get_json()["code"] == "unknown_trial"
+    assert snapshot(app) == before
+    with app.app_context():
+        trial = db.session.scalars(select(Trial).where(Trial.token == alice_token)).one()
+        trial.expires_at = trial.leased_at - timedelta(seconds=1)
+        db.session.commit()
+    before = snapshot(app)
+    expired = alice.vote(alice_token)
+    assert expired.status_code == 410 and expired.get_json()["code"] == "trial_expired"
+    assert snapshot(app) == before
+
+
+def test_closed_study_refuses_votes_and_new_participants(app, client, slug):
+    participant = P(client, slug)
+    token = participant.next().get_json()["trials"][0]["token"]
+    with app.app_context():
+        from study_app.studies import find_study, set_status
+
+        set_status(find_study(slug), "closed")
+        db.session.commit()
+    before = snapshot(app)
+    refused = participant.vote(token)
+    assert refused.status_code == 409 and refused.get_json()["code"] == "study_closed"
+    newcomer = client.post(f"/api/v1/studies/{slug}/participants", json={})
+    assert newcomer.status_code == 409 and newcomer.get_json()["code"] == "study_closed"
+    assert snapshot(app) == before
+
+
+def test_paused_study_accepts_open_votes_but_issues_nothing_new(app, client, slug):
+    participant = P(client, slug)
+    trials = participant.next().get_json()["trials"]
+    with app.app_context():
+        from study_app.studies import find_study, set_status
+
+        set_status(find_study(slug), "paused")
+        db.session.commit()
+    for trial in trials:
+        assert participant.vote(trial["token"]).status_code == 200
+    after = participant.next().get_json()
+    assert after["trials"] == [] and after["done"] is False and after["study_status"] == "paused"
+    assert client.post(f"/api/v1/studies/{slug}/participants", json={}).status_code == 409
+
+
+def test_finish_rules_and_returned_releases_leases(app, client, slug):
+    participant = P(client, slug)
+    participant.next()
+    early = participant.finish("completed")
+    assert early.status_code == 409 and early.get_json()["code"] == "trials_open"
+    returned = participant.finish("returned").get_json()
+    assert returned["participant"]["status"] == "returned"
+    assert returned["completion_code"] is None
+    with app.app_context():
+        statuses = set(db.session.scalars(select(Trial.status)))
+        assert statuses == {"released"}
+    assert participant.next().status_code == 409
+    bad = client.post("/api/v1/participant/finish", headers=participant.headers,
+                      json={"status": "done"})
+    assert bad.status_code == 400
+
+
+def test_start_validates_prolific_parameters_and_preview_needs_login(client, slug):
+    bad = client.post(f"/api/v1/studies/{slug}/participants", json={"prolific_pid": "a b"})
+    assert bad.status_code == 400 and bad.get_json()["field"] == "prolific_pid"
+    extra = client.post(f"/api/v1/studies/{slug}/participants", json={"name": "x"})
+    assert extra.status_code == 400 and extra.get_json()["code"] == "unknown_field"
+    preview = client.post(f"/api/v1/studies/{slug}/participants", json={"preview": True})
+    assert preview.status_code == 403
+    with client.session_transaction() as session:
+        session["researcher_id"] = 1
+    preview = client.post(f"/api/v1/studies/{slug}/participants", json={"preview": True})
+    assert preview.status_code == 201 and preview.get_json()["participant"]["preview"] is True
+
+
+def test_preview_participants_do_not_count_towards_k(app, client, slug):
+    with client.session_transaction() as session:
+        session["researcher_id"] = 1
+    previewer = P(client, slug, preview=True)
+    assert previewer.complete() > 0
+    with app.app_context():
+        assert db.session.scalar(select(func.sum(Item.n_votes))) == 0
+        assert db.session.scalar(select(func.count(Vote.id))) > 0
+
+
+def test_openapi_document_lists_every_api_route(app, client):
+    document = client.get("/api/v1/openapi.json").get_json()
+    assert document["openapi"].startswith("3.")
+    documented = {
+        (path, method.upper()) for path, ops in document["paths"].items() for method in ops
+    }
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith(("/api/", "/media/")):
+            continue
+        path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert (path, method) in documented, f"{method} {path} is not in the OpenAPI document"
+
+
+def test_media_is_content_addressed_with_long_cache_and_etag(client, slug):
+    trial = P(client, slug).next().get_json()["trials"][0]
+    url = trial["left_url"]
+    sha = re.match(r"^/media/([0-9a-f]{64})\.png$", url).group(1)
+    response = client.get(url)
+    assert response.status_code == 200 and response.mimetype == "image/png"
+    import hashlib
+
+    assert hashlib.sha256(response.data).hexdigest() == sha
+    assert "immutable" in response.headers["Cache-Control"]
+    assert "max-age=31536000" in response.headers["Cache-Control"]
+    assert response.headers["ETag"] == f'"{sha}"'
+    cached = client.get(url, headers={"If-None-Match": f'"{sha}"'})
+    assert cached.status_code == 304 and cached.data == b""
+    assert client.get("/media/" + "0" * 64 + ".png").status_code == 404
+    assert client.get("/media/not-a-hash.png").status_code == 404
