@@ -1,0 +1,35 @@
+"""Participant pages: ``/s/<slug>`` runs a study in the browser.
+
+The page is a shell (templates/participant/study.html) driven by
+``static/js/participant.js`` over the participant JSON API (``/api/v1``); Prolific's
+``PROLIFIC_PID``, ``STUDY_ID`` and ``SESSION_ID`` stay in the URL and are read by the page.
+A study that does not exist, or is still a draft, answers 404.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, render_template
+from sqlalchemy import select
+
+from study_app.extensions import db
+from study_app.models import Study
+
+bp = Blueprint("participant", __name__)
+
+API_BASE = "/api/v1"
+
+
+def render_study_page(study: Study, preview: bool = False) -> str:
+    """The participant page for ``study`` (``preview``: a logged-in researcher's trial run)."""
+    return render_template(
+        "participant/study.html", study=study, api_base=API_BASE, preview=preview
+    )
+
+
+@bp.get("/s/<slug>")
+def study_page(slug: str):
+    """The page a participant link points to (live, paused or closed studies)."""
+    study = db.session.scalars(select(Study).where(Study.slug == slug)).first()
+    if study is None or study.status == "draft":
+        abort(404, description=f"There is no study at this address ({slug!r}). Check the link.")
+    return render_study_page(study)

@@ -1,0 +1,493 @@
+"""Researcher pages: studies, creation form, preview, status, live dashboard, downloads.
+
+Every route here is behind :func:`study_app.auth.login_required` (a test walks the URL
+map to prove it). Numbers on the dashboard come from the database (participants, items)
+and from the ``analysis`` package (preference rates and intervals, the matrix plot); the
+downloads use :mod:`study_app.export` (contract 2) and the stored study configuration and
+stimulus manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
+from flask_wtf import FlaskForm
+from sqlalchemy import func, select
+from wtforms import (
+    BooleanField,
+    IntegerField,
+    SelectField,
+    SelectMultipleField,
+    StringField,
+    TextAreaField,
+)
+from wtforms.validators import DataRequired, InputRequired, Length, NumberRange, Optional
+from wtforms.widgets import CheckboxInput, ListWidget
+
+from study_app.auth import current_researcher, login_required
+from study_app.extensions import db
+from study_app.models import Item, Participant, StimulusSet, Study
+from study_app.participant import render_study_page
+from study_app.studies import (
+    QUESTIONS,
+    StudyConfigError,
+    create_study,
+    parse_config,
+    set_status,
+    study_config,
+)
+
+bp = Blueprint("researcher", __name__, url_prefix="/researcher")
+
+STATUS_ACTIONS = {"start": "live", "pause": "paused", "resume": "live", "close": "closed"}
+
+
+@bp.before_request
+@login_required
+def _require_login():
+    """Every route of this blueprint needs a logged-in researcher."""
+    return None
+
+
+# --------------------------------------------------------------------------- forms
+
+
+class ImportForm(FlaskForm):
+    path = StringField("Folder on the server", validators=[DataRequired(), Length(max=4096)])
+
+
+class StatusForm(FlaskForm):
+    """Only the CSRF token: the action is in the URL."""
+
+
+class StudyForm(FlaskForm):
+    title = StringField("Title", validators=[DataRequired(), Length(max=200)])
+    slug = StringField("Link name (slug)", validators=[DataRequired(), Length(min=2, max=80)])
+    conditions = SelectMultipleField(
+        "Conditions", widget=ListWidget(prefix_label=False), option_widget=CheckboxInput()
+    )
+    question_mode = SelectField(
+        "Question", choices=[(k, f"{k}: “{v}”") for k, v in QUESTIONS.items()]
+    )
+    question = StringField("Custom question text (optional)", validators=[Optional(),
+                                                                          Length(max=300)])
+    votes_per_item = IntegerField("Votes per item (K)", default=5,
+                                  validators=[InputRequired(), NumberRange(1, 10_000)])
+    trials_per_participant = IntegerField("Main trials per participant (M)", default=20,
+                                          validators=[InputRequired(), NumberRange(1, 10_000)])
+    catch_trials = IntegerField("Catch trials", default=2,
+                                validators=[InputRequired(), NumberRange(0, 1000)])
+    repeat_trials = IntegerField("Repeat trials", default=2,
+                                 validators=[InputRequired(), NumberRange(0, 1000)])
+    practice_trials = IntegerField("Practice trials", default=2,
+                                   validators=[InputRequired(), NumberRange(0, 50)])
+    display_scale = StringField("Enlargement: 'auto' or an integer factor", default="auto",
+                                validators=[DataRequired(), Length(max=8)])
+    pixelated = BooleanField("Pixelated enlargement (no smoothing)", default=True)
+    exposure_ms = IntegerField("Limited exposure (ms, then a mask; empty = unlimited)",
+                               validators=[Optional(), NumberRange(1, 600_000)])
+    min_viewport_w = IntegerField("Refuse windows narrower than (CSS px; empty = any)",
+                                  validators=[Optional(), NumberRange(1, 100_000)])
+    completion_code = StringField("Completion code", validators=[Optional(), Length(max=64)])
+    completion_url = StringField("Completion redirect URL (e.g. Prolific)",
+                                 validators=[Optional(), Length(max=1000)])
+    instructions = TextAreaField("Instructions (empty = default)",
+                                 validators=[Optional(), Length(max=10_000)])
+    consent = TextAreaField("Consent text (empty = default)",
+                            validators=[Optional(), Length(max=20_000)])
+    min_catch_accuracy = StringField("Exclude below catch accuracy (0..1; empty = off)",
+                                     default="0.75", validators=[Optional()])
+    min_rt_ms = StringField("Too-fast responses: under (ms; empty = off)", default="200",
+                            validators=[Optional()])
+    max_side_bias = StringField("Exclude above one-side fraction (0..1; empty = off)",
+                                default="0.9", validators=[Optional()])
+    seed = IntegerField("Random seed", default=0, validators=[InputRequired()])
+
+
+def _float_or_none(text: str | None, name: str) -> float | None:
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        return float(text)
+    except ValueError as error:
+        raise StudyConfigError(f"'{name}' must be a number or empty, got {text!r}") from error
+
+
+def config_from_form(form: StudyForm) -> dict[str, Any]:
+    """The study configuration mapping a submitted form describes (validated later)."""
+    scale_text = form.display_scale.data.strip().lower()
+    if scale_text == "auto":
+        scale: int | str = "auto"
+    elif scale_text.isdigit():
+        scale = int(scale_text)
+    else:
+        raise StudyConfigError(f"'display_scale' must be 'auto' or an integer, got "
+                               f"{form.display_scale.data!r}")
+    data: dict[str, Any] = {
+        "title": form.title.data.strip(),
+        "slug": form.slug.data.strip(),
+        "conditions": list(form.conditions.data) or None,
+        "question_mode": form.question_mode.data,
+        "question": (form.question.data or "").strip() or None,
+        "votes_per_item": form.votes_per_item.data,
+        "trials_per_participant": form.trials_per_participant.data,
+        "catch_trials": form.catch_trials.data,
+        "repeat_trials": form.repeat_trials.data,
+        "practice_trials": form.practice_trials.data,
+        "display_scale": scale,
+        "pixelated": bool(form.pixelated.data),
+        "exposure_ms": form.exposure_ms.data,
+        "min_viewport_w": form.min_viewport_w.data,
+        "completion_code": (form.completion_code.data or "").strip() or None,
+        "completion_url": (form.completion_url.data or "").strip() or None,
+        "seed": form.seed.data,
+        "exclusion": {
+            "min_catch_accuracy": _float_or_none(form.min_catch_accuracy.data,
+                                                 "min_catch_accuracy"),
+            "min_rt_ms": _float_or_none(form.min_rt_ms.data, "min_rt_ms"),
+            "max_side_bias": _float_or_none(form.max_side_bias.data, "max_side_bias"),
+        },
+    }
+    for text_field in ("instructions", "consent"):
+        value = (getattr(form, text_field).data or "").strip()
+        if value:
+            data[text_field] = value
+    if data["conditions"] is not None and len(data["conditions"]) < 2:
+        raise StudyConfigError("choose at least two conditions (or none for all of them)")
+    return data
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _study_or_404(slug: str) -> Study:
+    study = db.session.scalars(select(Study).where(Study.slug == slug)).first()
+    if study is None:
+        abort(404, description=f"There is no study called {slug!r}.")
+    return study
+
+
+def _database_url() -> str:
+    return current_app.config["SQLALCHEMY_DATABASE_URI"]
+
+
+def study_responses(study: Study):
+    """The study's responses (contract 2 DataFrame) through the export module."""
+    from study_app.export import read_responses
+
+    return read_responses(_database_url(), study.slug)
+
+
+def participant_counts(study: Study) -> dict[str, int]:
+    """Participants of ``study`` by status (previews left out), zeros included."""
+    rows = db.session.execute(
+        select(Participant.status, func.count()).where(
+            Participant.study_id == study.id, Participant.preview.is_(False)
+        ).group_by(Participant.status)
+    ).all()
+    counts = {"started": 0, "completed": 0, "returned": 0}
+    counts.update({status: int(n) for status, n in rows})
+    return counts
+
+
+def item_progress(study: Study, k: int) -> dict[str, Any]:
+    """Votes per item against K: a histogram, totals and a per-pair summary."""
+    rows = db.session.execute(
+        select(Item.condition_a_id, Item.condition_b_id, Item.n_votes).where(
+            Item.study_id == study.id
+        )
+    ).all()
+    names = {c.id: c.name for c in study.stimulus_set.conditions}
+    histogram = [0] * (k + 1)
+    pairs: dict[tuple[str, str], dict[str, int]] = {}
+    for a_id, b_id, n_votes in rows:
+        histogram[min(n_votes, k)] += 1
+        pair = pairs.setdefault((names[a_id], names[b_id]), {"items": 0, "votes": 0,
+                                                             "complete": 0})
+        pair["items"] += 1
+        pair["votes"] += n_votes
+        pair["complete"] += int(n_votes >= k)
+    total_votes = sum(n for _, _, n in rows)
+    return {
+        "k": k,
+        "items": len(rows),
+        "items_complete": sum(1 for *_, n in rows if n >= k),
+        "votes": total_votes,
+        "votes_wanted": k * len(rows),
+        "histogram": [{"votes": v, "items": n} for v, n in enumerate(histogram)],
+        "pairs": [
+            {"condition_a": a, "condition_b": b, **values, "wanted": values["items"] * k}
+            for (a, b), values in sorted(pairs.items())
+        ],
+    }
+
+
+def _included(responses):
+    if "participant_excluded" in responses.columns and len(responses):
+        return responses[~responses["participant_excluded"].astype(bool)]
+    return responses
+
+
+def exclusion_summary(responses) -> dict[str, Any]:
+    """Excluded participants and how often each rule fired (from the export's flags)."""
+    if responses.empty:
+        return {"excluded": 0, "participants": 0, "reasons": {}}
+    per_participant = responses.groupby("participant").agg(
+        excluded=("participant_excluded", "first"), reasons=("exclusion_reasons", "first")
+    )
+    reasons: dict[str, int] = {}
+    for text in per_participant.loc[per_participant["excluded"].astype(bool), "reasons"]:
+        for rule in str(text or "").split(";"):
+            if rule:
+                reasons[rule] = reasons.get(rule, 0) + 1
+    return {
+        "excluded": int(per_participant["excluded"].astype(bool).sum()),
+        "participants": int(len(per_participant)),
+        "reasons": dict(sorted(reasons.items())),
+    }
+
+
+def preference_rows(responses) -> list[dict[str, Any]]:
+    """``analysis.preference_table`` over the included participants' main trials."""
+    from analysis import preference_table
+
+    table = preference_table(_included(responses))
+    columns = ["condition_a", "condition_b", "n", "wins_a", "rate_a", "wilson_low",
+               "wilson_high", "p_value", "p_holm"]
+    return [
+        {c: (row[c].item() if hasattr(row[c], "item") else row[c]) for c in columns}
+        for _, row in table.iterrows()
+    ]
+
+
+def dashboard_data(study: Study) -> dict[str, Any]:
+    """Everything the live dashboard shows, as JSON-ready values."""
+    config = study_config(study)
+    responses = study_responses(study)
+    db.session.refresh(study)
+    return {
+        "study": study.slug,
+        "status": study.status,
+        "updated_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "participants": participant_counts(study),
+        "exclusions": exclusion_summary(responses),
+        "responses": int(len(responses)),
+        "items": item_progress(study, config.votes_per_item),
+        "preference": preference_rows(responses),
+    }
+
+
+# --------------------------------------------------------------------------- pages
+
+
+@bp.get("/")
+def index():
+    """Studies and imported stimulus sets."""
+    studies = db.session.scalars(select(Study).order_by(Study.created_at.desc())).all()
+    sets = db.session.scalars(select(StimulusSet).order_by(StimulusSet.imported_at.desc())).all()
+    counts = {s.id: participant_counts(s) for s in studies}
+    return render_template("researcher/index.html", studies=studies, sets=sets,
+                           counts=counts, import_form=ImportForm())
+
+
+@bp.post("/stimulus-sets")
+def import_set():
+    """Import a stimulus set from a folder on the server (contract 1; manifest optional)."""
+    from study_app.stimuli import import_stimulus_set
+
+    form = ImportForm()
+    if not form.validate_on_submit():
+        flash("Give the folder of a stimulus set.", "error")
+        return redirect(url_for("researcher.index")), 303
+    try:
+        stimulus_set = import_stimulus_set(form.path.data.strip())
+        db.session.commit()
+    except (ValueError, OSError) as error:
+        db.session.rollback()
+        flash(f"Could not import {form.path.data!r}: {error}", "error")
+        return redirect(url_for("researcher.index")), 303
+    flash(f"Imported stimulus set '{stimulus_set.name}'.", "success")
+    return redirect(url_for("researcher.new_study", set=stimulus_set.id)), 303
+
+
+@bp.route("/studies/new", methods=["GET", "POST"])
+def new_study():
+    """The creation form for a study over the stimulus set ``?set=<id>``."""
+    sets = db.session.scalars(select(StimulusSet).order_by(StimulusSet.imported_at.desc())).all()
+    set_id = request.args.get("set", type=int)
+    stimulus_set = db.session.get(StimulusSet, set_id) if set_id else None
+    if stimulus_set is None:
+        if len(sets) == 1:
+            stimulus_set = sets[0]
+        else:
+            return render_template("researcher/choose_set.html", sets=sets)
+    form = StudyForm()
+    form.conditions.choices = [(c.name, c.name) for c in stimulus_set.conditions]
+    error = None
+    if form.validate_on_submit():
+        try:
+            config = parse_config(config_from_form(form))
+            study = create_study(stimulus_set, config, researcher_id=current_researcher().id)
+            db.session.commit()
+        except (StudyConfigError, TypeError) as problem:
+            db.session.rollback()
+            error = str(problem)
+        else:
+            flash(f"Study '{study.title}' created as a draft. Preview it, then start it.",
+                  "success")
+            return redirect(url_for("researcher.dashboard", slug=study.slug)), 303
+    elif request.method == "POST":
+        error = "; ".join(f"{form[name].label.text}: {' '.join(messages)}"
+                          for name, messages in form.errors.items())
+    status = 400 if error else 200
+    return render_template("researcher/new_study.html", form=form, stimulus_set=stimulus_set,
+                           error=error), status
+
+
+@bp.get("/studies/<slug>")
+def dashboard(slug: str):
+    """The live dashboard (numbers refresh through dashboard.json)."""
+    study = _study_or_404(slug)
+    config = study_config(study)
+    participant_link = url_for("participant.study_page", slug=study.slug, _external=True)
+    return render_template(
+        "researcher/dashboard.html", study=study, config=config, data=dashboard_data(study),
+        status_form=StatusForm(), participant_link=participant_link,
+        actions=_allowed_actions(study),
+    )
+
+
+@bp.get("/studies/<slug>/dashboard.json")
+def dashboard_json(slug: str):
+    """The dashboard's numbers as JSON (polled by static/js/dashboard.js)."""
+    return jsonify(dashboard_data(_study_or_404(slug)))
+
+
+@bp.get("/studies/<slug>/preference.png")
+def preference_plot(slug: str):
+    """The preference matrix with intervals, drawn by ``analysis.plots``."""
+    from analysis import preference_table
+    from analysis.plots import figure_png, preference_matrix_figure
+
+    study = _study_or_404(slug)
+    table = preference_table(_included(study_responses(study)))
+    figure = preference_matrix_figure(table)
+    response = Response(figure_png(figure), mimetype="image/png")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _allowed_actions(study: Study) -> list[str]:
+    from study_app.studies import TRANSITIONS
+
+    allowed = TRANSITIONS[study.status]
+    actions = []
+    for action, target in STATUS_ACTIONS.items():
+        if target in allowed and not (action == "start" and study.status == "paused") \
+                and not (action == "resume" and study.status == "draft"):
+            actions.append(action)
+    return actions
+
+
+@bp.post("/studies/<slug>/status/<action>")
+def change_status(slug: str, action: str):
+    """start / pause / resume / close (POST with the CSRF token)."""
+    study = _study_or_404(slug)
+    form = StatusForm()
+    if action not in STATUS_ACTIONS:
+        abort(404, description=f"Unknown action {action!r}; use one of {list(STATUS_ACTIONS)}.")
+    if not form.validate_on_submit():
+        abort(400, description="The form expired; reload the page and try again.")
+    try:
+        set_status(study, STATUS_ACTIONS[action])
+        db.session.commit()
+    except StudyConfigError as error:
+        db.session.rollback()
+        flash(str(error), "error")
+        return redirect(url_for("researcher.dashboard", slug=slug)), 303
+    flash(f"The study is now {study.status}.", "success")
+    return redirect(url_for("researcher.dashboard", slug=slug)), 303
+
+
+@bp.get("/studies/<slug>/preview")
+def preview(slug: str):
+    """The participant page as a participant sees it; answers are stored as a preview."""
+    return render_study_page(_study_or_404(slug), preview=True)
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def _download_name(study: Study, suffix: str) -> str:
+    return f"{study.slug}-{suffix}"
+
+
+@bp.get("/studies/<slug>/responses.<fmt>")
+def download_responses(slug: str, fmt: str):
+    """All responses (contract 2) as CSV or Parquet."""
+    study = _study_or_404(slug)
+    if fmt not in ("csv", "parquet"):
+        abort(404, description=f"Responses come as .csv or .parquet, not .{fmt}.")
+    responses = study_responses(study)
+    buffer = io.BytesIO()
+    if fmt == "csv":
+        buffer.write(responses.to_csv(index=False).encode("utf-8"))
+        mimetype = "text/csv"
+    else:
+        responses.to_parquet(buffer, index=False)
+        mimetype = "application/vnd.apache.parquet"
+    buffer.seek(0)
+    return send_file(buffer, mimetype=mimetype, as_attachment=True,
+                     download_name=_download_name(study, f"responses.{fmt}"))
+
+
+@bp.get("/studies/<slug>/config.json")
+def download_config(slug: str):
+    """The study's full configuration with its hash and the stimulus set's identity."""
+    study = _study_or_404(slug)
+    stimulus_set = study.stimulus_set
+    document = {
+        "study": study.slug,
+        "title": study.title,
+        "status": study.status,
+        "created_at": study.created_at.isoformat(),
+        "config": study.config,
+        "config_sha256": study.config_sha256,
+        "stimulus_set": {
+            "name": stimulus_set.name,
+            "manifest_sha256": stimulus_set.manifest_sha256,
+            "manifest_inferred": stimulus_set.manifest_inferred,
+            "image_size": [stimulus_set.image_height, stimulus_set.image_width],
+        },
+    }
+    return _json_download(document, _download_name(study, "config.json"))
+
+
+@bp.get("/studies/<slug>/manifest.json")
+def download_manifest(slug: str):
+    """The stimulus manifest (contract 1, with every file's sha256) the study used."""
+    study = _study_or_404(slug)
+    return _json_download(study.stimulus_set.manifest, _download_name(study, "manifest.json"))
+
+
+def _json_download(document: Any, name: str) -> Response:
+    body = json.dumps(document, indent=2, sort_keys=True, default=str) + "\n"
+    response = Response(body, mimetype="application/json")
+    response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response

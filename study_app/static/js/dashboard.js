@@ -1,0 +1,106 @@
+/* The researcher dashboard: refreshes its numbers from dashboard.json every few
+ * seconds, and the preference plot whenever the number of answers changed. */
+(function () {
+  "use strict";
+  const root = document.getElementById("dashboard");
+  if (!root) return;
+  const REFRESH_MS = 3000;
+  let lastResponses = null;
+
+  const text = (id, value) => {
+    const el = document.getElementById(id);
+    if (el) el.textContent = String(value);
+  };
+  const fmt = (x, digits) => (x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(digits));
+  const fmtP = (x) => (x === null || x === undefined ? "–" : Number(x).toPrecision(3));
+
+  function cell(row, value) {
+    const td = document.createElement("td");
+    td.textContent = value;
+    row.appendChild(td);
+    return td;
+  }
+
+  function drawBars() {
+    document.querySelectorAll(".bar > span[data-fraction]").forEach((bar) => {
+      bar.style.width = Math.min(100, 100 * parseFloat(bar.dataset.fraction || "0")).toFixed(1) + "%";
+    });
+  }
+
+  function render(data) {
+    text("updated-at", data.updated_at);
+    const status = document.getElementById("study-status");
+    status.textContent = data.status;
+    status.className = "status-badge status-" + data.status;
+    text("n-started", data.participants.started);
+    text("n-completed", data.participants.completed);
+    text("n-returned", data.participants.returned);
+    text("n-excluded", data.exclusions.excluded);
+    text("n-responses", data.responses);
+    const reasons = Object.entries(data.exclusions.reasons).map(([rule, n]) => rule + ": " + n);
+    text("exclusion-reasons", reasons.length ? reasons.join("; ") : "No exclusions.");
+    text("votes-total", data.items.votes);
+    text("votes-wanted", data.items.votes_wanted);
+    text("items-complete", data.items.items_complete);
+
+    const pairs = document.querySelector("#pair-progress tbody");
+    pairs.replaceChildren(...data.items.pairs.map((p) => {
+      const tr = document.createElement("tr");
+      cell(tr, p.condition_a + " vs " + p.condition_b);
+      cell(tr, p.items);
+      cell(tr, p.votes + " / " + p.wanted);
+      const bar = document.createElement("div");
+      bar.className = "bar";
+      const fill = document.createElement("span");
+      fill.dataset.fraction = String(p.wanted ? p.votes / p.wanted : 0);
+      bar.appendChild(fill);
+      cell(tr, "").appendChild(bar);
+      cell(tr, p.complete);
+      return tr;
+    }));
+    drawBars();
+    const histogram = document.querySelector("#vote-histogram tbody tr");
+    const cells = histogram.querySelectorAll("td");
+    data.items.histogram.forEach((h, i) => { if (cells[i + 1]) cells[i + 1].textContent = String(h.items); });
+
+    const preference = document.querySelector("#preference tbody");
+    if (data.preference.length === 0) {
+      const tr = document.createElement("tr");
+      const td = cell(tr, "No votes yet.");
+      td.colSpan = 7;
+      td.className = "muted";
+      preference.replaceChildren(tr);
+    } else {
+      preference.replaceChildren(...data.preference.map((r) => {
+        const tr = document.createElement("tr");
+        cell(tr, r.condition_a);
+        cell(tr, r.condition_b);
+        cell(tr, r.n);
+        cell(tr, fmt(r.rate_a, 3));
+        cell(tr, fmt(r.wilson_low, 3) + "–" + fmt(r.wilson_high, 3));
+        cell(tr, fmtP(r.p_value));
+        cell(tr, fmtP(r.p_holm));
+        return tr;
+      }));
+    }
+    if (lastResponses !== null && data.responses !== lastResponses) {
+      const plot = document.getElementById("preference-plot");
+      plot.src = root.dataset.plotUrl + "?n=" + data.responses;
+    }
+    lastResponses = data.responses;
+    root.dataset.responses = String(data.responses);
+  }
+
+  async function refresh() {
+    try {
+      const response = await fetch(root.dataset.url, { headers: { Accept: "application/json" }, cache: "no-store" });
+      if (response.ok) render(await response.json());
+    } catch (error) {
+      /* keep the last numbers; try again on the next tick */
+    }
+    setTimeout(refresh, REFRESH_MS);
+  }
+
+  drawBars();
+  setTimeout(refresh, REFRESH_MS);
+})();

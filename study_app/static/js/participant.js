@@ -1,0 +1,538 @@
+/* The participant page: consent → instructions → practice → trials → completion.
+ *
+ * Talks to the participant JSON API (docs/study_api.md). Every vote is kept in
+ * localStorage until the server acknowledges it and is re-sent (same trial token, so
+ * the server stores it once) after a network failure, a server error or a reload.
+ * State is mirrored on <body data-state="..."> for styling and for the browser tests.
+ */
+(function () {
+  "use strict";
+
+  const core = window.PStudyCore;
+  const root = document.getElementById("participant-app");
+  const slug = root.dataset.study;
+  const apiBase = root.dataset.api; // e.g. "/api/v1"
+  const preview = root.dataset.preview === "true";
+  const storage = preview ? window.sessionStorage : window.localStorage;
+  const storeKey = (name) => "pstudy." + slug + "." + (preview ? "preview." : "") + name;
+
+  const RETRY_BASE_MS = 500;
+  const RETRY_MAX_MS = 8000;
+  const POLL_MS = 5000;
+  const PRELOAD_AHEAD = 3;
+  const REDIRECT_DELAY_MS = 3000;
+
+  const $ = (id) => document.getElementById(id);
+  const screens = ["loading", "refused", "consent", "declined", "instructions", "trial", "waiting", "done", "failed"];
+
+  let study = null;
+  let participant = null; // {id, token, status, progress: {answered, total}}
+  let queue = []; // trials not yet shown: {token, reference_url, left_url, right_url}
+  const answered = new Set();
+  let progress = { answered: 0, total: 0 };
+  let active = null; // the trial on screen: {trial, practice, presentedPerf, answer}
+  let offline = false;
+  const preloaded = new Map(); // url -> Promise<HTMLImageElement>
+
+  // ------------------------------------------------------------------ screens
+
+  function show(name) {
+    screens.forEach((screen) => {
+      const el = $("screen-" + screen);
+      if (el) el.hidden = screen !== name;
+    });
+    document.body.dataset.state = name;
+  }
+
+  function fail(message) {
+    $("failed-message").textContent = message;
+    show("failed");
+  }
+
+  function setNotice(text, ok) {
+    const notice = $("connection-notice");
+    if (!text) {
+      notice.hidden = true;
+      return;
+    }
+    notice.textContent = text;
+    notice.classList.toggle("ok", Boolean(ok));
+    notice.hidden = false;
+  }
+
+  function setProgress(answeredCount, total, label) {
+    const fraction = total > 0 ? Math.min(1, answeredCount / total) : 0;
+    const bar = $("progress");
+    bar.setAttribute("aria-valuenow", String(answeredCount));
+    bar.setAttribute("aria-valuemax", String(total));
+    $("progress-fill").style.width = (fraction * 100).toFixed(1) + "%";
+    $("progress-label").textContent = label || answeredCount + " / " + total;
+  }
+
+  // ------------------------------------------------------------------ network
+
+  class HttpError extends Error {
+    constructor(status, body) {
+      super((body && body.error) || "HTTP " + status);
+      this.status = status;
+      this.body = body || {};
+    }
+  }
+
+  async function request(method, path, body, token) {
+    const headers = { Accept: "application/json" };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    if (token) headers.Authorization = "Bearer " + token;
+    let response;
+    try {
+      response = await fetch(apiBase + path, {
+        method: method,
+        headers: headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+        credentials: "same-origin",
+        cache: "no-store",
+      });
+    } catch (networkError) {
+      throw new HttpError(0, { error: "network error: " + networkError.message });
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (parseError) {
+      data = null;
+    }
+    if (!response.ok) {
+      const error = new HttpError(response.status, data);
+      error.retryAfterS = parseFloat(response.headers.get("Retry-After") || "0") || 0;
+      throw error;
+    }
+    return data;
+  }
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  /** Run `call` until it succeeds or fails with a non-retryable error (thrown). */
+  async function withRetry(call) {
+    for (let attempt = 0; ; attempt += 1) {
+      try {
+        const result = await call();
+        if (offline) {
+          offline = false;
+          setNotice("Connection restored.", true);
+          setTimeout(() => { if (!offline) setNotice(null); }, 2000);
+        }
+        return result;
+      } catch (error) {
+        if (!(error instanceof HttpError) || !core.isRetryable(error.status)) throw error;
+        offline = true;
+        document.body.dataset.retries = String((parseInt(document.body.dataset.retries || "0", 10)) + 1);
+        setNotice("Connection lost. Retrying… your answers are kept and will be sent when the connection is back.");
+        await sleep(core.retryDelayMs(attempt, RETRY_BASE_MS, RETRY_MAX_MS, Math.random, error.retryAfterS));
+      }
+    }
+  }
+
+  const api = {
+    study: () => request("GET", "/studies/" + encodeURIComponent(slug)),
+    start: (body) => request("POST", "/studies/" + encodeURIComponent(slug) + "/participants", body),
+    next: () => request("POST", "/participant/trials/next", {}, participant.token),
+    vote: (body) => request("POST", "/participant/votes", body, participant.token),
+    finish: (status) => request("POST", "/participant/finish", { status: status }, participant.token),
+  };
+
+  // ------------------------------------------------------------------ images
+
+  function preload(url) {
+    if (!preloaded.has(url)) {
+      const img = new Image();
+      img.decoding = "async";
+      img.src = url;
+      preloaded.set(url, img.decode().then(() => img));
+      if (preloaded.size > 64) preloaded.delete(preloaded.keys().next().value);
+    }
+    return preloaded.get(url);
+  }
+
+  function urlsOf(trial) {
+    return [trial.reference_url, trial.left_url, trial.right_url].filter(Boolean);
+  }
+
+  /** A fresh decoded <img> for `url` (decoded again from the memory cache: instant). */
+  async function decodedImage(url) {
+    let img;
+    try {
+      img = (await preload(url)).cloneNode();
+      await img.decode();
+    } catch (error) {
+      preloaded.delete(url);
+      img = new Image();
+      img.src = url;
+      await img.decode(); // a second failure propagates
+    }
+    return img;
+  }
+
+  function makeMask(width, height, cssW, cssH) {
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    canvas.className = "mask stimulus";
+    canvas.style.width = cssW + "px";
+    canvas.style.height = cssH + "px";
+    const ctx = canvas.getContext("2d");
+    const pixels = ctx.createImageData(width, height);
+    for (let i = 0; i < pixels.data.length; i += 4) {
+      const v = Math.floor(Math.random() * 256);
+      pixels.data[i] = v;
+      pixels.data[i + 1] = Math.floor(Math.random() * 256);
+      pixels.data[i + 2] = Math.floor(Math.random() * 256);
+      pixels.data[i + 3] = 255;
+    }
+    ctx.putImageData(pixels, 0, 0);
+    return canvas;
+  }
+
+  // ------------------------------------------------------------------ one trial
+
+  function layoutSpace(referenceShown) {
+    const stage = $("trial-stage");
+    const gap = 24;
+    const width = stage.clientWidth || window.innerWidth;
+    const top = stage.getBoundingClientRect().top;
+    const chrome = 48; // key hints under the images, margins
+    const height = Math.max(64, window.innerHeight - top - chrome - (referenceShown ? gap + 24 : 0));
+    return {
+      w: Math.max(32, (width - gap) / 2 - 8),
+      h: Math.max(32, referenceShown ? height / 2 : height),
+    };
+  }
+
+  /** Decode the trial's images, put them on screen, resolve once they are visible. */
+  async function present(trial, practice) {
+    const stage = $("trial-stage");
+    stage.classList.add("pending");
+    stage.dataset.ready = "0";
+    const images = await Promise.all([
+      trial.reference_url ? decodedImage(trial.reference_url) : Promise.resolve(null),
+      decodedImage(trial.left_url),
+      decodedImage(trial.right_url),
+    ]);
+    const [reference, left, right] = images;
+    const space = layoutSpace(Boolean(reference));
+    const display = study.display || {};
+    const scale = core.displayScale(
+      left.naturalWidth, left.naturalHeight, space.w, space.h, window.devicePixelRatio || 1,
+      { upscale: display.scale === "auto" || display.scale == null ? "auto" : String(display.scale) }
+    );
+    images.forEach((img) => {
+      if (!img) return;
+      img.className = "stimulus" + (scale.pixelated && display.pixelated !== false ? " pixelated" : "");
+      img.style.width = scale.cssW + "px";
+      img.style.height = scale.cssH + "px";
+      img.alt = "";
+      img.draggable = false;
+    });
+    const referenceRow = $("reference-row");
+    referenceRow.hidden = !reference;
+    $("reference-slot").replaceChildren(...(reference ? [reference] : []));
+    $("left-slot").replaceChildren(left);
+    $("right-slot").replaceChildren(right);
+    $("practice-badge").hidden = !practice;
+    $("feedback").textContent = "";
+    $("choice-left").classList.remove("chosen");
+    $("choice-right").classList.remove("chosen");
+    stage.dataset.scale = String(scale.factor);
+    stage.dataset.token = trial.token || "";
+    stage.dataset.cssWidth = scale.cssW.toFixed(2);
+    // Reveal in one frame; the response clock starts at the next frame, when the
+    // frame holding all images has been presented.
+    await new Promise((resolve) => requestAnimationFrame(() => {
+      stage.classList.remove("pending");
+      requestAnimationFrame(() => resolve());
+    }));
+    const presentedPerf = performance.now();
+    stage.dataset.ready = "1";
+    const exposure = display.exposure_ms;
+    if (exposure) {
+      const timer = setTimeout(() => {
+        [["left-slot", left], ["right-slot", right], ["reference-slot", reference]].forEach(([slot, img]) => {
+          if (img) $(slot).replaceChildren(makeMask(img.naturalWidth, img.naturalHeight, scale.cssW, scale.cssH));
+        });
+        stage.dataset.masked = "1";
+      }, exposure);
+      stage.dataset.masked = "0";
+      active = { trial: trial, practice: practice, presentedPerf: presentedPerf, timer: timer };
+    } else {
+      active = { trial: trial, practice: practice, presentedPerf: presentedPerf, timer: null };
+    }
+    return new Promise((resolve) => { active.answer = resolve; });
+  }
+
+  function choose(choice) {
+    if (!active || active.done) return;
+    const answeredPerf = performance.now();
+    active.done = true;
+    if (active.timer) clearTimeout(active.timer);
+    $("choice-" + choice).classList.add("chosen");
+    const $stage = $("trial-stage");
+    $stage.dataset.ready = "0";
+    const current = active;
+    active = null;
+    current.answer({ choice: choice, presentedPerf: current.presentedPerf, answeredPerf: answeredPerf });
+  }
+
+  // ------------------------------------------------------------------ flow
+
+  async function runPractice() {
+    const trials = study.practice || [];
+    for (let i = 0; i < trials.length; i += 1) {
+      setProgress(i, trials.length, "Practice " + (i + 1) + " / " + trials.length);
+      show("trial");
+      const answer = await present(trials[i], true);
+      const correct = answer.choice === trials[i].correct;
+      $("feedback").textContent = correct
+        ? "Correct."
+        : "Not quite: the other image was identical to the reference.";
+      await sleep(correct ? 500 : 1200);
+    }
+  }
+
+  function pendingVote() {
+    const raw = storage.getItem(storeKey("pending"));
+    return raw ? JSON.parse(raw) : null;
+  }
+
+  /** Send the stored vote until acknowledged; false when the server refused it for good. */
+  async function flushPendingVote() {
+    const body = pendingVote();
+    if (!body) return true;
+    try {
+      await withRetry(() => api.vote(body));
+      answered.add(body.trial_token);
+      return true;
+    } catch (error) {
+      if (error.status === 401) throw error;
+      // 4xx: the trial expired or is no longer this participant's; the server kept
+      // nothing, the page moves on to the next trial.
+      setNotice("That answer could not be stored (" + error.message + "); continuing.", false);
+      setTimeout(() => setNotice(null), 3000);
+      return false;
+    } finally {
+      storage.removeItem(storeKey("pending"));
+    }
+  }
+
+  async function refill() {
+    const data = await withRetry(() => api.next());
+    if (data.progress) progress = data.progress;
+    const current = active && active.trial ? active.trial.token : null;
+    queue = data.trials.filter((t) => !answered.has(t.token) && t.token !== current);
+    queue.slice(0, PRELOAD_AHEAD).forEach((t) => urlsOf(t).forEach((url) => preload(url).catch(() => null)));
+    return data;
+  }
+
+  async function runMain() {
+    await flushPendingVote();
+    let data = await refill();
+    for (;;) {
+      if (queue.length === 0) {
+        if (data.done) break;
+        show("waiting");
+        $("waiting-message").textContent = data.study_status === "paused"
+          ? "The study is paused for a moment. Please keep this page open; it continues automatically."
+          : "Waiting for the next trials. Please keep this page open.";
+        await sleep(POLL_MS);
+        data = await refill();
+        continue;
+      }
+      const trial = queue.shift();
+      setProgress(progress.answered, progress.total);
+      show("trial");
+      const answer = await present(trial, false);
+      const viewport = { w: window.innerWidth, h: window.innerHeight };
+      const body = {
+        trial_token: trial.token,
+        choice: answer.choice,
+        rt_ms: Math.round((answer.answeredPerf - answer.presentedPerf) * 1000) / 1000,
+        presented_at: new Date(performance.timeOrigin + answer.presentedPerf).toISOString(),
+        answered_at: new Date(performance.timeOrigin + answer.answeredPerf).toISOString(),
+        viewport_w: viewport.w,
+        viewport_h: viewport.h,
+        device_pixel_ratio: window.devicePixelRatio || 1,
+      };
+      storage.setItem(storeKey("pending"), JSON.stringify(body));
+      if (await flushPendingVote()) {
+        progress.answered += 1;
+        setProgress(progress.answered, progress.total);
+      }
+      if (queue.length < 2) data = await refill();
+    }
+    await complete();
+  }
+
+  async function complete() {
+    let result;
+    try {
+      result = await withRetry(() => api.finish("completed"));
+    } catch (error) {
+      if (error.body && (error.body.code === "trials_remaining" || error.body.code === "trials_open")) {
+        return runMain();
+      }
+      throw error;
+    }
+    storage.setItem(storeKey("stage"), "done");
+    setProgress(progress.total, progress.total);
+    show("done");
+    const code = result.completion_code;
+    $("completion-code-box").hidden = !code;
+    $("completion-code").textContent = code || "";
+    if (result.redirect_url) {
+      const link = $("redirect-link");
+      link.href = result.redirect_url;
+      $("redirect-box").hidden = false;
+      if (!preview) setTimeout(() => window.location.assign(result.redirect_url), REDIRECT_DELAY_MS);
+    }
+  }
+
+  function prolificParams() {
+    const params = new URLSearchParams(window.location.search);
+    const body = {};
+    [["PROLIFIC_PID", "prolific_pid"], ["STUDY_ID", "study_id"], ["SESSION_ID", "session_id"]].forEach(([key, field]) => {
+      const value = params.get(key);
+      if (value) body[field] = value;
+    });
+    return body;
+  }
+
+  async function startParticipant(allowNew) {
+    const body = prolificParams();
+    const token = storage.getItem(storeKey("token"));
+    if (token) body.participant_token = token;
+    if (preview) body.preview = true;
+    if (!allowNew && !token && !body.prolific_pid) return null;
+    let data;
+    try {
+      data = await withRetry(() => api.start(body));
+    } catch (error) {
+      if (error.body && error.body.code === "unknown_participant") {
+        storage.removeItem(storeKey("token"));
+        storage.removeItem(storeKey("pending"));
+        return startParticipant(allowNew);
+      }
+      throw error;
+    }
+    if (!allowNew && !data.resumed) {
+      // A new participation was created by a Prolific link: that is allowed, the person
+      // still sees consent first (nothing is answered yet).
+    }
+    participant = data.participant;
+    progress = participant.progress;
+    storage.setItem(storeKey("token"), participant.token);
+    return data;
+  }
+
+  function waitForClick(id) {
+    return new Promise((resolve) => $(id).addEventListener("click", resolve, { once: true }));
+  }
+
+  function screenTooSmall() {
+    const minWidth = study.display && study.display.min_viewport_w;
+    return Boolean(minWidth) && window.innerWidth < minWidth;
+  }
+
+  async function ensureScreenSize() {
+    while (screenTooSmall()) {
+      $("refused-message").textContent = "This study needs a window at least " + study.display.min_viewport_w +
+        " pixels wide (yours is " + window.innerWidth + "). Please use a larger screen or widen the window.";
+      show("refused");
+      await new Promise((resolve) => window.addEventListener("resize", resolve, { once: true }));
+    }
+  }
+
+  async function main() {
+    show("loading");
+    try {
+      study = (await withRetry(api.study)).study;
+    } catch (error) {
+      fail(error.status === 404 ? "This study does not exist." : "The study could not be loaded: " + error.message);
+      return;
+    }
+    document.title = study.title;
+    $("question").textContent = study.question;
+    $("consent-text").textContent = study.consent;
+    $("instructions-text").textContent = study.instructions;
+    await ensureScreenSize();
+
+    // Returning with the same link (stored token, or the same PROLIFIC_PID)?
+    let resumed = null;
+    try {
+      resumed = await startParticipant(false);
+    } catch (error) {
+      fail(error.message);
+      return;
+    }
+    const stage = storage.getItem(storeKey("stage"));
+    if (resumed && participant.status === "completed") {
+      await complete();
+      return;
+    }
+    if (resumed && participant.status === "returned") {
+      fail("You have withdrawn from this study. Thank you for your time.");
+      return;
+    }
+    const skipIntro = resumed && (stage === "main" || progress.answered > 0 || Boolean(pendingVote()));
+    if (!skipIntro) {
+      show("consent");
+      const agreed = await new Promise((resolve) => {
+        $("consent-form").addEventListener("submit", (event) => { event.preventDefault(); resolve(true); }, { once: true });
+        $("decline").addEventListener("click", () => resolve(false), { once: true });
+      });
+      if (!agreed) {
+        show("declined");
+        return;
+      }
+      if (!participant) {
+        try {
+          await startParticipant(true);
+        } catch (error) {
+          fail(error.body && error.body.code && error.body.code.startsWith("study_")
+            ? "This study is not accepting participants right now."
+            : "Could not start: " + error.message);
+          return;
+        }
+      }
+      show("instructions");
+      $("start-button").textContent = (study.practice || []).length ? "Start practice" : "Start";
+      await waitForClick("start-button");
+      await runPractice();
+      storage.setItem(storeKey("stage"), "main");
+    }
+    try {
+      await runMain();
+    } catch (error) {
+      if (error.status === 401) {
+        storage.removeItem(storeKey("token"));
+        fail("This session is no longer valid. Reload the page to start again.");
+      } else {
+        fail("Something went wrong: " + error.message + ". Reload the page to continue where you left off.");
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------ input
+
+  document.addEventListener("keydown", (event) => {
+    if (event.repeat || event.altKey || event.ctrlKey || event.metaKey) return;
+    if (!active) return;
+    const choice = core.keyToChoice(event.key);
+    if (choice) {
+      event.preventDefault();
+      choose(choice);
+    }
+  });
+  $("choice-left").addEventListener("click", () => choose("left"));
+  $("choice-right").addEventListener("click", () => choose("right"));
+  window.addEventListener("online", () => { if (offline) setNotice("Back online, sending…", true); });
+
+  main();
+})();

@@ -1,0 +1,79 @@
+/* Pure helpers of the participant page (no DOM, no network): display scale, key
+ * mapping, retry delays. Loaded before participant.js; exported on window.PStudyCore. */
+(function (global) {
+  "use strict";
+
+  /**
+   * How large to draw a stimulus of `imageW`×`imageH` image pixels.
+   * Small stimuli are enlarged by the largest integer factor that fits the space
+   * (each image pixel becomes factor×factor *device* pixels, so CSS size =
+   * image size × factor / devicePixelRatio); with `upscale` "off" or when factor 1 is
+   * the largest that fits, images are drawn 1:1 in device pixels. Images larger than
+   * the space are shrunk (smoothly) and flagged `fits: false`.
+   * @param {number} imageW image width in pixels
+   * @param {number} imageH image height in pixels
+   * @param {number} spaceW available CSS pixels per image, horizontally
+   * @param {number} spaceH available CSS pixels per image, vertically
+   * @param {number} dpr window.devicePixelRatio (> 0)
+   * @param {{upscale?: string, maxFactor?: number}} options upscale "auto" (default),
+   *   "off", or an integer string forcing that factor (shrunk to what fits)
+   * @returns {{factor: number, cssW: number, cssH: number, pixelated: boolean, fits: boolean}}
+   */
+  function displayScale(imageW, imageH, spaceW, spaceH, dpr, options) {
+    const opts = options || {};
+    const ratio = dpr > 0 ? dpr : 1;
+    const maxFactor = opts.maxFactor || 16;
+    const fitFactor = Math.floor(Math.min((spaceW * ratio) / imageW, (spaceH * ratio) / imageH));
+    let factor;
+    if (opts.upscale === "off") {
+      factor = 1;
+    } else if (opts.upscale && /^\d+$/.test(String(opts.upscale))) {
+      factor = Math.max(1, Math.min(parseInt(opts.upscale, 10), fitFactor));
+    } else {
+      factor = Math.max(1, Math.min(fitFactor, maxFactor));
+    }
+    let cssW = (imageW * factor) / ratio;
+    let cssH = (imageH * factor) / ratio;
+    let fits = cssW <= spaceW + 0.5 && cssH <= spaceH + 0.5;
+    if (!fits) {
+      const shrink = Math.min(spaceW / cssW, spaceH / cssH);
+      cssW *= shrink;
+      cssH *= shrink;
+    }
+    return { factor: factor, cssW: cssW, cssH: cssH, pixelated: factor > 1 && fits, fits: fits };
+  }
+
+  /** "left" for F and ←, "right" for J and →, else null. */
+  function keyToChoice(key) {
+    switch (key) {
+      case "f": case "F": case "ArrowLeft": return "left";
+      case "j": case "J": case "ArrowRight": return "right";
+      default: return null;
+    }
+  }
+
+  /**
+   * Delay before retry number `attempt` (0-based) in milliseconds: exponential backoff
+   * from `baseMs`, capped at `maxMs`, with ±20 % jitter from `random` (a function
+   * returning [0, 1)); a server's Retry-After (seconds) wins when larger.
+   */
+  function retryDelayMs(attempt, baseMs, maxMs, random, retryAfterS) {
+    const raw = Math.min(maxMs, baseMs * Math.pow(2, attempt));
+    const jitter = 0.8 + 0.4 * (random ? random() : Math.random());
+    const delay = Math.round(raw * jitter);
+    const serverMs = retryAfterS ? retryAfterS * 1000 : 0;
+    return Math.max(delay, serverMs);
+  }
+
+  /** Whether an HTTP status means "try again later" (network error = status 0). */
+  function isRetryable(status) {
+    return status === 0 || status === 408 || status === 425 || status === 429 || status >= 500;
+  }
+
+  global.PStudyCore = {
+    displayScale: displayScale,
+    keyToChoice: keyToChoice,
+    retryDelayMs: retryDelayMs,
+    isRetryable: isRetryable,
+  };
+})(window);

@@ -1,0 +1,228 @@
+"""A real Chromium takes part in studies: keyboard, mouse on a phone, reload, lost votes.
+
+Every test ends by checking the database: one vote per answered trial, as many votes as
+the study plans per participant, nothing duplicated.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_pages_support import (
+    import_set,
+    make_study,
+    save_screenshot,
+    votes_per_trial,
+    write_stimulus_set,
+)
+
+pytestmark = pytest.mark.browser
+
+PLANNED = 4 + 1 + 1  # M main + 1 catch + 1 repeat (make_study's design)
+TIMEOUT_MS = 15_000
+
+
+@pytest.fixture
+def study(app, tmp_path):
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
+    return make_study(app, set_id, slug="kbd")
+
+
+def wait_trial(page) -> str:
+    """Wait until a trial's images are on screen; return its token."""
+    page.wait_for_selector("#trial-stage[data-ready='1']", timeout=TIMEOUT_MS)
+    return page.get_attribute("#trial-stage", "data-token")
+
+
+def answer(page, action) -> None:
+    """Do ``action`` (a key press or click) and wait for the next trial or the end."""
+    token = page.get_attribute("#trial-stage", "data-token")
+    action()
+    page.wait_for_function(
+        "old => ['done', 'waiting'].includes(document.body.dataset.state) || "
+        "(document.getElementById('trial-stage').dataset.ready === '1' && "
+        "document.getElementById('trial-stage').dataset.token !== old)",
+        arg=token, timeout=TIMEOUT_MS)
+
+
+def participant_tokens(app, study_id):
+    from sqlalchemy import select
+
+    from study_app.extensions import db
+    from study_app.models import Participant
+
+    with app.app_context():
+        return db.session.execute(
+            select(Participant.status, Participant.n_answered, Participant.prolific_pid)
+            .where(Participant.study_id == study_id)
+        ).all()
+
+
+def test_participant_completes_a_study_by_keyboard(app, live_server, page, study):
+    page.goto(f"{live_server}/s/{study['slug']}")
+    page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+    save_screenshot(page, "participant-consent")
+    # Keyboard only: tab to the checkbox, tick it, submit the form with Enter.
+    page.focus("#consent-check")
+    page.keyboard.press("Space")
+    assert page.is_checked("#consent-check")
+    page.focus("#consent-button")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("body[data-state='instructions']")
+    save_screenshot(page, "participant-instructions")
+    page.focus("#start-button")
+    page.keyboard.press("Enter")
+
+    # Practice (not stored), then the study; F, J, ← and → all answer.
+    wait_trial(page)
+    assert page.is_visible("#practice-badge")
+    page.keyboard.press("f")
+    keys = ["j", "ArrowLeft", "ArrowRight", "f", "j", "ArrowRight"]
+    seen = []
+    for number, key in enumerate(keys[:PLANNED]):
+        token = wait_trial(page)
+        while token in seen or page.is_visible("#practice-badge"):
+            page.wait_for_timeout(50)
+            token = wait_trial(page)
+        seen.append(token)
+        label = page.inner_text("#progress-label")
+        assert label == f"{number} / {PLANNED}"
+        if number == 0:
+            save_screenshot(page, "participant-trial-desktop")
+            # 16×16 stimuli are enlarged by an integer factor, pixelated, and each image
+            # pixel covers exactly factor×factor device pixels.
+            factor = int(page.get_attribute("#trial-stage", "data-scale"))
+            assert factor >= 2
+            box = page.eval_on_selector(
+                "#left-slot img",
+                "img => [img.getBoundingClientRect().width * devicePixelRatio,"
+                " getComputedStyle(img).imageRendering, img.naturalWidth, img.complete]",
+            )
+            assert round(box[0]) == 16 * factor  # layout snaps to 1/64 CSS px
+            assert box[1] == "pixelated" and box[2] == 16 and box[3] is True
+            assert page.is_visible("#reference-slot img")
+        page.keyboard.press(key)
+
+    page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
+    assert page.inner_text("#completion-code") == "C0DE-42"
+    save_screenshot(page, "participant-done")
+
+    counts = votes_per_trial(app, study["id"])
+    assert len(counts) == PLANNED and set(counts.values()) == {1}
+    assert [(s, n) for s, n, _ in participant_tokens(app, study["id"])] == [
+        ("completed", PLANNED)
+    ]
+
+
+def test_participant_on_a_phone_answers_by_touch_and_is_redirected(app, browser, live_server,
+                                                                  tmp_path):
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
+    completion_url = f"{live_server}/healthz?cc=C0DE-42"
+    study = make_study(app, set_id, slug="phone", completion_url=completion_url,
+                       practice_trials=0)
+    context = browser.new_context(viewport={"width": 390, "height": 740},
+                                  device_scale_factor=3, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    try:
+        page.goto(f"{live_server}/s/phone?PROLIFIC_PID=pid123&STUDY_ID=st1&SESSION_ID=se1")
+        page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+        page.tap("#consent-check")
+        page.tap("#consent-button")
+        page.wait_for_selector("body[data-state='instructions']")
+        page.tap("#start-button")
+        for number in range(PLANNED):
+            wait_trial(page)
+            if number == 0:
+                save_screenshot(page, "participant-trial-phone")
+                # Fits the phone: both candidates side by side inside the viewport.
+                right = page.eval_on_selector(
+                    "#choice-right", "b => b.getBoundingClientRect().right")
+                assert right <= 390
+                factor = int(page.get_attribute("#trial-stage", "data-scale"))
+                width = page.eval_on_selector(
+                    "#right-slot img", "img => img.getBoundingClientRect().width * 3")
+                assert round(width) == 16 * factor  # 1/64 CSS px layout units
+            page.tap("#choice-left" if number % 2 else "#choice-right")
+            page.wait_for_function(
+                "n => document.getElementById('progress-label').textContent.startsWith(n + ' ')"
+                " || document.body.dataset.state === 'done'", arg=number + 1,
+                timeout=TIMEOUT_MS)
+        page.wait_for_url(completion_url, timeout=TIMEOUT_MS)
+    finally:
+        context.close()
+    counts = votes_per_trial(app, study["id"])
+    assert len(counts) == PLANNED and set(counts.values()) == {1}
+    assert participant_tokens(app, study["id"]) == [("completed", PLANNED, "pid123")]
+
+
+def test_reload_mid_study_resumes_at_the_next_unanswered_trial(app, live_server, page, study):
+    page.goto(f"{live_server}/s/{study['slug']}")
+    page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+    page.check("#consent-check")
+    page.click("#consent-button")
+    page.click("#start-button")
+    wait_trial(page)
+    page.click("#choice-left")  # practice
+    answered = []
+    for _ in range(2):
+        token = wait_trial(page)
+        while token in answered or page.is_visible("#practice-badge"):
+            page.wait_for_timeout(50)
+            token = wait_trial(page)
+        answered.append(token)
+        page.click("#choice-right")
+    page.wait_for_function(
+        "() => document.getElementById('progress-label').textContent === '2 / 6'")
+
+    page.reload()
+    token = wait_trial(page)  # no consent, no practice: straight back to the trials
+    assert token not in answered
+    assert page.inner_text("#progress-label") == f"2 / {PLANNED}"
+    for _ in range(PLANNED - 2):
+        wait_trial(page)
+        answer(page, lambda: page.keyboard.press("j"))
+    page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
+    counts = votes_per_trial(app, study["id"])
+    assert len(counts) == PLANNED and set(counts.values()) == {1}
+    assert len(participant_tokens(app, study["id"])) == 1
+
+
+def test_failed_votes_are_retried_and_stored_exactly_once(app, live_server, page, study):
+    calls = {"n": 0, "stored_then_lost": 0, "refused": 0}
+
+    def flaky(route):
+        calls["n"] += 1
+        if calls["n"] in (2, 3):  # the connection drops before the server sees the vote
+            calls["refused"] += 1
+            route.abort("internetdisconnected")
+        elif calls["n"] in (4, 6):  # the server stores the vote, its answer is lost
+            route.fetch()
+            calls["stored_then_lost"] += 1
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    page.route("**/api/v1/participant/votes", flaky)
+    page.goto(f"{live_server}/s/{study['slug']}")
+    page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+    page.check("#consent-check")
+    page.click("#consent-button")
+    page.click("#start-button")
+    wait_trial(page)
+    answer(page, lambda: page.keyboard.press("j"))  # practice
+    for number in range(PLANNED):
+        wait_trial(page)
+
+        def vote_and_watch(number=number):
+            page.keyboard.press("f")
+            if number == 1:  # this vote fails twice, then its answer is lost once
+                page.wait_for_selector("#connection-notice:not([hidden])", timeout=TIMEOUT_MS)
+                assert "Connection lost" in page.inner_text("#connection-notice")
+                save_screenshot(page, "participant-connection-lost")
+
+        answer(page, vote_and_watch)
+    page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
+    assert calls["refused"] == 2 and calls["stored_then_lost"] == 2
+    assert int(page.evaluate("document.body.dataset.retries")) == 4
+    counts = votes_per_trial(app, study["id"])
+    assert len(counts) == PLANNED and set(counts.values()) == {1}
