@@ -38,6 +38,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(health.bp)
     api.init_app(app)
+    from study_app import auth, participant, researcher, security
+
+    security.init_security(app)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(participant.bp)
+    app.register_blueprint(researcher.bp)
+    security.exempt_json_api(app)
     return app
 
 
