@@ -43,6 +43,14 @@ _REGISTRY: dict[str, tuple[str, str]] = {
         "generation.losses.ssim:MSSSIMLoss",
         "1 − MS-SSIM (5 scales; fewer, renormalised, on small images)",
     ),
+    "watson-dct": (
+        "generation.losses.watson:WatsonDCTLoss",
+        "Watson's perceptual model on 8×8 block DCT (learnable, Czolbe et al. 2020)",
+    ),
+    "watson-dft": (
+        "generation.losses.watson:WatsonDFTLoss",
+        "Watson's perceptual model on 8×8 block DFT amplitudes + phase (learnable)",
+    ),
 }
 
 

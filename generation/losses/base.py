@@ -51,6 +51,11 @@ def check_images(
         )
 
 
+def full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors (fp16/bf16, e.g. under autocast) -> float32; float32/64 as is."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 class ImageLoss(nn.Module):
     """Base class: validates the inputs, then calls ``distance`` (N×C×H×W -> N)."""
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from generation.losses.base import ImageLoss
+from generation.losses.base import ImageLoss, full_precision
 
 WINDOW_SIZE = 11
 SIGMA = 1.5
@@ -157,8 +157,9 @@ def ssim(
     x: torch.Tensor, y: torch.Tensor, config: SSIMConfig, data_range: float = 1.0
 ) -> torch.Tensor:
     """Single-scale SSIM per image (mean over channels): N×C×H×W -> N, in [−1, 1]."""
-    window = gaussian_window(config.window_size, config.sigma, x.device)
-    value, _ = ssim_maps_means(x.float(), y.float(), window, data_range)
+    x, y = full_precision(x), full_precision(y)
+    window = gaussian_window(config.window_size, config.sigma, x.device).to(x.dtype)
+    value, _ = ssim_maps_means(x, y, window, data_range)
     return value.mean(1)
 
 
@@ -167,7 +168,8 @@ def ms_ssim(
 ) -> torch.Tensor:
     """MS-SSIM per image (mean over channels of the per-channel products): N -> [0, 1]."""
     window = gaussian_window(config.window_size, config.sigma, x.device)
-    x, y = x.float(), y.float()
+    x, y = full_precision(x), full_precision(y)
+    window = window.to(x.dtype)
     values = []
     for scale in range(config.scales):
         full, cs = ssim_maps_means(x, y, window, data_range)

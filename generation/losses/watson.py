@@ -1,0 +1,304 @@
+"""Watson's perceptual model as a loss (Watson 1993; Czolbe et al. 2020): DCT and DFT.
+
+Per channel, with reference x = target, distorted x̂ = prediction, ε = 1e-10:
+
+1. cut into non-overlapping 8×8 blocks (sides must be multiples of 8) and transform each
+   block: orthonormal DCT-II (``watson-dct``) or the real 2-D DFT, 8×5 complex
+   coefficients scaled by 1/64 (``watson-dft``); both are one matrix product per block;
+2. luminance masking t_L[i,j,k] = t[i,j]·((C00_k + ε)/(mean_k C00 + ε))^α with C00_k the
+   reference's DC coefficient in block k and the mean over the blocks *of that image*
+   (Czolbe's code averages over the whole batch, so a value there depends on the other
+   images in the batch; here it does not);
+3. contrast masking s = smax(t_L, (|C| + ε)^w · t_L^(1−w)), smax(a, b) = (a·eᵃ + b·eᵇ)/(eᵃ + eᵇ);
+4. Minkowski pooling D = (Σ (|C − Ĉ|/s + ε)^β)^(1/β) over coefficients and blocks;
+5. DFT only: steps 2–4 on amplitudes √(Re² + Im² + 1e-20), plus the phase term
+   Σ w_φ[i,j]·(arccos(cos(φ − φ̂)·(1 − 1e-7)) − arccos(1 − 1e-7)), with the weights of the
+   purely real bins (0,0), (0,4), (4,0), (4,4) fixed at zero. The constant
+   arccos(1 − 1e-7) is subtracted so identical images score exactly 0 (it changes no
+   gradient and no ranking). The phase difference comes from the unit phasors
+   e = C/|C| (see :func:`phase_term`), not from atan2, which has NaN gradients at zero
+   coefficients; a zero coefficient (|C| below ~1e-6 in float32) has phase 0, as
+   atan2(0, 0) = 0 in the formula;
+6. colour: RGB → YCbCr (JPEG/BT.601 full range), one model per channel with its own
+   parameters, combined with softmax channel weights (equal at start). Greyscale images
+   use the luminance (Y) model alone.
+
+Parameters (all ``nn.Parameter``, per channel): t = exp(t̃), w = sigmoid(w̃), α, β; DFT
+also log phase weights. Starting values: DCT: Watson's 1993 table, α = 0.649, w = 0.7,
+β = 4; DFT: t = 1, α = 0.1, w = 0.2, β = 1, phase weights e^−2. Inputs are used in
+their [0, 1] range (as in Czolbe et al.), not rescaled to 0–255.
+
+Optional shift augmentation (``shift_augment=True``, training mode only): both images are
+replicate-padded by 4 px and cropped back at one random offset of 0–7 px per call, as in
+Czolbe's training code; off by default, so the loss is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from generation.losses.base import ImageLoss, full_precision
+
+BLOCK = 8
+EPS = 1e-10
+AMPLITUDE_DELTA = 1e-20
+# δ of the unit phasors: coefficients with |C|² ≪ δ count as phase 0 (float32: |C| < ~1e-6)
+PHASE_DELTA = {torch.float32: 1e-12, torch.float64: 1e-30}
+ARCCOS_SCALE = 1 - 1e-7
+
+# Watson's 8×8 DCT frequency-sensitivity thresholds (rows: vertical frequency, columns:
+# horizontal). Source: A. B. Watson, "DCT quantization matrices visually optimized for
+# individual images", Proc. SPIE 1913, Human Vision, Visual Processing and Digital Display
+# IV, pp. 202-216 (1993), Table 1; reproduced in Czolbe et al., "A Loss Function for
+# Generative Neural Networks Based on Watson's Perceptual Model", NeurIPS 2020.
+WATSON_DCT_TABLE = (
+    (1.40, 1.01, 1.16, 1.66, 2.40, 3.43, 4.79, 6.56),
+    (1.01, 1.45, 1.32, 1.52, 2.00, 2.71, 3.67, 4.93),
+    (1.16, 1.32, 2.24, 2.59, 2.98, 3.64, 4.60, 5.88),
+    (1.66, 1.52, 2.59, 3.77, 4.55, 5.30, 6.28, 7.60),
+    (2.40, 2.00, 2.98, 4.55, 6.15, 7.46, 8.71, 10.17),
+    (3.43, 2.71, 3.64, 5.30, 7.46, 9.62, 11.58, 13.51),
+    (4.79, 3.67, 4.60, 6.28, 8.71, 11.58, 14.50, 17.29),
+    (6.56, 4.93, 5.88, 7.60, 10.17, 13.51, 17.29, 21.15),
+)
+DCT_START = {"alpha": 0.649, "w": 0.7, "beta": 4.0}
+DFT_START = {"alpha": 0.1, "w": 0.2, "beta": 1.0, "phase_weight": math.exp(-2)}
+REAL_DFT_BINS = ((0, 0), (0, 4), (4, 0), (4, 4))
+
+# JPEG / ITU-R BT.601 full-range RGB -> YCbCr (offsets 0.5 on the chroma channels)
+YCBCR_MATRIX = (
+    (0.299, 0.587, 0.114),
+    (-0.168736, -0.331264, 0.5),
+    (0.5, -0.418688, -0.081312),
+)
+YCBCR_OFFSET = (0.0, 0.5, 0.5)
+
+
+def rgb_to_ycbcr(images: torch.Tensor) -> torch.Tensor:
+    """N×3×H×W RGB in [0, 1] -> N×3×H×W YCbCr in [0, 1]."""
+    matrix = torch.tensor(YCBCR_MATRIX, dtype=images.dtype, device=images.device)
+    offset = torch.tensor(YCBCR_OFFSET, dtype=images.dtype, device=images.device)
+    return torch.einsum("ij,njhw->nihw", matrix, images) + offset.view(1, 3, 1, 1)
+
+
+def dct_matrix(size: int = BLOCK) -> np.ndarray:
+    """Orthonormal DCT-II matrix D (size×size): coefficients = D @ signal."""
+    k = np.arange(size)[:, None]
+    n = np.arange(size)[None, :]
+    matrix = np.cos(np.pi * (2 * n + 1) * k / (2 * size)) * np.sqrt(2 / size)
+    matrix[0] /= np.sqrt(2)
+    return matrix
+
+
+def to_blocks(images: torch.Tensor) -> torch.Tensor:
+    """N×C×H×W -> N×C×K×64 (K = H/8·W/8 blocks in row-major order, pixels row-major)."""
+    n, c, h, w = images.shape
+    blocks = images.reshape(n, c, h // BLOCK, BLOCK, w // BLOCK, BLOCK).transpose(3, 4)
+    return blocks.reshape(n, c, -1, BLOCK * BLOCK)
+
+
+def _dct_operator() -> torch.Tensor:
+    """64×64 real matrix M with vec(D B Dᵀ) = vec(B) @ M (row-major vec)."""
+    d = dct_matrix()
+    return torch.from_numpy(np.kron(d, d).T.copy())
+
+
+def _dft_operator() -> torch.Tensor:
+    """64×80 real matrix: vec(B) @ M = [Re | Im] of rfft2(B)/64 (8×5 bins, row-major)."""
+    u = np.arange(BLOCK)[:, None, None, None]
+    v = np.arange(BLOCK // 2 + 1)[None, :, None, None]
+    m = np.arange(BLOCK)[None, None, :, None]
+    n = np.arange(BLOCK)[None, None, None, :]
+    angle = -2 * np.pi * (u * m + v * n) / BLOCK  # bins (u, v) × pixels (m, n)
+    real = (np.cos(angle) / BLOCK**2).reshape(40, 64)
+    imag = (np.sin(angle) / BLOCK**2).reshape(40, 64)
+    return torch.from_numpy(np.concatenate([real, imag], 0).T.copy())
+
+
+_OPERATORS: dict[str, torch.Tensor] = {"dct": _dct_operator(), "dft": _dft_operator()}
+
+
+def block_transform(images: torch.Tensor, kind: str) -> torch.Tensor:
+    """Blockwise transform. ``dct``: N×C×K×64 orthonormal DCT-II coefficients (8×8
+    row-major); ``dft``: N×C×K×80, real parts of the 8×5 rfft2 bins / 64 then imaginary."""
+    operator = _OPERATORS[kind].to(device=images.device, dtype=images.dtype)
+    return to_blocks(images) @ operator
+
+
+def _smooth_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a·eᵃ + b·eᵇ)/(eᵃ + eᵇ), computed stably as b + (a − b)·sigmoid(a − b)."""
+    return b + (a - b) * torch.sigmoid(a - b)
+
+
+def watson_pooled(
+    reference: torch.Tensor,
+    distorted: torch.Tensor,
+    log_t: torch.Tensor,
+    alpha: torch.Tensor,
+    w: torch.Tensor,
+    beta: torch.Tensor,
+) -> torch.Tensor:
+    """Steps 2–4 on non-negative or signed coefficients N×C×K×B (B = 64 or 40); the DC
+    coefficient is index 0. Parameters have shape C×B (log_t) and C (others). -> N×C."""
+    dc = reference[..., :1].clamp(min=0)  # N×C×K×1
+    log_ratio = torch.log((dc + EPS) / (dc.mean(2, keepdim=True) + EPS))
+    log_t_l = log_t.unsqueeze(1) + alpha.view(-1, 1, 1) * log_ratio  # N×C×K×B
+    t_l = log_t_l.exp()
+    w = w.view(-1, 1, 1)
+    masked = torch.exp(w * torch.log(reference.abs() + EPS) + (1 - w) * log_t_l)
+    s = _smooth_max(t_l, masked)
+    terms = torch.exp(beta.view(-1, 1, 1) * torch.log((reference - distorted).abs() / s + EPS))
+    return terms.sum((2, 3)).pow(1 / beta)
+
+
+def unit_phasors(re: torch.Tensor, im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C/|C| for each coefficient, smoothly (1, 0) (phase 0, as atan2(0, 0)) where |C|² ≪ δ."""
+    delta = PHASE_DELTA[re.dtype]
+    power = re * re + im * im
+    scale = torch.rsqrt(power + delta)
+    return re * scale + delta / (power + delta), im * scale
+
+
+def phase_term(
+    reference: torch.Tensor, distorted: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Σ w_φ·(arccos(cos Δφ·(1 − 1e-7)) − arccos(1 − 1e-7)) over bins and blocks -> N×C.
+
+    ``reference``/``distorted``: N×C×K×80 ([Re | Im]); ``weights``: C×40. With
+    u = cos Δφ·(1 − 1e-7), arccos(u) = 2·atan2(√(1 − u), √(1 + u)), and 1 ∓ cos Δφ =
+    |e ∓ ê|²/2 for the unit phasors e, ê: no cancellation, exactly 0 for identical
+    inputs, finite gradients everywhere."""
+    e_re, e_im = unit_phasors(reference[..., :40], reference[..., 40:])
+    f_re, f_im = unit_phasors(distorted[..., :40], distorted[..., 40:])
+    minus = (e_re - f_re).square() + (e_im - f_im).square()
+    plus = (e_re + f_re).square() + (e_im + f_im).square()
+    floor = 1 - ARCCOS_SCALE
+    angle = 2 * torch.atan2(
+        torch.sqrt(floor + ARCCOS_SCALE * minus / 2), torch.sqrt(floor + ARCCOS_SCALE * plus / 2)
+    )
+    return ((angle - math.acos(ARCCOS_SCALE)) * weights.unsqueeze(1)).sum((2, 3))
+
+
+class WatsonLoss(ImageLoss):
+    """Watson's model on 8×8 blocks; ``transform`` is ``"dct"`` or ``"dft"``."""
+
+    min_size = BLOCK
+
+    def __init__(self, transform: str = "dct", shift_augment: bool = False):
+        super().__init__()
+        if transform not in ("dct", "dft"):
+            raise ValueError(f"transform must be 'dct' or 'dft', got {transform!r}")
+        self.transform, self.shift_augment = transform, bool(shift_augment)
+        self.name = f"watson-{transform}"
+        channels = 3  # Y, Cb, Cr; greyscale images use the Y model
+        if transform == "dct":
+            start, table = (
+                DCT_START,
+                torch.tensor(WATSON_DCT_TABLE, dtype=torch.float64).reshape(64),
+            )
+        else:
+            start, table = DFT_START, torch.ones(40, dtype=torch.float64)
+        self.t_tilde = nn.Parameter(table.log().float().repeat(channels, 1))
+        self.alpha = nn.Parameter(torch.full((channels,), start["alpha"]))
+        self.w_tilde = nn.Parameter(
+            torch.full((channels,), math.log(start["w"] / (1 - start["w"])))
+        )
+        self.beta = nn.Parameter(torch.full((channels,), start["beta"]))
+        self.channel_logits = nn.Parameter(torch.zeros(channels))
+        if transform == "dft":
+            self.phase_log_weights = nn.Parameter(
+                torch.full((channels, 40), math.log(start["phase_weight"]))
+            )
+            mask = torch.ones(BLOCK, BLOCK // 2 + 1)
+            for i, j in REAL_DFT_BINS:
+                mask[i, j] = 0
+            self.register_buffer("phase_mask", mask.reshape(40), persistent=False)
+
+    @property
+    def t(self) -> torch.Tensor:
+        """Frequency thresholds, channels×8×8 (DCT) or channels×8×5 (DFT)."""
+        return self.t_tilde.exp().view(self.t_tilde.shape[0], BLOCK, -1)
+
+    @property
+    def w(self) -> torch.Tensor:
+        return torch.sigmoid(self.w_tilde)
+
+    @property
+    def channel_weights(self) -> torch.Tensor:
+        return torch.softmax(self.channel_logits, 0)
+
+    def _shift(self, prediction: torch.Tensor, target: torch.Tensor):
+        h, w = target.shape[-2:]
+        dy, dx = (int(v) for v in torch.randint(0, BLOCK, (2,)))
+        both = F.pad(torch.cat([prediction, target]), (4, 4, 4, 4), mode="replicate")
+        both = both[..., dy : dy + h, dx : dx + w]
+        return both.chunk(2)
+
+    def distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        h, w = prediction.shape[-2:]
+        if h % BLOCK or w % BLOCK:
+            raise ValueError(
+                f"{self.name}: image sides must be multiples of {BLOCK} px, got {h}×{w}; "
+                f"crop or resize (e.g. to {h // BLOCK * BLOCK or BLOCK}×{w // BLOCK * BLOCK or BLOCK})"
+            )
+        with torch.autocast(prediction.device.type, enabled=False):
+            prediction, target = full_precision(prediction), full_precision(target)
+            if self.shift_augment and self.training:
+                prediction, target = self._shift(prediction, target)
+            channels = prediction.shape[1]
+            if channels == 3:
+                prediction, target = rgb_to_ycbcr(prediction), rgb_to_ycbcr(target)
+            params = slice(0, channels)
+            reference = block_transform(target, self.transform)
+            distorted = block_transform(prediction, self.transform)
+            if self.transform == "dct":
+                per_channel = watson_pooled(
+                    reference,
+                    distorted,
+                    self.t_tilde[params],
+                    self.alpha[params],
+                    self.w[params],
+                    self.beta[params],
+                )
+            else:
+                amplitude = torch.sqrt(
+                    reference[..., :40] ** 2 + reference[..., 40:] ** 2 + AMPLITUDE_DELTA
+                )
+                amplitude_hat = torch.sqrt(
+                    distorted[..., :40] ** 2 + distorted[..., 40:] ** 2 + AMPLITUDE_DELTA
+                )
+                per_channel = watson_pooled(
+                    amplitude,
+                    amplitude_hat,
+                    self.t_tilde[params],
+                    self.alpha[params],
+                    self.w[params],
+                    self.beta[params],
+                )
+                weights = self.phase_log_weights[params].exp() * self.phase_mask
+                per_channel = per_channel + phase_term(reference, distorted, weights)
+            if channels == 1:
+                return per_channel[:, 0]
+            return per_channel @ self.channel_weights
+
+    def extra_repr(self) -> str:
+        return f"transform={self.transform!r}, shift_augment={self.shift_augment}"
+
+
+class WatsonDCTLoss(WatsonLoss):
+    """Watson's model on 8×8 block DCT coefficients."""
+
+    def __init__(self, shift_augment: bool = False):
+        super().__init__("dct", shift_augment)
+
+
+class WatsonDFTLoss(WatsonLoss):
+    """Watson's model on 8×8 block DFT amplitudes plus a phase term."""
+
+    def __init__(self, shift_augment: bool = False):
+        super().__init__("dft", shift_augment)

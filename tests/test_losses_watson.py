@@ -1,0 +1,225 @@
+"""Watson-DCT/DFT: block transforms vs scipy.fft, the full model vs a direct NumPy
+implementation of the formulas, gradcheck, parameters, determinism, behaviour on photos."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+
+from generation.losses import build_loss
+from generation.losses.watson import WATSON_DCT_TABLE, block_transform, rgb_to_ycbcr
+from tests.losses_support import (
+    assert_autocast_cpu,
+    assert_finite_grad_at_identity,
+    assert_monotone,
+    noisy,
+    photos,
+)
+
+EPS = 1e-10
+
+
+def _blocks(channel: np.ndarray) -> np.ndarray:
+    """H×W -> K×8×8 in row-major block order."""
+    h, w = channel.shape
+    return channel.reshape(h // 8, 8, w // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 8, 8)
+
+
+def test_block_transforms_match_scipy_fft():
+    images = torch.rand(
+        2, 3, 16, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    dct = block_transform(images, "dct").numpy()
+    dft = block_transform(images, "dft").numpy()
+    for n in range(2):
+        for c in range(3):
+            blocks = _blocks(images[n, c].numpy())
+            expected_dct = scipy.fft.dctn(blocks, type=2, norm="ortho", axes=(1, 2)).reshape(
+                len(blocks), 64
+            )
+            np.testing.assert_allclose(dct[n, c], expected_dct, atol=1e-12)
+            spectrum = (scipy.fft.rfft2(blocks, axes=(1, 2)) / 64).reshape(len(blocks), 40)
+            np.testing.assert_allclose(dft[n, c, :, :40], spectrum.real, atol=1e-12)
+            np.testing.assert_allclose(dft[n, c, :, 40:], spectrum.imag, atol=1e-12)
+
+
+def _smax(a, b):
+    m = np.maximum(a, b)
+    return (a * np.exp(a - m) + b * np.exp(b - m)) / (np.exp(a - m) + np.exp(b - m))
+
+
+def _reference_channel(x, x_hat, kind, t, alpha, w, beta, phase_w):
+    """The design note's formulas, one channel, straight from scipy.fft (float64)."""
+    if kind == "dct":
+        c = scipy.fft.dctn(_blocks(x), norm="ortho", axes=(1, 2))
+        c_hat = scipy.fft.dctn(_blocks(x_hat), norm="ortho", axes=(1, 2))
+        a, a_hat = c, c_hat
+    else:
+        c = scipy.fft.rfft2(_blocks(x), axes=(1, 2)) / 64
+        c_hat = scipy.fft.rfft2(_blocks(x_hat), axes=(1, 2)) / 64
+        a, a_hat = np.abs(c), np.abs(c_hat)
+    dc = a[:, 0, 0]
+    t_l = t[None] * (((dc + EPS) / (dc.mean() + EPS)) ** alpha)[:, None, None]
+    s = _smax(t_l, (np.abs(a) + EPS) ** w * t_l ** (1 - w))
+    d = np.sum((np.abs(a - a_hat) / s + EPS) ** beta) ** (1 / beta)
+    if kind == "dft":
+        delta = np.angle(c) - np.angle(c_hat)
+        scale = 1 - 1e-7
+        d += np.sum(phase_w[None] * (np.arccos(np.cos(delta) * scale) - np.arccos(scale)))
+    return d
+
+
+def _reference_loss(loss, prediction, target):
+    kind = loss.transform
+    pred, targ = prediction.double(), target.double()
+    if pred.shape[1] == 3:
+        pred, targ = rgb_to_ycbcr(pred), rgb_to_ycbcr(targ)
+    t = loss.t.detach().double().numpy()
+    alpha, w, beta = (p.detach().double().numpy() for p in (loss.alpha, loss.w, loss.beta))
+    phase = None
+    if kind == "dft":
+        phase = (
+            (loss.phase_log_weights.exp() * loss.phase_mask)
+            .detach()
+            .double()
+            .numpy()
+            .reshape(-1, 8, 5)
+        )
+    weights = torch.softmax(loss.channel_logits.detach().double(), 0).numpy()
+    out = []
+    for n in range(pred.shape[0]):
+        per_channel = [
+            _reference_channel(
+                targ[n, c].numpy(),
+                pred[n, c].numpy(),
+                kind,
+                t[c],
+                alpha[c],
+                w[c],
+                beta[c],
+                None if phase is None else phase[c],
+            )
+            for c in range(pred.shape[1])
+        ]
+        out.append(per_channel[0] if len(per_channel) == 1 else float(np.dot(per_channel, weights)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
+@pytest.mark.parametrize("grey", [False, True])
+def test_watson_matches_direct_implementation_of_the_formulas(name, grey):
+    target = photos(32, grey=grey)
+    prediction = noisy(target, 0.05, seed=4)
+    loss = build_loss(name)
+    with torch.no_grad():  # move the parameters off their starting values to test them all
+        generator = torch.Generator().manual_seed(5)
+        for parameter in loss.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    got = loss.double()(prediction.double(), target.double()).detach().numpy()
+    np.testing.assert_allclose(got, _reference_loss(loss, prediction, target), rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
+def test_watson_gradcheck_float64(name):
+    loss = build_loss(name).double()
+    generator = torch.Generator().manual_seed(6)
+    target = torch.rand(2, 3, 8, 16, dtype=torch.float64, generator=generator)
+    prediction = target + 0.1 * torch.randn(target.shape, dtype=torch.float64, generator=generator)
+    prediction.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p: loss(p, target), (prediction,), fast_mode=True)
+    names = [name for name, _ in loss.named_parameters()]
+
+    def as_function_of_parameters(*values):
+        return torch.func.functional_call(
+            loss, dict(zip(names, values, strict=True)), (prediction.detach(), target)
+        )
+
+    inputs = tuple(p.detach().clone().requires_grad_(True) for p in loss.parameters())
+    assert torch.autograd.gradcheck(as_function_of_parameters, inputs, fast_mode=True)
+
+
+def test_watson_parameters_start_at_published_values_and_are_learnable():
+    dct, dft = build_loss("watson-dct"), build_loss("watson-dft")
+    for c in range(3):
+        torch.testing.assert_close(
+            dct.t[c].double(),
+            torch.tensor(WATSON_DCT_TABLE, dtype=torch.float64),
+            rtol=1e-6,
+            atol=0,
+        )
+    torch.testing.assert_close(dct.alpha, torch.full((3,), 0.649))
+    torch.testing.assert_close(dct.w, torch.full((3,), 0.7))
+    torch.testing.assert_close(dct.beta, torch.full((3,), 4.0))
+    torch.testing.assert_close(dft.t, torch.ones(3, 8, 5))
+    torch.testing.assert_close(dft.alpha, torch.full((3,), 0.1))
+    torch.testing.assert_close(dft.w, torch.full((3,), 0.2))
+    torch.testing.assert_close(dft.beta, torch.full((3,), 1.0))
+    torch.testing.assert_close(dft.phase_log_weights.exp(), torch.full((3, 40), math.exp(-2)))
+    torch.testing.assert_close(dct.channel_weights, torch.full((3,), 1 / 3))
+    for loss in (dct, dft):
+        target = photos(32)
+        loss(noisy(target, 0.1), target).sum().backward()
+        for name, parameter in loss.named_parameters():
+            assert isinstance(parameter, torch.nn.Parameter) and parameter.requires_grad
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+            assert parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
+def test_watson_is_per_image_and_deterministic(name):
+    target = photos(32)
+    prediction = noisy(target, 0.1, seed=7)
+    loss = build_loss(name)
+    batch = loss(prediction, target)
+    alone = torch.cat([loss(prediction[i : i + 1], target[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batch, alone)  # luminance mean per image, not per batch
+    torch.testing.assert_close(loss(prediction, target), batch, rtol=0, atol=0)
+
+
+def test_watson_shift_augmentation_is_optional_and_training_only():
+    target = photos(32)
+    prediction = noisy(target, 0.1, seed=8)
+    plain = build_loss("watson-dft")(prediction, target)
+    shifted = build_loss("watson-dft", shift_augment=True)
+    torch.manual_seed(0)
+    values = torch.stack([shifted(prediction, target) for _ in range(4)])
+    assert len({round(v, 6) for v in values[:, 0].tolist()} | {round(plain[0].item(), 6)}) > 1
+    torch.manual_seed(0)
+    torch.testing.assert_close(torch.stack([shifted(prediction, target) for _ in range(4)]), values)
+    shifted.eval()
+    torch.testing.assert_close(shifted(prediction, target), plain)
+
+
+def test_watson_refuses_sides_not_multiple_of_8():
+    with pytest.raises(ValueError, match="multiples of 8"):
+        build_loss("watson-dct")(torch.rand(1, 3, 30, 32), torch.rand(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="too small"):
+        build_loss("watson-dft")(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
+def test_watson_behaves_on_photos(name):
+    loss = build_loss(name)
+    images = photos(64)
+    assert_monotone(loss, images, identical_tol=1e-5)
+    assert_monotone(loss, photos(32, grey=True), identical_tol=1e-5)
+    assert_finite_grad_at_identity(loss, images)
+    assert_autocast_cpu(loss, images, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
+def test_watson_handles_flat_blocks_with_zero_coefficients(name):
+    target = torch.zeros(2, 1, 16, 16)
+    target[:, :, 4:12, 4:12] = 1.0  # flat blocks: AC coefficients exactly 0
+    loss = build_loss(name)
+    assert loss(target, target).abs().max() < 1e-5
+    prediction = target.clone().requires_grad_(True)
+    loss(prediction, target).sum().backward()
+    assert torch.isfinite(prediction.grad).all()
+    changed = target.clone()
+    changed[:, :, 0, 0] = 0.2
+    assert (loss(changed, target) > 1e-3).all()
