@@ -15,6 +15,12 @@ import click
 # name -> "module:attribute" of a click command or group. Each package adds its own
 # commands here (one line each) when they exist; none is a placeholder.
 SUBCOMMANDS: dict[str, str] = {
+    "study": "study_app.commands:study",
+    "serve": "study_app.commands:serve",
+    "export": "study_app.commands:export",
+    "simulate": "study_app.commands:simulate",
+    "researcher": "study_app.commands:researcher",
+    "generate": "generation.cli:generate",
 }
 
 

@@ -1,0 +1,333 @@
+"""Generation configuration: presets, YAML/TOML files and ``key=value`` overrides.
+
+A configuration is a plain nested mapping (JSON types only) so it can be hashed and
+written into the manifest unchanged. :func:`resolve_config` layers, in order: the
+built-in defaults, a preset (``smoke``, ``demo``, ``paper``), a file, dotted overrides
+(``train.steps=200``), and returns a validated, fully populated mapping. Unknown keys
+and wrong types raise :class:`ConfigError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARCHITECTURES = ("conv", "fc", "vae")
+
+DEFAULTS: dict[str, Any] = {
+    "name": "stimuli",
+    "seed": 0,
+    "data": {
+        # "skimage" = patches of scikit-image's photographs; anything else = an image folder
+        "source": "skimage",
+        "image_size": 32,  # side of the square images, pixels
+        "channels": 3,  # 1 (greyscale) or 3 (RGB)
+        "crop_box": None,  # [left, top, right, bottom] pixels, applied before resizing
+        "test_fraction": 0.2,  # share of folder images held out (seeded split)
+        "n_test": 12,  # held-out images that become stimuli
+        "train_patches": 4096,  # skimage only: random training patches
+        "patch_scale": 4.0,  # skimage only: photo short side is rescaled to this × size
+    },
+    "model": {
+        "architecture": "conv",  # conv | fc | vae
+        "latent": 64,  # latent dimensions
+        "width": 32,  # channels of the first conv layer (fc: hidden units / 16)
+    },
+    "train": {
+        "steps": 600,  # optimiser steps per condition
+        "batch_size": 32,
+        "lr": 1e-3,  # Adam learning rate
+        "lr_halve_every": 0,  # steps; 0 = constant learning rate
+        "recon_weight": 1.0,  # λ in λ·reconstruction + KL (VAE) or λ·reconstruction
+        "adversarial_weight": 0.0,  # > 0 adds a small discriminator (DeePSiM-style)
+        "checkpoint_every": 200,  # steps
+        "num_workers": -1,  # data loader workers; -1 = auto (0 on CPU, 4 on CUDA)
+    },
+    # one entry per condition: a loss name/spec, or a mapping with name/loss and overrides
+    "conditions": ["l1", "l2"],
+    "evaluate": {
+        "metrics": "all",  # "all" registered losses (+ PSNR) or a list of names
+    },
+    "contact_sheet": {
+        "columns": 8,  # test images shown
+        "scale": 3,  # integer enlargement of each image
+    },
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # seconds on a laptop CPU: tests and CI end to end
+    "smoke": {
+        "name": "smoke",
+        "data": {"image_size": 32, "n_test": 4, "train_patches": 256},
+        "model": {"latent": 16, "width": 8},
+        "train": {"steps": 40, "batch_size": 16, "checkpoint_every": 20, "lr": 2e-3},
+        "conditions": ["l1", "l2"],
+        "evaluate": {"metrics": ["l1", "l2"]},
+        "contact_sheet": {"columns": 4, "scale": 2},
+    },
+    # every condition on 2 CPU cores in about five minutes (see docs/generation.md)
+    "demo": {
+        "name": "demo",
+        "data": {"image_size": 32, "n_test": 12, "train_patches": 4096},
+        "model": {"latent": 64, "width": 32},
+        "train": {"steps": 300, "batch_size": 32, "checkpoint_every": 100, "lr": 2e-3},
+        "conditions": ["l1", "l2", "ssim", "msssim", "watson-dft", "deep"],
+    },
+    # Czolbe et al.'s CelebA setting: 64×64 VAE, latent 256, batch 64, Adam 1e-4 halved
+    # regularly; reconstruction weights λ = e^k from the paper where it gives them.
+    "paper": {
+        "name": "paper",
+        "data": {"image_size": 64, "n_test": 48, "train_patches": 65536},
+        "model": {"architecture": "vae", "latent": 256, "width": 64},
+        "train": {
+            "steps": 100000,
+            "batch_size": 64,
+            "lr": 1e-4,
+            "lr_halve_every": 20000,
+            "checkpoint_every": 2000,
+        },
+        "conditions": [
+            {"loss": "l2", "recon_weight": 1.0},
+            {"loss": "ssim", "recon_weight": math.exp(13)},
+            {"loss": "msssim", "recon_weight": math.exp(13)},
+            {"loss": "watson-dft", "recon_weight": math.exp(0)},
+            {"loss": "deep", "recon_weight": math.exp(9)},
+        ],
+    },
+}
+
+# keys a condition mapping may carry; model/train keys override the global ones
+CONDITION_KEYS = {"name", "loss", "architecture", "latent", "width", *DEFAULTS["train"]}
+CONDITION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix (message names the key and the fix)."""
+
+
+def _suggest(key: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Recursive merge of ``update`` into a copy of ``base``; unknown keys raise."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        dotted = f"{where}{key}"
+        if key not in base:
+            raise ConfigError(
+                f"unknown configuration key {dotted!r}{_suggest(str(key), base)}; "
+                f"valid keys here: {', '.join(sorted(base))}"
+            )
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{dotted!r} must be a mapping of {', '.join(sorted(base[key]))}")
+            merged[key] = _merge(base[key], value, f"{dotted}.")
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) configuration file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"configuration file {str(path)!r} must end in .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"cannot parse {str(path)!r}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} must hold a mapping of settings at the top level")
+    return data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.steps=200"`` → ``{"train": {"steps": 200}}`` (value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.steps=200")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def condition_name(loss: str) -> str:
+    """A folder-safe condition name for a loss spec: ``'l2:1,deep:0.1'`` → ``'l2-1+deep-0.1'``."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", loss.replace(",", "+").replace(":", "-"))
+
+
+def _check_number(value: Any, key: str, *, integer: bool, minimum: float) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"{key} must be {what} >= {minimum:g}, got {value!r}")
+
+
+def _normalise_conditions(config: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = config["conditions"]
+    if isinstance(raw, str):
+        raw = [part for part in raw.split(";") if part.strip()] if ";" in raw else [raw]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("conditions must be a non-empty list of loss names or mappings")
+    conditions = []
+    for entry in raw:
+        if isinstance(entry, str):
+            entry = {"loss": entry.strip()}
+        if not isinstance(entry, Mapping) or "loss" not in entry:
+            raise ConfigError(
+                f"condition {entry!r} must be a loss name or a mapping with a 'loss' key"
+            )
+        unknown = sorted(set(entry) - CONDITION_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(unknown)} in condition {dict(entry)!r}"
+                f"{_suggest(unknown[0], CONDITION_KEYS)}; valid: {', '.join(sorted(CONDITION_KEYS))}"
+            )
+        loss = entry["loss"]
+        if not isinstance(loss, str) or not loss.strip():
+            raise ConfigError(f"condition loss must be a loss name or spec string, got {loss!r}")
+        condition = {
+            "name": str(entry.get("name") or condition_name(loss.strip())),
+            "loss": loss.strip(),
+            "architecture": entry.get("architecture", config["model"]["architecture"]),
+            "latent": entry.get("latent", config["model"]["latent"]),
+            "width": entry.get("width", config["model"]["width"]),
+        }
+        for key in DEFAULTS["train"]:
+            condition[key] = entry.get(key, config["train"][key])
+        conditions.append(condition)
+    names = [c["name"] for c in conditions]
+    for name in names:
+        if not CONDITION_NAME.match(name) or name == "reference":
+            raise ConfigError(
+                f"condition name {name!r} is not usable as a folder name; use letters, digits, "
+                "'.', '_', '+', '-' (and not 'reference')"
+            )
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(
+            f"condition name(s) {', '.join(duplicates)} appear twice; give each a name"
+        )
+    return conditions
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Check types and ranges; return the config with ``conditions`` fully populated."""
+    config = copy.deepcopy(config)
+    data, model, train = config["data"], config["model"], config["train"]
+    if not isinstance(config["name"], str) or not CONDITION_NAME.match(config["name"]):
+        raise ConfigError(f"name must be a short folder-safe string, got {config['name']!r}")
+    _check_number(config["seed"], "seed", integer=True, minimum=0)
+    if not isinstance(data["source"], str) or not data["source"]:
+        raise ConfigError("data.source must be 'skimage' or the path of an image folder")
+    _check_number(data["image_size"], "data.image_size", integer=True, minimum=8)
+    if data["channels"] not in (1, 3):
+        raise ConfigError(f"data.channels must be 1 or 3, got {data['channels']!r}")
+    box = data["crop_box"]
+    if box is not None and (
+        not isinstance(box, list)
+        or len(box) != 4
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in box)
+        or box[0] < 0
+        or box[1] < 0
+        or box[2] <= box[0]
+        or box[3] <= box[1]
+    ):
+        raise ConfigError(
+            f"data.crop_box must be [left, top, right, bottom] integers with right > left and "
+            f"bottom > top (e.g. CelebA [25, 45, 153, 178]), got {box!r}"
+        )
+    fraction = data["test_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"data.test_fraction must be between 0 and 1, got {fraction!r}")
+    _check_number(data["n_test"], "data.n_test", integer=True, minimum=1)
+    _check_number(data["train_patches"], "data.train_patches", integer=True, minimum=1)
+    _check_number(data["patch_scale"], "data.patch_scale", integer=False, minimum=1)
+    metrics = config["evaluate"]["metrics"]
+    if metrics != "all" and (
+        not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics)
+    ):
+        raise ConfigError(f"evaluate.metrics must be 'all' or a list of names, got {metrics!r}")
+    _check_number(
+        config["contact_sheet"]["columns"], "contact_sheet.columns", integer=True, minimum=1
+    )
+    _check_number(config["contact_sheet"]["scale"], "contact_sheet.scale", integer=True, minimum=1)
+    # model/train keys are checked per condition (conditions may override them)
+    config["model"], config["train"] = model, train
+    conditions = _normalise_conditions(config)
+    for condition in conditions:
+        where = f"condition {condition['name']!r}"
+        if condition["architecture"] not in ARCHITECTURES:
+            raise ConfigError(
+                f"{where}: architecture must be one of {', '.join(ARCHITECTURES)}, "
+                f"got {condition['architecture']!r}"
+            )
+        for key in ("latent", "width", "steps", "batch_size", "checkpoint_every"):
+            _check_number(condition[key], f"{where}: {key}", integer=True, minimum=1)
+        _check_number(
+            condition["lr_halve_every"], f"{where}: lr_halve_every", integer=True, minimum=0
+        )
+        _check_number(condition["num_workers"], f"{where}: num_workers", integer=True, minimum=-1)
+        for key in ("lr", "recon_weight", "adversarial_weight"):
+            _check_number(condition[key], f"{where}: {key}", integer=False, minimum=0)
+        if condition["lr"] <= 0:
+            raise ConfigError(f"{where}: lr must be > 0, got {condition['lr']!r}")
+    config["conditions"] = conditions
+    return config
+
+
+def resolve_config(
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Defaults ← preset ← file ← ``extra`` (CLI options) ← ``key=value`` overrides."""
+    config = copy.deepcopy(DEFAULTS)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(
+                f"unknown preset {preset!r}{_suggest(preset, PRESETS)}; choose one of "
+                f"{', '.join(PRESETS)}"
+            )
+        config = _merge(config, PRESETS[preset])
+    if file is not None:
+        config = _merge(config, load_config_file(file))
+    if extra:
+        config = _merge(config, extra)
+    for text in overrides:
+        config = _merge(config, parse_override(text))
+    return validate_config(config)
+
+
+def config_sha256(config: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``config`` (sorted keys, no whitespace)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

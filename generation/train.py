@@ -1,0 +1,388 @@
+"""Training one autoencoder per condition: seeded, resumable, single- or multi-process.
+
+One optimiser step sees ``batch_size`` images chosen by :class:`StepBatches`, a sampler
+whose batches depend only on (seed, step) — so a run resumed from a checkpoint at step k
+sees exactly the batches an uninterrupted run sees after step k, and under
+DistributedDataParallel each rank takes its share of the same global batch.
+
+Objective per image i: ``recon_weight · d_i + kl_i`` (kl only for the VAE), averaged over
+the batch, plus ``adversarial_weight · softplus(−D(x̂))`` when a discriminator is on.
+On CUDA: bf16 autocast, channels-last, pinned memory and loader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from generation.losses import build_loss
+from generation.models import Discriminator, build_model
+
+CHECKPOINT_FORMAT = "pstudy-autoencoder-checkpoint"
+
+
+class TrainingError(RuntimeError):
+    """A training problem a user can fix (e.g. a checkpoint from another configuration)."""
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Process group facts: rank, world size, local rank (all 0/1/0 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    active: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the process group when launched by ``torchrun`` (nccl on CUDA, gloo on CPU)."""
+    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Distributed(), resolve_device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = resolve_device(device_name, local_rank)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    info = Distributed(dist.get_rank(), dist.get_world_size(), local_rank, True)
+    return info, device
+
+
+def barrier(info: Distributed) -> None:
+    if info.active:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- seeds, data
+
+
+def derived_seed(seed: int, *labels: str) -> int:
+    """A 63-bit seed from the base seed and labels (e.g. the condition name)."""
+    text = json.dumps([seed, *labels])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+class StepBatches(Sampler[list[int]]):
+    """Index batches for steps ``start``…``steps−1``; epoch e is a permutation seeded by
+    (seed, e); each rank takes ``batch[rank::world_size]`` of the global batch."""
+
+    def __init__(
+        self,
+        n_items: int,
+        batch_size: int,
+        steps: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if n_items < 1:
+            raise TrainingError("the training set is empty")
+        self.n, self.batch, self.steps, self.seed = n_items, batch_size, steps, seed
+        self.start, self.rank, self.world = start, rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        cache: dict[int, np.ndarray] = {}
+        for step in range(self.start, self.steps):
+            first = step * self.batch
+            indices = []
+            for position in range(first, first + self.batch):
+                epoch, offset = divmod(position, self.n)
+                if epoch not in cache:
+                    if len(cache) > 2:
+                        cache.clear()
+                    cache[epoch] = self._epoch(epoch)
+                indices.append(int(cache[epoch][offset]))
+            yield indices[self.rank :: self.world]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained autoencoder stored in a final ``model.pt`` (eval mode)."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    condition = state["condition"]
+    model = build_model(
+        condition["architecture"],
+        channels=state["channels"],
+        size=state["size"],
+        latent=condition["latent"],
+        width=condition["width"],
+    )
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+@dataclass
+class TrainResult:
+    """What training one condition produced."""
+
+    condition: str
+    model_path: Path
+    checkpoint_sha256: str
+    steps: int
+    start_step: int  # > 0 when resumed
+    losses: list[float] = field(default_factory=list)  # mean reconstruction loss per step
+    images_per_s: float = float("nan")  # this process, steps run now (nan if none)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _lr(condition: dict[str, Any], step: int) -> float:
+    halve = condition["lr_halve_every"]
+    return condition["lr"] * (0.5 ** (step // halve) if halve else 1.0)
+
+
+def train_condition(
+    condition: dict[str, Any],
+    dataset: Dataset,
+    *,
+    channels: int,
+    size: int,
+    seed: int,
+    fingerprint: str,
+    checkpoint_dir: str | Path,
+    device: torch.device,
+    resume: bool = False,
+    progress: bool = True,
+    distributed: Distributed | None = None,
+) -> TrainResult:
+    """Train one autoencoder for ``condition`` (a validated condition mapping).
+
+    ``fingerprint`` identifies everything the result depends on (config + inputs); a
+    checkpoint with another fingerprint is never resumed. Checkpoints go to
+    ``checkpoint_dir/last.pt`` every ``checkpoint_every`` steps; the trained model to
+    ``checkpoint_dir/model.pt``. With ``resume``, training continues from ``last.pt``
+    (or is skipped when ``model.pt`` is complete).
+    """
+    info = distributed or Distributed()
+    checkpoint_dir = Path(checkpoint_dir)
+    last_path, model_path = checkpoint_dir / "last.pt", checkpoint_dir / "model.pt"
+    name, steps = condition["name"], condition["steps"]
+    cseed = derived_seed(seed, name)
+    cuda = device.type == "cuda"
+
+    torch.manual_seed(cseed)
+    model = build_model(
+        condition["architecture"],
+        channels=channels,
+        size=size,
+        latent=condition["latent"],
+        width=condition["width"],
+    ).to(device)
+    loss_fn = build_loss(condition["loss"]).to(device).requires_grad_(False)
+    min_size = getattr(loss_fn, "min_size", 1)
+    if size < min_size:
+        raise TrainingError(
+            f"loss {condition['loss']!r} needs images of at least {min_size}×{min_size}; "
+            f"data.image_size is {size}"
+        )
+    optimizer = torch.optim.Adam(model.parameters(), lr=condition["lr"])
+    adversarial = condition["adversarial_weight"] > 0
+    disc = disc_optimizer = None
+    if adversarial:
+        torch.manual_seed(derived_seed(seed, name, "discriminator"))
+        disc = Discriminator(channels, size).to(device)
+        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=condition["lr"], betas=(0.5, 0.999))
+    noise = torch.Generator(device=device)
+    noise.manual_seed(derived_seed(seed, name, "noise"))
+
+    start, history = 0, []
+    if resume and last_path.exists():
+        state = torch.load(last_path, map_location=device, weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
+            raise TrainingError(
+                f"checkpoint {last_path} was written for a different configuration or input; "
+                "run without --resume to start over, or choose another --out"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if adversarial:
+            disc.load_state_dict(state["disc"])
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
+        noise.set_state(state["noise"].cpu())
+        start, history = state["step"], list(state["losses"])
+        if state.get("done") and model_path.exists():
+            return TrainResult(name, model_path, file_sha256(model_path), steps, start, history)
+
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    disc_net = disc
+    if info.active:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None
+        )
+        if adversarial:
+            disc_net = nn.parallel.DistributedDataParallel(
+                disc, device_ids=[device.index] if cuda else None
+            )
+
+    workers = condition["num_workers"]
+    if workers < 0:
+        workers = min(4, os.cpu_count() or 1) if cuda else 0
+    per_rank = max(1, condition["batch_size"] // info.world_size)
+    sampler = StepBatches(
+        len(dataset), per_rank * info.world_size, steps, cseed, start, info.rank, info.world_size
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=cuda,
+        persistent_workers=False,
+    )
+
+    def save(step: int, done: bool) -> None:
+        if not info.is_main:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "condition": condition,
+            "step": step,
+            "done": done,
+            "losses": history,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "noise": noise.get_state(),
+        }
+        if adversarial:
+            state["disc"], state["disc_optimizer"] = disc.state_dict(), disc_optimizer.state_dict()
+        _atomic_save(state, last_path)
+
+    bar = tqdm(
+        total=steps,
+        initial=start,
+        desc=f"train {name}",
+        unit="step",
+        leave=True,
+        disable=not (progress and info.is_main),
+        dynamic_ncols=True,
+    )
+    net.train()
+    images, began = 0, time.perf_counter()
+    step = start
+    for batch in loader:
+        x = batch.to(device, non_blocking=True).float().div_(255.0)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(condition, step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = net(x, noise)
+            recon = out.images.float()
+            distance = loss_fn(recon, x).float()
+            objective = condition["recon_weight"] * distance
+            if out.kl is not None:
+                objective = objective + out.kl.float()
+            total = objective.mean()
+            if adversarial:
+                total = (
+                    total + condition["adversarial_weight"] * F.softplus(-disc_net(recon)).mean()
+                )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        if adversarial:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                d_loss = (F.softplus(-disc_net(x)) + F.softplus(disc_net(recon.detach()))).mean()
+            disc_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_optimizer.step()
+        value = float(distance.detach().mean())
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"condition {name!r}: the loss became {value} at step {step}; lower train.lr"
+            )
+        history.append(value)
+        step += 1
+        images += x.shape[0]
+        rate = images * info.world_size / max(time.perf_counter() - began, 1e-9)
+        bar.set_postfix(loss=f"{value:.4g}", img_s=f"{rate:.0f}", refresh=False)
+        bar.update(1)
+        if step % condition["checkpoint_every"] == 0 and step < steps:
+            save(step, done=False)
+            barrier(info)
+    elapsed = time.perf_counter() - began
+    bar.close()
+    if info.is_main:
+        _atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "condition": condition,
+                "channels": channels,
+                "size": size,
+                "fingerprint": fingerprint,
+                "model": model.state_dict(),
+            },
+            model_path,
+        )
+    save(step, done=True)
+    barrier(info)
+    return TrainResult(
+        name,
+        model_path,
+        file_sha256(model_path),
+        steps,
+        start,
+        history,
+        images * info.world_size / elapsed if images else float("nan"),
+    )
