@@ -9,8 +9,8 @@ stimulus manifest.
 
 from __future__ import annotations
 
-import io
 import json
+import tempfile
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from flask import (
     render_template,
     request,
     send_file,
+    stream_with_context,
     url_for,
 )
 from flask_wtf import FlaskForm
@@ -55,6 +56,7 @@ from study_app.studies import (
 
 bp = Blueprint("researcher", __name__, url_prefix="/researcher")
 
+DASHBOARD_REFRESH_MS = 3000  # how often an open dashboard polls dashboard.json
 STATUS_ACTIONS = {"start": "live", "pause": "paused", "resume": "live", "close": "closed"}
 
 
@@ -82,9 +84,7 @@ class StudyForm(FlaskForm):
     conditions = SelectMultipleField(
         "Conditions", widget=ListWidget(prefix_label=False), option_widget=CheckboxInput()
     )
-    question_mode = SelectField(
-        "Question", choices=[(k, f"{k}: “{v}”") for k, v in QUESTIONS.items()]
-    )
+    question_mode = SelectField("Question", choices=list(QUESTIONS))
     question = StringField("Custom question text (optional)", validators=[Optional(),
                                                                           Length(max=300)])
     votes_per_item = IntegerField("Votes per item (K)", default=5,
@@ -338,7 +338,7 @@ def new_study():
         else:
             return render_template("researcher/choose_set.html", sets=sets)
     form = StudyForm()
-    form.conditions.choices = [(c.name, c.name) for c in stimulus_set.conditions]
+    form.conditions.choices = [c.name for c in stimulus_set.conditions]
     error = None
     if form.validate_on_submit():
         try:
@@ -357,7 +357,7 @@ def new_study():
                           for name, messages in form.errors.items())
     status = 400 if error else 200
     return render_template("researcher/new_study.html", form=form, stimulus_set=stimulus_set,
-                           error=error), status
+                           error=error, questions=QUESTIONS), status
 
 
 @bp.get("/studies/<slug>")
@@ -370,6 +370,7 @@ def dashboard(slug: str):
         "researcher/dashboard.html", study=study, config=config, data=dashboard_data(study),
         status_form=StatusForm(), participant_link=participant_link,
         actions=_allowed_actions(study),
+        refresh_ms=int(current_app.config.get("DASHBOARD_REFRESH_MS", DASHBOARD_REFRESH_MS)),
     )
 
 
@@ -440,21 +441,29 @@ def _download_name(study: Study, suffix: str) -> str:
 
 @bp.get("/studies/<slug>/responses.<fmt>")
 def download_responses(slug: str, fmt: str):
-    """All responses (contract 2) as CSV or Parquet."""
+    """All responses (contract 2) as CSV (streamed in batches) or Parquet (with provenance
+    in the schema metadata), written by :mod:`study_app.export`."""
+    from study_app import export
+
     study = _study_or_404(slug)
     if fmt not in ("csv", "parquet"):
         abort(404, description=f"Responses come as .csv or .parquet, not .{fmt}.")
-    responses = study_responses(study)
-    buffer = io.BytesIO()
+    name = _download_name(study, f"responses.{fmt}")
+    engine = db.engine
     if fmt == "csv":
-        buffer.write(responses.to_csv(index=False).encode("utf-8"))
-        mimetype = "text/csv"
-    else:
-        responses.to_parquet(buffer, index=False)
-        mimetype = "application/vnd.apache.parquet"
-    buffer.seek(0)
-    return send_file(buffer, mimetype=mimetype, as_attachment=True,
-                     download_name=_download_name(study, f"responses.{fmt}"))
+        def chunks():
+            with engine.connect() as connection:
+                yield from export.iter_csv_chunks(connection, study.id)
+
+        response = Response(stream_with_context(chunks()), mimetype="text/csv")
+        response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
+        return response
+    handle = tempfile.NamedTemporaryFile(suffix=".parquet")  # removed when closed
+    with engine.connect() as connection:
+        export.write_parquet(connection, study.id, handle.name)
+    handle.seek(0)
+    return send_file(handle, mimetype="application/vnd.apache.parquet", as_attachment=True,
+                     download_name=name)
 
 
 @bp.get("/studies/<slug>/config.json")

@@ -226,3 +226,37 @@ def test_failed_votes_are_retried_and_stored_exactly_once(app, live_server, page
     assert int(page.evaluate("document.body.dataset.retries")) == 4
     counts = votes_per_trial(app, study["id"])
     assert len(counts) == PLANNED and set(counts.values()) == {1}
+
+
+def test_small_windows_are_refused_and_limited_exposure_ends_in_a_mask(app, browser,
+                                                                      live_server, tmp_path):
+    from sqlalchemy import select
+
+    from study_app.extensions import db
+    from study_app.models import Vote
+
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
+    study = make_study(app, set_id, slug="masked", min_viewport_w=800, exposure_ms=200,
+                       practice_trials=0)
+    context = browser.new_context(viewport={"width": 600, "height": 700})
+    page = context.new_page()
+    try:
+        page.goto(f"{live_server}/s/masked")
+        page.wait_for_selector("body[data-state='refused']", timeout=TIMEOUT_MS)
+        assert "at least 800 pixels wide" in page.inner_text("#refused-message")
+        page.set_viewport_size({"width": 1024, "height": 700})
+        page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+        page.check("#consent-check")
+        page.click("#consent-button")
+        page.click("#start-button")
+        wait_trial(page)
+        page.wait_for_selector("#trial-stage[data-masked='1']", timeout=TIMEOUT_MS)
+        assert page.locator("#left-slot canvas.mask").count() == 1
+        assert page.locator("#left-slot img, #right-slot img, #reference-slot img").count() == 0
+        answer(page, lambda: page.keyboard.press("ArrowLeft"))
+    finally:
+        context.close()
+    with app.app_context():
+        vote = db.session.scalars(select(Vote).where(Vote.study_id == study["id"])).one()
+        assert vote.choice == "left" and vote.rt_ms >= 200
+        assert vote.viewport_w == 1024 and vote.device_pixel_ratio == 1.0

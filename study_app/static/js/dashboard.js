@@ -4,8 +4,8 @@
   "use strict";
   const root = document.getElementById("dashboard");
   if (!root) return;
-  const REFRESH_MS = 3000;
-  let lastResponses = null;
+  const REFRESH_MS = parseInt(root.dataset.refreshMs || "3000", 10);
+  let lastResponses = parseInt(root.dataset.responses || "0", 10);
 
   const text = (id, value) => {
     const el = document.getElementById(id);
@@ -83,9 +83,10 @@
         return tr;
       }));
     }
-    if (lastResponses !== null && data.responses !== lastResponses) {
-      const plot = document.getElementById("preference-plot");
+    const plot = document.getElementById("preference-plot");
+    if (data.preference.length && (plot.hidden || data.responses !== lastResponses)) {
       plot.src = root.dataset.plotUrl + "?n=" + data.responses;
+      plot.hidden = false;
     }
     lastResponses = data.responses;
     root.dataset.responses = String(data.responses);

@@ -421,10 +421,6 @@
       }
       throw error;
     }
-    if (!allowNew && !data.resumed) {
-      // A new participation was created by a Prolific link: that is allowed, the person
-      // still sees consent first (nothing is answered yet).
-    }
     participant = data.participant;
     progress = participant.progress;
     storage.setItem(storeKey("token"), participant.token);
@@ -488,6 +484,11 @@
         $("decline").addEventListener("click", () => resolve(false), { once: true });
       });
       if (!agreed) {
+        if (participant) {
+          // A Prolific link registered the person already: record that they left.
+          await api.finish("returned").catch(() => null);
+          storage.removeItem(storeKey("token"));
+        }
         show("declined");
         return;
       }

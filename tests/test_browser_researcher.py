@@ -1,0 +1,121 @@
+"""A researcher in Chromium: logs in, creates and launches a study, watches the dashboard
+update while a participant votes in another window, previews, and downloads the export."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+import pytest
+
+from tests.test_browser_participant import TIMEOUT_MS, answer, wait_trial
+from tests.test_pages_support import (
+    EMAIL,
+    PASSWORD,
+    import_set,
+    make_researcher,
+    save_screenshot,
+    votes_per_trial,
+    write_stimulus_set,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def test_researcher_creates_launches_watches_and_downloads(app, browser, live_server, page,
+                                                           tmp_path):
+    import_set(app, write_stimulus_set(tmp_path / "set"))
+    make_researcher(app)
+    app.config["DASHBOARD_REFRESH_MS"] = 400
+
+    page.goto(f"{live_server}/researcher/")
+    assert page.url.startswith(f"{live_server}/login?next=")
+    save_screenshot(page, "researcher-login")
+    page.fill("#email", EMAIL)
+    page.fill("#password", "wrong")
+    page.click("#login-button")
+    assert "Wrong e-mail or password" in page.inner_text("#login-error")
+    page.fill("#email", EMAIL)
+    page.fill("#password", PASSWORD)
+    page.click("#login-button")
+    page.wait_for_url(f"{live_server}/researcher/")
+    save_screenshot(page, "researcher-studies")
+
+    page.click("text=New study")
+    page.fill("#title", "Which loss looks best?")
+    page.fill("#slug", "browser-study")
+    page.fill("#votes_per_item", "2")
+    page.fill("#trials_per_participant", "3")
+    page.fill("#catch_trials", "0")
+    page.fill("#repeat_trials", "0")
+    page.fill("#practice_trials", "0")
+    page.fill("#completion_code", "DONE-1")
+    save_screenshot(page, "researcher-new-study")
+    page.click("#create-study")
+    page.wait_for_url(f"{live_server}/researcher/studies/browser-study")
+    assert page.inner_text("#study-status") == "draft"
+
+    # Preview as a participant (a second tab with the same session), nothing counted.
+    with page.context.expect_page() as preview_info:
+        page.click("#preview-link", modifiers=["Control"])
+    preview = preview_info.value
+    preview.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+    assert preview.get_attribute("#participant-app", "data-preview") == "true"
+    preview.close()
+
+    page.click("#action-start")
+    page.wait_for_selector("#study-status:text('live')")
+    assert page.inner_text("#n-responses") == "0"
+
+    # A participant in a separate browser context (no researcher cookie) votes.
+    participant_context = browser.new_context(viewport={"width": 1024, "height": 768})
+    participant = participant_context.new_page()
+    try:
+        participant.goto(page.get_attribute("#participant-link", "href"))
+        participant.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+        participant.check("#consent-check")
+        participant.click("#consent-button")
+        participant.click("#start-button")
+        for number in range(3):
+            wait_trial(participant)
+            participant.wait_for_timeout(300)  # slower than the 200 ms too-fast rule
+            answer(participant, lambda n=number: participant.keyboard.press("fj"[n % 2]))
+            # The dashboard, left open, shows each vote without a reload.
+            page.wait_for_function(
+                "n => document.getElementById('n-responses').textContent === String(n)",
+                arg=number + 1, timeout=TIMEOUT_MS)
+        participant.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
+        assert participant.inner_text("#completion-code") == "DONE-1"
+    finally:
+        participant_context.close()
+    page.wait_for_function(
+        "() => document.getElementById('n-completed').textContent === '1'", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => !document.getElementById('preference-plot').hidden "
+                           "&& document.getElementById('preference-plot').naturalWidth > 0",
+                           timeout=TIMEOUT_MS)
+    assert page.locator("#preference tbody tr").count() >= 1
+    assert page.inner_text("#votes-total") == "3"
+    assert page.inner_text("#n-excluded") == "0"
+    save_screenshot(page, "researcher-dashboard")
+
+    with page.expect_download() as download_info:
+        page.click("#download-csv")
+    download = download_info.value
+    assert download.suggested_filename == "browser-study-responses.csv"
+    responses = pd.read_csv(io.BytesIO(open(download.path(), "rb").read()))
+    assert len(responses) == 3 and set(responses["trial_kind"]) == {"main"}
+    assert responses["choice"].tolist() == ["left", "right", "left"]
+    from sqlalchemy import select
+
+    from study_app.extensions import db
+    from study_app.models import Study
+
+    with app.app_context():
+        study_id = db.session.scalars(select(Study.id).where(
+            Study.slug == "browser-study")).one()
+    assert sorted(votes_per_trial(app, study_id).values()) == [1, 1, 1]
+
+    page.click("#logout-button")
+    page.wait_for_url(f"{live_server}/login")
+    page.goto(f"{live_server}/researcher/studies/browser-study/responses.csv")
+    assert page.url.startswith(f"{live_server}/login")
