@@ -119,7 +119,7 @@ def test_participant_on_a_phone_answers_by_touch_and_is_redirected(app, browser,
     set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
     completion_url = f"{live_server}/healthz?cc=C0DE-42"
     study = make_study(app, set_id, slug="phone", completion_url=completion_url,
-                       practice_trials=0)
+                       practice_trials=0, question_mode="no-reference")
     context = browser.new_context(viewport={"width": 390, "height": 740},
                                   device_scale_factor=3, is_mobile=True, has_touch=True)
     page = context.new_page()
@@ -134,6 +134,9 @@ def test_participant_on_a_phone_answers_by_touch_and_is_redirected(app, browser,
             wait_trial(page)
             if number == 0:
                 save_screenshot(page, "participant-trial-phone")
+                # No-reference mode: two candidates alone, the question says so.
+                assert not page.is_visible("#reference-row")
+                assert page.inner_text("#question") == "Which image looks better?"
                 # Fits the phone: both candidates side by side inside the viewport.
                 right = page.eval_on_selector(
                     "#choice-right", "b => b.getBoundingClientRect().right")
@@ -260,3 +263,40 @@ def test_small_windows_are_refused_and_limited_exposure_ends_in_a_mask(app, brow
         vote = db.session.scalars(select(Vote).where(Vote.study_id == study["id"])).one()
         assert vote.choice == "left" and vote.rt_ms >= 200
         assert vote.viewport_w == 1024 and vote.device_pixel_ratio == 1.0
+
+
+def test_display_scale_and_retry_rules_match_their_definitions(live_server, page):
+    """trial-core.js in Chromium against the rules written out independently here."""
+    import random
+
+    page.goto(f"{live_server}/")  # same origin, so the CSP allows the script below
+    page.add_script_tag(url=f"{live_server}/static/js/trial-core.js")
+    rng = random.Random(3)
+    cases = [(rng.choice([16, 32, 64, 256, 1024]), rng.choice([16, 32, 64, 256]),
+              rng.uniform(40, 900), rng.uniform(40, 900), rng.choice([1, 1.25, 1.5, 2, 3]))
+             for _ in range(300)]
+    results = page.evaluate(
+        "cases => cases.map(([w, h, sw, sh, dpr]) => PStudyCore.displayScale(w, h, sw, sh, dpr))",
+        cases)
+    for (w, h, sw, sh, dpr), got in zip(cases, results, strict=True):
+        cap = int(16 * dpr)  # at most 16 CSS pixels per image pixel
+        fitting = [f for f in range(1, cap + 1) if f * w / dpr <= sw and f * h / dpr <= sh]
+        if fitting:
+            factor = max(fitting)
+            assert (got["factor"], got["fits"]) == (factor, True), (w, h, sw, sh, dpr, got)
+            assert got["cssW"] == pytest.approx(w * factor / dpr)
+            assert got["pixelated"] == (factor > 1)
+        else:  # too large even at 1:1 device pixels: shrunk to fit, not pixelated
+            assert got["factor"] == 1 and not got["fits"] and not got["pixelated"]
+            assert got["cssW"] <= sw + 1e-6 and got["cssH"] <= sh + 1e-6
+    keys = page.evaluate(
+        "keys => keys.map(k => PStudyCore.keyToChoice(k))",
+        ["f", "F", "ArrowLeft", "j", "J", "ArrowRight", "a", " ", "Enter"])
+    assert keys == ["left"] * 3 + ["right"] * 3 + [None] * 3
+    delays = page.evaluate(
+        "() => [0, 1, 2, 3, 4, 5, 9].map(a => PStudyCore.retryDelayMs(a, 500, 8000, () => 0.5))"
+        ".concat([PStudyCore.retryDelayMs(0, 500, 8000, () => 0.5, 3)])")
+    assert delays == [min(8000, 500 * 2**a) for a in (0, 1, 2, 3, 4, 5, 9)] + [3000]
+    statuses = page.evaluate(
+        "s => s.map(PStudyCore.isRetryable)", [0, 200, 400, 401, 404, 408, 409, 429, 500, 503])
+    assert statuses == [True, False, False, False, False, True, False, True, True, True]

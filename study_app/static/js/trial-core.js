@@ -15,14 +15,16 @@
    * @param {number} spaceW available CSS pixels per image, horizontally
    * @param {number} spaceH available CSS pixels per image, vertically
    * @param {number} dpr window.devicePixelRatio (> 0)
-   * @param {{upscale?: string, maxFactor?: number}} options upscale "auto" (default),
-   *   "off", or an integer string forcing that factor (shrunk to what fits)
+   * @param {{upscale?: string, maxCssScale?: number}} options upscale "auto" (default),
+   *   "off", or an integer string forcing that factor in device pixels (lowered to what
+   *   fits); maxCssScale caps "auto" at that many CSS pixels per image pixel (16)
    * @returns {{factor: number, cssW: number, cssH: number, pixelated: boolean, fits: boolean}}
    */
   function displayScale(imageW, imageH, spaceW, spaceH, dpr, options) {
     const opts = options || {};
     const ratio = dpr > 0 ? dpr : 1;
-    const maxFactor = opts.maxFactor || 16;
+    // At most `maxCssScale` CSS pixels per image pixel, in device pixels.
+    const maxFactor = Math.max(1, Math.floor((opts.maxCssScale || 16) * ratio));
     const fitFactor = Math.floor(Math.min((spaceW * ratio) / imageW, (spaceH * ratio) / imageH));
     let factor;
     if (opts.upscale === "off") {
