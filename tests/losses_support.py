@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy import ndimage
 
@@ -77,3 +78,16 @@ def assert_autocast_cpu(loss, images: torch.Tensor, rtol: float = 0.1) -> None:
     value.float().sum().backward()
     assert torch.isfinite(prediction.grad).all()
     torch.testing.assert_close(value.float(), reference, rtol=rtol, atol=1e-3)
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_torch_thread():
+    """Run a module's loss tests on one intra-op thread, then restore the setting.
+
+    On the shared 2-core machine, OpenMP's spinning worker threads make small convolutions
+    ~50× slower when other processes compete for the cores; one thread avoids that and
+    changes no result beyond float rounding."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from generation.losses import CompositeLoss, available_losses, build_loss, parse_spec
-from tests.losses_support import (
+from tests.losses_support import (  # noqa: F401 - one_torch_thread is a fixture
     assert_autocast_cpu,
     assert_finite_grad_at_identity,
     assert_monotone,
+    one_torch_thread,
     photos,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

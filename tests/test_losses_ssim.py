@@ -9,13 +9,16 @@ import torch.nn.functional as F
 
 from generation.losses import build_loss
 from generation.losses.ssim import MS_SSIM_WEIGHTS, ssim_configuration
-from tests.losses_support import (
+from tests.losses_support import (  # noqa: F401 - one_torch_thread is a fixture
     assert_autocast_cpu,
     assert_finite_grad_at_identity,
     assert_monotone,
     noisy,
+    one_torch_thread,
     photos,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def skimage_ssim(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:

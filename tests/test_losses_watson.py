@@ -12,15 +12,18 @@ import torch
 
 from generation.losses import build_loss
 from generation.losses.watson import WATSON_DCT_TABLE, block_transform, rgb_to_ycbcr
-from tests.losses_support import (
+from tests.losses_support import (  # noqa: F401 - one_torch_thread is a fixture
     assert_autocast_cpu,
     assert_finite_grad_at_identity,
     assert_monotone,
     noisy,
+    one_torch_thread,
     photos,
 )
 
 EPS = 1e-10
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _blocks(channel: np.ndarray) -> np.ndarray:

@@ -51,6 +51,22 @@ _REGISTRY: dict[str, tuple[str, str]] = {
         "generation.losses.watson:WatsonDFTLoss",
         "Watson's perceptual model on 8×8 block DFT amplitudes + phase (learnable)",
     ),
+    "deep": (
+        "generation.losses.deep:DeepLoss",
+        "LPIPS recipe on EfficientNet-Lite0 features (offline ImageNet weights, uniform)",
+    ),
+    "lpips-alex": (
+        "generation.losses.deep:LPIPSAlexLoss",
+        "LPIPS v0.1 on AlexNet (calibrated; ImageNet weights from torch cache or weights=)",
+    ),
+    "lpips-vgg": (
+        "generation.losses.deep:LPIPSVGGLoss",
+        "LPIPS v0.1 on VGG16 (calibrated; ImageNet weights from torch cache or weights=)",
+    ),
+    "lpips-squeeze": (
+        "generation.losses.deep:LPIPSSqueezeLoss",
+        "LPIPS v0.1 on SqueezeNet1.1 (calibrated; ImageNet weights from torch cache or weights=)",
+    ),
 }
 
 
