@@ -79,15 +79,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "name": "demo",
         "data": {"image_size": 32, "n_test": 12, "train_patches": 4096},
-        "model": {"latent": 64, "width": 32},
-        "train": {"steps": 300, "batch_size": 32, "checkpoint_every": 100, "lr": 2e-3},
+        "model": {"latent": 64, "width": 16},
+        "train": {"steps": 200, "batch_size": 32, "checkpoint_every": 100, "lr": 2e-3},
         "conditions": ["l1", "l2", "ssim", "msssim", "watson-dft", "deep"],
     },
     # Czolbe et al.'s CelebA setting: 64×64 VAE, latent 256, batch 64, Adam 1e-4 halved
     # regularly; reconstruction weights λ = e^k from the paper where it gives them.
     "paper": {
         "name": "paper",
-        "data": {"image_size": 64, "n_test": 48, "train_patches": 65536},
+        "data": {"image_size": 64, "n_test": 16, "train_patches": 65536},
         "model": {"architecture": "vae", "latent": 256, "width": 64},
         "train": {
             "steps": 100000,
