@@ -316,3 +316,4 @@ def test_downloads_give_the_export_config_and_manifest(app, client, set_id, rese
         assert entry["sha256"] == hashlib.sha256((root / entry["path"]).read_bytes()).hexdigest()
     assert len(manifest["stimuli"]) == 4 * 3
     assert client.get("/researcher/studies/dl/responses.xlsx").status_code == 404
+
