@@ -59,6 +59,8 @@ def participant_tokens(app, study_id):
 
 
 def test_participant_completes_a_study_by_keyboard(app, live_server, page, study):
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     page.goto(f"{live_server}/s/{study['slug']}")
     page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
     save_screenshot(page, "participant-consent")
@@ -76,17 +78,17 @@ def test_participant_completes_a_study_by_keyboard(app, live_server, page, study
     # Practice (not stored), then the study; F, J, ← and → all answer.
     wait_trial(page)
     assert page.is_visible("#practice-badge")
-    page.keyboard.press("f")
+    answer(page, lambda: page.keyboard.press("f"))
+    requested_before_answer: set[str] = set()
     keys = ["j", "ArrowLeft", "ArrowRight", "f", "j", "ArrowRight"]
-    seen = []
     for number, key in enumerate(keys[:PLANNED]):
-        token = wait_trial(page)
-        while token in seen or page.is_visible("#practice-badge"):
-            page.wait_for_timeout(50)
-            token = wait_trial(page)
-        seen.append(token)
-        label = page.inner_text("#progress-label")
-        assert label == f"{number} / {PLANNED}"
+        wait_trial(page)
+        assert not page.is_visible("#practice-badge")
+        assert page.inner_text("#progress-label") == f"{number} / {PLANNED}"
+        shown = page.eval_on_selector_all("#trial-stage img", "els => els.map(e => e.src)")
+        assert len(shown) == 3  # reference + two candidates
+        if number > 0:  # preloaded: fetched before the previous trial was answered
+            assert set(shown) <= requested_before_answer, number
         if number == 0:
             save_screenshot(page, "participant-trial-desktop")
             # 16×16 stimuli are enlarged by an integer factor, pixelated, and each image
@@ -100,8 +102,8 @@ def test_participant_completes_a_study_by_keyboard(app, live_server, page, study
             )
             assert round(box[0]) == 16 * factor  # layout snaps to 1/64 CSS px
             assert box[1] == "pixelated" and box[2] == 16 and box[3] is True
-            assert page.is_visible("#reference-slot img")
-        page.keyboard.press(key)
+        requested_before_answer = set(requested)
+        answer(page, lambda key=key: page.keyboard.press(key))
 
     page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
     assert page.inner_text("#completion-code") == "C0DE-42"

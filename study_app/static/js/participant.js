@@ -28,7 +28,8 @@
   let study = null;
   let participant = null; // {id, token, status, progress: {answered, total}}
   let queue = []; // trials not yet shown: {token, reference_url, left_url, right_url}
-  const answered = new Set();
+  const answered = new Set(); // trial tokens whose vote the server acknowledged
+  const seen = new Set(); // trial tokens already put on screen
   let progress = { answered: 0, total: 0 };
   let active = null; // the trial on screen: {trial, practice, presentedPerf, answer}
   let offline = false;
@@ -322,11 +323,14 @@
     }
   }
 
+  /** Ask for the open trials (topped up by the server) and preload their images. */
   async function refill() {
     const data = await withRetry(() => api.next());
-    if (data.progress) progress = data.progress;
-    const current = active && active.trial ? active.trial.token : null;
-    queue = data.trials.filter((t) => !answered.has(t.token) && t.token !== current);
+    if (data.progress) {
+      // A refill that ran while a vote was in flight may report one answer fewer.
+      progress = { answered: Math.max(progress.answered, data.progress.answered), total: data.progress.total };
+    }
+    queue = data.trials.filter((t) => !answered.has(t.token) && !seen.has(t.token));
     queue.slice(0, PRELOAD_AHEAD).forEach((t) => urlsOf(t).forEach((url) => preload(url).catch(() => null)));
     return data;
   }
@@ -334,21 +338,32 @@
   async function runMain() {
     await flushPendingVote();
     let data = await refill();
+    let prefetch = null; // a refill running while the participant looks at a trial
     for (;;) {
+      if (prefetch) {
+        const fresh = await prefetch;
+        prefetch = null;
+        if (fresh) data = fresh;
+      }
       if (queue.length === 0) {
-        if (data.done) break;
-        show("waiting");
-        $("waiting-message").textContent = data.study_status === "paused"
-          ? "The study is paused for a moment. Please keep this page open; it continues automatically."
-          : "Waiting for the next trials. Please keep this page open.";
-        await sleep(POLL_MS);
         data = await refill();
-        continue;
+        if (queue.length === 0) {
+          if (data.done) break;
+          show("waiting");
+          $("waiting-message").textContent = data.study_status === "paused"
+            ? "The study is paused for a moment. Please keep this page open; it continues automatically."
+            : "Waiting for the next trials. Please keep this page open.";
+          await sleep(POLL_MS);
+          continue;
+        }
       }
       const trial = queue.shift();
+      seen.add(trial.token);
       setProgress(progress.answered, progress.total);
       show("trial");
-      const answer = await present(trial, false);
+      const shown = present(trial, false);
+      if (queue.length < PRELOAD_AHEAD) prefetch = refill().catch(() => null);
+      const answer = await shown;
       const viewport = { w: window.innerWidth, h: window.innerHeight };
       const body = {
         trial_token: trial.token,
@@ -365,7 +380,6 @@
         progress.answered += 1;
         setProgress(progress.answered, progress.total);
       }
-      if (queue.length < 2) data = await refill();
     }
     await complete();
   }
