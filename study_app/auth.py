@@ -12,7 +12,17 @@ import functools
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from flask import Blueprint, flash, g, redirect, render_template, request, session, url_for
+from flask import (
+    Blueprint,
+    current_app,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from flask_wtf import FlaskForm
 from sqlalchemy import func, select
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -66,6 +76,20 @@ def _safe_next(target: str | None) -> str:
     return url_for("researcher.index")
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def cookie_problem() -> str | None:
+    """Why a browser will drop the login cookie here (plain HTTP off localhost), or None."""
+    if request.is_secure or not current_app.config.get("SESSION_COOKIE_SECURE"):
+        return None
+    if request.host.rsplit(":", 1)[0] in LOCAL_HOSTS or request.host in LOCAL_HOSTS:
+        return None
+    return ("This page was reached over plain HTTP, so your browser will not keep the "
+            "secure login cookie. Serve the app over HTTPS (recommended), or set "
+            "PSTUDY_ALLOW_INSECURE_COOKIES=true for a trusted local network.")
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login():
     """The login form; a success starts a fresh session."""
@@ -86,7 +110,8 @@ def login():
             return redirect(target)
         error = "Wrong e-mail or password."
     status = 401 if error else 200
-    return render_template("auth/login.html", form=form, error=error), status
+    return render_template("auth/login.html", form=form, error=error,
+                           cookie_problem=cookie_problem()), status
 
 
 @bp.post("/logout")

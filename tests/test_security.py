@@ -137,6 +137,17 @@ def test_session_cookie_flags_and_the_insecure_opt_out(app, tmp_path):
     assert plain.config["SESSION_COOKIE_SECURE"] is False
 
 
+def test_login_page_warns_when_the_secure_cookie_cannot_be_kept(app, client):
+    assert "cookie-problem" not in client.get("/login").get_data(as_text=True)
+    assert "cookie-problem" not in client.get(
+        "/login", base_url="https://study.example.org").get_data(as_text=True)
+    warned = client.get("/login", base_url="http://192.168.1.20:8000").get_data(as_text=True)
+    assert "PSTUDY_ALLOW_INSECURE_COOKIES=true" in warned
+    app.config["SESSION_COOKIE_SECURE"] = False
+    assert "cookie-problem" not in client.get(
+        "/login", base_url="http://192.168.1.20:8000").get_data(as_text=True)
+
+
 def test_errors_show_no_stack_trace(app, client):
     def explode():
         raise RuntimeError("secret internal detail")
