@@ -159,8 +159,17 @@ def generate(
 
 
 def _check_losses(config: dict) -> None:
-    """Unknown loss names fail before any data is read or model trained."""
-    from generation.losses import parse_spec
+    """Unknown loss or metric names fail before any data is read or model trained."""
+    from generation.losses import available_losses, parse_spec
+
+    metrics = config["evaluate"]["metrics"]
+    if metrics != "all":
+        unknown = [m for m in metrics if m != "psnr" and m not in available_losses()]
+        if unknown:
+            raise ConfigError(
+                f"evaluate.metrics: unknown metric(s) {', '.join(unknown)}; choose from psnr, "
+                f"{', '.join(available_losses())} (or 'all')"
+            )
 
     for condition in config["conditions"]:
         try:

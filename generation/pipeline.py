@@ -149,7 +149,7 @@ def generate(
     config_hash = config_sha256(config)
     split = load_data(config["data"], seed)
     log(f"data: {split.description}")
-    if reuse and info.is_main:
+    if reuse:  # every rank decides alike (same files), so no rank trains alone
         existing = up_to_date(out, config_hash, split.input_sha256)
         if existing is not None:
             log(

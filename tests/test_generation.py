@@ -117,6 +117,25 @@ def test_bad_configuration_names_the_key(overrides, message):
         resolve_config("smoke", overrides=overrides)
 
 
+def test_every_preset_resolves_to_registered_losses():
+    from generation.losses import parse_spec
+
+    demo = resolve_config("demo")
+    assert [c["loss"] for c in demo["conditions"]] == [
+        "l1",
+        "l2",
+        "ssim",
+        "msssim",
+        "watson-dft",
+        "deep",
+    ]
+    paper = resolve_config("paper")
+    assert paper["data"]["image_size"] == 64 and paper["model"]["architecture"] == "vae"
+    for preset in ("smoke", "demo", "paper"):
+        for condition in resolve_config(preset)["conditions"]:
+            assert parse_spec(condition["loss"])
+
+
 def test_unknown_preset_and_unparsable_file(tmp_path):
     with pytest.raises(ConfigError, match="choose one of"):
         resolve_config("smok")
@@ -274,6 +293,7 @@ def test_models_reconstruct_in_range_and_learn(architecture, channels, size):
 # ----------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_on_held_out_images(tmp_path):
     config = _tiny("train.steps=120", "train.batch_size=16", "model.width=8", "model.latent=32")
     condition = next(c for c in config["conditions"] if c["name"] == "l2")
@@ -544,6 +564,7 @@ def test_cli_writes_a_set_and_reuses_it(tmp_path):
         (["--data", "{tmp}/small"], 1, "smaller than the model size 32×32"),
         (["--conditions", "l2,no-such-loss"], 2, "unknown loss 'no-such-loss'"),
         (["--set", "train.stepz=4"], 2, "did you mean 'steps'"),
+        (["--set", "evaluate.metrics=[psnr, ssimm]"], 2, "unknown metric(s) ssimm"),
         (["--config", "{tmp}/missing.yaml"], 2, "does not exist"),
         (["--out", "{tmp}/notes"], 1, "non-empty folder without manifest.json"),
     ],
