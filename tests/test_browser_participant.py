@@ -302,3 +302,12 @@ def test_display_scale_and_retry_rules_match_their_definitions(live_server, page
     statuses = page.evaluate(
         "s => s.map(PStudyCore.isRetryable)", [0, 200, 400, 401, 404, 408, 409, 429, 500, 503])
     assert statuses == [True, False, False, False, False, True, False, True, True, True]
+
+
+def test_a_closed_study_turns_new_people_away_before_consent(app, live_server, page, tmp_path):
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
+    study = make_study(app, set_id, slug="over", status="closed")
+    page.goto(f"{live_server}/s/over")
+    page.wait_for_selector("body[data-state='failed']", timeout=TIMEOUT_MS)
+    assert "closed and takes no new participants" in page.inner_text("#failed-message")
+    assert participant_tokens(app, study["id"]) == []

@@ -481,6 +481,12 @@
       fail(error.message);
       return;
     }
+    if (!resumed && !preview && study.status !== "live") {
+      fail(study.status === "closed"
+        ? "This study is closed and takes no new participants. Thank you for your interest."
+        : "This study is paused and takes no new participants right now. Please try again later.");
+      return;
+    }
     const stage = storage.getItem(storeKey("stage"));
     if (resumed && participant.status === "completed") {
       await complete();
