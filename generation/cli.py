@@ -109,7 +109,7 @@ def generate(
       pstudy generate --data ~/celeba --set data.image_size=64 \\
           --set "data.crop_box=[25,45,153,178]" --preset paper --out celeba-set
       pstudy generate --config study.yaml --resume --out out/
-      torchrun --nproc_per_node 4 $(which pstudy) generate --preset paper --out out/
+      torchrun --standalone --nproc_per_node 4 -m generation --preset paper --out out/
     """
     from generation.config import resolve_config
     from generation.data import DataError

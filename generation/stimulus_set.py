@@ -57,7 +57,7 @@ def read_png(path: str | Path) -> torch.Tensor:
         array = np.asarray(image.convert(mode))
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))
 
 
 def sha256_file(path: str | Path) -> str:

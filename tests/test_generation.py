@@ -596,3 +596,24 @@ def test_cli_bad_inputs_give_a_message_not_a_traceback(tmp_path, args, code, mes
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+def test_the_study_app_imports_a_generated_set(app, tiny_set):
+    """Contract 1 end to end: what generation writes, study_app reads (and verifies)."""
+    from sqlalchemy import func, select
+
+    from study_app.extensions import db
+    from study_app.models import Stimulus
+    from study_app.stimuli import import_stimulus_set
+
+    out, manifest = tiny_set
+    with app.app_context():
+        imported = import_stimulus_set(out)
+        count = db.session.scalar(
+            select(func.count())
+            .select_from(Stimulus)
+            .where(Stimulus.stimulus_set_id == imported.id)
+        )
+        assert (imported.image_height, imported.image_width, imported.channels) == (32, 32, 3)
+        assert not imported.manifest_inferred
+        assert count == len(manifest["stimuli"]) == 6
