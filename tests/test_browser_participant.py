@@ -116,6 +116,7 @@ def test_participant_completes_a_study_by_keyboard(app, live_server, page, study
     ]
 
 
+@pytest.mark.slow
 def test_participant_on_a_phone_answers_by_touch_and_is_redirected(app, browser, live_server,
                                                                   tmp_path):
     set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
@@ -192,6 +193,7 @@ def test_reload_mid_study_resumes_at_the_next_unanswered_trial(app, live_server,
     assert len(participant_tokens(app, study["id"])) == 1
 
 
+@pytest.mark.slow
 def test_failed_votes_are_retried_and_stored_exactly_once(app, live_server, page, study):
     calls = {"n": 0, "stored_then_lost": 0, "refused": 0}
 
