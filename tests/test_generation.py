@@ -436,6 +436,7 @@ def test_validation_catches_tampering_and_missing_files(tiny_set, tmp_path):
     assert _stimulus_hashes(inferred) == _stimulus_hashes(manifest)
 
 
+@pytest.mark.slow
 def test_same_seed_same_stimuli_and_reuse_skips(tiny_set, tmp_path):
     out, manifest = tiny_set
     again = generate(_tiny(), tmp_path / "b", device="cpu", progress=False).manifest
@@ -617,3 +618,15 @@ def test_the_study_app_imports_a_generated_set(app, tiny_set):
         assert (imported.image_height, imported.image_width, imported.channels) == (32, 32, 3)
         assert not imported.manifest_inferred
         assert count == len(manifest["stimuli"]) == 6
+
+
+@pytest.mark.gpu
+def test_cuda_run_with_bf16_autocast_and_channels_last(tmp_path):
+    """Where a GPU is present: the CUDA path (bf16, channels-last, pinned memory,
+    workers) trains every architecture and writes a valid set."""
+    for architecture in ("conv", "fc", "vae"):
+        config = _tiny(f"model.architecture={architecture}", "train.num_workers=2")
+        result = generate(config, tmp_path / architecture, device="cuda", progress=False)
+        assert result.manifest["provenance"]["device"].startswith("cuda")
+        validate_stimulus_set(tmp_path / architecture)
+        assert all(np.isfinite(r.losses).all() for r in result.training.values())
