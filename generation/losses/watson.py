@@ -15,10 +15,10 @@ Per channel, with reference x = target, distorted x̂ = prediction, ε = 1e-10:
    Σ w_φ[i,j]·(arccos(cos(φ − φ̂)·(1 − 1e-7)) − arccos(1 − 1e-7)), with the weights of the
    purely real bins (0,0), (0,4), (4,0), (4,4) fixed at zero. The constant
    arccos(1 − 1e-7) is subtracted so identical images score exactly 0 (it changes no
-   gradient and no ranking). The phase difference comes from the unit phasors
-   e = C/|C| (see :func:`phase_term`), not from atan2, which has NaN gradients at zero
-   coefficients; a zero coefficient (|C| below ~1e-6 in float32) has phase 0, as
-   atan2(0, 0) = 0 in the formula;
+   gradient and no ranking). cos(φ − φ̂) comes from real and imaginary parts (see
+   :func:`phase_term`), not from atan2, whose gradient is NaN at zero coefficients: two
+   zero coefficients agree (0°, as atan2(0, 0) = 0 in the formula), a zero against a
+   non-zero one counts as 90° (the mean over an unknown phase);
 6. colour: RGB → YCbCr (JPEG/BT.601 full range), one model per channel with its own
    parameters, combined with softmax channel weights (equal at start). Greyscale images
    use the luminance (Y) model alone.
@@ -47,7 +47,8 @@ from generation.losses.base import ImageLoss, full_precision
 BLOCK = 8
 EPS = 1e-10
 AMPLITUDE_DELTA = 1e-20
-# δ of the unit phasors: coefficients with |C|² ≪ δ count as phase 0 (float32: |C| < ~1e-6)
+# δ in cos Δφ: coefficients with |C|² ≲ δ have no phase (float32: |C| below ~1e-6, i.e. a
+# pixel amplitude far below one 8-bit step; float64: 1e-15)
 PHASE_DELTA = {torch.float32: 1e-12, torch.float64: 1e-30}
 ARCCOS_SCALE = 1 - 1e-7
 
@@ -123,16 +124,46 @@ def _dft_operator() -> torch.Tensor:
 _OPERATORS: dict[str, torch.Tensor] = {"dct": _dct_operator(), "dft": _dft_operator()}
 
 
+_OPERATOR_CACHE: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+
 def block_transform(images: torch.Tensor, kind: str) -> torch.Tensor:
     """Blockwise transform. ``dct``: N×C×K×64 orthonormal DCT-II coefficients (8×8
     row-major); ``dft``: N×C×K×80, real parts of the 8×5 rfft2 bins / 64 then imaginary."""
-    operator = _OPERATORS[kind].to(device=images.device, dtype=images.dtype)
-    return to_blocks(images) @ operator
+    key = (kind, images.device, images.dtype)
+    if key not in _OPERATOR_CACHE:
+        _OPERATOR_CACHE[key] = _OPERATORS[kind].to(device=images.device, dtype=images.dtype)
+    return to_blocks(images) @ _OPERATOR_CACHE[key]
 
 
 def _smooth_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(a·eᵃ + b·eᵇ)/(eᵃ + eᵇ), computed stably as b + (a − b)·sigmoid(a − b)."""
     return b + (a - b) * torch.sigmoid(a - b)
+
+
+def masking_threshold(
+    reference: torch.Tensor, log_t: torch.Tensor, alpha: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """Steps 2–3: s = smax(t_L, (|C| + ε)^w·t_L^(1−w)) for reference coefficients (or
+    amplitudes) N×C×K×B, DC at index 0; log_t: C×B, alpha, w: C. -> N×C×K×B.
+
+    Factored for speed: t_L = t·r^α and (|C| + ε)^w·t_L^(1−w) = (|C| + ε)^w·t^(1−w)·r^(α(1−w))
+    with the per-block luminance ratio r, so only a few passes touch the full tensor."""
+    dc = reference[..., :1].clamp(min=0)  # N×C×K×1
+    ratio = (dc + EPS) / (dc.mean(2, keepdim=True) + EPS)
+    alpha, w = alpha.view(-1, 1, 1), w.view(-1, 1, 1)
+    t = log_t.exp().unsqueeze(1)  # C×1×B
+    t_l = t * ratio.pow(alpha)
+    masked = (reference.abs() + EPS).pow(w) * (t.pow(1 - w) * ratio.pow(alpha * (1 - w)))
+    return _smooth_max(t_l, masked)
+
+
+def minkowski_pool(
+    reference: torch.Tensor, distorted: torch.Tensor, s: torch.Tensor, beta: torch.Tensor
+) -> torch.Tensor:
+    """Step 4: (Σ_k,b (|C − Ĉ|/s + ε)^β)^(1/β) per image and channel: -> N×C."""
+    terms = ((reference - distorted).abs() / s + EPS).pow(beta.view(-1, 1, 1))
+    return terms.sum((2, 3)).pow(1 / beta)
 
 
 def watson_pooled(
@@ -143,45 +174,131 @@ def watson_pooled(
     w: torch.Tensor,
     beta: torch.Tensor,
 ) -> torch.Tensor:
-    """Steps 2–4 on non-negative or signed coefficients N×C×K×B (B = 64 or 40); the DC
-    coefficient is index 0. Parameters have shape C×B (log_t) and C (others). -> N×C."""
-    dc = reference[..., :1].clamp(min=0)  # N×C×K×1
-    log_ratio = torch.log((dc + EPS) / (dc.mean(2, keepdim=True) + EPS))
-    log_t_l = log_t.unsqueeze(1) + alpha.view(-1, 1, 1) * log_ratio  # N×C×K×B
-    t_l = log_t_l.exp()
-    w = w.view(-1, 1, 1)
-    masked = torch.exp(w * torch.log(reference.abs() + EPS) + (1 - w) * log_t_l)
-    s = _smooth_max(t_l, masked)
-    terms = torch.exp(beta.view(-1, 1, 1) * torch.log((reference - distorted).abs() / s + EPS))
-    return terms.sum((2, 3)).pow(1 / beta)
-
-
-def unit_phasors(re: torch.Tensor, im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """C/|C| for each coefficient, smoothly (1, 0) (phase 0, as atan2(0, 0)) where |C|² ≪ δ."""
-    delta = PHASE_DELTA[re.dtype]
-    power = re * re + im * im
-    scale = torch.rsqrt(power + delta)
-    return re * scale + delta / (power + delta), im * scale
+    """Steps 2–4 (plain autograd): N×C×K×B coefficients -> N×C distances."""
+    return minkowski_pool(reference, distorted, masking_threshold(reference, log_t, alpha, w), beta)
 
 
 def phase_term(
-    reference: torch.Tensor, distorted: torch.Tensor, weights: torch.Tensor
+    reference: torch.Tensor,
+    distorted: torch.Tensor,
+    weights: torch.Tensor,
+    power: torch.Tensor | None = None,
+    power_hat: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ w_φ·(arccos(cos Δφ·(1 − 1e-7)) − arccos(1 − 1e-7)) over bins and blocks -> N×C.
 
-    ``reference``/``distorted``: N×C×K×80 ([Re | Im]); ``weights``: C×40. With
-    u = cos Δφ·(1 − 1e-7), arccos(u) = 2·atan2(√(1 − u), √(1 + u)), and 1 ∓ cos Δφ =
-    |e ∓ ê|²/2 for the unit phasors e, ê: no cancellation, exactly 0 for identical
-    inputs, finite gradients everywhere."""
-    e_re, e_im = unit_phasors(reference[..., :40], reference[..., 40:])
-    f_re, f_im = unit_phasors(distorted[..., :40], distorted[..., 40:])
-    minus = (e_re - f_re).square() + (e_im - f_im).square()
-    plus = (e_re + f_re).square() + (e_im + f_im).square()
-    floor = 1 - ARCCOS_SCALE
-    angle = 2 * torch.atan2(
-        torch.sqrt(floor + ARCCOS_SCALE * minus / 2), torch.sqrt(floor + ARCCOS_SCALE * plus / 2)
-    )
-    return ((angle - math.acos(ARCCOS_SCALE)) * weights.unsqueeze(1)).sum((2, 3))
+    ``reference``/``distorted``: N×C×K×80 ([Re | Im]); ``weights``: C×40; ``power``,
+    ``power_hat``: |C|², |Ĉ|² when already computed. cos Δφ = (Re·Re' + Im·Im' + δ)/
+    √((|C|² + δ)(|Ĉ|² + δ)), clamped to [−1, 1]: exactly 1 for identical coefficients
+    (so identical images give exactly 0) and for two zero coefficients, about 0 (90°)
+    for a zero against a non-zero one; gradients stay finite everywhere."""
+    delta = PHASE_DELTA[reference.dtype]
+    re, im = reference[..., :40], reference[..., 40:]
+    re_hat, im_hat = distorted[..., :40], distorted[..., 40:]
+    if power is None:
+        power = re * re + im * im
+    if power_hat is None:
+        power_hat = re_hat * re_hat + im_hat * im_hat
+    cosine = (re * re_hat + im * im_hat + delta) / torch.sqrt((power + delta) * (power_hat + delta))
+    scale = torch.tensor(ARCCOS_SCALE, dtype=reference.dtype)
+    angle = torch.acos(cosine.clamp(-1, 1) * scale) - torch.acos(scale).to(reference.device)
+    return torch.einsum("nckb,cb->nc", angle, weights)
+
+
+class _FusedCore(torch.autograd.Function):
+    """Steps 4–5 in one pass with a hand-written backward (the speed-critical part).
+
+    Inputs: reference and distorted coefficients N×C×K×B (DCT, B = 64) or [Re | Im]
+    N×C×K×80 (DFT), the threshold s (N×C×K×B, or ×40), β (C), and for the DFT the phase
+    weights (C×40). Output: N×C distances, equal to :func:`minkowski_pool` (+ :func:`phase_term`).
+    Gradients flow to ``distorted``, ``s``, ``beta`` and the phase weights (not to
+    ``reference``: callers use the plain path when the target requires gradients)."""
+
+    @staticmethod
+    def forward(ctx, reference, distorted, s, beta, phase_weights):
+        dft = phase_weights is not None
+        beta_b = beta.view(-1, 1, 1)
+        if dft:
+            re, im, re_hat, im_hat = (
+                reference[..., :40],
+                reference[..., 40:],
+                distorted[..., :40],
+                distorted[..., 40:],
+            )
+            power = torch.addcmul(re * re, im, im)
+            power_hat = torch.addcmul(re_hat * re_hat, im_hat, im_hat)
+            amplitude_hat = (power_hat + AMPLITUDE_DELTA).sqrt_()
+            diff = (power + AMPLITUDE_DELTA).sqrt_().sub_(amplitude_hat)
+        else:
+            diff = reference - distorted
+        x = diff.abs().div_(s).add_(EPS)
+        xb = x.pow(beta_b)
+        total = xb.sum((2, 3))
+        pooled = total.pow(1 / beta)
+        out = pooled
+        saved = [distorted, s, beta, x, xb, diff, total, pooled]
+        if dft:
+            delta = PHASE_DELTA[reference.dtype]
+            cosine = torch.addcmul(re * re_hat, im, im_hat).add_(delta)
+            den = (power + delta).mul_(power_hat.add_(delta)).sqrt_()
+            cosine.div_(den)
+            scaled = cosine.clamp(-1, 1).mul_(ARCCOS_SCALE)
+            angle = torch.acos(scaled).sub_(
+                torch.acos(torch.tensor(ARCCOS_SCALE, dtype=scaled.dtype)).item()
+            )
+            out = pooled + torch.einsum("nckb,cb->nc", angle, phase_weights)
+            # power_hat now holds |Ĉ|² + δ
+            saved += [
+                reference,
+                amplitude_hat,
+                power_hat,
+                den,
+                cosine,
+                scaled,
+                angle,
+                phase_weights,
+            ]
+        ctx.dft = dft
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        distorted, s, beta, x, xb, diff, total, pooled = ctx.saved_tensors[:8]
+        need_distorted, need_s, need_beta = ctx.needs_input_grad[1:4]
+        grad_distorted = grad_s = grad_beta = grad_weights = None
+        coefficient = (grad * pooled / total)[..., None, None]  # N×C×1×1
+        if need_distorted or need_s:
+            common = coefficient * (xb / x) / s  # ∂out/∂x · (1/s)
+            if need_s:
+                grad_s = -common * (x - EPS)
+            if need_distorted:
+                grad_amplitude = -common * torch.sign(diff)  # ∂out/∂Ĉ (DCT) or ∂out/∂|Ĉ| (DFT)
+        if need_beta:
+            log_x_weighted = (xb * torch.log(x)).sum((2, 3))
+            grad_beta = (
+                grad * pooled * (log_x_weighted / (beta * total) - torch.log(total) / beta**2)
+            ).sum(0)
+        if not ctx.dft:
+            return None, grad_amplitude if need_distorted else None, grad_s, grad_beta, None
+        reference, amplitude_hat, power_hat_delta, den, cosine, scaled, angle, phase_weights = (
+            ctx.saved_tensors[8:]
+        )
+        if ctx.needs_input_grad[4]:
+            grad_weights = torch.einsum("nckb,nc->cb", angle, grad)
+        if need_distorted:
+            re, im = reference[..., :40], reference[..., 40:]
+            re_hat, im_hat = distorted[..., :40], distorted[..., 40:]
+            inside = (cosine.abs() <= 1).to(cosine.dtype)
+            grad_cosine = (-ARCCOS_SCALE * inside) * torch.rsqrt(1 - scaled * scaled)
+            grad_cosine.mul_(phase_weights.unsqueeze(1)).mul_(grad[..., None, None])
+            # ∂cos/∂Re' = Re/den − cos·Re'/(|Ĉ|² + δ), same for Im
+            ratio = grad_cosine * cosine / power_hat_delta
+            per_amplitude = grad_amplitude / amplitude_hat
+            grad_re = grad_cosine * re / den - ratio * re_hat + per_amplitude * re_hat
+            grad_im = grad_cosine * im / den - ratio * im_hat + per_amplitude * im_hat
+            grad_distorted = torch.cat([grad_re, grad_im], -1)
+        return None, grad_distorted, grad_s, grad_beta, grad_weights
 
 
 class WatsonLoss(ImageLoss):
@@ -256,7 +373,9 @@ class WatsonLoss(ImageLoss):
             params = slice(0, channels)
             reference = block_transform(target, self.transform)
             distorted = block_transform(prediction, self.transform)
-            if self.transform == "dct":
+            if not (reference.requires_grad and torch.is_grad_enabled()):
+                per_channel = self._fused(reference, distorted, params)
+            elif self.transform == "dct":
                 per_channel = watson_pooled(
                     reference,
                     distorted,
@@ -266,25 +385,38 @@ class WatsonLoss(ImageLoss):
                     self.beta[params],
                 )
             else:
-                amplitude = torch.sqrt(
-                    reference[..., :40] ** 2 + reference[..., 40:] ** 2 + AMPLITUDE_DELTA
-                )
-                amplitude_hat = torch.sqrt(
-                    distorted[..., :40] ** 2 + distorted[..., 40:] ** 2 + AMPLITUDE_DELTA
-                )
+                power = reference[..., :40].square() + reference[..., 40:].square()
+                power_hat = distorted[..., :40].square() + distorted[..., 40:].square()
                 per_channel = watson_pooled(
-                    amplitude,
-                    amplitude_hat,
+                    torch.sqrt(power + AMPLITUDE_DELTA),
+                    torch.sqrt(power_hat + AMPLITUDE_DELTA),
                     self.t_tilde[params],
                     self.alpha[params],
                     self.w[params],
                     self.beta[params],
                 )
                 weights = self.phase_log_weights[params].exp() * self.phase_mask
-                per_channel = per_channel + phase_term(reference, distorted, weights)
+                per_channel = per_channel + phase_term(
+                    reference, distorted, weights, power, power_hat
+                )
             if channels == 1:
                 return per_channel[:, 0]
             return per_channel @ self.channel_weights
+
+    def _fused(
+        self, reference: torch.Tensor, distorted: torch.Tensor, params: slice
+    ) -> torch.Tensor:
+        """The fast path (target without gradient): threshold by autograd, the rest fused."""
+        alpha, w, log_t = self.alpha[params], self.w[params], self.t_tilde[params]
+        if self.transform == "dct":
+            s = masking_threshold(reference, log_t, alpha, w)
+            return _FusedCore.apply(reference, distorted, s, self.beta[params], None)
+        amplitude = torch.sqrt(
+            reference[..., :40].square() + reference[..., 40:].square() + AMPLITUDE_DELTA
+        )
+        s = masking_threshold(amplitude, log_t, alpha, w)
+        weights = self.phase_log_weights[params].exp() * self.phase_mask
+        return _FusedCore.apply(reference, distorted, s, self.beta[params], weights)
 
     def extra_repr(self) -> str:
         return f"transform={self.transform!r}, shift_augment={self.shift_augment}"
