@@ -13,8 +13,26 @@
   const slug = root.dataset.study;
   const apiBase = root.dataset.api; // e.g. "/api/v1"
   const preview = root.dataset.preview === "true";
-  const storage = preview ? window.sessionStorage : window.localStorage;
+  const storage = safeStorage(preview ? "sessionStorage" : "localStorage");
   const storeKey = (name) => "pstudy." + slug + "." + (preview ? "preview." : "") + name;
+
+  /** Web storage, or an in-memory stand-in where the browser refuses it (private mode):
+   * the study still runs, only resuming after a reload is lost. */
+  function safeStorage(name) {
+    try {
+      const store = window[name];
+      store.setItem("pstudy.probe", "1");
+      store.removeItem("pstudy.probe");
+      return store;
+    } catch (error) {
+      const memory = new Map();
+      return {
+        getItem: (key) => (memory.has(key) ? memory.get(key) : null),
+        setItem: (key, value) => memory.set(key, String(value)),
+        removeItem: (key) => memory.delete(key),
+      };
+    }
+  }
 
   const RETRY_BASE_MS = 500;
   const RETRY_MAX_MS = 8000;
