@@ -343,7 +343,10 @@ def train_condition(
         optimizer.step()
         if adversarial:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                d_loss = (F.softplus(-disc_net(x)) + F.softplus(disc_net(recon.detach()))).mean()
+                # one forward over real + fake (DDP expects one forward per backward)
+                logits = disc_net(torch.cat([x, recon.detach()])).float()
+                real, fake = logits.chunk(2)
+                d_loss = (F.softplus(-real) + F.softplus(fake)).mean()
             disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             disc_optimizer.step()
