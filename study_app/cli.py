@@ -15,6 +15,7 @@ import click
 # name -> "module:attribute" of a click command or group. Each package adds its own
 # commands here (one line each) when they exist; none is a placeholder.
 SUBCOMMANDS: dict[str, str] = {
+    "analyze": "analysis.cli:analyze",
     "study": "study_app.commands:study",
     "serve": "study_app.commands:serve",
     "export": "study_app.commands:export",

@@ -1,0 +1,190 @@
+"""``pstudy analyze``: responses in, tables, figures, report and summary out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from analysis.io import ResponsesFormatError, load_responses
+from analysis.qc import QCOptions
+
+
+def _rates(ctx, param, value: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"give comma-separated rates like 0.6,0.7 ({exc})") from exc
+    if not rates or any(not 0 < r < 1 or r == 0.5 for r in rates):
+        raise click.BadParameter("each rate must be in (0, 1) and differ from 0.5")
+    return rates
+
+
+@click.command("analyze")
+@click.argument("input_", metavar="INPUT")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for tables/, figures/, report.html, summary.txt, provenance.json.",
+)
+@click.option(
+    "--study", default=None, help="Study slug/id (required with a database URL; filters a file)."
+)
+@click.option(
+    "--stimuli",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Stimulus set folder: adds metric-vs-human 2AFC agreement for every loss.",
+)
+@click.option(
+    "--metric",
+    "metric_names",
+    multiple=True,
+    help="Only these metrics (repeatable; default: all of generation.losses).",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="Two-sided level for tests and intervals.",
+)
+@click.option(
+    "--n-boot",
+    type=click.IntRange(0),
+    default=500,
+    show_default=True,
+    help="Bootstrap replicates (observer bootstrap of scales, cluster bootstrap of rates).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--anchor", default=None, help="Condition fixed at 0 on the scales (default: mean zero)."
+)
+@click.option(
+    "--mixed/--no-mixed",
+    default=True,
+    show_default=True,
+    help="Fit the crossed random-effects model (slow on big studies).",
+)
+@click.option("--min-catch-accuracy", type=click.FloatRange(0, 1), default=0.8, show_default=True)
+@click.option("--min-repeat-consistency", type=click.FloatRange(0, 1), default=None)
+@click.option("--max-side-rate", type=click.FloatRange(0.5, 1), default=0.9, show_default=True)
+@click.option("--fast-rt-ms", type=click.FloatRange(0), default=300.0, show_default=True)
+@click.option("--max-fast-fraction", type=click.FloatRange(0, 1), default=0.2, show_default=True)
+@click.option(
+    "--max-outlier-score",
+    type=float,
+    default=None,
+    help="Exclude observers above this outlier score (default: report only).",
+)
+@click.option("--completed-only", is_flag=True, help="Drop participants who did not complete.")
+@click.option(
+    "--ignore-study-exclusions",
+    is_flag=True,
+    help="Keep participants the study itself flagged as excluded.",
+)
+@click.option(
+    "--planning-rates",
+    default="0.6,0.65,0.7,0.75",
+    callback=_rates,
+    show_default=True,
+    help="True preference rates for the votes-needed table.",
+)
+@click.option(
+    "--power",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.8,
+    show_default=True,
+)
+@click.option("--quiet", is_flag=True, help="No progress bars or summary on the terminal.")
+def analyze(
+    input_,
+    out_dir,
+    study,
+    stimuli,
+    metric_names,
+    alpha,
+    n_boot,
+    seed,
+    anchor,
+    mixed,
+    min_catch_accuracy,
+    min_repeat_consistency,
+    max_side_rate,
+    fast_rt_ms,
+    max_fast_fraction,
+    max_outlier_score,
+    completed_only,
+    ignore_study_exclusions,
+    planning_rates,
+    power,
+    quiet,
+):
+    """Analyse 2AFC votes: QC, rates, clustered tests, scales, report.
+
+    INPUT is a responses file (contract 2, .csv or .parquet), a pwcmp long-format CSV
+    (observer, scene, condition_A, condition_B, is_A_selected), or a database URL
+    together with --study.
+
+    \b
+    Examples:
+      pstudy analyze responses.csv --out results/
+      pstudy analyze ../shared/data/pwcmp/ex3_tmo_cmp_data.csv --out pwcmp-results --no-mixed
+      pstudy analyze sqlite:///instance/study.sqlite3 --study demo --out results/
+      pstudy analyze responses.parquet --stimuli stimuli/demo --metric l1 --metric l2 --out r/
+    """
+    from analysis.report import AnalysisOptions, run_analysis, write_outputs
+
+    try:
+        loaded = load_responses(input_, study)
+    except ResponsesFormatError as exc:
+        raise click.ClickException(str(exc)) from exc
+    known = set(loaded.frame["condition_left"]) | set(loaded.frame["condition_right"])
+    if anchor is not None and anchor not in known:
+        raise click.BadParameter(
+            f"{anchor!r} is not a condition ({', '.join(sorted(known))})", param_hint="--anchor"
+        )
+    if metric_names:
+        from generation.losses import available_losses
+
+        unknown = [m for m in metric_names if m not in available_losses()]
+        if unknown:
+            raise click.BadParameter(
+                f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(available_losses())}",
+                param_hint="--metric",
+            )
+    qc = QCOptions(
+        min_catch_accuracy=min_catch_accuracy,
+        min_repeat_consistency=min_repeat_consistency,
+        max_side_rate=max_side_rate,
+        fast_rt_ms=fast_rt_ms,
+        max_fast_fraction=max_fast_fraction,
+        honour_study_exclusions=not ignore_study_exclusions,
+        completed_only=completed_only,
+        max_outlier_score=max_outlier_score,
+    )
+    options = AnalysisOptions(
+        alpha=alpha,
+        n_boot=n_boot,
+        seed=seed,
+        anchor=anchor,
+        mixed=mixed,
+        stimuli=str(stimuli) if stimuli else None,
+        metrics=tuple(metric_names) or None,
+        planning_rates=planning_rates,
+        power=power,
+        qc=qc,
+        progress=not quiet,
+    )
+    try:
+        result = run_analysis(loaded, options)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    hashes = write_outputs(result, out_dir)
+    if not quiet:
+        click.echo(result.summary)
+        click.echo(
+            f"Wrote {len(hashes)} files to {out_dir} (open {Path(out_dir) / 'report.html'})."
+        )

@@ -1,0 +1,182 @@
+"""Metric vs humans: how well each image metric predicts the collected 2AFC choices.
+
+For every loss in ``generation.losses.available_losses()`` the distance between the
+reference and each condition's image is computed (``build_loss(name)``, lower = more
+similar); on each main trial the metric "prefers" the condition with the smaller
+distance. The 2AFC score (Zhang et al. 2018) per (image, pair) cell with human rate p for
+condition a is p if the metric prefers a, 1 - p if it prefers b (0.5 on ties); the human
+ceiling is p^2 + (1 - p)^2 (agreement of two random judges). Both are vote-weighted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.pairs import ordered_pairs
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def stimulus_table(set_dir: str | Path) -> pd.DataFrame:
+    """(image_id, condition, path, reference_path) for a contract-1 stimulus set folder;
+    without manifest.json the layout is inferred (non-"reference" subfolders are
+    conditions; image ids present in reference/ and every condition)."""
+    root = Path(set_dir)
+    if not (root / "reference").is_dir():
+        raise ValueError(f"{root}: not a stimulus set (no reference/ folder); see contract 1")
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        refs = {img["id"]: root / img["path"] for img in data.get("images", [])}
+        rows = [
+            {
+                "image_id": s["image_id"],
+                "condition": s["condition"],
+                "path": root / s["path"],
+                "reference_path": refs.get(s["image_id"]),
+            }
+            for s in data.get("stimuli", [])
+        ]
+        return pd.DataFrame(rows, columns=["image_id", "condition", "path", "reference_path"])
+
+    def stems(folder: Path) -> dict[str, Path]:
+        return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+    reference = stems(root / "reference")
+    conditions = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "reference")
+    by_condition = {c: stems(root / c) for c in conditions}
+    common = (
+        set(reference).intersection(*[set(v) for v in by_condition.values()])
+        if conditions
+        else set()
+    )
+    rows = [
+        {"image_id": i, "condition": c, "path": by_condition[c][i], "reference_path": reference[i]}
+        for c in conditions
+        for i in sorted(common)
+    ]
+    return pd.DataFrame(rows, columns=["image_id", "condition", "path", "reference_path"])
+
+
+def _load(path: Path, channels: int | None):
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as image:
+        mode = (
+            "L"
+            if channels == 1 or (channels is None and image.mode in ("L", "I;16", "1"))
+            else "RGB"
+        )
+        array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array)
+    return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def metric_distances(
+    set_dir: str | Path, metrics: list[str] | None = None, progress: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-stimulus distances for every metric: (distances, status).
+
+    distances: metric, image_id, condition, distance. status: metric, description,
+    status ("ok" or the error a metric raised, e.g. missing offline weights).
+    """
+    import torch
+
+    from generation.losses import available_losses, build_loss
+
+    table = stimulus_table(set_dir)
+    described = available_losses()
+    names = list(described) if metrics is None else metrics
+    refs = {}
+    cands = {}
+    for row in table.itertuples(index=False):
+        if row.image_id not in refs:
+            refs[row.image_id] = _load(Path(row.reference_path), None)
+        cands[(row.image_id, row.condition)] = _load(Path(row.path), refs[row.image_id].shape[0])
+    keys = list(cands)
+    iterator = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(names, desc="metrics", unit="metric", leave=False)
+    rows, status = [], []
+    for name in iterator:
+        try:
+            module = build_loss(name).eval()
+            values = []
+            with torch.no_grad():
+                for start in range(0, len(keys), 64):
+                    chunk = keys[start : start + 64]
+                    pred = torch.stack([cands[k] for k in chunk])
+                    target = torch.stack([refs[k[0]] for k in chunk])
+                    values.append(module(pred, target).detach().reshape(-1).double().numpy())
+            distance = np.concatenate(values) if values else np.array([])
+            rows.extend(
+                {"metric": name, "image_id": k[0], "condition": k[1], "distance": float(d)}
+                for k, d in zip(keys, distance, strict=True)
+            )
+            status.append({"metric": name, "description": described.get(name, ""), "status": "ok"})
+        except Exception as exc:  # a metric that cannot run here (e.g. no offline weights)
+            status.append(
+                {
+                    "metric": name,
+                    "description": described.get(name, ""),
+                    "status": f"not computed: {exc}",
+                }
+            )
+    return (
+        pd.DataFrame(rows, columns=["metric", "image_id", "condition", "distance"]),
+        pd.DataFrame(status, columns=["metric", "description", "status"]),
+    )
+
+
+def metric_agreement(main: pd.DataFrame, distances: pd.DataFrame) -> pd.DataFrame:
+    """2AFC score and human ceiling per metric over main trials whose two stimuli both
+    have a distance. Columns: metric, n_trials, score_2afc, human_ceiling, ratio."""
+    pairs = ordered_pairs(main)
+    cells = pd.DataFrame(
+        {
+            "image_id": main["image_id"].astype(str).to_numpy(),
+            "condition_a": pairs["condition_a"].to_numpy(),
+            "condition_b": pairs["condition_b"].to_numpy(),
+            "win_a": pairs["win_a"].to_numpy(),
+        }
+    )
+    counts = (
+        cells.groupby(["image_id", "condition_a", "condition_b"])["win_a"]
+        .agg(["sum", "size"])
+        .reset_index()
+    )
+    counts["p"] = counts["sum"] / counts["size"]
+    rows = []
+    for metric, dist in distances.groupby("metric", sort=False):
+        lookup = dist.set_index(["image_id", "condition"])["distance"]
+        da = lookup.reindex(
+            pd.MultiIndex.from_arrays([counts["image_id"], counts["condition_a"]])
+        ).to_numpy()
+        db = lookup.reindex(
+            pd.MultiIndex.from_arrays([counts["image_id"], counts["condition_b"]])
+        ).to_numpy()
+        ok = np.isfinite(da) & np.isfinite(db)
+        n = counts["size"].to_numpy(dtype=float)[ok]
+        p = counts["p"].to_numpy()[ok]
+        prefers_a = np.where(da[ok] < db[ok], 1.0, np.where(da[ok] > db[ok], 0.0, 0.5))
+        score = prefers_a * p + (1 - prefers_a) * (1 - p)
+        ceiling = p**2 + (1 - p) ** 2
+        total = n.sum()
+        rows.append(
+            {
+                "metric": metric,
+                "n_trials": int(total),
+                "score_2afc": float((score * n).sum() / total) if total else np.nan,
+                "human_ceiling": float((ceiling * n).sum() / total) if total else np.nan,
+            }
+        )
+    table = pd.DataFrame(rows, columns=["metric", "n_trials", "score_2afc", "human_ceiling"])
+    table["ratio"] = table["score_2afc"] / table["human_ceiling"]
+    return table.sort_values("score_2afc", ascending=False, ignore_index=True)

@@ -1,0 +1,242 @@
+"""Quality control: per-participant checks, exclusion rules with a log, outlier scores.
+
+Catch-trial accuracy, consistency on repeated trials, one-side bias, too-fast responses,
+the study's own exclusion flags (contract 2 ``participant_excluded``), and the pwcmp-style
+observer outlier score. Catch and repeat trials never enter the main analysis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.scaling import _link_terms, condition_names, fit_scale, participant_win_tensor
+
+
+@dataclass(frozen=True)
+class QCOptions:
+    """Exclusion thresholds; None switches a rule off.
+
+    min_catch_accuracy: fraction of catch trials answered correctly (0..1).
+    min_repeat_consistency: fraction of repeated trials answered like the first time.
+    max_side_rate: the larger of left/right choice rates over main trials (0.5..1).
+    fast_rt_ms / max_fast_fraction: a response faster than fast_rt_ms (milliseconds) is
+    "too fast"; participants with more than max_fast_fraction of them are excluded.
+    honour_study_exclusions: drop participants the study flagged (participant_excluded).
+    completed_only: drop participants whose status is not "completed".
+    max_outlier_score: exclude observers whose outlier score exceeds this (default: report only).
+    """
+
+    min_catch_accuracy: float | None = 0.8
+    min_repeat_consistency: float | None = None
+    max_side_rate: float | None = 0.9
+    fast_rt_ms: float = 300.0
+    max_fast_fraction: float | None = 0.2
+    honour_study_exclusions: bool = True
+    completed_only: bool = False
+    max_outlier_score: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QCResult:
+    """``participants``: one row per participant with every QC value and the decision;
+    ``log``: one row per (participant, rule) that excluded someone (value, threshold);
+    ``kept``: main trials of kept participants; ``everyone``: main trials of all."""
+
+    participants: pd.DataFrame
+    log: pd.DataFrame
+    kept: pd.DataFrame
+    everyone: pd.DataFrame
+    options: QCOptions
+
+
+def repeat_consistency(responses: pd.DataFrame) -> pd.Series:
+    """Per participant: fraction of repeat trials whose chosen condition matches the first
+    main trial with the same image and pair (sides may be swapped)."""
+    frame = responses[
+        [
+            "participant",
+            "trial_kind",
+            "image_id",
+            "condition_left",
+            "condition_right",
+            "chosen_condition",
+            "trial_index",
+        ]
+    ].copy()
+    left = frame["condition_left"].astype(str)
+    right = frame["condition_right"].astype(str)
+    frame["pair"] = np.where(left < right, left + "\x1f" + right, right + "\x1f" + left)
+    key = ["participant", "image_id", "pair"]
+    first = (
+        frame[frame["trial_kind"] == "main"]
+        .sort_values("trial_index")
+        .drop_duplicates(key)[key + ["chosen_condition"]]
+    )
+    repeats = frame[frame["trial_kind"] == "repeat"].merge(first, on=key, suffixes=("", "_first"))
+    if repeats.empty:
+        return pd.Series(dtype=float, name="repeat_consistency")
+    same = repeats["chosen_condition"] == repeats["chosen_condition_first"]
+    return same.groupby(repeats["participant"]).mean().rename("repeat_consistency")
+
+
+def outlier_scores(main: pd.DataFrame, model: str = "thurstone") -> pd.DataFrame:
+    """pwcmp-style observer outlier screen over main trials.
+
+    For each observer: the mean log-likelihood per comparison of their own choices under
+    the scale fitted to everyone else (leave one out, Gaussian prior as in
+    ``analysis.scaling``). Score = (Q1 - L) / IQR of those likelihoods over observers,
+    i.e. how many inter-quartile ranges below the lower quartile (Tukey's fence): >= 1.5
+    is worth a look. Columns: participant, loo_loglik, outlier_score.
+    """
+    names = condition_names(main)
+    participants, tensor = participant_win_tensor(main, names)
+    total = tensor.sum(axis=0)
+    alpha = 1.0 / 9.0 if model == "thurstone" else 0.01
+    start = fit_scale(total, model, alpha)
+    loglik = np.full(len(participants), np.nan)
+    for p in range(len(participants)):
+        own = tensor[p]
+        n = own.sum()
+        if n == 0:
+            continue
+        scale = fit_scale(total - own, model, alpha, initial=start)
+        logp, _, _ = _link_terms(scale[:, None] - scale[None, :], model)
+        loglik[p] = float(np.sum(own * logp) / n)
+    q1, q3 = np.nanquantile(loglik, [0.25, 0.75]) if np.isfinite(loglik).any() else (np.nan, np.nan)
+    iqr = q3 - q1
+    score = (q1 - loglik) / iqr if iqr > 0 else np.zeros_like(loglik)
+    return pd.DataFrame({"participant": participants, "loo_loglik": loglik, "outlier_score": score})
+
+
+def participant_table(
+    responses: pd.DataFrame, options: QCOptions, sides_recorded: bool = True
+) -> pd.DataFrame:
+    """One row per participant: trial counts, catch accuracy, repeat consistency, side
+    rates, response times, status, study flags and outlier score (before decisions)."""
+    frame = responses
+    by = frame.groupby("participant", sort=True)
+    table = pd.DataFrame({"participant": sorted(frame["participant"].unique())}).set_index(
+        "participant"
+    )
+    kind = frame["trial_kind"]
+    table["n_main"] = (kind == "main").groupby(frame["participant"]).sum().astype(np.int64)
+    table["n_catch"] = (kind == "catch").groupby(frame["participant"]).sum().astype(np.int64)
+    table["n_repeat"] = (kind == "repeat").groupby(frame["participant"]).sum().astype(np.int64)
+    catch = frame[kind == "catch"]
+    if not catch.empty:
+        correct = catch["chosen_condition"] == catch["expected_condition"]
+        table["catch_accuracy"] = correct.groupby(catch["participant"]).mean()
+    else:
+        table["catch_accuracy"] = np.nan
+    table["repeat_consistency"] = repeat_consistency(frame)
+    main = frame[kind == "main"]
+    if sides_recorded and not main.empty:
+        left = (main["choice"] == "left").groupby(main["participant"]).mean()
+        table["left_rate"] = left
+        table["side_rate"] = np.maximum(left, 1 - left)
+    else:
+        table["left_rate"] = np.nan
+        table["side_rate"] = np.nan
+    rt = frame["rt_ms"].astype(float)
+    table["median_rt_ms"] = rt.groupby(frame["participant"]).median()
+    fast = (rt < options.fast_rt_ms).astype(float).where(rt.notna())
+    table["fast_fraction"] = fast.groupby(frame["participant"]).mean()
+    table["status"] = by["participant_status"].first()
+    table["study_excluded"] = by["participant_excluded"].any()
+    table["study_reasons"] = by["exclusion_reasons"].first().fillna("")
+    if main["participant"].nunique() >= 3 and main["condition_left"].nunique() >= 1:
+        scores = outlier_scores(main).set_index("participant")
+        table = table.join(scores)
+    else:
+        table["loo_loglik"] = np.nan
+        table["outlier_score"] = np.nan
+    return table.reset_index()
+
+
+def apply_exclusions(
+    responses: pd.DataFrame, options: QCOptions | None = None, sides_recorded: bool = True
+) -> QCResult:
+    """Run the QC rules: per-participant table with ``excluded`` and ``reasons``, the
+    exclusion log, and the main trials with and without the excluded participants."""
+    options = options or QCOptions()
+    table = participant_table(responses, options, sides_recorded)
+    log_rows: list[dict] = []
+
+    def rule(name: str, failed: pd.Series, values: pd.Series, threshold) -> None:
+        for participant, value in zip(
+            table.loc[failed, "participant"], values[failed], strict=True
+        ):
+            log_rows.append(
+                {"participant": participant, "rule": name, "value": value, "threshold": threshold}
+            )
+
+    def below(column: str, threshold: float | None) -> pd.Series:
+        if threshold is None:
+            return pd.Series(False, index=table.index)
+        return table[column].notna() & (table[column] < threshold)
+
+    def above(column: str, threshold: float | None) -> pd.Series:
+        if threshold is None:
+            return pd.Series(False, index=table.index)
+        return table[column].notna() & (table[column] > threshold)
+
+    rule(
+        "catch_accuracy",
+        below("catch_accuracy", options.min_catch_accuracy),
+        table["catch_accuracy"],
+        options.min_catch_accuracy,
+    )
+    rule(
+        "repeat_consistency",
+        below("repeat_consistency", options.min_repeat_consistency),
+        table["repeat_consistency"],
+        options.min_repeat_consistency,
+    )
+    rule(
+        "side_bias",
+        above("side_rate", options.max_side_rate),
+        table["side_rate"],
+        options.max_side_rate,
+    )
+    rule(
+        "too_fast",
+        above("fast_fraction", options.max_fast_fraction),
+        table["fast_fraction"],
+        options.max_fast_fraction,
+    )
+    rule(
+        "outlier_score",
+        above("outlier_score", options.max_outlier_score),
+        table["outlier_score"],
+        options.max_outlier_score,
+    )
+    if options.honour_study_exclusions:
+        flagged = table["study_excluded"].astype(bool)
+        rule("study_exclusion", flagged, table["study_reasons"], "flagged by the study")
+    if options.completed_only:
+        rule("not_completed", table["status"] != "completed", table["status"], "completed")
+    log = pd.DataFrame(log_rows, columns=["participant", "rule", "value", "threshold"])
+    if not log.empty:
+        log["value"] = log["value"].astype(str)
+        log["threshold"] = log["threshold"].astype(str)
+    reasons = (
+        log.groupby("participant")["rule"].agg(";".join) if not log.empty else pd.Series(dtype=str)
+    )
+    table["reasons"] = table["participant"].map(reasons).fillna("")
+    table["excluded"] = table["reasons"] != ""
+    main = responses[responses["trial_kind"] == "main"]
+    excluded = set(table.loc[table["excluded"], "participant"])
+    kept = main[~main["participant"].isin(excluded)]
+    return QCResult(
+        participants=table,
+        log=log,
+        kept=kept.reset_index(drop=True),
+        everyone=main.reset_index(drop=True),
+        options=options,
+    )

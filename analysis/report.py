@@ -1,0 +1,447 @@
+"""The whole analysis in one call, and writing its outputs.
+
+``run_analysis(loaded, options) -> AnalysisResult`` (pure: no printing, no files);
+``write_outputs(result, out_dir)`` writes tidy tables (CSV, Parquet, JSON, LaTeX),
+figures (PNG), one self-contained HTML report and a plain-language summary. Every output
+records the input hash and the options (``provenance``).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import html
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis import agreement, clustered, metrics, planning, plots, scaling
+from analysis.io import LoadedResponses
+from analysis.pairs import preference_table
+from analysis.qc import QCOptions, apply_exclusions
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Options of one analysis run (all recorded in every output).
+
+    alpha: two-sided level for tests and intervals. n_boot: bootstrap replicates (observer
+    bootstrap of scales, cluster bootstrap of rates). anchor: condition fixed at 0 on the
+    scales (None: mean zero). mixed: fit the crossed random-effects model (slow).
+    stimuli: stimulus set folder for metric-vs-human agreement. metrics: names (None:
+    every available loss). planning_rates / power: votes-needed table.
+    """
+
+    alpha: float = 0.05
+    n_boot: int = 500
+    seed: int = 0
+    anchor: str | None = None
+    mixed: bool = True
+    stimuli: str | None = None
+    metrics: tuple[str, ...] | None = None
+    planning_rates: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75)
+    power: float = 0.8
+    qc: QCOptions = field(default_factory=QCOptions)
+    progress: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AnalysisResult:
+    """Tables (name -> tidy DataFrame), figures (name -> Figure), the plain-language
+    summary, notes on methods and limits, and provenance (inputs, options, versions)."""
+
+    tables: dict[str, pd.DataFrame]
+    figures: dict[str, Figure]
+    summary: str
+    notes: list[str]
+    provenance: dict
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("perceptual-study-platform", "numpy", "pandas", "scipy", "statsmodels"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f} %"
+
+
+def _p(x: float) -> str:
+    return "n/a" if not np.isfinite(x) else ("< 0.001" if x < 0.001 else f"{x:.3f}")
+
+
+def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alpha: float) -> str:
+    """A few sentences a non-statistician can read; numbers come from ``tables``."""
+    parts = tables["participants"]
+    kept = int((~parts["excluded"]).sum())
+    excluded = int(parts["excluded"].sum())
+    pairs = tables["pairs"]
+    glm = tables["cluster_glm"].set_index(["condition_a", "condition_b"])
+    level = _pct(1 - alpha)
+    lines = [
+        f"Input: {loaded.source} ({loaded.input_format}), sha256 {loaded.input_sha256[:12]}.",
+        f"{kept} participants kept, {excluded} excluded by the quality rules "
+        f"({int(pairs['n'].sum())} main votes analysed).",
+    ]
+    for row in pairs.sort_values("p_holm").itertuples(index=False):
+        if row.rate_a >= 0.5:
+            win, lose, rate, low, high = (
+                row.condition_a,
+                row.condition_b,
+                row.rate_a,
+                row.wilson_low,
+                row.wilson_high,
+            )
+        else:
+            win, lose, rate, low, high = (
+                row.condition_b,
+                row.condition_a,
+                1 - row.rate_a,
+                1 - row.wilson_high,
+                1 - row.wilson_low,
+            )
+        clustered_p = (
+            glm.loc[(row.condition_a, row.condition_b), "p_holm"]
+            if (row.condition_a, row.condition_b) in glm.index
+            else np.nan
+        )
+        if not np.isfinite(clustered_p):
+            verdict = "clustered test not available (all votes one way)"
+        elif clustered_p < alpha:
+            verdict = "a reliable preference"
+        else:
+            verdict = "not a reliable difference"
+        lines.append(
+            f"Observers preferred {win} over {lose} in {_pct(rate)} of {row.n} trials "
+            f"({level} CI {_pct(low)}–{_pct(high)}, p_Holm {_p(row.p_holm)}; accounting for "
+            f"participants and images p_Holm {_p(clustered_p)}): {verdict}."
+        )
+    scale = tables["scale_jod"].sort_values("estimate", ascending=False)
+    ranking = ", ".join(f"{r.condition} ({r.estimate:+.2f})" for r in scale.itertuples())
+    lines.append(f"Quality scale (JOD; 1 JOD = 75 % preference), best first: {ranking}.")
+    if "position_bias" in tables:
+        pb = tables["position_bias"].iloc[0]
+        lines.append(
+            f"The left image was chosen in {_pct(pb.left_rate)} of main trials (p {_p(pb.p_value)})."
+        )
+    else:
+        lines.append("Sides (left/right) were not recorded, so position bias was not assessed.")
+    if "metric_agreement" in tables and not tables["metric_agreement"].empty:
+        best = tables["metric_agreement"].iloc[0]
+        lines.append(
+            f"Of the image metrics, {best.metric} predicted these judgments best (2AFC score "
+            f"{best.score_2afc:.3f}; human ceiling {best.human_ceiling:.3f})."
+        )
+    sens = tables.get("pairs_everyone")
+    if sens is not None and excluded:
+        lines.append(
+            "Sensitivity: with everyone kept, the direction of every pair's preference is "
+            + (
+                "unchanged."
+                if np.all(
+                    np.sign(sens.set_index(["condition_a", "condition_b"])["rate_a"] - 0.5)
+                    .reindex(pairs.set_index(["condition_a", "condition_b"]).index)
+                    .to_numpy()
+                    == np.sign(pairs["rate_a"] - 0.5).to_numpy()
+                )
+                else "NOT the same for every pair (see pairs_everyone)."
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None) -> AnalysisResult:
+    """Every layer of the analysis (QC, pairs, clustered inference, scales, bias,
+    agreement, metrics, planning) on validated responses. No printing, no files."""
+    options = options or AnalysisOptions()
+    frame = loaded.frame
+    qc = apply_exclusions(frame, options.qc, loaded.sides_recorded)
+    main = qc.kept
+    if main.empty:
+        raise ValueError(
+            "no main trials left after exclusions; relax the QC rules (see the exclusion log)"
+        )
+    if main["condition_left"].nunique() + main["condition_right"].nunique() < 2:
+        raise ValueError("the main trials compare fewer than two conditions")
+    notes = [
+        "Pooled per-pair p-values treat votes as independent; they are not (same participant, "
+        "same image). The clustered results (cluster_glm, per_participant_tests, "
+        "cluster_bootstrap) are the inferential ones.",
+        "Holm (family-wise) and Benjamini–Hochberg (FDR) adjust over all condition pairs.",
+        f"Scales: Thurstone Case V in JOD with a N(0, {scaling.THURSTONE_PRIOR_SD:g}^2) prior; "
+        "Bradley–Terry in logits by maximum likelihood (ridge alpha "
+        f"{scaling.AUTO_ALPHA:g} only when the win graph is not strongly connected); "
+        f"{options.n_boot} observer-bootstrap replicates.",
+        "Observer outlier score: (Q1 - L) / IQR of each observer's leave-one-out mean "
+        "log-likelihood; >= 1.5 is worth a look.",
+    ]
+    if not loaded.sides_recorded:
+        notes.append("Sides were not recorded in this input: no position-bias analysis.")
+    tables: dict[str, pd.DataFrame] = {
+        "participants": qc.participants,
+        "exclusion_log": qc.log,
+        "pairs": preference_table(main, options.alpha),
+        "pairs_everyone": preference_table(qc.everyone, options.alpha),
+        "per_participant_tests": clustered.per_participant_tests(main),
+        "cluster_glm": clustered.cluster_robust_glm(main, loaded.sides_recorded, options.alpha),
+        "cluster_bootstrap": clustered.cluster_bootstrap_rates(
+            main, options.n_boot, 1 - options.alpha, options.seed
+        ),
+    }
+    if options.mixed:
+        tables["mixed_model"] = clustered.mixed_logistic(
+            main, loaded.sides_recorded, seed=options.seed
+        )
+        notes.append("Mixed model: " + clustered.MIXED_LIMITS)
+    level = 1 - options.alpha
+    jod = scaling.scale_conditions(
+        main,
+        "thurstone",
+        anchor=options.anchor,
+        n_boot=options.n_boot,
+        level=level,
+        seed=options.seed,
+        progress=options.progress,
+    )
+    bt = scaling.scale_conditions(
+        main,
+        "bt",
+        anchor=options.anchor,
+        n_boot=options.n_boot,
+        level=level,
+        seed=options.seed,
+        progress=options.progress,
+    )
+    jod_all = scaling.scale_conditions(
+        qc.everyone,
+        "thurstone",
+        anchor=options.anchor,
+        n_boot=options.n_boot,
+        level=level,
+        seed=options.seed,
+    )
+    if not bt.strongly_connected:
+        notes.append("The win graph is not strongly connected: Bradley–Terry was regularised.")
+    tables.update(
+        {
+            "scale_jod": jod.scale,
+            "significance_jod": jod.significance,
+            "scale_bt": bt.scale,
+            "significance_bt": bt.significance,
+            "scale_jod_everyone": jod_all.scale,
+            "reliability": scaling.split_half_reliability(main, seed=options.seed),
+            "agreement": agreement.agreement_table(main),
+        }
+    )
+    if loaded.sides_recorded:
+        tables["position_bias"], tables["position_bias_participants"] = agreement.position_bias(
+            main, options.alpha
+        )
+    per_pair, icc = planning.estimate_icc(main)
+    tables["planning"] = planning.planning_table(
+        options.planning_rates, options.alpha, options.power, per_pair, icc
+    )
+    tables["planning"]["votes_for_halfwidth_0.05"] = planning.votes_for_halfwidth(
+        0.05, 0.5, options.alpha
+    )
+    if options.stimuli:
+        names = list(options.metrics) if options.metrics else None
+        distances, status = metrics.metric_distances(options.stimuli, names, options.progress)
+        tables["metric_distances"] = distances
+        tables["metric_status"] = status
+        tables["metric_agreement"] = metrics.metric_agreement(main, distances)
+    figures = {
+        "preference_matrix": plots.preference_matrix_figure(tables["pairs"], options.alpha),
+        "scale_jod": plots.scale_figure(jod.scale, "JOD"),
+        "scale_bt": plots.scale_figure(bt.scale, "logit"),
+        "participant_qc": plots.participant_qc_figure(qc.participants),
+    }
+    provenance = {
+        "tool": "pstudy analyze",
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "inputs": [
+            {
+                "source": loaded.source,
+                "format": loaded.input_format,
+                "sha256": loaded.input_sha256,
+                "rows": len(frame),
+                "filled_columns": loaded.filled_columns,
+            }
+        ],
+        "options": options.as_dict(),
+        "versions": _versions(),
+    }
+    if options.stimuli:
+        manifest = Path(options.stimuli) / "manifest.json"
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+        provenance["inputs"].append(
+            {"source": str(options.stimuli), "format": "stimulus-set", "manifest_sha256": digest}
+        )
+    summary = plain_summary(tables, loaded, options.alpha)
+    return AnalysisResult(tables, figures, summary, notes, provenance)
+
+
+def _jsonable(value):
+    if isinstance(value, float | np.floating):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    return [{k: _jsonable(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
+
+
+def _png(fig: Figure, provenance_line: str) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, metadata={"Description": provenance_line})
+    return buffer.getvalue()
+
+
+def write_outputs(result: AnalysisResult, out_dir: str | Path) -> dict[str, str]:
+    """Write everything under ``out_dir``; returns {relative path: sha256}.
+
+    tables/<name>.csv (first line: a '#' comment with the provenance JSON; read with
+    ``pd.read_csv(path, skiprows=1)``), .parquet (provenance in the schema metadata),
+    .json ({"provenance", "rows"}), .tex (provenance as % comment); figures/<name>.png
+    (provenance in the PNG Description); report.html (self-contained), summary.txt,
+    provenance.json (options, inputs, and every file's hash).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    line = json.dumps(result.provenance, sort_keys=True, default=str)
+    written: dict[str, bytes] = {}
+    for name, table in result.tables.items():
+        clean = table.copy()
+        for column in clean.columns:
+            if clean[column].dtype == object or str(clean[column].dtype).startswith("str"):
+                clean[column] = clean[column].astype(object).where(clean[column].notna(), None)
+                clean[column] = clean[column].map(lambda v: v if v is None else str(v))
+        written[f"tables/{name}.csv"] = ("# " + line + "\n" + clean.to_csv(index=False)).encode()
+        arrow = pa.Table.from_pandas(clean, preserve_index=False)
+        arrow = arrow.replace_schema_metadata(
+            {**(arrow.schema.metadata or {}), b"pstudy_provenance": line.encode()}
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(arrow, sink)
+        written[f"tables/{name}.parquet"] = sink.getvalue().to_pybytes()
+        written[f"tables/{name}.json"] = json.dumps(
+            {"provenance": result.provenance, "table": name, "rows": _records(clean)},
+            indent=1,
+            default=str,
+        ).encode()
+        latex = clean.to_latex(index=False, float_format="%.4g", na_rep="--", escape=True)
+        written[f"tables/{name}.tex"] = ("% " + line.replace("\n", " ") + "\n" + latex).encode()
+    images = {}
+    for name, fig in result.figures.items():
+        data = _png(fig, line)
+        written[f"figures/{name}.png"] = data
+        images[name] = data
+    summary = result.summary + "\nProvenance: " + line + "\n"
+    written["summary.txt"] = summary.encode()
+    written["report.html"] = render_html(result, images).encode()
+    hashes = {}
+    for rel, data in written.items():
+        (out / rel).write_bytes(data)
+        hashes[rel] = hashlib.sha256(data).hexdigest()
+    (out / "provenance.json").write_text(
+        json.dumps({**result.provenance, "outputs": hashes}, indent=1, default=str)
+    )
+    return hashes
+
+
+SECTIONS = [
+    ("Quality control", ["participants", "exclusion_log"]),
+    ("Per pair (descriptive; votes pooled)", ["pairs", "pairs_everyone"]),
+    (
+        "Clustered inference",
+        ["cluster_glm", "per_participant_tests", "cluster_bootstrap", "mixed_model"],
+    ),
+    (
+        "Scales",
+        [
+            "scale_jod",
+            "significance_jod",
+            "scale_bt",
+            "significance_bt",
+            "scale_jod_everyone",
+            "reliability",
+        ],
+    ),
+    ("Position bias and agreement", ["position_bias", "position_bias_participants", "agreement"]),
+    ("Metrics vs humans", ["metric_agreement", "metric_status"]),
+    ("Planning", ["planning"]),
+]
+
+
+def render_html(result: AnalysisResult, images: dict[str, bytes]) -> str:
+    """One self-contained HTML page (figures inlined as base64 PNG, no external files)."""
+    esc = html.escape
+    body = [f"<h1>Preference analysis</h1><pre class='summary'>{esc(result.summary)}</pre>"]
+    for name, data in images.items():
+        encoded = base64.b64encode(data).decode()
+        body.append(
+            f"<figure><img alt='{esc(name)}' src='data:image/png;base64,{encoded}'>"
+            f"<figcaption>{esc(name.replace('_', ' '))}</figcaption></figure>"
+        )
+    for title, names in SECTIONS:
+        present = [n for n in names if n in result.tables]
+        if not present:
+            continue
+        body.append(f"<h2>{esc(title)}</h2>")
+        for name in present:
+            table = result.tables[name]
+            body.append(f"<h3>{esc(name)}</h3>")
+            body.append(
+                table.to_html(
+                    index=False,
+                    float_format=lambda v: f"{v:.4g}",
+                    na_rep="–",
+                    border=0,
+                    classes="tidy",
+                )
+            )
+    body.append(
+        "<h2>Methods and limits</h2><ul>"
+        + "".join(f"<li>{esc(n)}</li>" for n in result.notes)
+        + "</ul>"
+    )
+    body.append(
+        "<h2>Provenance</h2><pre>"
+        + esc(json.dumps(result.provenance, indent=1, default=str))
+        + "</pre>"
+    )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table.tidy{border-collapse:collapse;font-size:12px;margin-bottom:1em}"
+        "table.tidy td,table.tidy th{padding:2px 6px;border-bottom:1px solid #ddd}"
+        "img{max-width:100%}pre{white-space:pre-wrap;background:#f6f6f6;padding:.6em}"
+    )
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Preference analysis"
+        f"</title><style>{style}</style></head><body>" + "\n".join(body) + "</body></html>"
+    )
