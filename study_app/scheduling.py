@@ -5,7 +5,7 @@ transaction). The rules (docs/study_api.md, ../shared/design/study.md):
 
 - an item (image × condition pair) has a *load* = its votes + its open leases (leased,
   not expired, not preview); a participant's main trials are drawn from the items with
-  the lowest load below K, never an item this participant already has or answered;
+  the lowest load below K, never an item this participant was ever issued;
   ties are broken by a seeded pseudo-random order;
 - on PostgreSQL the candidate items are locked ``FOR UPDATE SKIP LOCKED`` (two
   participants never lease the same item concurrently) and their load is re-read after
@@ -28,7 +28,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import BigInteger, and_, cast, func, literal, or_, select, update
 
 from study_app.errors import ApiError
 from study_app.extensions import db
@@ -88,7 +88,9 @@ def item_load(now: datetime):
 
 
 def _seeded_order(salt: int):
-    return (Item.id * _HASH_MULT + salt) % _HASH_MOD
+    big = cast(Item.id, BigInteger)
+    return (big * literal(_HASH_MULT, BigInteger) + literal(salt, BigInteger)) % literal(
+        _HASH_MOD, BigInteger)
 
 
 def lock_participant(participant_id: int) -> Participant:
@@ -101,9 +103,9 @@ def lock_participant(participant_id: int) -> Participant:
 
 def _eligible_items(participant: Participant, study: Study, config: StudyConfig,
                     now: datetime):
-    taken = select(Trial.item_id).where(
+    taken = select(Trial.item_id).where(  # ever issued to this participant, in any state
         Trial.participant_id == participant.id, Trial.kind == "main",
-        Trial.item_id.is_not(None), _live_or_answered(now),
+        Trial.item_id.is_not(None),
     )
     query = select(Item).where(Item.study_id == study.id, Item.id.not_in(taken))
     if not participant.preview:
@@ -330,7 +332,11 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
     db.session.add_all(new)
     db.session.flush()
     trials.extend(new)
-    return trials, not trials
+    if trials:
+        return trials, False
+    # Nothing issued: done only if nothing could be issued (items locked by a concurrent
+    # transaction right now still count as available: ask again).
+    return trials, not any(remaining_trials(participant, study, config, now).values())
 
 
 def record_vote(participant_id: int, study: Study, vote: VoteInput, reference_shown: bool,

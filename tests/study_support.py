@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -105,6 +106,8 @@ class Participant:
             body = self.next().get_json()
             if body["done"]:
                 return n
+            if not body["trials"]:  # items momentarily locked by others: ask again
+                time.sleep(0.05)
             for trial in body["trials"]:
                 assert self.vote(trial["token"], choose(trial)).status_code == 200
                 n += 1

@@ -1,0 +1,383 @@
+"""``pstudy`` subcommands of the study app: study, serve, export, simulate, researcher.
+
+Each command works on the database given by ``--database-url`` (or ``DATABASE_URL``;
+default: the SQLite file in the instance folder) and brings its schema up to date with
+the migrations first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+DATABASE_OPTION = click.option(
+    "--database-url", envvar="DATABASE_URL", default=None,
+    help="SQLAlchemy URL (env DATABASE_URL); default: instance/study.sqlite3.",
+)
+
+
+def make_app(database_url: str | None, migrate: bool = True):
+    """The Flask app on ``database_url``, its schema migrated to the newest revision."""
+    from study_app import create_app
+
+    app = create_app({"SQLALCHEMY_DATABASE_URI": database_url} if database_url else None)
+    if migrate:
+        upgrade_database(app)
+    return app
+
+
+def upgrade_database(app) -> None:
+    """Run the Alembic migrations up to head (idempotent, quiet)."""
+    from alembic import command
+
+    with app.app_context():
+        config = app.extensions["migrate"].migrate.get_config()
+        config.attributes["quiet"] = True
+        command.upgrade(config, "head")
+
+
+# --------------------------------------------------------------------------- study
+
+
+@click.group("study")
+def study() -> None:
+    """Create studies from stimulus sets, list them, change their status."""
+
+
+def _load_config_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise click.BadParameter(f"{path} is not valid YAML/JSON: {error}",
+                                 param_hint="--config") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} must hold a mapping of study settings",
+                                 param_hint="--config")
+    return data
+
+
+@study.command("create")
+@click.argument("stimulus_set", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False,
+                                                         path_type=Path),
+              help="YAML or JSON file of study settings (docs/study_app.md lists them).")
+@click.option("--title", help="Title shown to participants (default: the set's name).")
+@click.option("--slug", help="URL name, lowercase letters/digits/'-' (default from title).")
+@click.option("-k", "--votes-per-item", type=int, help="K: votes wanted per image × pair.")
+@click.option("-m", "--trials-per-participant", type=int, help="M: main trials per person.")
+@click.option("--catch-trials", type=int, help="Catch trials per participant.")
+@click.option("--repeat-trials", type=int, help="Repeat trials per participant.")
+@click.option("--practice-trials", type=int, help="Practice trials (never stored).")
+@click.option("--conditions", help="Comma-separated conditions (default: all).")
+@click.option("--no-reference", is_flag=True, default=None,
+              help="Ask 'which looks better?' without showing the reference.")
+@click.option("--completion-code", help="Code shown (and sent to Prolific) at the end.")
+@click.option("--completion-url", help="Redirect URL at the end (e.g. Prolific's).")
+@click.option("--seed", type=int, help="Seed for trial order and side choices.")
+@click.option("--live", is_flag=True, help="Open the study for participants right away.")
+@click.option("--base-url", default="http://127.0.0.1:8000", show_default=True,
+              help="Where the app is served (for the printed participant link).")
+@DATABASE_OPTION
+def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, live: bool,
+                 database_url: str | None, **options: Any) -> None:
+    """Create a study from STIMULUS_SET (a folder, with or without manifest.json).
+
+    \b
+    Examples:
+      pstudy study create stimuli/demo --title "Loss study" -k 5 -m 20 --live
+      pstudy study create stimuli/demo --config study.yaml --completion-code C0DE
+    """
+    import re
+
+    from study_app.extensions import db
+    from study_app.stimuli import StimulusSetError, import_stimulus_set
+    from study_app.studies import StudyConfigError, create_study, parse_config, set_status
+
+    settings: dict[str, Any] = _load_config_file(config_file) if config_file else {}
+    if options.pop("no_reference"):
+        settings["question_mode"] = "no-reference"
+    conditions = options.pop("conditions")
+    if conditions:
+        settings["conditions"] = [c.strip() for c in conditions.split(",") if c.strip()]
+    settings.update({k: v for k, v in options.items() if v is not None})
+    settings.setdefault("title", stimulus_set.resolve().name)
+    if "slug" not in settings:
+        settings["slug"] = re.sub(r"[^a-z0-9]+", "-", settings["title"].lower()).strip("-")[:80]
+    app = make_app(database_url)
+    with app.app_context():
+        try:
+            imported = import_stimulus_set(stimulus_set)
+            config = parse_config(settings)
+            created = create_study(imported, config)
+            if live:
+                set_status(created, "live")
+            db.session.commit()
+        except (StimulusSetError, StudyConfigError, TypeError) as error:
+            db.session.rollback()
+            raise click.ClickException(str(error)) from None
+        n_items = len(imported.images) if config.images is None else len(config.images)
+        click.echo(f"created study '{created.slug}' ({created.status}) from "
+                   f"{imported.name}: {created.config_sha256[:12]}…, K={config.votes_per_item},"
+                   f" M={config.trials_per_participant}, {n_items} image(s)")
+        link = f"{base_url.rstrip('/')}/s/{created.slug}"
+        click.echo(f"participant link: {link}")
+        click.echo("Prolific link:    " + link +
+                   "?PROLIFIC_PID={{%PROLIFIC_PID%}}&STUDY_ID={{%STUDY_ID%}}"
+                   "&SESSION_ID={{%SESSION_ID%}}")
+
+
+@study.command("status")
+@click.argument("slug")
+@click.argument("new_status", required=False,
+                type=click.Choice(["draft", "live", "paused", "closed"]))
+@DATABASE_OPTION
+def study_status(slug: str, new_status: str | None, database_url: str | None) -> None:
+    """Show a study's status, votes and participants, or set NEW_STATUS.
+
+    \b
+    Examples:
+      pstudy study status loss-study
+      pstudy study status loss-study live
+    """
+    from sqlalchemy import func, select
+
+    from study_app.extensions import db
+    from study_app.models import Item, Participant
+    from study_app.studies import StudyConfigError, find_study, set_status
+
+    app = make_app(database_url)
+    with app.app_context():
+        found = find_study(slug)
+        if found is None:
+            raise click.ClickException(f"no study {slug!r}; `pstudy study list` shows them")
+        if new_status:
+            try:
+                set_status(found, new_status)
+            except StudyConfigError as error:
+                raise click.ClickException(str(error)) from None
+            db.session.commit()
+        votes, items = db.session.execute(
+            select(func.coalesce(func.sum(Item.n_votes), 0), func.count(Item.id))
+            .where(Item.study_id == found.id)).one()
+        by_status = dict(db.session.execute(
+            select(Participant.status, func.count()).where(
+                Participant.study_id == found.id, Participant.preview.is_(False))
+            .group_by(Participant.status)).all())
+        k = found.config["votes_per_item"]
+        click.echo(f"{found.slug}: {found.status}; {votes}/{items * k} main votes "
+                   f"({items} items × K={k}); participants {by_status or 'none'}")
+
+
+@study.command("list")
+@DATABASE_OPTION
+def study_list(database_url: str | None) -> None:
+    """List the studies in the database."""
+    from sqlalchemy import select
+
+    from study_app.extensions import db
+    from study_app.models import Study
+
+    app = make_app(database_url)
+    with app.app_context():
+        for row in db.session.scalars(select(Study).order_by(Study.id)):
+            click.echo(f"{row.id}\t{row.slug}\t{row.status}\t{row.title}")
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _secret_key(instance_path: str) -> str:
+    """A persistent random key in the instance folder, shared by all workers."""
+    path = Path(instance_path) / "secret_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@click.command("serve")
+@click.option("--bind", "-b", default="127.0.0.1:8000", show_default=True,
+              help="Address gunicorn listens on.")
+@click.option("--workers", "-w", type=click.IntRange(1, 256), default=None,
+              help="Worker processes (default: cores, at least 2).")
+@click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Threads per worker.")
+@click.option("--access-log", is_flag=True, help="Log every request to stdout.")
+@click.option("--migrate/--no-migrate", default=True, show_default=True,
+              help="Upgrade the database schema before serving.")
+@DATABASE_OPTION
+def serve(bind: str, workers: int | None, threads: int, access_log: bool, migrate: bool,
+          database_url: str | None) -> None:
+    """Serve the study app with gunicorn (study_app/gunicorn.conf.py).
+
+    \b
+    Examples:
+      pstudy serve
+      pstudy serve --bind 0.0.0.0:8000 --workers 4 --database-url postgresql+psycopg://…
+    """
+    import shutil
+
+    app = make_app(database_url, migrate=migrate)
+    env = dict(os.environ)
+    env["DATABASE_URL"] = app.config["SQLALCHEMY_DATABASE_URI"]
+    env.setdefault("SECRET_KEY", _secret_key(app.instance_path))
+    env["PSTUDY_BIND"] = bind
+    env["PSTUDY_THREADS"] = str(threads)
+    if workers:
+        env["PSTUDY_WORKERS"] = str(workers)
+    if access_log:
+        env["PSTUDY_ACCESS_LOG"] = "-"
+    gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
+    config = str(Path(__file__).with_name("gunicorn.conf.py"))
+    click.echo(f"serving on http://{bind} (gunicorn, {config})", err=True)
+    os.execvpe(gunicorn, [gunicorn, "-c", config, "study_app:create_app()"], env)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@click.command("export")
+@click.argument("study_key", metavar="STUDY")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, allow_dash=True),
+              required=True, help="Output file (.csv or .parquet); '-' writes CSV to stdout.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default=None,
+              help="Default: from the output file's suffix.")
+@DATABASE_OPTION
+def export(study_key: str, output: str, fmt: str | None, database_url: str | None) -> None:
+    """Export STUDY's responses (slug or id) per contract 2, streamed.
+
+    Parquet files carry the study config and stimulus-manifest hash in their metadata;
+    a CSV gets them in ``<output>.provenance.json``.
+
+    \b
+    Examples:
+      pstudy export loss-study -o responses.parquet
+      pstudy export loss-study -o - | head
+    """
+    from study_app import export as exporter
+    from study_app.extensions import db
+
+    fmt = fmt or ("parquet" if output.endswith(".parquet") else "csv")
+    if fmt == "parquet" and output == "-":
+        raise click.BadParameter("Parquet cannot go to stdout; give a file name",
+                                 param_hint="--output")
+    app = make_app(database_url)
+    with app.app_context(), db.engine.connect() as connection:
+        try:
+            meta = exporter.provenance(connection, study_key)
+        except exporter.ExportError as error:
+            raise click.ClickException(str(error)) from None
+        if fmt == "parquet":
+            n = exporter.write_parquet(connection, study_key, output)
+        elif output == "-":
+            n = exporter.write_csv(connection, study_key, sys.stdout)
+        else:
+            with open(output, "w", newline="") as handle:
+                n = exporter.write_csv(connection, study_key, handle)
+            Path(output + ".provenance.json").write_text(json.dumps(meta, indent=1))
+    click.echo(f"exported {n} responses of '{meta['study']}' to {output}", err=True)
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+@click.command("simulate")
+@click.argument("base_url")
+@click.argument("slug")
+@click.option("--participants", "-n", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--concurrency", "-c", type=click.IntRange(1, 1000), default=20,
+              show_default=True, help="Participants active at once.")
+@click.option("--observer", type=click.Choice(["random", "one-side", "metric"]),
+              default="random", show_default=True)
+@click.option("--noise", type=click.FloatRange(0), default=0.02, show_default=True,
+              help="metric observer: SD of the noise added to each RMSE (pixels in [0,1]).")
+@click.option("--side", type=click.Choice(["left", "right"]), default="left",
+              help="one-side observer: the side it always picks.")
+@click.option("--fetch-images", is_flag=True, help="Download every image like a browser.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def simulate(base_url: str, slug: str, participants: int, concurrency: int, observer: str,
+             noise: float, side: str, fetch_images: bool, seed: int) -> None:
+    """Run synthetic participants against a served study at BASE_URL.
+
+    \b
+    Examples:
+      pstudy simulate http://127.0.0.1:8000 loss-study -n 100 -c 100
+      pstudy simulate http://127.0.0.1:8000 loss-study --observer metric --noise 0.01
+    """
+    import numpy as np
+    import requests
+
+    from study_app.simulate import run_simulation
+
+    try:
+        info = requests.get(f"{base_url.rstrip('/')}/api/v1/studies/{slug}", timeout=10)
+    except requests.RequestException as error:
+        raise click.ClickException(f"cannot reach {base_url}: {error}; is `pstudy serve` "
+                                   "running?") from None
+    if info.status_code != 200:
+        raise click.ClickException(f"study {slug!r} at {base_url}: {info.status_code} "
+                                   f"{info.text[:200]}")
+    if observer == "metric" and not info.json()["study"]["reference_shown"]:
+        raise click.UsageError("the metric observer needs a study that shows the reference")
+    result = run_simulation(base_url, slug, participants, concurrency, observer, noise, side,
+                            seed, fetch_images)
+    latencies = result.latencies_ms()
+    p50, p99 = (np.percentile(latencies, [50, 99]) if len(latencies) else (float("nan"),) * 2)
+    click.echo(f"{result.completed}/{participants} participants completed, "
+               f"{len(result.votes)} votes in {result.wall_s:.1f} s "
+               f"({len(result.votes) / max(result.wall_s, 1e-9):.1f} votes/s), vote latency "
+               f"p50 {p50:.1f} ms p99 {p99:.1f} ms, {result.retries} retries")
+    for error in result.errors[:10]:
+        click.echo(f"error: {error}", err=True)
+    if result.errors:
+        raise SystemExit(1)
+
+
+# --------------------------------------------------------------------------- researcher
+
+
+@click.group("researcher")
+def researcher() -> None:
+    """Researcher accounts (log in to the dashboard)."""
+
+
+@researcher.command("create")
+@click.argument("email")
+@click.option("--password", envvar="PSTUDY_RESEARCHER_PASSWORD", prompt=True,
+              hide_input=True, confirmation_prompt=True,
+              help="Prompted when not given (env PSTUDY_RESEARCHER_PASSWORD).")
+@DATABASE_OPTION
+def researcher_create(email: str, password: str, database_url: str | None) -> None:
+    """Create a researcher account EMAIL (password hashed with werkzeug).
+
+    \b
+    Example:
+      pstudy researcher create ada@example.org
+    """
+    from sqlalchemy import select
+
+    from study_app.extensions import db
+    from study_app.models import Researcher
+
+    if "@" not in email or len(email) > 254:
+        raise click.BadParameter(f"{email!r} is not an e-mail address", param_hint="EMAIL")
+    if len(password) < 8:
+        raise click.BadParameter("use at least 8 characters", param_hint="--password")
+    app = make_app(database_url)
+    with app.app_context():
+        if db.session.scalars(select(Researcher).where(Researcher.email == email)).first():
+            raise click.ClickException(f"a researcher {email} exists already")
+        account = Researcher(email=email)
+        account.set_password(password)
+        db.session.add(account)
+        db.session.commit()
+    click.echo(f"created researcher {email}")

@@ -1,0 +1,278 @@
+"""Responses export (contract 2): one row per answered trial, CSV and Parquet, streamed.
+
+Rows come from a server-side cursor in batches (``BATCH_ROWS``), so memory stays flat
+for millions of votes; only per-participant exclusion statistics (a few numbers per
+participant, aggregated in SQL) are held in memory. Preview participants and practice
+trials are never exported.
+
+``read_responses(database_url, study)`` gives the same rows as a pandas DataFrame.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Row, and_, case, create_engine, func, select
+from sqlalchemy.orm import aliased
+
+from study_app.extensions import configure_engine
+from study_app.models import Image, Participant, StimulusSet, Study, Trial, Vote
+from study_app.studies import ExclusionRules, parse_config
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+BATCH_ROWS = 10_000
+COLUMNS = (
+    "study", "participant", "trial_index", "trial_kind", "image_id", "condition_left",
+    "condition_right", "choice", "chosen_condition", "expected_condition", "rt_ms",
+    "presented_at", "answered_at", "reference_shown", "viewport_w", "viewport_h",
+    "device_pixel_ratio", "participant_status", "participant_excluded", "exclusion_reasons",
+)
+EXCLUSION_RULE_NAMES = ("catch_accuracy", "fast_responses", "side_bias", "repeat_consistency")
+
+
+class ExportError(ValueError):
+    """The study to export does not exist (message says how to list studies)."""
+
+
+@dataclass(frozen=True)
+class ParticipantStats:
+    """Per-participant counts behind the exclusion rules (non-preview votes only)."""
+
+    n: int = 0
+    n_left: int = 0
+    n_fast: int = 0
+    n_catch: int = 0
+    n_catch_correct: int = 0
+    n_repeat: int = 0
+    n_repeat_consistent: int = 0
+
+
+def exclusion_reasons(stats: ParticipantStats, rules: ExclusionRules) -> list[str]:
+    """The names of the rules a participant breaks (pure; order of EXCLUSION_RULE_NAMES)."""
+    reasons = []
+    if rules.min_catch_accuracy is not None and stats.n_catch > 0:
+        if stats.n_catch_correct / stats.n_catch < rules.min_catch_accuracy:
+            reasons.append("catch_accuracy")
+    if rules.min_rt_ms is not None and rules.max_fast_fraction is not None and stats.n > 0:
+        if stats.n_fast / stats.n > rules.max_fast_fraction:
+            reasons.append("fast_responses")
+    if rules.max_side_bias is not None and stats.n >= rules.min_trials_for_bias:
+        if max(stats.n_left, stats.n - stats.n_left) / stats.n > rules.max_side_bias:
+            reasons.append("side_bias")
+    if rules.min_repeat_consistency is not None and stats.n_repeat > 0:
+        if stats.n_repeat_consistent / stats.n_repeat < rules.min_repeat_consistency:
+            reasons.append("repeat_consistency")
+    return reasons
+
+
+def resolve_study(connection: Connection, key: str | int) -> Row:
+    """A study row by slug or numeric id (ExportError if there is none)."""
+    key = str(key)
+    condition = Study.slug == key
+    if key.isdigit():
+        condition = condition | (Study.id == int(key))
+    row = connection.execute(select(Study.__table__).where(condition)).first()
+    if row is None:
+        slugs = connection.execute(select(Study.slug).order_by(Study.id)).scalars().all()
+        raise ExportError(f"no study {key!r} in this database; studies: {slugs or 'none'}")
+    return row
+
+
+def participant_stats(connection: Connection, study_id: int,
+                      rules: ExclusionRules) -> dict[int, ParticipantStats]:
+    """Exclusion statistics per participant id, aggregated in SQL."""
+    fast = Vote.rt_ms < (rules.min_rt_ms if rules.min_rt_ms is not None else -1.0)
+    rows = connection.execute(
+        select(
+            Vote.participant_id, func.count(Vote.id),
+            func.sum(case((Vote.choice == "left", 1), else_=0)),
+            func.sum(case((fast, 1), else_=0)),
+            func.sum(case((Trial.kind == "catch", 1), else_=0)),
+            func.sum(case((and_(Trial.kind == "catch",
+                                Vote.chosen_condition == Trial.expected_condition), 1), else_=0)),
+        ).join(Trial, Vote.trial_id == Trial.id)
+        .where(Vote.study_id == study_id, Trial.preview.is_(False))
+        .group_by(Vote.participant_id)
+    ).all()
+    first_trial, first_vote = aliased(Trial), aliased(Vote)
+    repeats = dict((r[0], (r[1], r[2])) for r in connection.execute(
+        select(
+            Vote.participant_id, func.count(Vote.id),
+            func.sum(case((Vote.chosen_condition == first_vote.chosen_condition, 1), else_=0)),
+        ).join(Trial, Vote.trial_id == Trial.id)
+        .join(first_trial, Trial.repeat_of_id == first_trial.id)
+        .join(first_vote, first_vote.trial_id == first_trial.id)
+        .where(Vote.study_id == study_id, Trial.kind == "repeat", Trial.preview.is_(False))
+        .group_by(Vote.participant_id)
+    ).all())
+    return {
+        r[0]: ParticipantStats(
+            n=int(r[1]), n_left=int(r[2] or 0), n_fast=int(r[3] or 0), n_catch=int(r[4] or 0),
+            n_catch_correct=int(r[5] or 0), n_repeat=int(repeats.get(r[0], (0, 0))[0]),
+            n_repeat_consistent=int(repeats.get(r[0], (0, 0))[1] or 0),
+        )
+        for r in rows
+    }
+
+
+def _iso(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iter_responses(connection: Connection, study_key: str | int,
+                   batch_rows: int = BATCH_ROWS) -> Iterator[list[dict[str, Any]]]:
+    """Batches of contract-2 rows (dicts with COLUMNS), ordered by participant and answer."""
+    study = resolve_study(connection, study_key)
+    rules = parse_config(study.config).exclusion
+    excluded = {
+        pid: ";".join(exclusion_reasons(stats, rules))
+        for pid, stats in participant_stats(connection, study.id, rules).items()
+    }
+    query = (
+        select(
+            Participant.id, Participant.public_id, Participant.status, Vote.trial_index,
+            Trial.kind, Image.key, Trial.condition_left, Trial.condition_right, Vote.choice,
+            Vote.chosen_condition, Trial.expected_condition, Vote.rt_ms, Vote.presented_at,
+            Vote.answered_at, Vote.reference_shown, Vote.viewport_w, Vote.viewport_h,
+            Vote.device_pixel_ratio,
+        )
+        .join(Trial, Vote.trial_id == Trial.id)
+        .join(Participant, Vote.participant_id == Participant.id)
+        .join(Image, Trial.image_id == Image.id)
+        .where(Vote.study_id == study.id, Trial.preview.is_(False))
+        .order_by(Participant.id, Vote.trial_index)
+    )
+    result = connection.execution_options(stream_results=True, yield_per=batch_rows).execute(
+        query
+    )
+    for partition in result.partitions(batch_rows):
+        batch = []
+        for r in partition:
+            reasons = excluded.get(r[0], "")
+            batch.append({
+                "study": study.slug, "participant": r[1], "trial_index": r[3],
+                "trial_kind": r[4], "image_id": r[5], "condition_left": r[6],
+                "condition_right": r[7], "choice": r[8], "chosen_condition": r[9],
+                "expected_condition": r[10], "rt_ms": float(r[11]),
+                "presented_at": _iso(r[12]), "answered_at": _iso(r[13]),
+                "reference_shown": bool(r[14]), "viewport_w": int(r[15]),
+                "viewport_h": int(r[16]), "device_pixel_ratio": float(r[17]),
+                "participant_status": r[2], "participant_excluded": bool(reasons),
+                "exclusion_reasons": reasons,
+            })
+        yield batch
+
+
+def provenance(connection: Connection, study_key: str | int) -> dict[str, Any]:
+    """What produced an export: the study config + hash, the stimulus manifest hash."""
+    study = resolve_study(connection, study_key)
+    manifest_sha = connection.execute(
+        select(StimulusSet.manifest_sha256).where(StimulusSet.id == study.stimulus_set_id)
+    ).scalar_one()
+    return {
+        "format": "pstudy-responses", "format_version": 1, "study": study.slug,
+        "study_config": study.config, "study_config_sha256": study.config_sha256,
+        "stimulus_manifest_sha256": manifest_sha,
+        "exported_at": _iso(datetime.now(UTC)), "columns": list(COLUMNS),
+    }
+
+
+def write_csv(connection: Connection, study_key: str | int, out: IO[str],
+              batch_rows: int = BATCH_ROWS) -> int:
+    """Write the CSV (header + rows) to a text stream; returns the number of rows."""
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    n = 0
+    for batch in iter_responses(connection, study_key, batch_rows):
+        for row in batch:
+            row = dict(row)
+            row["expected_condition"] = row["expected_condition"] or ""
+            row["reference_shown"] = "true" if row["reference_shown"] else "false"
+            row["participant_excluded"] = "true" if row["participant_excluded"] else "false"
+            writer.writerow(row)
+        n += len(batch)
+    return n
+
+
+def iter_csv_chunks(connection: Connection, study_key: str | int,
+                    batch_rows: int = BATCH_ROWS) -> Iterator[str]:
+    """The CSV as text chunks (one per batch): for streamed HTTP downloads."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for batch in iter_responses(connection, study_key, batch_rows):
+        for row in batch:
+            row = dict(row)
+            row["expected_condition"] = row["expected_condition"] or ""
+            row["reference_shown"] = "true" if row["reference_shown"] else "false"
+            row["participant_excluded"] = "true" if row["participant_excluded"] else "false"
+            writer.writerow(row)
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue()
+
+
+def arrow_schema():
+    """The Parquet schema of contract 2."""
+    import pyarrow as pa
+
+    types = {
+        "trial_index": pa.int64(), "rt_ms": pa.float64(), "reference_shown": pa.bool_(),
+        "viewport_w": pa.int64(), "viewport_h": pa.int64(),
+        "device_pixel_ratio": pa.float64(), "participant_excluded": pa.bool_(),
+    }
+    return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
+
+
+def write_parquet(connection: Connection, study_key: str | int, path: str | Path,
+                  batch_rows: int = BATCH_ROWS) -> int:
+    """Write a Parquet file batch by batch (provenance in the schema metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = provenance(connection, study_key)
+    schema = arrow_schema().with_metadata({"pstudy": json.dumps(meta, sort_keys=True)})
+    n = 0
+    with pq.ParquetWriter(str(path), schema) as writer:
+        for batch in iter_responses(connection, study_key, batch_rows):
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            n += len(batch)
+        if n == 0:
+            writer.write_table(schema.empty_table())
+    return n
+
+
+def read_responses(database_url: str, study: str | int) -> pd.DataFrame:
+    """The study's responses (contract 2 columns) from a database URL, as a DataFrame."""
+    import pandas as pd
+
+    engine = create_engine(database_url)
+    configure_engine(engine)
+    try:
+        with engine.connect() as connection:
+            frames = [pd.DataFrame(batch, columns=list(COLUMNS))
+                      for batch in iter_responses(connection, study)]
+    finally:
+        engine.dispose()
+    schema = arrow_schema()
+    if not frames:
+        return schema.empty_table().to_pandas()
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.astype({
+        "trial_index": "int64", "rt_ms": "float64", "reference_shown": "bool",
+        "viewport_w": "int64", "viewport_h": "int64", "device_pixel_ratio": "float64",
+        "participant_excluded": "bool",
+    })

@@ -1,0 +1,25 @@
+"""gunicorn settings for ``pstudy serve`` (each overridable by an environment variable).
+
+Threaded workers (``gthread``): a vote spends most of its time waiting on the database,
+so a few threads per process keep the CPU busy. The app is not preloaded: every worker
+builds its own database engine after the fork (no connection is shared between
+processes), and a worker that dies is replaced by the master without losing requests
+other workers hold.
+"""
+
+import multiprocessing
+import os
+
+bind = os.environ.get("PSTUDY_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("PSTUDY_WORKERS", str(max(2, multiprocessing.cpu_count()))))
+worker_class = "gthread"
+threads = int(os.environ.get("PSTUDY_THREADS", "4"))
+timeout = int(os.environ.get("PSTUDY_TIMEOUT", "30"))  # seconds a request may take
+graceful_timeout = 10
+keepalive = 5
+backlog = 2048
+preload_app = False
+accesslog = os.environ.get("PSTUDY_ACCESS_LOG") or None  # "-" for stdout
+errorlog = "-"
+loglevel = os.environ.get("PSTUDY_LOG_LEVEL", "info")
+proc_name = "pstudy"

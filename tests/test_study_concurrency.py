@@ -1,0 +1,115 @@
+"""Concurrency on SQLite and PostgreSQL: duplicate submissions of one trial store exactly
+one vote, and participants racing for the same items never push an item past K."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+from sqlalchemy import func, select
+
+from study_app import create_app
+from study_app.extensions import db
+from study_app.models import Item, Trial, Vote
+from tests.study_support import Participant, make_study, vote_body, write_stimulus_set
+
+THREADS = 12
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_app(request, tmp_path):
+    """A migrated app on SQLite (file, WAL) or on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'concurrency.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url,
+                      "PARTICIPANT_RATE_LIMIT": (10**6, 60.0)})
+    from flask_migrate import upgrade
+
+    with app.app_context():
+        upgrade()
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+def _in_threads(n: int, fn) -> list:
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
+
+
+def test_duplicate_submissions_store_exactly_one_vote(db_app, tmp_path):
+    slug = make_study(db_app, write_stimulus_set(tmp_path / "set"), votes_per_item=2)
+    participant = Participant(db_app.test_client(), slug)
+    response = participant.next()
+    assert response.status_code == 200, response.get_json()
+    trials = response.get_json()["trials"]
+    same, contested = trials[0]["token"], trials[1]["token"]
+
+    def submit_same(_i):
+        response = db_app.test_client().post("/api/v1/participant/votes",
+                                             headers=participant.headers,
+                                             json=vote_body(same, "right"))
+        return response.status_code, response.get_json()
+
+    results = _in_threads(THREADS, submit_same)
+    assert {status for status, _ in results} == {200}
+    assert all(body == results[0][1] for _, body in results), "replays answered differently"
+
+    def submit_contested(i):
+        choice = "left" if i % 2 else "right"
+        response = db_app.test_client().post("/api/v1/participant/votes",
+                                             headers=participant.headers,
+                                             json=vote_body(contested, choice))
+        return response.status_code, choice, response.get_json()
+
+    results = _in_threads(THREADS, submit_contested)
+    winners = {body["vote"]["choice"] for status, _, body in results if status == 200}
+    assert len(winners) == 1
+    for status, choice, body in results:
+        assert (status, body.get("code")) in ((200, None), (409, "vote_conflict"))
+        assert (status == 200) == (choice in winners)
+    with db_app.app_context():
+        per_trial = dict(db.session.execute(
+            select(Trial.token, func.count(Vote.id)).join(Vote).group_by(Trial.token)).all())
+        assert per_trial == {same: 1, contested: 1}
+        assert db.session.scalar(select(func.sum(Item.n_votes))) <= 2
+        assert db.session.scalar(select(Vote.choice).join(Trial).where(
+            Trial.token == contested)) in winners
+
+
+def test_racing_participants_never_push_an_item_past_k(db_app, tmp_path):
+    # 2 images × 1 pair = 2 items, K = 3: 6 main votes for 12 eager participants.
+    slug = make_study(db_app, write_stimulus_set(tmp_path / "set", n_images=2,
+                                                 conditions=("a", "b")),
+                      votes_per_item=3, trials_per_participant=2, catch_trials=0,
+                      repeat_trials=0, batch_size=2)
+
+    def participate(_i):
+        client = db_app.test_client()
+        participant = Participant(client, slug)
+        return participant.complete()
+
+    votes = _in_threads(THREADS, participate)
+    assert sum(votes) == 6
+    with db_app.app_context():
+        per_item = Counter(db.session.scalars(
+            select(Trial.item_id).join(Vote).where(Trial.kind == "main")))
+        assert sorted(per_item.values()) == [3, 3]
+        counters = dict(db.session.execute(select(Item.id, Item.n_votes)).all())
+        assert counters == dict(per_item)
+        for n_a_left in db.session.scalars(select(Item.n_a_left)):
+            assert n_a_left in (1, 2)  # sides balanced: 3 votes split 1/2 or 2/1
