@@ -1,0 +1,158 @@
+"""Bradley–Terry and Thurstone scales against choix, published values and simulations."""
+
+from __future__ import annotations
+
+import choix
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis.scaling import (
+    AUTO_ALPHA,
+    anchor_scale,
+    fit_scale,
+    scale_conditions,
+    split_half_reliability,
+    strongly_connected,
+    win_matrix,
+)
+from analysis.simulation import simulate_responses
+
+# Stigler (1994) journal citations as used by Agresti (2002, Categorical Data Analysis,
+# p. 448) and shipped as `citations` in the R package BradleyTerry2 (its countsToBinomial
+# test lists these win counts; winner = cited journal). Source:
+# https://rdrr.io/cran/BradleyTerry2/src/tests/testthat/test-countsToBinomial.R
+JOURNALS = ["Biometrika", "Comm Statist", "JASA", "JRSS-B"]
+CITATIONS = [  # (journal1, journal2, times 1 cited by 2, times 2 cited by 1)
+    ("Biometrika", "Comm Statist", 730, 33),
+    ("Biometrika", "JASA", 498, 320),
+    ("Biometrika", "JRSS-B", 221, 284),
+    ("Comm Statist", "JASA", 68, 813),
+    ("Comm Statist", "JRSS-B", 17, 276),
+    ("JASA", "JRSS-B", 142, 325),
+]
+
+
+def _citation_votes() -> pd.DataFrame:
+    rows = []
+    for a, b, wins_a, wins_b in CITATIONS:
+        rows += [(a, b, a)] * wins_a + [(a, b, b)] * wins_b
+    frame = pd.DataFrame(rows, columns=["condition_left", "condition_right", "chosen_condition"])
+    frame["participant"] = [f"p{i % 25}" for i in range(len(frame))]
+    return frame
+
+
+def test_stigler_citations_match_published_bradley_terry_estimates():
+    """Design note: Comm Statist -2.9491, JASA -0.4796, JRSS-B 0.2690, Biometrika fixed 0."""
+    result = scale_conditions(_citation_votes(), "bt", anchor="Biometrika", n_boot=0)
+    got = result.scale.set_index("condition")["estimate"]
+    assert result.strongly_connected and result.alpha == 0
+    assert got["Biometrika"] == 0
+    assert got["Comm Statist"] == pytest.approx(-2.9491, abs=1e-4)
+    assert got["JASA"] == pytest.approx(-0.4796, abs=1e-4)
+    assert got["JRSS-B"] == pytest.approx(0.2690, abs=1e-4)
+
+
+def _choix_data(wins: np.ndarray) -> list[tuple[int, int]]:
+    data = []
+    for i in range(wins.shape[0]):
+        for j in range(wins.shape[0]):
+            data += [(i, j)] * int(wins[i, j])
+    return data
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bradley_terry_matches_choix_ml_and_map(seed):
+    rng = np.random.default_rng(seed)
+    strength = rng.normal(0, 1, 6)
+    wins = np.zeros((6, 6))
+    for _ in range(600):
+        i, j = rng.choice(6, 2, replace=False)
+        if rng.random() < 1 / (1 + np.exp(strength[j] - strength[i])):
+            wins[i, j] += 1
+        else:
+            wins[j, i] += 1
+    assert strongly_connected(wins)
+    data = _choix_data(wins)
+    ml = fit_scale(wins, "bt", 0.0)
+    ref = choix.opt_pairwise(6, data, alpha=1e-9, method="BFGS", tol=1e-10)
+    assert np.allclose(ml, ref - ref.mean(), atol=2e-4)
+    for alpha in (0.1, 1.0):
+        # choix's objective adds alpha * sum(params**2); ours alpha / 2 * sum(s**2)
+        mine = fit_scale(wins, "bt", alpha)
+        ref = choix.opt_pairwise(6, data, alpha=alpha / 2, method="BFGS", tol=1e-10)
+        assert np.allclose(mine, ref, atol=2e-4)
+
+
+def test_not_strongly_connected_graph_is_regularised_like_choix():
+    # c always loses: the ML estimate of c is minus infinity.
+    votes = pd.DataFrame(
+        [("a", "b", "a")] * 6
+        + [("a", "b", "b")] * 4
+        + [("a", "c", "a")] * 5
+        + [("b", "c", "b")] * 5,
+        columns=["condition_left", "condition_right", "chosen_condition"],
+    )
+    votes["participant"] = [f"p{i % 4}" for i in range(len(votes))]
+    wins = win_matrix(votes)
+    assert not strongly_connected(wins)
+    with pytest.raises(ValueError, match="strongly connected"):
+        fit_scale(wins, "bt", 0.0)
+    result = scale_conditions(votes, "bt", n_boot=20)
+    assert not result.strongly_connected and result.alpha == AUTO_ALPHA
+    ref = choix.opt_pairwise(3, _choix_data(wins), alpha=AUTO_ALPHA / 2, method="BFGS", tol=1e-10)
+    assert np.allclose(result.scale["estimate"], ref - ref.mean(), atol=1e-3)
+    assert np.all(np.isfinite(result.scale[["ci_low", "ci_high"]].to_numpy()))
+
+
+def test_thurstone_unit_is_one_jod_at_75_percent():
+    """Two conditions, 75 % preference exactly: the ML difference is 1 JOD."""
+    wins = np.array([[0.0, 750.0], [250.0, 0.0]])
+    q = fit_scale(wins, "thurstone", 0.0)
+    assert q[0] - q[1] == pytest.approx(1.0, abs=1e-5)  # 1.4826 is 1/z(0.75) rounded
+    assert stats.norm.cdf((q[0] - q[1]) / 1.4826) == pytest.approx(0.75, abs=1e-4)
+    b = fit_scale(wins, "bt", 0.0)
+    assert b[0] - b[1] == pytest.approx(np.log(3), abs=1e-6)  # logit of 0.75
+
+
+def test_anchor_and_significance_matrix():
+    truth = {"a": 0.0, "b": 0.1, "c": 2.0}
+    votes = simulate_responses(truth, 30, 8, 40, seed=5)
+    result = scale_conditions(votes, "thurstone", anchor="a", n_boot=200, seed=1)
+    scale = result.scale.set_index("condition")
+    assert scale.loc["a", "estimate"] == 0 and scale.loc["a", "ci_low"] == 0
+    sig = result.significance.set_index(["condition_a", "condition_b"])
+    assert sig.loc[("a", "c"), "significant"] and sig.loc[("b", "c"), "significant"]
+    assert sig.loc[("a", "c"), "difference"] < 0
+    assert sig.loc[("a", "b"), "p_value"] > sig.loc[("a", "c"), "p_value"]
+    assert np.allclose(anchor_scale(np.array([1.0, 2.0, 3.0]), ["x", "y", "z"], None), [-1, 0, 1])
+    with pytest.raises(ValueError, match="anchor"):
+        anchor_scale(np.zeros(3), ["x", "y", "z"], "w")
+
+
+@pytest.mark.slow
+def test_simulated_studies_recover_true_jod_at_about_nominal_rate():
+    """30 simulated studies; each true difference to the anchor inside its 90 % bootstrap
+    interval in about 90 % of studies (binomial tolerance)."""
+    truth = {"a": 0.0, "b": 0.5, "c": 1.0, "d": -0.5}
+    hits, total = 0, 0
+    for seed in range(30):
+        votes = simulate_responses(truth, 20, 10, 30, observer_sd=0.3, seed=100 + seed)
+        result = scale_conditions(
+            votes, "thurstone", prior="none", anchor="a", n_boot=150, level=0.9, seed=seed
+        )
+        scale = result.scale.set_index("condition")
+        for name in ("b", "c", "d"):
+            hits += scale.loc[name, "ci_low"] <= truth[name] <= scale.loc[name, "ci_high"]
+            total += 1
+    rate = hits / total
+    low, high = stats.binom.ppf([0.001, 0.999], total, 0.9) / total
+    assert low - 0.05 <= rate <= high, rate
+
+
+def test_split_half_reliability_is_high_for_clear_differences():
+    votes = simulate_responses({"a": 0.0, "b": 1.0, "c": 2.0, "d": 3.0}, 30, 5, 40, seed=2)
+    table = split_half_reliability(votes, n_splits=10)
+    assert table.loc[0, "half_correlation"] > 0.9
+    assert table.loc[0, "spearman_brown"] >= table.loc[0, "half_correlation"]
