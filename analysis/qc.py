@@ -228,7 +228,7 @@ def apply_exclusions(
     reasons = (
         log.groupby("participant")["rule"].agg(";".join) if not log.empty else pd.Series(dtype=str)
     )
-    table["reasons"] = table["participant"].map(reasons).fillna("")
+    table["reasons"] = [reasons.get(p, "") for p in table["participant"]]
     table["excluded"] = table["reasons"] != ""
     main = responses[responses["trial_kind"] == "main"]
     excluded = set(table.loc[table["excluded"], "participant"])
