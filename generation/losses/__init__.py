@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from generation.losses.base import ImageLoss, check_images
+from generation.losses.base import ImageLoss, check_images, full_precision
 
 __all__ = [
     "CompositeLoss",
@@ -198,7 +198,7 @@ class CompositeLoss(ImageLoss):
     def distance(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         total = None
         for name, part in self.parts.items():
-            value = self.weights[name] * part(prediction, target).float()
+            value = self.weights[name] * full_precision(part(prediction, target))
             total = value if total is None else total + value
         return total
 

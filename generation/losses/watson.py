@@ -136,6 +136,33 @@ def block_transform(images: torch.Tensor, kind: str) -> torch.Tensor:
     return to_blocks(images) @ _OPERATOR_CACHE[key]
 
 
+_COLOUR_CACHE: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def block_transform_ycbcr(images: torch.Tensor, kind: str) -> torch.Tensor:
+    """RGB N×3×H×W -> blockwise transform of its YCbCr channels, N×3×K×B (as
+    ``block_transform(rgb_to_ycbcr(images), kind)``) in one matrix product: the colour
+    matrix and the block transform are both linear, so they combine into one 192×3B
+    matrix; the chroma offsets only move the DC coefficients. Returns a permuted view."""
+    key = (kind, images.device, images.dtype)
+    if key not in _COLOUR_CACHE:
+        operator = _OPERATORS[kind].to(torch.float64)  # 64×B
+        colour = torch.tensor(YCBCR_MATRIX, dtype=torch.float64)  # out×in
+        combined = torch.einsum("oi,pb->ipob", colour, operator).reshape(3 * 64, -1)
+        dc_gain = operator.sum(0)[0]  # response of the DC output to a constant block of 1
+        bias = torch.zeros(3, operator.shape[1], dtype=torch.float64)
+        bias[:, 0] = torch.tensor(YCBCR_OFFSET, dtype=torch.float64) * dc_gain
+        _COLOUR_CACHE[key] = (
+            combined.to(device=images.device, dtype=images.dtype),
+            bias.reshape(-1).to(device=images.device, dtype=images.dtype),
+        )
+    combined, bias = _COLOUR_CACHE[key]
+    n, _, h, w = images.shape
+    blocks = images.reshape(n, 3, h // BLOCK, BLOCK, w // BLOCK, BLOCK).permute(0, 2, 4, 1, 3, 5)
+    coefficients = torch.addmm(bias, blocks.reshape(-1, 3 * 64), combined)
+    return coefficients.view(n, -1, 3, combined.shape[1] // 3).transpose(1, 2)
+
+
 def _smooth_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(a·eᵃ + b·eᵇ)/(eᵃ + eᵇ), computed stably as b + (a − b)·sigmoid(a − b)."""
     return b + (a - b) * torch.sigmoid(a - b)
@@ -368,11 +395,13 @@ class WatsonLoss(ImageLoss):
             if self.shift_augment and self.training:
                 prediction, target = self._shift(prediction, target)
             channels = prediction.shape[1]
-            if channels == 3:
-                prediction, target = rgb_to_ycbcr(prediction), rgb_to_ycbcr(target)
             params = slice(0, channels)
-            reference = block_transform(target, self.transform)
-            distorted = block_transform(prediction, self.transform)
+            if channels == 3:
+                reference = block_transform_ycbcr(target, self.transform)
+                distorted = block_transform_ycbcr(prediction, self.transform)
+            else:
+                reference = block_transform(target, self.transform)
+                distorted = block_transform(prediction, self.transform)
             if not (reference.requires_grad and torch.is_grad_enabled()):
                 per_channel = self._fused(reference, distorted, params)
             elif self.transform == "dct":
