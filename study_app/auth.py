@@ -70,8 +70,12 @@ def _safe_next(target: str | None) -> str:
     """Only same-site relative paths are followed after login (no open redirect)."""
     if target:
         parts = urlsplit(target)
-        if not parts.scheme and not parts.netloc and target.startswith("/") \
-                and not target.startswith("//"):
+        if (
+            not parts.scheme
+            and not parts.netloc
+            and target.startswith("/")
+            and not target.startswith("//")
+        ):
             return target
     return url_for("researcher.index")
 
@@ -85,9 +89,11 @@ def cookie_problem() -> str | None:
         return None
     if request.host.rsplit(":", 1)[0] in LOCAL_HOSTS or request.host in LOCAL_HOSTS:
         return None
-    return ("This page was reached over plain HTTP, so your browser will not keep the "
-            "secure login cookie. Serve the app over HTTPS (recommended), or set "
-            "PSTUDY_ALLOW_INSECURE_COOKIES=true for a trusted local network.")
+    return (
+        "This page was reached over plain HTTP, so your browser will not keep the "
+        "secure login cookie. Serve the app over HTTPS (recommended), or set "
+        "PSTUDY_ALLOW_INSECURE_COOKIES=true for a trusted local network."
+    )
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -110,8 +116,9 @@ def login():
             return redirect(target)
         error = "Wrong e-mail or password."
     status = 401 if error else 200
-    return render_template("auth/login.html", form=form, error=error,
-                           cookie_problem=cookie_problem()), status
+    return render_template(
+        "auth/login.html", form=form, error=error, cookie_problem=cookie_problem()
+    ), status
 
 
 @bp.post("/logout")

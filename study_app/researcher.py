@@ -85,38 +85,61 @@ class StudyForm(FlaskForm):
         "Conditions", widget=ListWidget(prefix_label=False), option_widget=CheckboxInput()
     )
     question_mode = SelectField("Question", choices=list(QUESTIONS))
-    question = StringField("Custom question text (optional)", validators=[Optional(),
-                                                                          Length(max=300)])
-    votes_per_item = IntegerField("Votes per item (K)", default=5,
-                                  validators=[InputRequired(), NumberRange(1, 10_000)])
-    trials_per_participant = IntegerField("Main trials per participant (M)", default=20,
-                                          validators=[InputRequired(), NumberRange(1, 10_000)])
-    catch_trials = IntegerField("Catch trials", default=2,
-                                validators=[InputRequired(), NumberRange(0, 1000)])
-    repeat_trials = IntegerField("Repeat trials", default=2,
-                                 validators=[InputRequired(), NumberRange(0, 1000)])
-    practice_trials = IntegerField("Practice trials", default=2,
-                                   validators=[InputRequired(), NumberRange(0, 50)])
-    display_scale = StringField("Enlargement: 'auto' or an integer factor", default="auto",
-                                validators=[DataRequired(), Length(max=8)])
+    question = StringField(
+        "Custom question text (optional)", validators=[Optional(), Length(max=300)]
+    )
+    votes_per_item = IntegerField(
+        "Votes per item (K)", default=5, validators=[InputRequired(), NumberRange(1, 10_000)]
+    )
+    trials_per_participant = IntegerField(
+        "Main trials per participant (M)",
+        default=20,
+        validators=[InputRequired(), NumberRange(1, 10_000)],
+    )
+    catch_trials = IntegerField(
+        "Catch trials", default=2, validators=[InputRequired(), NumberRange(0, 1000)]
+    )
+    repeat_trials = IntegerField(
+        "Repeat trials", default=2, validators=[InputRequired(), NumberRange(0, 1000)]
+    )
+    practice_trials = IntegerField(
+        "Practice trials", default=2, validators=[InputRequired(), NumberRange(0, 50)]
+    )
+    display_scale = StringField(
+        "Enlargement: 'auto' or an integer factor",
+        default="auto",
+        validators=[DataRequired(), Length(max=8)],
+    )
     pixelated = BooleanField("Pixelated enlargement (no smoothing)", default=True)
-    exposure_ms = IntegerField("Limited exposure (ms, then a mask; empty = unlimited)",
-                               validators=[Optional(), NumberRange(1, 600_000)])
-    min_viewport_w = IntegerField("Refuse windows narrower than (CSS px; empty = any)",
-                                  validators=[Optional(), NumberRange(1, 100_000)])
+    exposure_ms = IntegerField(
+        "Limited exposure (ms, then a mask; empty = unlimited)",
+        validators=[Optional(), NumberRange(1, 600_000)],
+    )
+    min_viewport_w = IntegerField(
+        "Refuse windows narrower than (CSS px; empty = any)",
+        validators=[Optional(), NumberRange(1, 100_000)],
+    )
     completion_code = StringField("Completion code", validators=[Optional(), Length(max=64)])
-    completion_url = StringField("Completion redirect URL (e.g. Prolific)",
-                                 validators=[Optional(), Length(max=1000)])
-    instructions = TextAreaField("Instructions (empty = default)",
-                                 validators=[Optional(), Length(max=10_000)])
-    consent = TextAreaField("Consent text (empty = default)",
-                            validators=[Optional(), Length(max=20_000)])
-    min_catch_accuracy = StringField("Exclude below catch accuracy (0..1; empty = off)",
-                                     default="0.75", validators=[Optional()])
-    min_rt_ms = StringField("Too-fast responses: under (ms; empty = off)", default="200",
-                            validators=[Optional()])
-    max_side_bias = StringField("Exclude above one-side fraction (0..1; empty = off)",
-                                default="0.9", validators=[Optional()])
+    completion_url = StringField(
+        "Completion redirect URL (e.g. Prolific)", validators=[Optional(), Length(max=1000)]
+    )
+    instructions = TextAreaField(
+        "Instructions (empty = default)", validators=[Optional(), Length(max=10_000)]
+    )
+    consent = TextAreaField(
+        "Consent text (empty = default)", validators=[Optional(), Length(max=20_000)]
+    )
+    min_catch_accuracy = StringField(
+        "Exclude below catch accuracy (0..1; empty = off)", default="0.75", validators=[Optional()]
+    )
+    min_rt_ms = StringField(
+        "Too-fast responses: under (ms; empty = off)", default="200", validators=[Optional()]
+    )
+    max_side_bias = StringField(
+        "Exclude above one-side fraction (0..1; empty = off)",
+        default="0.9",
+        validators=[Optional()],
+    )
     seed = IntegerField("Random seed", default=0, validators=[InputRequired()])
 
 
@@ -137,8 +160,9 @@ def config_from_form(form: StudyForm) -> dict[str, Any]:
     elif scale_text.isdigit():
         scale = int(scale_text)
     else:
-        raise StudyConfigError(f"'display_scale' must be 'auto' or an integer, got "
-                               f"{form.display_scale.data!r}")
+        raise StudyConfigError(
+            f"'display_scale' must be 'auto' or an integer, got {form.display_scale.data!r}"
+        )
     data: dict[str, Any] = {
         "title": form.title.data.strip(),
         "slug": form.slug.data.strip(),
@@ -158,8 +182,9 @@ def config_from_form(form: StudyForm) -> dict[str, Any]:
         "completion_url": (form.completion_url.data or "").strip() or None,
         "seed": form.seed.data,
         "exclusion": {
-            "min_catch_accuracy": _float_or_none(form.min_catch_accuracy.data,
-                                                 "min_catch_accuracy"),
+            "min_catch_accuracy": _float_or_none(
+                form.min_catch_accuracy.data, "min_catch_accuracy"
+            ),
             "min_rt_ms": _float_or_none(form.min_rt_ms.data, "min_rt_ms"),
             "max_side_bias": _float_or_none(form.max_side_bias.data, "max_side_bias"),
         },
@@ -197,9 +222,9 @@ def study_responses(study: Study):
 def participant_counts(study: Study) -> dict[str, int]:
     """Participants of ``study`` by status (previews left out), zeros included."""
     rows = db.session.execute(
-        select(Participant.status, func.count()).where(
-            Participant.study_id == study.id, Participant.preview.is_(False)
-        ).group_by(Participant.status)
+        select(Participant.status, func.count())
+        .where(Participant.study_id == study.id, Participant.preview.is_(False))
+        .group_by(Participant.status)
     ).all()
     counts = {"started": 0, "completed": 0, "returned": 0}
     counts.update({status: int(n) for status, n in rows})
@@ -218,8 +243,7 @@ def item_progress(study: Study, k: int) -> dict[str, Any]:
     pairs: dict[tuple[str, str], dict[str, int]] = {}
     for a_id, b_id, n_votes in rows:
         histogram[min(n_votes, k)] += 1
-        pair = pairs.setdefault((names[a_id], names[b_id]), {"items": 0, "votes": 0,
-                                                             "complete": 0})
+        pair = pairs.setdefault((names[a_id], names[b_id]), {"items": 0, "votes": 0, "complete": 0})
         pair["items"] += 1
         pair["votes"] += n_votes
         pair["complete"] += int(n_votes >= k)
@@ -268,8 +292,17 @@ def preference_rows(responses) -> list[dict[str, Any]]:
     from analysis import preference_table
 
     table = preference_table(_included(responses))
-    columns = ["condition_a", "condition_b", "n", "wins_a", "rate_a", "wilson_low",
-               "wilson_high", "p_value", "p_holm"]
+    columns = [
+        "condition_a",
+        "condition_b",
+        "n",
+        "wins_a",
+        "rate_a",
+        "wilson_low",
+        "wilson_high",
+        "p_value",
+        "p_holm",
+    ]
     return [
         {c: (row[c].item() if hasattr(row[c], "item") else row[c]) for c in columns}
         for _, row in table.iterrows()
@@ -302,8 +335,9 @@ def index():
     studies = db.session.scalars(select(Study).order_by(Study.created_at.desc())).all()
     sets = db.session.scalars(select(StimulusSet).order_by(StimulusSet.imported_at.desc())).all()
     counts = {s.id: participant_counts(s) for s in studies}
-    return render_template("researcher/index.html", studies=studies, sets=sets,
-                           counts=counts, import_form=ImportForm())
+    return render_template(
+        "researcher/index.html", studies=studies, sets=sets, counts=counts, import_form=ImportForm()
+    )
 
 
 @bp.post("/stimulus-sets")
@@ -349,15 +383,23 @@ def new_study():
             db.session.rollback()
             error = str(problem)
         else:
-            flash(f"Study '{study.title}' created as a draft. Preview it, then start it.",
-                  "success")
+            flash(
+                f"Study '{study.title}' created as a draft. Preview it, then start it.", "success"
+            )
             return redirect(url_for("researcher.dashboard", slug=study.slug)), 303
     elif request.method == "POST":
-        error = "; ".join(f"{form[name].label.text}: {' '.join(messages)}"
-                          for name, messages in form.errors.items())
+        error = "; ".join(
+            f"{form[name].label.text}: {' '.join(messages)}"
+            for name, messages in form.errors.items()
+        )
     status = 400 if error else 200
-    return render_template("researcher/new_study.html", form=form, stimulus_set=stimulus_set,
-                           error=error, questions=QUESTIONS), status
+    return render_template(
+        "researcher/new_study.html",
+        form=form,
+        stimulus_set=stimulus_set,
+        error=error,
+        questions=QUESTIONS,
+    ), status
 
 
 @bp.get("/studies/<slug>")
@@ -367,8 +409,12 @@ def dashboard(slug: str):
     config = study_config(study)
     participant_link = url_for("participant.study_page", slug=study.slug, _external=True)
     return render_template(
-        "researcher/dashboard.html", study=study, config=config, data=dashboard_data(study),
-        status_form=StatusForm(), participant_link=participant_link,
+        "researcher/dashboard.html",
+        study=study,
+        config=config,
+        data=dashboard_data(study),
+        status_form=StatusForm(),
+        participant_link=participant_link,
         actions=_allowed_actions(study),
         refresh_ms=int(current_app.config.get("DASHBOARD_REFRESH_MS", DASHBOARD_REFRESH_MS)),
     )
@@ -400,8 +446,11 @@ def _allowed_actions(study: Study) -> list[str]:
     allowed = TRANSITIONS[study.status]
     actions = []
     for action, target in STATUS_ACTIONS.items():
-        if target in allowed and not (action == "start" and study.status == "paused") \
-                and not (action == "resume" and study.status == "draft"):
+        if (
+            target in allowed
+            and not (action == "start" and study.status == "paused")
+            and not (action == "resume" and study.status == "draft")
+        ):
             actions.append(action)
     return actions
 
@@ -451,6 +500,7 @@ def download_responses(slug: str, fmt: str):
     name = _download_name(study, f"responses.{fmt}")
     engine = db.engine
     if fmt == "csv":
+
         def chunks():
             with engine.connect() as connection:
                 yield from export.iter_csv_chunks(connection, study.id)
@@ -462,8 +512,9 @@ def download_responses(slug: str, fmt: str):
     with engine.connect() as connection:
         export.write_parquet(connection, study.id, handle.name)
     handle.seek(0)
-    return send_file(handle, mimetype="application/vnd.apache.parquet", as_attachment=True,
-                     download_name=name)
+    return send_file(
+        handle, mimetype="application/vnd.apache.parquet", as_attachment=True, download_name=name
+    )
 
 
 @bp.get("/studies/<slug>/config.json")

@@ -136,7 +136,8 @@ def _limit_participant_requests():
     if limit:
         if request.content_length is not None and request.content_length > limit:
             return error_response(
-                413, "Request too large",
+                413,
+                "Request too large",
                 f"request body of {request.content_length} bytes is over the limit of "
                 f"{limit} bytes for participant requests",
             )
@@ -146,7 +147,8 @@ def _limit_participant_requests():
         wait_s = limiter.hit(request.remote_addr or "unknown")
         if wait_s:
             response = error_response(
-                429, "Too many requests",
+                429,
+                "Too many requests",
                 f"more than {limiter.limit} requests in {limiter.window_s:g} s from this "
                 "address; wait and try again",
                 retry_after_s=round(wait_s, 3),
@@ -167,7 +169,8 @@ def _handle_http_exception(error: HTTPException):
 
 def _handle_csrf_error(error: CSRFError):
     return error_response(
-        400, "Form expired",
+        400,
+        "Form expired",
         f"{error.description} Reload the page and submit the form again.",
     )
 
@@ -177,7 +180,8 @@ def _handle_unexpected(error: Exception):
         return _handle_http_exception(error)
     log.exception("unhandled error on %s %s", request.method, request.path)
     return error_response(
-        500, "Something went wrong",
+        500,
+        "Something went wrong",
         InternalServerError.description + " The error was logged.",
     )
 

@@ -41,13 +41,29 @@ def gunicorn_server(tmp_path):
     with app.app_context():
         db.create_all()
     port = free_port()
-    env = dict(os.environ, DATABASE_URL=url, SECRET_KEY="shared-by-workers",
-               PSTUDY_DASHBOARD_REFRESH_MS="500")
+    env = dict(
+        os.environ,
+        DATABASE_URL=url,
+        SECRET_KEY="shared-by-workers",
+        PSTUDY_DASHBOARD_REFRESH_MS="500",
+    )
     gunicorn = Path(sys.executable).with_name("gunicorn")
     process = subprocess.Popen(
-        [str(gunicorn), "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "2",
-         "--worker-class", "gthread", "study_app:create_app()"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            str(gunicorn),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--threads",
+            "2",
+            "--worker-class",
+            "gthread",
+            "study_app:create_app()",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -102,8 +118,8 @@ def test_pages_work_across_gunicorn_workers(gunicorn_server, browser, tmp_path):
             answer(pid, lambda n=number: pid.keyboard.press("jf"[n % 2]))
         pid.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
         page.wait_for_function(
-            "() => document.getElementById('n-completed').textContent === '1'",
-            timeout=TIMEOUT_MS)
+            "() => document.getElementById('n-completed').textContent === '1'", timeout=TIMEOUT_MS
+        )
         assert page.inner_text("#n-responses") == str(PLANNED)
         save_screenshot(page, "gunicorn-dashboard")
         # A form posted to whichever worker validates the CSRF token another one issued.

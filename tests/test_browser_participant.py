@@ -7,6 +7,7 @@ the study plans per participant, nothing duplicated.
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.test_pages_support import (
     import_set,
@@ -42,7 +43,9 @@ def answer(page, action) -> None:
         "old => ['done', 'waiting'].includes(document.body.dataset.state) || "
         "(document.getElementById('trial-stage').dataset.ready === '1' && "
         "document.getElementById('trial-stage').dataset.token !== old)",
-        arg=token, timeout=TIMEOUT_MS)
+        arg=token,
+        timeout=TIMEOUT_MS,
+    )
 
 
 def participant_tokens(app, study_id):
@@ -53,8 +56,9 @@ def participant_tokens(app, study_id):
 
     with app.app_context():
         return db.session.execute(
-            select(Participant.status, Participant.n_answered, Participant.prolific_pid)
-            .where(Participant.study_id == study_id)
+            select(Participant.status, Participant.n_answered, Participant.prolific_pid).where(
+                Participant.study_id == study_id
+            )
         ).all()
 
 
@@ -111,20 +115,29 @@ def test_participant_completes_a_study_by_keyboard(app, live_server, page, study
 
     counts = votes_per_trial(app, study["id"])
     assert len(counts) == PLANNED and set(counts.values()) == {1}
-    assert [(s, n) for s, n, _ in participant_tokens(app, study["id"])] == [
-        ("completed", PLANNED)
-    ]
+    assert [(s, n) for s, n, _ in participant_tokens(app, study["id"])] == [("completed", PLANNED)]
 
 
 @pytest.mark.slow
-def test_participant_on_a_phone_answers_by_touch_and_is_redirected(app, browser, live_server,
-                                                                  tmp_path):
+def test_participant_on_a_phone_answers_by_touch_and_is_redirected(
+    app, browser, live_server, tmp_path
+):
     set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
     completion_url = f"{live_server}/healthz?cc=C0DE-42"
-    study = make_study(app, set_id, slug="phone", completion_url=completion_url,
-                       practice_trials=0, question_mode="no-reference")
-    context = browser.new_context(viewport={"width": 390, "height": 740},
-                                  device_scale_factor=3, is_mobile=True, has_touch=True)
+    study = make_study(
+        app,
+        set_id,
+        slug="phone",
+        completion_url=completion_url,
+        practice_trials=0,
+        question_mode="no-reference",
+    )
+    context = browser.new_context(
+        viewport={"width": 390, "height": 740},
+        device_scale_factor=3,
+        is_mobile=True,
+        has_touch=True,
+    )
     page = context.new_page()
     try:
         page.goto(f"{live_server}/s/phone?PROLIFIC_PID=pid123&STUDY_ID=st1&SESSION_ID=se1")
@@ -142,17 +155,21 @@ def test_participant_on_a_phone_answers_by_touch_and_is_redirected(app, browser,
                 assert page.inner_text("#question") == "Which image looks better?"
                 # Fits the phone: both candidates side by side inside the viewport.
                 right = page.eval_on_selector(
-                    "#choice-right", "b => b.getBoundingClientRect().right")
+                    "#choice-right", "b => b.getBoundingClientRect().right"
+                )
                 assert right <= 390
                 factor = int(page.get_attribute("#trial-stage", "data-scale"))
                 width = page.eval_on_selector(
-                    "#right-slot img", "img => img.getBoundingClientRect().width * 3")
+                    "#right-slot img", "img => img.getBoundingClientRect().width * 3"
+                )
                 assert round(width) == 16 * factor  # 1/64 CSS px layout units
             page.tap("#choice-left" if number % 2 else "#choice-right")
             page.wait_for_function(
                 "n => document.getElementById('progress-label').textContent.startsWith(n + ' ')"
-                " || document.body.dataset.state === 'done'", arg=number + 1,
-                timeout=TIMEOUT_MS)
+                " || document.body.dataset.state === 'done'",
+                arg=number + 1,
+                timeout=TIMEOUT_MS,
+            )
         page.wait_for_url(completion_url, timeout=TIMEOUT_MS)
     finally:
         context.close()
@@ -178,7 +195,8 @@ def test_reload_mid_study_resumes_at_the_next_unanswered_trial(app, live_server,
         answered.append(token)
         page.click("#choice-right")
     page.wait_for_function(
-        "() => document.getElementById('progress-label').textContent === '2 / 6'")
+        "() => document.getElementById('progress-label').textContent === '2 / 6'"
+    )
 
     page.reload()
     token = wait_trial(page)  # no consent, no practice: straight back to the trials
@@ -216,6 +234,15 @@ def test_failed_votes_are_retried_and_stored_exactly_once(app, live_server, page
     page.click("#consent-button")
     page.click("#start-button")
     wait_trial(page)
+    # Every text the notice shows is logged (the page changes it faster than we poll).
+    page.evaluate(
+        """() => {
+        const notice = document.getElementById('connection-notice');
+        window.noticeLog = [];
+        new MutationObserver(() => { if (!notice.hidden) window.noticeLog.push(notice.textContent); })
+          .observe(notice, {childList: true, characterData: true, subtree: true, attributes: true});
+    }"""
+    )
     answer(page, lambda: page.keyboard.press("j"))  # practice
     for number in range(PLANNED):
         wait_trial(page)
@@ -223,28 +250,37 @@ def test_failed_votes_are_retried_and_stored_exactly_once(app, live_server, page
         def vote_and_watch(number=number):
             page.keyboard.press("f")
             if number == 1:  # this vote fails twice, then its answer is lost once
-                page.wait_for_selector("#connection-notice:not([hidden])", timeout=TIMEOUT_MS)
-                assert "Connection lost" in page.inner_text("#connection-notice")
-                save_screenshot(page, "participant-connection-lost")
+                try:
+                    page.wait_for_selector(
+                        "#connection-notice:has-text('Connection lost')", timeout=5000
+                    )
+                    save_screenshot(page, "participant-connection-lost")
+                except PlaywrightTimeout:  # already back: the log below still proves it
+                    pass
 
         answer(page, vote_and_watch)
     page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
+    log = page.evaluate("window.noticeLog")
+    assert any(text.startswith("Connection lost") for text in log), log
+    assert "Connection restored." in log
     assert calls["refused"] == 2 and calls["stored_then_lost"] == 2
     assert int(page.evaluate("document.body.dataset.retries")) == 4
     counts = votes_per_trial(app, study["id"])
     assert len(counts) == PLANNED and set(counts.values()) == {1}
 
 
-def test_small_windows_are_refused_and_limited_exposure_ends_in_a_mask(app, browser,
-                                                                      live_server, tmp_path):
+def test_small_windows_are_refused_and_limited_exposure_ends_in_a_mask(
+    app, browser, live_server, tmp_path
+):
     from sqlalchemy import select
 
     from study_app.extensions import db
     from study_app.models import Vote
 
     set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
-    study = make_study(app, set_id, slug="masked", min_viewport_w=800, exposure_ms=200,
-                       practice_trials=0)
+    study = make_study(
+        app, set_id, slug="masked", min_viewport_w=800, exposure_ms=200, practice_trials=0
+    )
     context = browser.new_context(viewport={"width": 600, "height": 700})
     page = context.new_page()
     try:
@@ -276,12 +312,20 @@ def test_display_scale_and_retry_rules_match_their_definitions(live_server, page
     page.goto(f"{live_server}/")  # same origin, so the CSP allows the script below
     page.add_script_tag(url=f"{live_server}/static/js/trial-core.js")
     rng = random.Random(3)
-    cases = [(rng.choice([16, 32, 64, 256, 1024]), rng.choice([16, 32, 64, 256]),
-              rng.uniform(40, 900), rng.uniform(40, 900), rng.choice([1, 1.25, 1.5, 2, 3]))
-             for _ in range(300)]
+    cases = [
+        (
+            rng.choice([16, 32, 64, 256, 1024]),
+            rng.choice([16, 32, 64, 256]),
+            rng.uniform(40, 900),
+            rng.uniform(40, 900),
+            rng.choice([1, 1.25, 1.5, 2, 3]),
+        )
+        for _ in range(300)
+    ]
     results = page.evaluate(
         "cases => cases.map(([w, h, sw, sh, dpr]) => PStudyCore.displayScale(w, h, sw, sh, dpr))",
-        cases)
+        cases,
+    )
     for (w, h, sw, sh, dpr), got in zip(cases, results, strict=True):
         cap = int(16 * dpr)  # at most 16 CSS pixels per image pixel
         fitting = [f for f in range(1, cap + 1) if f * w / dpr <= sw and f * h / dpr <= sh]
@@ -295,14 +339,17 @@ def test_display_scale_and_retry_rules_match_their_definitions(live_server, page
             assert got["cssW"] <= sw + 1e-6 and got["cssH"] <= sh + 1e-6
     keys = page.evaluate(
         "keys => keys.map(k => PStudyCore.keyToChoice(k))",
-        ["f", "F", "ArrowLeft", "j", "J", "ArrowRight", "a", " ", "Enter"])
+        ["f", "F", "ArrowLeft", "j", "J", "ArrowRight", "a", " ", "Enter"],
+    )
     assert keys == ["left"] * 3 + ["right"] * 3 + [None] * 3
     delays = page.evaluate(
         "() => [0, 1, 2, 3, 4, 5, 9].map(a => PStudyCore.retryDelayMs(a, 500, 8000, () => 0.5))"
-        ".concat([PStudyCore.retryDelayMs(0, 500, 8000, () => 0.5, 3)])")
+        ".concat([PStudyCore.retryDelayMs(0, 500, 8000, () => 0.5, 3)])"
+    )
     assert delays == [min(8000, 500 * 2**a) for a in (0, 1, 2, 3, 4, 5, 9)] + [3000]
     statuses = page.evaluate(
-        "s => s.map(PStudyCore.isRetryable)", [0, 200, 400, 401, 404, 408, 409, 429, 500, 503])
+        "s => s.map(PStudyCore.isRetryable)", [0, 200, 400, 401, 404, 408, 409, 429, 500, 503]
+    )
     assert statuses == [True, False, False, False, False, True, False, True, True, True]
 
 

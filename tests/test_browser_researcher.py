@@ -22,8 +22,9 @@ from tests.test_pages_support import (
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def test_researcher_creates_launches_watches_and_downloads(app, browser, live_server, page,
-                                                           tmp_path):
+def test_researcher_creates_launches_watches_and_downloads(
+    app, browser, live_server, page, tmp_path
+):
     import_set(app, write_stimulus_set(tmp_path / "set"))
     make_researcher(app)
     app.config["DASHBOARD_REFRESH_MS"] = 400
@@ -83,16 +84,21 @@ def test_researcher_creates_launches_watches_and_downloads(app, browser, live_se
             # The dashboard, left open, shows each vote without a reload.
             page.wait_for_function(
                 "n => document.getElementById('n-responses').textContent === String(n)",
-                arg=number + 1, timeout=TIMEOUT_MS)
+                arg=number + 1,
+                timeout=TIMEOUT_MS,
+            )
         participant.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
         assert participant.inner_text("#completion-code") == "DONE-1"
     finally:
         participant_context.close()
     page.wait_for_function(
-        "() => document.getElementById('n-completed').textContent === '1'", timeout=TIMEOUT_MS)
-    page.wait_for_function("() => !document.getElementById('preference-plot').hidden "
-                           "&& document.getElementById('preference-plot').naturalWidth > 0",
-                           timeout=TIMEOUT_MS)
+        "() => document.getElementById('n-completed').textContent === '1'", timeout=TIMEOUT_MS
+    )
+    page.wait_for_function(
+        "() => !document.getElementById('preference-plot').hidden "
+        "&& document.getElementById('preference-plot').naturalWidth > 0",
+        timeout=TIMEOUT_MS,
+    )
     assert page.locator("#preference tbody tr").count() >= 1
     assert page.inner_text("#votes-total") == "3"
     assert page.inner_text("#n-excluded") == "0"
@@ -111,8 +117,7 @@ def test_researcher_creates_launches_watches_and_downloads(app, browser, live_se
     from study_app.models import Study
 
     with app.app_context():
-        study_id = db.session.scalars(select(Study.id).where(
-            Study.slug == "browser-study")).one()
+        study_id = db.session.scalars(select(Study.id).where(Study.slug == "browser-study")).one()
     assert sorted(votes_per_trial(app, study_id).values()) == [1, 1, 1]
 
     page.click("#logout-button")

@@ -45,15 +45,27 @@ def vote_through_api(client, slug: str, choose) -> int:
             assert batch.get_json()["done"]
             break
         for trial in trials:
-            body = {"trial_token": trial["token"], "choice": choose(trial), "rt_ms": 812.5,
-                    "presented_at": "2026-01-01T10:00:00.000Z",
-                    "answered_at": "2026-01-01T10:00:00.812Z", "viewport_w": 1280,
-                    "viewport_h": 800, "device_pixel_ratio": 1.0}
-            assert client.post("/api/v1/participant/votes", json=body,
-                               headers=headers).status_code == 200
+            body = {
+                "trial_token": trial["token"],
+                "choice": choose(trial),
+                "rt_ms": 812.5,
+                "presented_at": "2026-01-01T10:00:00.000Z",
+                "answered_at": "2026-01-01T10:00:00.812Z",
+                "viewport_w": 1280,
+                "viewport_h": 800,
+                "device_pixel_ratio": 1.0,
+            }
+            assert (
+                client.post("/api/v1/participant/votes", json=body, headers=headers).status_code
+                == 200
+            )
             answered += 1
-    assert client.post("/api/v1/participant/finish", json={"status": "completed"},
-                       headers=headers).status_code == 200
+    assert (
+        client.post(
+            "/api/v1/participant/finish", json={"status": "completed"}, headers=headers
+        ).status_code
+        == 200
+    )
     return answered
 
 
@@ -81,7 +93,8 @@ def test_participant_page_serves_the_runner_for_live_studies_only(app, client, s
 
 
 def test_login_with_a_wrong_password_fails_and_the_right_one_opens_the_studies(
-        app, client, researcher):
+    app, client, researcher
+):
     wrong = login(client, password="not it")
     assert wrong.status_code == 401 and "Wrong e-mail or password" in wrong.get_data(True)
     assert client.get("/researcher/").status_code == 302
@@ -99,13 +112,20 @@ def test_login_with_a_wrong_password_fails_and_the_right_one_opens_the_studies(
 
 
 def test_login_follows_only_local_next_targets(app, client, researcher):
-    for target, expected in (("/researcher/studies/new", "/researcher/studies/new"),
-                             ("//evil.example/x", "/researcher/"),
-                             ("https://evil.example/", "/researcher/")):
+    for target, expected in (
+        ("/researcher/studies/new", "/researcher/studies/new"),
+        ("//evil.example/x", "/researcher/"),
+        ("https://evil.example/", "/researcher/"),
+    ):
         page = client.get("/login")
-        response = client.post(f"/login?next={target}", data={
-            "email": "Researcher@Example.org", "password": "correct horse battery staple",
-            "csrf_token": csrf_token(page.get_data(as_text=True))})
+        response = client.post(
+            f"/login?next={target}",
+            data={
+                "email": "Researcher@Example.org",
+                "password": "correct horse battery staple",
+                "csrf_token": csrf_token(page.get_data(as_text=True)),
+            },
+        )
         assert response.headers["Location"] == expected
 
 
@@ -114,20 +134,30 @@ def test_login_follows_only_local_next_targets(app, client, researcher):
 
 def study_form(page_html: str, **overrides) -> dict:
     data = {
-        "csrf_token": csrf_token(page_html), "title": "Loss comparison", "slug": "loss-cmp",
-        "question_mode": "reference", "votes_per_item": "3", "trials_per_participant": "5",
-        "catch_trials": "1", "repeat_trials": "1", "practice_trials": "2",
-        "display_scale": "auto", "pixelated": "y", "completion_code": "ABC123",
+        "csrf_token": csrf_token(page_html),
+        "title": "Loss comparison",
+        "slug": "loss-cmp",
+        "question_mode": "reference",
+        "votes_per_item": "3",
+        "trials_per_participant": "5",
+        "catch_trials": "1",
+        "repeat_trials": "1",
+        "practice_trials": "2",
+        "display_scale": "auto",
+        "pixelated": "y",
+        "completion_code": "ABC123",
         "completion_url": "https://app.prolific.com/submissions/complete?cc=ABC123",
-        "min_catch_accuracy": "0.75", "min_rt_ms": "200", "max_side_bias": "0.9", "seed": "7",
+        "min_catch_accuracy": "0.75",
+        "min_rt_ms": "200",
+        "max_side_bias": "0.9",
+        "seed": "7",
         "conditions": ["blurred", "sharp"],
     }
     data.update(overrides)
     return data
 
 
-def test_a_study_is_created_by_form_then_started_paused_and_closed(app, client, set_id,
-                                                                   researcher):
+def test_a_study_is_created_by_form_then_started_paused_and_closed(app, client, set_id, researcher):
     from study_app.extensions import db
     from study_app.models import Item, Study
 
@@ -150,38 +180,50 @@ def test_a_study_is_created_by_form_then_started_paused_and_closed(app, client, 
 
     def act(action):
         page = client.get("/researcher/studies/loss-cmp").get_data(as_text=True)
-        return client.post(f"/researcher/studies/loss-cmp/status/{action}",
-                           data={"csrf_token": csrf_token(page)})
+        return client.post(
+            f"/researcher/studies/loss-cmp/status/{action}", data={"csrf_token": csrf_token(page)}
+        )
 
     assert 'id="action-start"' in dashboard
-    for action, status in (("start", "live"), ("pause", "paused"), ("resume", "live"),
-                           ("close", "closed")):
+    for action, status in (
+        ("start", "live"),
+        ("pause", "paused"),
+        ("resume", "live"),
+        ("close", "closed"),
+    ):
         assert act(action).status_code == 303
         with app.app_context():
-            assert db.session.scalars(select(Study.status).where(
-                Study.slug == "loss-cmp")).one() == status
+            assert (
+                db.session.scalars(select(Study.status).where(Study.slug == "loss-cmp")).one()
+                == status
+            )
     refused = act("start")  # closed stays closed: a message, no change
     assert refused.status_code == 303
     assert "cannot become live" in client.get("/researcher/studies/loss-cmp").get_data(True)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"slug": "Bad Slug"}, "slug 'Bad Slug' must be 2-80 lowercase letters"),
-    ({"conditions": ["blurred"]}, "choose at least two conditions"),
-    ({"display_scale": "huge"}, "'display_scale' must be 'auto' or an integer"),
-    ({"completion_url": "ftp://x"}, "'completion_url' must be an http(s) URL"),
-    ({"min_catch_accuracy": "lots"}, "'min_catch_accuracy' must be a number"),
-    ({"votes_per_item": "0"}, "Votes per item (K)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"slug": "Bad Slug"}, "slug 'Bad Slug' must be 2-80 lowercase letters"),
+        ({"conditions": ["blurred"]}, "choose at least two conditions"),
+        ({"display_scale": "huge"}, "'display_scale' must be 'auto' or an integer"),
+        ({"completion_url": "ftp://x"}, "'completion_url' must be an http(s) URL"),
+        ({"min_catch_accuracy": "lots"}, "'min_catch_accuracy' must be a number"),
+        ({"votes_per_item": "0"}, "Votes per item (K)"),
+    ],
+)
 def test_a_bad_study_form_is_refused_with_the_reason_and_creates_nothing(
-        app, client, set_id, researcher, overrides, message):
+    app, client, set_id, researcher, overrides, message
+):
     from study_app.extensions import db
     from study_app.models import Study
 
     login(client)
     form_page = client.get(f"/researcher/studies/new?set={set_id}").get_data(as_text=True)
-    response = client.post(f"/researcher/studies/new?set={set_id}",
-                           data=study_form(form_page, **overrides))
+    response = client.post(
+        f"/researcher/studies/new?set={set_id}", data=study_form(form_page, **overrides)
+    )
     assert response.status_code == 400
     assert message in response.get_data(as_text=True).replace("&#39;", "'")
     with app.app_context():
@@ -194,24 +236,27 @@ def test_a_stimulus_folder_is_imported_through_the_form(app, client, researcher,
 
     login(client)
     page = client.get("/researcher/").get_data(as_text=True)
-    bad = client.post("/researcher/stimulus-sets", data={
-        "csrf_token": csrf_token(page), "path": str(tmp_path / "missing")})
+    bad = client.post(
+        "/researcher/stimulus-sets",
+        data={"csrf_token": csrf_token(page), "path": str(tmp_path / "missing")},
+    )
     assert bad.status_code == 303
     assert "Could not import" in client.get("/researcher/").get_data(as_text=True)
     root = write_stimulus_set(tmp_path / "fresh")
-    good = client.post("/researcher/stimulus-sets", data={
-        "csrf_token": csrf_token(page), "path": str(root)})
+    good = client.post(
+        "/researcher/stimulus-sets", data={"csrf_token": csrf_token(page), "path": str(root)}
+    )
     with app.app_context():
         stimulus_set = db.session.scalars(select(StimulusSet)).one()
         assert [c.name for c in stimulus_set.conditions] == ["blurred", "noisy", "sharp"]
     assert good.headers["Location"] == f"/researcher/studies/new?set={stimulus_set.id}"
 
 
-def test_preview_runs_the_study_as_a_participant_without_counting(app, client, set_id,
-                                                                  researcher):
+def test_preview_runs_the_study_as_a_participant_without_counting(app, client, set_id, researcher):
     make_study(app, set_id, slug="prev", status="draft")
-    assert client.post("/api/v1/studies/prev/participants",
-                       json={"preview": True}).status_code == 403
+    assert (
+        client.post("/api/v1/studies/prev/participants", json={"preview": True}).status_code == 403
+    )
     login(client)
     page = client.get("/researcher/studies/prev/preview").get_data(as_text=True)
     assert 'data-preview="true"' in page and 'data-study="prev"' in page
@@ -237,8 +282,9 @@ def test_dashboard_numbers_match_the_stored_votes(app, client, set_id, researche
     assert empty["items"]["votes"] == 0 and empty["items"]["items"] == 12
     assert empty["items"]["histogram"][0] == {"votes": 0, "items": 12}
 
-    answered = [vote_through_api(client, "dash", lambda t, i=i: ("left", "right")[i % 2])
-                for i in range(3)]
+    answered = [
+        vote_through_api(client, "dash", lambda t, i=i: ("left", "right")[i % 2]) for i in range(3)
+    ]
     data = client.get("/researcher/studies/dash/dashboard.json").get_json()
     assert data["participants"] == {"started": 0, "completed": 3, "returned": 0}
     assert data["responses"] == sum(answered) == 3 * 8
@@ -259,8 +305,11 @@ def test_dashboard_numbers_match_the_stored_votes(app, client, set_id, researche
     assert data["items"]["items_complete"] == sum(1 for n in item_votes.values() if n >= 2)
     histogram = Counter(min(n, 2) for n in item_votes.values())
     histogram[0] += n_items - len(item_votes)
-    assert [h["items"] for h in data["items"]["histogram"]] == [histogram[0], histogram[1],
-                                                               histogram[2]]
+    assert [h["items"] for h in data["items"]["histogram"]] == [
+        histogram[0],
+        histogram[1],
+        histogram[2],
+    ]
     excluded = data["exclusions"]["excluded"]
     responses = read_responses(app.config["SQLALCHEMY_DATABASE_URI"], "dash")
     included = responses[~responses["participant_excluded"]]
@@ -272,16 +321,16 @@ def test_dashboard_numbers_match_the_stored_votes(app, client, set_id, researche
         assert row["wilson_low"] == pytest.approx(ref.wilson_low)
         assert row["p_holm"] == pytest.approx(ref.p_holm)
     if excluded == 0:
-        assert {(r["condition_a"], r["condition_b"]): (r["n"], r["wins_a"])
-                for r in data["preference"]} == {k: (totals[k], wins[k]) for k in totals}
+        assert {
+            (r["condition_a"], r["condition_b"]): (r["n"], r["wins_a"]) for r in data["preference"]
+        } == {k: (totals[k], wins[k]) for k in totals}
     html = client.get("/researcher/studies/dash").get_data(as_text=True)
     assert '<div class="value" id="n-completed">3</div>' in html
     plot = client.get("/researcher/studies/dash/preference.png")
     assert plot.status_code == 200 and plot.data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_downloads_give_the_export_config_and_manifest(app, client, set_id, researcher,
-                                                       tmp_path):
+def test_downloads_give_the_export_config_and_manifest(app, client, set_id, researcher, tmp_path):
     from study_app.export import COLUMNS, read_responses
     from study_app.stimuli import canonical_json_sha256
 
@@ -303,8 +352,7 @@ def test_downloads_give_the_export_config_and_manifest(app, client, set_id, rese
     parquet = client.get("/researcher/studies/dl/responses.parquet")
     assert parquet.status_code == 200
     from_parquet = pd.read_parquet(io.BytesIO(parquet.data))
-    pd.testing.assert_frame_equal(from_parquet.reset_index(drop=True), reference,
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(from_parquet.reset_index(drop=True), reference, check_dtype=False)
 
     config = json.loads(client.get("/researcher/studies/dl/config.json").data)
     assert config["config_sha256"] == canonical_json_sha256(config["config"])
@@ -316,4 +364,3 @@ def test_downloads_give_the_export_config_and_manifest(app, client, set_id, rese
         assert entry["sha256"] == hashlib.sha256((root / entry["path"]).read_bytes()).hexdigest()
     assert len(manifest["stimuli"]) == 4 * 3
     assert client.get("/researcher/studies/dl/responses.xlsx").status_code == 404
-

@@ -23,8 +23,9 @@ def test_dashboard_and_downloads_on_postgresql(postgres_url, tmp_path):
     from study_app.export import read_responses
     from study_app.extensions import db
 
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": postgres_url,
-                      "SECRET_KEY": "test-secret"})
+    app = create_app(
+        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": postgres_url, "SECRET_KEY": "test-secret"}
+    )
     with app.app_context():
         db.create_all()
     try:

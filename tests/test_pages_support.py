@@ -31,13 +31,24 @@ def write_stimulus_set(root: Path, n_images: int = 4, size: int = 16, seed: int 
         (root / folder).mkdir(parents=True, exist_ok=True)
     for index in range(n_images):
         reference = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        blurred = ((reference.astype(np.int32) + np.roll(reference, 1, axis=0)
-                    + np.roll(reference, 1, axis=1)) // 3).astype(np.uint8)
+        blurred = (
+            (
+                reference.astype(np.int32)
+                + np.roll(reference, 1, axis=0)
+                + np.roll(reference, 1, axis=1)
+            )
+            // 3
+        ).astype(np.uint8)
         noisy = np.clip(reference + rng.normal(0, 40, reference.shape), 0, 255).astype(np.uint8)
-        sharp = np.clip(reference.astype(np.int32) + rng.integers(-8, 9, reference.shape),
-                        0, 255).astype(np.uint8)
-        for folder, pixels in (("reference", reference), ("blurred", blurred),
-                               ("noisy", noisy), ("sharp", sharp)):
+        sharp = np.clip(
+            reference.astype(np.int32) + rng.integers(-8, 9, reference.shape), 0, 255
+        ).astype(np.uint8)
+        for folder, pixels in (
+            ("reference", reference),
+            ("blurred", blurred),
+            ("noisy", noisy),
+            ("sharp", sharp),
+        ):
             PILImage.fromarray(pixels).save(root / folder / f"img{index:02d}.png")
     return root
 
@@ -53,17 +64,24 @@ def import_set(app, root: Path) -> int:
         return stimulus_set.id
 
 
-def make_study(app, set_id: int, slug: str = "demo", status: str = "live",
-               **overrides: Any) -> dict[str, Any]:
+def make_study(
+    app, set_id: int, slug: str = "demo", status: str = "live", **overrides: Any
+) -> dict[str, Any]:
     """Create a small study (K=2, M=4, 1 catch, 1 repeat, 1 practice) and set its status."""
     from study_app.extensions import db
     from study_app.models import StimulusSet
     from study_app.studies import create_study, parse_config, set_status
 
     data = {
-        "title": f"Study {slug}", "slug": slug, "votes_per_item": 2,
-        "trials_per_participant": 4, "catch_trials": 1, "repeat_trials": 1,
-        "practice_trials": 1, "completion_code": "C0DE-42", "batch_size": 4,
+        "title": f"Study {slug}",
+        "slug": slug,
+        "votes_per_item": 2,
+        "trials_per_participant": 4,
+        "catch_trials": 1,
+        "repeat_trials": 1,
+        "practice_trials": 1,
+        "completion_code": "C0DE-42",
+        "batch_size": 4,
     }
     data.update(overrides)
     with app.app_context():
@@ -92,15 +110,22 @@ def make_researcher(app, email: str = EMAIL, password: str = PASSWORD) -> int:
 def csrf_token(html: str) -> str:
     """The CSRF token of the first form on a page."""
     match = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', html) or re.search(
-        r'name="csrf_token" value="([^"]+)"', html)
+        r'name="csrf_token" value="([^"]+)"', html
+    )
     assert match, "no CSRF token on the page"
     return match.group(1)
 
 
 def login(client, email: str = EMAIL, password: str = PASSWORD):
     page = client.get("/login")
-    return client.post("/login", data={"email": email, "password": password,
-                                       "csrf_token": csrf_token(page.get_data(as_text=True))})
+    return client.post(
+        "/login",
+        data={
+            "email": email,
+            "password": password,
+            "csrf_token": csrf_token(page.get_data(as_text=True)),
+        },
+    )
 
 
 def votes_per_trial(app, study_id: int) -> dict[int, int]:
@@ -112,7 +137,8 @@ def votes_per_trial(app, study_id: int) -> dict[int, int]:
 
     with app.app_context():
         rows = db.session.execute(
-            select(Vote.trial_id, func.count()).where(Vote.study_id == study_id)
+            select(Vote.trial_id, func.count())
+            .where(Vote.study_id == study_id)
             .group_by(Vote.trial_id)
         ).all()
         return {trial_id: n for trial_id, n in rows}

@@ -22,8 +22,15 @@ from tests.test_pages_support import (
 STUDY_APP = Path(__file__).resolve().parent.parent / "study_app"
 # Endpoints anyone may reach: participants, the JSON API (participant-token
 # authenticated), images, health, static files, the login form itself.
-PUBLIC_ENDPOINTS = {"static", "health.healthz", "health.index", "media.media", "auth.login",
-                    "auth.logout", "participant.study_page"}
+PUBLIC_ENDPOINTS = {
+    "static",
+    "health.healthz",
+    "health.index",
+    "media.media",
+    "auth.login",
+    "auth.logout",
+    "participant.study_page",
+}
 PUBLIC_PREFIXES = ("api.",)
 
 
@@ -35,8 +42,13 @@ def study(app, tmp_path):
 
 def concrete_urls(app, slug: str):
     """(endpoint, method, url) for every rule, with real values for its arguments."""
-    values = {"slug": slug, "action": "pause", "fmt": "csv", "sha256": "0" * 64,
-              "filename": "css/app.css"}
+    values = {
+        "slug": slug,
+        "action": "pause",
+        "fmt": "csv",
+        "sha256": "0" * 64,
+        "filename": "css/app.css",
+    }
     with app.test_request_context():
         from flask import url_for
 
@@ -61,8 +73,9 @@ def test_no_researcher_route_answers_without_login(app, client, study):
         response = client.open(url, method=method, data={"csrf_token": token})
         assert response.status_code == 302, (endpoint, method, url, response.status_code)
         assert response.headers["Location"].startswith("/login?next="), (endpoint, url)
-        json_response = client.open(url, method=method, data={"csrf_token": token},
-                                    headers={"Accept": "application/json"})
+        json_response = client.open(
+            url, method=method, data={"csrf_token": token}, headers={"Accept": "application/json"}
+        )
         assert json_response.status_code == 401, (endpoint, url)
     # The same routes do answer once logged in (so the walk is not vacuous).
     assert login(client).status_code == 302
@@ -94,9 +107,16 @@ def test_templates_and_pages_carry_no_inline_script_style_or_handler(app, client
     assert len(files) >= 8
     make_researcher(app)
     login(client)
-    pages = [client.get(u).get_data(as_text=True) for u in (
-        "/s/guarded", "/researcher/", "/researcher/studies/guarded",
-        "/researcher/studies/new", "/researcher/studies/guarded/preview")]
+    pages = [
+        client.get(u).get_data(as_text=True)
+        for u in (
+            "/s/guarded",
+            "/researcher/",
+            "/researcher/studies/guarded",
+            "/researcher/studies/new",
+            "/researcher/studies/guarded/preview",
+        )
+    ]
     for text in [f.read_text() for f in files] + pages:
         assert not inline_script.search(text)
         assert not handler.search(text)
@@ -110,9 +130,13 @@ def test_forms_need_the_csrf_token_but_the_json_api_does_not(app, client, study)
     from study_app.models import Study
 
     make_researcher(app)
-    assert client.post("/login", data={"email": "researcher@example.org",
-                                       "password": "correct horse battery staple"}
-                       ).status_code == 400
+    assert (
+        client.post(
+            "/login",
+            data={"email": "researcher@example.org", "password": "correct horse battery staple"},
+        ).status_code
+        == 400
+    )
     login(client)
     refused = client.post("/researcher/studies/guarded/status/close")
     assert refused.status_code == 400 and "Reload the page" in refused.get_data(as_text=True)
@@ -121,8 +145,11 @@ def test_forms_need_the_csrf_token_but_the_json_api_does_not(app, client, study)
     # The participant API is exempt from form tokens but accepts JSON only, which a
     # cross-site form cannot send.
     assert client.post("/api/v1/studies/guarded/participants", json={}).status_code == 201
-    form_post = client.post("/api/v1/studies/guarded/participants", data="x=1",
-                            content_type="application/x-www-form-urlencoded")
+    form_post = client.post(
+        "/api/v1/studies/guarded/participants",
+        data="x=1",
+        content_type="application/x-www-form-urlencoded",
+    )
     assert form_post.status_code == 415
 
 
@@ -132,20 +159,27 @@ def test_session_cookie_flags_and_the_insecure_opt_out(app, tmp_path):
     assert app.config["SESSION_COOKIE_SECURE"] is True
     assert app.config["SESSION_COOKIE_HTTPONLY"] is True
     assert app.config["SESSION_COOKIE_SAMESITE"] == "Lax"
-    plain = create_app({"TESTING": True, "ALLOW_INSECURE_COOKIES": True,
-                        "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'x.sqlite3'}"})
+    plain = create_app(
+        {
+            "TESTING": True,
+            "ALLOW_INSECURE_COOKIES": True,
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'x.sqlite3'}",
+        }
+    )
     assert plain.config["SESSION_COOKIE_SECURE"] is False
 
 
 def test_login_page_warns_when_the_secure_cookie_cannot_be_kept(app, client):
     assert "cookie-problem" not in client.get("/login").get_data(as_text=True)
     assert "cookie-problem" not in client.get(
-        "/login", base_url="https://study.example.org").get_data(as_text=True)
+        "/login", base_url="https://study.example.org"
+    ).get_data(as_text=True)
     warned = client.get("/login", base_url="http://192.168.1.20:8000").get_data(as_text=True)
     assert "PSTUDY_ALLOW_INSECURE_COOKIES=true" in warned
     app.config["SESSION_COOKIE_SECURE"] = False
     assert "cookie-problem" not in client.get(
-        "/login", base_url="http://192.168.1.20:8000").get_data(as_text=True)
+        "/login", base_url="http://192.168.1.20:8000"
+    ).get_data(as_text=True)
 
 
 def test_errors_show_no_stack_trace(app, client):
@@ -173,8 +207,9 @@ def test_participant_requests_over_the_size_limit_are_refused(app, client, study
     from study_app.models import Participant
 
     big = "{" + '"prolific_pid": "' + "a" * 20_000 + '"}'
-    response = client.post("/api/v1/studies/guarded/participants", data=big,
-                           content_type="application/json")
+    response = client.post(
+        "/api/v1/studies/guarded/participants", data=big, content_type="application/json"
+    )
     assert response.status_code == 413 and "over the limit" in response.get_json()["error"]
     with app.app_context():
         assert db.session.scalar(select(func.count()).select_from(Participant)) == 0
@@ -184,8 +219,13 @@ def test_participant_endpoints_are_rate_limited_per_client(tmp_path):
     from study_app import create_app
     from study_app.extensions import db
 
-    app = create_app({"TESTING": True, "PARTICIPANT_RATE_LIMIT": (5, 60),
-                      "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'r.sqlite3'}"})
+    app = create_app(
+        {
+            "TESTING": True,
+            "PARTICIPANT_RATE_LIMIT": (5, 60),
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'r.sqlite3'}",
+        }
+    )
     with app.app_context():
         db.create_all()
     client = app.test_client()
