@@ -75,7 +75,7 @@ class Client:
                                                 timeout=self.timeout_s, **kwargs)
                 if response.status_code not in RETRYABLE_STATUS:
                     return response
-            except (requests.ConnectionError, requests.Timeout):
+            except requests.RequestException:  # reset, timeout, truncated body
                 self.session.close()  # drop a connection the server may have killed
                 self.session = requests.Session()
             if attempt == self.max_retries:
