@@ -360,3 +360,25 @@ def test_a_closed_study_turns_new_people_away_before_consent(app, live_server, p
     page.wait_for_selector("body[data-state='failed']", timeout=TIMEOUT_MS)
     assert "closed and takes no new participants" in page.inner_text("#failed-message")
     assert participant_tokens(app, study["id"]) == []
+
+
+def test_a_participant_can_withdraw_mid_study(app, live_server, page, study):
+    page.goto(f"{live_server}/s/{study['slug']}")
+    page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+    page.check("#consent-check")
+    page.click("#consent-button")
+    page.click("#start-button")
+    wait_trial(page)
+    answer(page, lambda: page.keyboard.press("f"))  # practice
+    wait_trial(page)
+    answer(page, lambda: page.keyboard.press("j"))  # one real answer
+    wait_trial(page)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#withdraw")
+    page.wait_for_selector("body[data-state='withdrawn']", timeout=TIMEOUT_MS)
+    page.keyboard.press("f")  # answers after withdrawing are ignored
+    page.wait_for_timeout(300)
+    assert len(votes_per_trial(app, study["id"])) == 1
+    assert [(s, n) for s, n, _ in participant_tokens(app, study["id"])] == [("returned", 1)]
+    page.reload()  # the same link does not resume a withdrawn participation
+    page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)

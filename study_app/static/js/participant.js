@@ -41,7 +41,7 @@
   const REDIRECT_DELAY_MS = 3000;
 
   const $ = (id) => document.getElementById(id);
-  const screens = ["loading", "refused", "consent", "declined", "instructions", "trial", "waiting", "done", "failed"];
+  const screens = ["loading", "refused", "consent", "declined", "instructions", "trial", "waiting", "done", "failed", "withdrawn"];
 
   let study = null;
   let participant = null; // {id, token, status, progress: {answered, total}}
@@ -571,6 +571,25 @@
   });
   $("choice-left").addEventListener("click", () => choose("left"));
   $("choice-right").addEventListener("click", () => choose("right"));
+  let withdrawing = false;
+  $("withdraw").addEventListener("click", async () => {
+    if (withdrawing || !participant) return;
+    if (!window.confirm("Stop the study now? Your answers so far are kept and marked as withdrawn.")) return;
+    withdrawing = true;
+    active = null; // ignore further answers
+    try {
+      await flushPendingVote();
+      await withRetry(() => api.finish("returned"));
+    } catch (error) {
+      if (!(error.body && error.body.code === "participant_finished")) {
+        withdrawing = false;
+        fail("Could not withdraw: " + error.message + ". Reload the page and try again.");
+        return;
+      }
+    }
+    ["token", "pending", "stage"].forEach((name) => storage.removeItem(storeKey(name)));
+    show("withdrawn");
+  });
   window.addEventListener("online", () => { if (offline) setNotice("Back online, sending…", true); });
 
   main();
