@@ -91,3 +91,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def random_trunk_features(net: str, seed: int) -> dict[str, torch.Tensor]:
+    """A seeded random initialisation of an LPIPS trunk's ``features`` (torchvision keys
+    ``features.*``), built without the large classifier layers (VGG16's are 120M weights)."""
+    import torchvision
+
+    from generation.losses.backbones import TRUNKS
+
+    torch.manual_seed(seed)
+    if net == "vgg":
+        features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    else:
+        features = getattr(torchvision.models, TRUNKS[net].builder)(weights=None).features
+    return {f"features.{key}": value for key, value in features.state_dict().items()}

@@ -20,6 +20,7 @@ from tests.losses_support import (  # noqa: F401 - one_torch_thread is a fixture
     noisy,
     one_torch_thread,
     photos,
+    random_trunk_features,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,16 +29,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def random_trunks(tmp_path_factory):
     """One seeded random initialisation of each torchvision trunk (its ``features``)."""
-    import torchvision
-
     folder = tmp_path_factory.mktemp("trunks")
     paths = {}
-    for seed, (net, trunk) in enumerate(TRUNKS.items()):
-        torch.manual_seed(seed)
-        model = getattr(torchvision.models, trunk.builder)(weights=None)
-        paths[net] = folder / f"{trunk.builder}.pth"
-        features = {k: v for k, v in model.state_dict().items() if k.startswith("features.")}
-        torch.save(features, paths[net])
+    for seed, net in enumerate(TRUNKS):
+        paths[net] = folder / f"{net}.pth"
+        torch.save(random_trunk_features(net, seed), paths[net])
     return paths
 
 
@@ -122,6 +118,7 @@ def test_offline_efficientnet_weights_are_imagenet_weights(classifier):
     assert _classify(classifier, "coffee") in (967, 968)  # espresso, cup
 
 
+@pytest.mark.slow
 def test_deep_loss_behaves_on_photos():
     loss = build_loss("deep")
     assert not any(parameter.requires_grad for parameter in loss.parameters())

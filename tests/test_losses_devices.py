@@ -7,21 +7,17 @@ import torch
 
 from generation.losses import available_losses, build_loss
 from generation.losses.backbones import TRUNKS
-from tests.losses_support import noisy, photos
+from tests.losses_support import noisy, photos, random_trunk_features
 
 
 @pytest.fixture(scope="module")
 def trunk_weights(tmp_path_factory):
     """Seeded random torchvision trunks (ImageNet weights cannot be downloaded here)."""
-    import torchvision
-
     folder = tmp_path_factory.mktemp("trunks")
     paths = {}
-    for seed, (net, trunk) in enumerate(TRUNKS.items()):
-        torch.manual_seed(seed)
-        state = getattr(torchvision.models, trunk.builder)(weights=None).features.state_dict()
+    for seed, net in enumerate(TRUNKS):
         paths[net] = folder / f"{net}.pth"
-        torch.save({f"features.{k}": v for k, v in state.items()}, paths[net])
+        torch.save(random_trunk_features(net, seed), paths[net])
     return paths
 
 
