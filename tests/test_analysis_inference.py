@@ -1,0 +1,235 @@
+"""Clustered inference, position bias, agreement and planning against references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+from scipy import special, stats
+from statsmodels.stats.inter_rater import fleiss_kappa
+
+from analysis.agreement import fleiss_kappa_pairs, kendall_u, position_bias
+from analysis.clustered import (
+    cluster_bootstrap,
+    cluster_bootstrap_rates,
+    cluster_robust_glm,
+    mixed_logistic,
+    per_participant_tests,
+)
+from analysis.planning import design_effect, exact_power, planning_table, votes_for_halfwidth
+from analysis.simulation import simulate_responses, true_pair_rates
+
+TRUTH = {"a": 0.0, "b": 0.6, "c": 1.2}
+
+
+@pytest.fixture(scope="module")
+def votes():
+    return simulate_responses(
+        TRUTH, 30, 12, 36, observer_sd=0.4, image_sd=0.3, left_bias=0.3, seed=11
+    )
+
+
+def test_per_participant_tests_match_scipy(votes):
+    table = per_participant_tests(votes).set_index(["condition_a", "condition_b"])
+    ab = votes[{"a", "b"} == votes[["condition_left", "condition_right"]].apply(set, axis=1)]
+    ab = votes.loc[ab.index]
+    rates = (ab["chosen_condition"] == "a").groupby(ab["participant"]).mean()
+    assert table.loc[("a", "b"), "n_participants"] == len(rates)
+    assert table.loc[("a", "b"), "p_t"] == pytest.approx(stats.ttest_1samp(rates, 0.5).pvalue)
+    assert table.loc[("a", "b"), "p_wilcoxon"] == pytest.approx(stats.wilcoxon(rates - 0.5).pvalue)
+
+
+def test_cluster_glm_intercept_is_the_pair_logit_and_clustering_widens(votes):
+    plain = cluster_robust_glm(votes, sides_recorded=False).set_index(
+        ["condition_a", "condition_b"]
+    )
+    row = plain.loc[("a", "c")]
+    ac = votes[votes["condition_left"].isin(["a", "c"]) & votes["condition_right"].isin(["a", "c"])]
+    rate = (ac["chosen_condition"] == "a").mean()
+    assert row["log_odds"] == pytest.approx(special.logit(rate), abs=1e-8)
+    naive = sm.GLM(
+        (ac["chosen_condition"] == "a").astype(float).to_numpy(),
+        np.ones((len(ac), 1)),
+        family=sm.families.Binomial(),
+    ).fit()
+    assert row["se"] > naive.bse[0]  # participants and images are clusters: wider
+    assert row["ci_low"] < rate < row["ci_high"]
+    with_side = cluster_robust_glm(votes, sides_recorded=True)
+    assert (with_side["side_log_odds"] > 0).all()  # simulated left bias shows up
+    assert with_side["rate_a"].lt(0.5).all()  # a is the worst condition
+
+
+def test_mixed_model_recovers_direction_and_states_its_sample(votes):
+    table = mixed_logistic(votes, max_participants=12, max_images=8)
+    assert (table["n_used"] <= table["n"]).all()
+    ac = table.set_index(["condition_a", "condition_b"]).loc[("a", "c")]
+    assert ac["log_odds"] < 0 and ac["ci_high"] < 0.5
+    assert ac["participant_sd"] > 0
+
+
+def test_cluster_bootstrap_rates_and_generic_bootstrap(votes):
+    boot = cluster_bootstrap_rates(votes, n_boot=300, seed=1).set_index(
+        ["condition_a", "condition_b"]
+    )
+    one_way = cluster_bootstrap_rates(votes, n_boot=300, seed=1, two_way=False)
+    assert (boot["ci_low"] < boot["rate_a"]).all() and (boot["rate_a"] < boot["ci_high"]).all()
+    assert boot["boot_se"].mean() > one_way["boot_se"].mean() * 0.9
+    ab = votes[votes["condition_left"].isin(["a", "b"]) & votes["condition_right"].isin(["a", "b"])]
+    reps = cluster_bootstrap(
+        ab, lambda f: (f["chosen_condition"] == "a").mean(), n_boot=300, seed=1
+    )
+    assert reps.std(ddof=1) == pytest.approx(
+        one_way.set_index(["condition_a", "condition_b"]).loc[("a", "b"), "boot_se"], rel=0.35
+    )
+
+
+@pytest.mark.slow
+def test_cluster_bootstrap_interval_covers_truth_at_about_nominal_rate():
+    """Studies with observer heterogeneity: the participant bootstrap interval of a pair's
+    rate contains the simulated truth in ~90 % of 60 studies."""
+    truth = {"a": 0.0, "b": 0.8}
+    hits = 0
+    runs = 60
+    for seed in range(runs):
+        votes = simulate_responses(truth, 25, 5, 16, observer_sd=0.6, seed=500 + seed)
+        boot = cluster_bootstrap_rates(votes, n_boot=200, level=0.9, seed=seed, two_way=False)
+        true_rate = true_pair_rates(truth, [("a", "b")])[0]
+        # with random shifts the population mean rate is E[Phi((d + u)/1.4826)]
+        shifts = np.random.default_rng(0).normal(0, 0.6, 200_000)
+        true_rate = stats.norm.cdf((-0.8 + shifts) / 1.4826).mean()
+        hits += boot.loc[0, "ci_low"] <= true_rate <= boot.loc[0, "ci_high"]
+    low = stats.binom.ppf(0.001, runs, 0.9)
+    assert hits >= low - 3, hits
+
+
+def test_position_bias_matches_binomtest(votes):
+    overall, per = position_bias(votes)
+    k = int((votes["choice"] == "left").sum())
+    assert overall.loc[0, "left_choices"] == k
+    assert overall.loc[0, "p_value"] == pytest.approx(stats.binomtest(k, len(votes)).pvalue)
+    assert overall.loc[0, "left_rate"] > 0.5  # simulated bias
+    assert len(per) == 30 and per["n"].sum() == len(votes)
+
+
+def test_fleiss_kappa_matches_statsmodels_with_equal_raters():
+    rng = np.random.default_rng(0)
+    rows = []
+    for image in range(20):
+        p = rng.uniform(0.1, 0.9)
+        for rater in range(6):
+            chosen = "x" if rng.random() < p else "y"
+            rows.append((f"r{rater}", f"i{image}", "x", "y", chosen))
+    votes = pd.DataFrame(
+        rows,
+        columns=[
+            "participant",
+            "image_id",
+            "condition_left",
+            "condition_right",
+            "chosen_condition",
+        ],
+    )
+    counts = votes.groupby("image_id")["chosen_condition"].apply(
+        lambda s: [int((s == "x").sum()), int((s == "y").sum())]
+    )
+    reference = fleiss_kappa(np.array(counts.tolist()), method="fleiss")
+    assert fleiss_kappa_pairs(votes) == pytest.approx(reference)
+
+
+def test_kendall_u_classic_formula_and_extremes():
+    """Balanced design: u = 2 sum C(a_ij, 2) / (C(m, 2) C(t, 2)) - 1 (Kendall & Babington Smith)."""
+    rng = np.random.default_rng(1)
+    names = ["p", "q", "r", "s"]
+    m = 7
+    rows = []
+    for obs in range(m):
+        for i in range(4):
+            for j in range(i + 1, 4):
+                winner = names[i] if rng.random() < 0.7 else names[j]
+                rows.append((f"o{obs}", names[i], names[j], winner))
+    votes = pd.DataFrame(
+        rows, columns=["participant", "condition_left", "condition_right", "chosen_condition"]
+    )
+    wins = {}
+    for row in votes.itertuples():
+        wins[
+            (
+                row.chosen_condition,
+                row.condition_left
+                if row.chosen_condition != row.condition_left
+                else row.condition_right,
+            )
+        ] = (
+            wins.get(
+                (
+                    row.chosen_condition,
+                    row.condition_left
+                    if row.chosen_condition != row.condition_left
+                    else row.condition_right,
+                ),
+                0,
+            )
+            + 1
+        )
+    sigma = sum(special.comb(a, 2) for a in wins.values())
+    classic = 2 * sigma / (special.comb(m, 2) * special.comb(4, 2)) - 1
+    assert kendall_u(votes) == pytest.approx(classic)
+    unanimous = votes.assign(chosen_condition=votes["condition_left"])
+    assert kendall_u(unanimous) == 1.0
+
+
+def _critical_counts(max_n: int, alpha=0.05) -> list[int]:
+    """Independent reference: for each n, the largest k <= n/2 with scipy's binomtest
+    p-value <= alpha (-1 if none); binomtest's p-value rises with k below n/2, so bisect."""
+    out = []
+    for n in range(1, max_n + 1):
+        lo, hi = -1, n // 2
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if stats.binomtest(mid, n, 0.5).pvalue <= alpha:
+                lo = mid
+            else:
+                hi = mid - 1
+        out.append(lo)
+    return out
+
+
+def _votes_needed_by_scipy(p: float, critical: list[int], power=0.8) -> int:
+    """Smallest n with power >= target for every larger n up to the search limit."""
+    ok = []
+    for n, c in enumerate(critical, start=1):
+        if c < 0:
+            ok.append(False)
+            continue
+        ok.append(stats.binom.cdf(c, n, p) + stats.binom.sf(n - c - 1, n, p) >= power)
+    ok = np.array(ok)
+    return int(np.flatnonzero(~ok)[-1] + 2)
+
+
+@pytest.mark.slow
+def test_votes_needed_reproduce_the_design_note_via_scipy():
+    """analysis.md: p = .60 ~210 votes, .65 ~97, .70 ~54, .75 ~35 (alpha .05, power .8)."""
+    table = planning_table((0.6, 0.65, 0.7, 0.75))
+    critical = _critical_counts(300)
+    expected = [_votes_needed_by_scipy(p, critical) for p in (0.6, 0.65, 0.7, 0.75)]
+    assert table["votes_needed"].tolist() == expected
+    assert expected == [210, 97, 54, 35]
+    assert exact_power(35, 0.75) >= 0.8 > exact_power(34, 0.75)
+    inflated = planning_table((0.7,), votes_per_participant=5, icc=0.1)
+    assert (
+        inflated.loc[0, "design_effect"]
+        == pytest.approx(design_effect(5, 0.1))
+        == pytest.approx(1.4)
+    )
+    assert inflated.loc[0, "votes_needed_clustered"] == int(np.ceil(54 * 1.4))
+
+
+def test_votes_for_halfwidth_uses_wilson():
+    from statsmodels.stats.proportion import proportion_confint
+
+    n = votes_for_halfwidth(0.05)
+    low, high = proportion_confint(n / 2, n, method="wilson")
+    assert (high - low) / 2 <= 0.05
+    low, high = proportion_confint((n - 30) / 2, n - 30, method="wilson")
+    assert (high - low) / 2 > 0.05
