@@ -121,6 +121,10 @@ def test_tiny_images_shrink_the_window_and_overrides_are_checked():
         build_loss("msssim")(torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4))
     with pytest.raises(ValueError, match="weights or scales"):
         build_loss("msssim", scales=2, weights=[0.5, 0.5])
+    with pytest.raises(ValueError, match="bad option value"):
+        build_loss("ssim", sigma="wide")
+    with pytest.raises(ValueError, match="sequence of numbers"):
+        build_loss("msssim", weights="abc")
 
 
 def test_negative_structure_is_clamped_with_finite_gradients():

@@ -110,7 +110,10 @@ def _build_single(name: str, options: Mapping[str, Any]) -> nn.Module:
                 f"loss {name!r} got unknown option(s) {', '.join(unknown)}; accepted options: "
                 f"{', '.join(accepted) if accepted else '(none)'}"
             )
-    return cls(**options)
+    try:
+        return cls(**options)
+    except TypeError as error:  # e.g. a string where a number belongs
+        raise ValueError(f"loss {name!r}: bad option value ({error}); options: {options}") from None
 
 
 def _parse_weight(text: Any, name: str) -> float:

@@ -82,7 +82,12 @@ def ssim_configuration(
     if weights is not None and scales is not None:
         raise ValueError("give either weights or scales for MS-SSIM, not both")
     if weights is not None:
-        weights = tuple(float(w) for w in weights)
+        try:
+            weights = tuple(float(w) for w in weights)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"MS-SSIM weights must be a sequence of numbers, got {weights!r}"
+            ) from None
         if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(
                 f"MS-SSIM weights must be non-negative with a positive sum, got {weights}"
@@ -246,9 +251,9 @@ class MSSSIMLoss(_SSIMBase):
         data_range: float = 1.0,
     ):
         super().__init__(window_size, sigma, data_range)
-        self.weights = None if weights is None else tuple(float(w) for w in weights)
-        self.scales = scales
+        self.weights, self.scales = weights, scales
         self.configuration_for(1024, 1024)  # validate the options
+        self.weights = None if weights is None else tuple(float(w) for w in weights)
 
     def similarity(self, prediction, target):
         return ms_ssim(prediction, target, self.configuration, self.data_range)
