@@ -181,6 +181,10 @@ def test_watson_is_per_image_and_deterministic(name):
     alone = torch.cat([loss(prediction[i : i + 1], target[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(batch, alone)  # luminance mean per image, not per batch
     torch.testing.assert_close(loss(prediction, target), batch, rtol=0, atol=0)
+    with torch.no_grad():  # the in-place path without a graph computes the same
+        torch.testing.assert_close(loss(prediction, target), batch)
+    frozen = build_loss(name).requires_grad_(False)
+    torch.testing.assert_close(frozen(prediction, target), batch)
 
 
 def test_watson_shift_augmentation_is_optional_and_training_only():

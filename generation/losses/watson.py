@@ -136,31 +136,17 @@ def block_transform(images: torch.Tensor, kind: str) -> torch.Tensor:
     return to_blocks(images) @ _OPERATOR_CACHE[key]
 
 
-_COLOUR_CACHE: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def block_transform_ycbcr(images: torch.Tensor, kind: str) -> torch.Tensor:
-    """RGB N×3×H×W -> blockwise transform of its YCbCr channels, N×3×K×B (as
-    ``block_transform(rgb_to_ycbcr(images), kind)``) in one matrix product: the colour
-    matrix and the block transform are both linear, so they combine into one 192×3B
-    matrix; the chroma offsets only move the DC coefficients. Returns a permuted view."""
-    key = (kind, images.device, images.dtype)
-    if key not in _COLOUR_CACHE:
-        operator = _OPERATORS[kind].to(torch.float64)  # 64×B
-        colour = torch.tensor(YCBCR_MATRIX, dtype=torch.float64)  # out×in
-        combined = torch.einsum("oi,pb->ipob", colour, operator).reshape(3 * 64, -1)
-        dc_gain = operator.sum(0)[0]  # response of the DC output to a constant block of 1
-        bias = torch.zeros(3, operator.shape[1], dtype=torch.float64)
-        bias[:, 0] = torch.tensor(YCBCR_OFFSET, dtype=torch.float64) * dc_gain
-        _COLOUR_CACHE[key] = (
-            combined.to(device=images.device, dtype=images.dtype),
-            bias.reshape(-1).to(device=images.device, dtype=images.dtype),
-        )
-    combined, bias = _COLOUR_CACHE[key]
+    """RGB N×3×H×W -> blockwise transform of its YCbCr channels, N×3×K×B; the same as
+    ``block_transform(rgb_to_ycbcr(images), kind)`` with the colour step as one batched
+    matrix product (measured faster on CPU than an einsum or one combined 192×3B matrix)."""
     n, _, h, w = images.shape
-    blocks = images.reshape(n, 3, h // BLOCK, BLOCK, w // BLOCK, BLOCK).permute(0, 2, 4, 1, 3, 5)
-    coefficients = torch.addmm(bias, blocks.reshape(-1, 3 * 64), combined)
-    return coefficients.view(n, -1, 3, combined.shape[1] // 3).transpose(1, 2)
+    colour = torch.tensor(YCBCR_MATRIX, dtype=images.dtype, device=images.device)
+    offset = torch.tensor(YCBCR_OFFSET, dtype=images.dtype, device=images.device).view(1, 3, 1)
+    ycbcr = torch.baddbmm(
+        offset.expand(n, 3, 1), colour.expand(n, 3, 3), images.reshape(n, 3, h * w)
+    )
+    return block_transform(ycbcr.view(n, 3, h, w), kind)
 
 
 def _smooth_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -181,8 +167,14 @@ def masking_threshold(
     alpha, w = alpha.view(-1, 1, 1), w.view(-1, 1, 1)
     t = log_t.exp().unsqueeze(1)  # C×1×B
     t_l = t * ratio.pow(alpha)
-    masked = (reference.abs() + EPS).pow(w) * (t.pow(1 - w) * ratio.pow(alpha * (1 - w)))
-    return _smooth_max(t_l, masked)
+    small = t.pow(1 - w) * ratio.pow(alpha * (1 - w))  # N×C×K×B via broadcasting, cheap factors
+    if torch.is_grad_enabled() and any(p.requires_grad for p in (reference, log_t, alpha, w)):
+        masked = (reference.abs() + EPS).pow(w) * small
+        return _smooth_max(t_l, masked)
+    # no graph needed (frozen parameters): the same arithmetic in place, fewer allocations
+    masked = reference.abs().add_(EPS).pow_(w).mul_(small)
+    gap = t_l.sub_(masked)  # t_l − masked, reusing t_l's memory
+    return masked.add_(gap.mul_(torch.sigmoid(gap)))
 
 
 def minkowski_pool(
@@ -242,7 +234,7 @@ class _FusedCore(torch.autograd.Function):
     ``reference``: callers use the plain path when the target requires gradients)."""
 
     @staticmethod
-    def forward(ctx, reference, distorted, s, beta, phase_weights):
+    def forward(ctx, reference, distorted, s, beta, phase_weights, power=None, amplitude=None):
         dft = phase_weights is not None
         beta_b = beta.view(-1, 1, 1)
         if dft:
@@ -252,10 +244,13 @@ class _FusedCore(torch.autograd.Function):
                 distorted[..., :40],
                 distorted[..., 40:],
             )
-            power = torch.addcmul(re * re, im, im)
-            power_hat = torch.addcmul(re_hat * re_hat, im_hat, im_hat)
+            if power is None:
+                power = re.square() + im.square()
+            if amplitude is None:
+                amplitude = torch.sqrt(power + AMPLITUDE_DELTA)
+            power_hat = re_hat.square() + im_hat.square()  # computed exactly as ``power``
             amplitude_hat = (power_hat + AMPLITUDE_DELTA).sqrt_()
-            diff = (power + AMPLITUDE_DELTA).sqrt_().sub_(amplitude_hat)
+            diff = amplitude - amplitude_hat
         else:
             diff = reference - distorted
         x = diff.abs().div_(s).add_(EPS)
@@ -266,7 +261,8 @@ class _FusedCore(torch.autograd.Function):
         saved = [distorted, s, beta, x, xb, diff, total, pooled]
         if dft:
             delta = PHASE_DELTA[reference.dtype]
-            cosine = torch.addcmul(re * re_hat, im, im_hat).add_(delta)
+            # the same roundings as ``power``, so identical inputs give cos = 1 exactly
+            cosine = (re * re_hat).add_(im * im_hat).add_(delta)
             den = (power + delta).mul_(power_hat.add_(delta)).sqrt_()
             cosine.div_(den)
             scaled = cosine.clamp(-1, 1).mul_(ARCCOS_SCALE)
@@ -307,7 +303,15 @@ class _FusedCore(torch.autograd.Function):
                 grad * pooled * (log_x_weighted / (beta * total) - torch.log(total) / beta**2)
             ).sum(0)
         if not ctx.dft:
-            return None, grad_amplitude if need_distorted else None, grad_s, grad_beta, None
+            return (
+                None,
+                grad_amplitude if need_distorted else None,
+                grad_s,
+                grad_beta,
+                None,
+                None,
+                None,
+            )
         reference, amplitude_hat, power_hat_delta, den, cosine, scaled, angle, phase_weights = (
             ctx.saved_tensors[8:]
         )
@@ -325,7 +329,7 @@ class _FusedCore(torch.autograd.Function):
             grad_re = grad_cosine * re / den - ratio * re_hat + per_amplitude * re_hat
             grad_im = grad_cosine * im / den - ratio * im_hat + per_amplitude * im_hat
             grad_distorted = torch.cat([grad_re, grad_im], -1)
-        return None, grad_distorted, grad_s, grad_beta, grad_weights
+        return None, grad_distorted, grad_s, grad_beta, grad_weights, None, None
 
 
 class WatsonLoss(ImageLoss):
@@ -440,12 +444,13 @@ class WatsonLoss(ImageLoss):
         if self.transform == "dct":
             s = masking_threshold(reference, log_t, alpha, w)
             return _FusedCore.apply(reference, distorted, s, self.beta[params], None)
-        amplitude = torch.sqrt(
-            reference[..., :40].square() + reference[..., 40:].square() + AMPLITUDE_DELTA
-        )
+        power = reference[..., :40].square() + reference[..., 40:].square()
+        amplitude = torch.sqrt(power + AMPLITUDE_DELTA)
         s = masking_threshold(amplitude, log_t, alpha, w)
         weights = self.phase_log_weights[params].exp() * self.phase_mask
-        return _FusedCore.apply(reference, distorted, s, self.beta[params], weights)
+        return _FusedCore.apply(
+            reference, distorted, s, self.beta[params], weights, power, amplitude
+        )
 
     def extra_repr(self) -> str:
         return f"transform={self.transform!r}, shift_augment={self.shift_augment}"
