@@ -89,15 +89,15 @@ def test_cluster_bootstrap_interval_covers_truth_at_about_nominal_rate():
     """Studies with observer heterogeneity: the participant bootstrap interval of a pair's
     rate contains the simulated truth in ~90 % of 60 studies."""
     truth = {"a": 0.0, "b": 0.8}
+    # with observer shifts u ~ N(0, 0.6^2) the population rate is E[Phi((d + u) / 1.4826)]
+    shifts = np.random.default_rng(0).normal(0, 0.6, 200_000)
+    true_rate = stats.norm.cdf((-0.8 + shifts) / 1.4826).mean()
+    assert true_rate > true_pair_rates(truth, [("a", "b")])[0]  # heterogeneity pulls to 1/2
     hits = 0
     runs = 60
     for seed in range(runs):
         votes = simulate_responses(truth, 25, 5, 16, observer_sd=0.6, seed=500 + seed)
         boot = cluster_bootstrap_rates(votes, n_boot=200, level=0.9, seed=seed, two_way=False)
-        true_rate = true_pair_rates(truth, [("a", "b")])[0]
-        # with random shifts the population mean rate is E[Phi((d + u)/1.4826)]
-        shifts = np.random.default_rng(0).normal(0, 0.6, 200_000)
-        true_rate = stats.norm.cdf((-0.8 + shifts) / 1.4826).mean()
         hits += boot.loc[0, "ci_low"] <= true_rate <= boot.loc[0, "ci_high"]
     low = stats.binom.ppf(0.001, runs, 0.9)
     assert hits >= low - 3, hits
