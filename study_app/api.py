@@ -361,15 +361,18 @@ def vote():
     """Store one vote, exactly once per trial token (a replay answers the same)."""
     body = json_body(VOTE_MAX_BYTES)
     parsed = parse_vote(body)
-    participant, study, config = _authenticated()
-    participant_id = participant.id
     now = utcnow()
-    stored, replayed = run_write(lambda: scheduling.record_vote(
-        participant_id, study, parsed, config.reference_shown, now))
-    response = jsonify(vote={
-        "trial_token": parsed.trial_token, "choice": stored.choice,
-        "trial_index": stored.trial_index, "received_at": _iso(stored.received_at),
-    })
+
+    def store() -> tuple[dict, bool]:  # one write transaction: authenticate, record, answer
+        participant, study, config = _authenticated()
+        stored, replayed = scheduling.record_vote(participant.id, study, parsed,
+                                                  config.reference_shown, now)
+        return {"trial_token": parsed.trial_token, "choice": stored.choice,
+                "trial_index": stored.trial_index,
+                "received_at": _iso(stored.received_at)}, replayed
+
+    answer, replayed = run_write(store)
+    response = jsonify(vote=answer)
     if replayed:
         response.headers["X-Idempotent-Replay"] = "true"
     return response

@@ -207,9 +207,18 @@ def create_study(stimulus_set: StimulusSet, config: StudyConfig,
     return study
 
 
+_CONFIG_CACHE: dict[str, StudyConfig] = {}
+
+
 def study_config(study: Study) -> StudyConfig:
-    """The validated config of a stored study."""
-    return parse_config(study.config)
+    """The validated config of a stored study (memoised by its sha256; configs are frozen)."""
+    config = _CONFIG_CACHE.get(study.config_sha256)
+    if config is None:
+        config = parse_config(study.config)
+        if len(_CONFIG_CACHE) > 1000:
+            _CONFIG_CACHE.clear()
+        _CONFIG_CACHE[study.config_sha256] = config
+    return config
 
 
 def set_status(study: Study, status: str) -> None:

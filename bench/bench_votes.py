@@ -1,0 +1,226 @@
+"""Vote endpoint vs a bare Flask endpoint, both under gunicorn with the same settings
+(study_app/gunicorn.conf.py: 2 workers × 4 threads), 100 concurrent simulated
+participants, on SQLite and on a throwaway PostgreSQL. Prints votes/s, p50/p99 latency
+and the ratios.
+
+    .venv/bin/python bench/bench_votes.py [--participants 100] [--votes 30]
+
+Each participant first starts and leases all its trials (not timed), then all of them
+post their votes back-to-back at once (timed). Load comes from 4 client processes × 25
+threads on the same machine, identical for both endpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+GUNICORN_CONF = REPO / "study_app" / "gunicorn.conf.py"
+CLIENT_PROCESSES = 4
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_postgres() -> tuple[str, callable]:
+    """A throwaway PostgreSQL (as tests/conftest.py starts it); returns (url, stop)."""
+    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))
+    if not bindirs:
+        raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
+    bindir = Path(bindirs[-1])
+    parent = Path(tempfile.mkdtemp(prefix="pstudy-bench-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(parent, "postgres", "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(parent / "data"), "-U",
+                    "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"],
+                   check=True, capture_output=True)
+    options = (f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={parent} "
+               "-c max_connections=300")
+    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(parent / "data"), "-o", options,
+                    "-w", "-l", str(parent / "server.log"), "start"],
+                   check=True, capture_output=True)
+
+    def stop() -> None:
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(parent / "data"), "-m",
+                        "immediate", "stop"], capture_output=True)
+        shutil.rmtree(parent, ignore_errors=True)
+
+    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", stop
+
+
+def make_study(database_url: str, root: Path, votes: int, participants: int) -> str:
+    from study_app.commands import make_app
+    from tests.study_support import make_study as make
+    from tests.study_support import write_stimulus_set
+
+    app = make_app(database_url)
+    write_stimulus_set(root, n_images=20, conditions=("l1", "l2", "ssim", "deep"), seed=1)
+    slug = make(app, root, slug="bench", votes_per_item=10**6, trials_per_participant=votes,
+                catch_trials=0, repeat_trials=0, batch_size=votes, lease_seconds=3600,
+                seed=7)
+    with app.app_context():
+        from study_app.extensions import db
+
+        db.engine.dispose()
+    return slug
+
+
+def serve(app_spec: str, env: dict, cwd: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, **env, "PSTUDY_BIND": f"127.0.0.1:{port}", "PSTUDY_WORKERS": "2",
+           "PSTUDY_THREADS": "4", "PSTUDY_LOG_LEVEL": "warning",
+           "PSTUDY_PARTICIPANT_RATE_LIMIT": "[100000000, 60]", "PYTHONPATH": str(cwd)}
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF),
+                                app_spec], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            requests.get(base + "/", timeout=2)
+            return process, base
+        except requests.RequestException:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"gunicorn ({app_spec}) did not start")
+
+
+def vote_body(token: str, i: int) -> dict:
+    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {"trial_token": token, "choice": "left" if i % 2 else "right", "rt_ms": 700.0,
+            "presented_at": now, "answered_at": now, "viewport_w": 1280, "viewport_h": 800,
+            "device_pixel_ratio": 1.0}
+
+
+def _client_process(args: tuple) -> tuple[list[float], float, float, int]:
+    """One client process: its participants in threads; (latencies ms, t0, t1, errors)."""
+    base, url_path, jobs, start_at = args
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    ends: list[float] = []
+
+    def participant(job: tuple[dict, list[str]]) -> None:
+        headers, tokens = job
+        session = requests.Session()
+        mine = []
+        for i, token in enumerate(tokens):
+            t = time.perf_counter()
+            response = session.post(base + url_path, json=vote_body(token, i), headers=headers,
+                                    timeout=30)
+            mine.append((time.perf_counter() - t) * 1000)
+            if response.status_code != 200:
+                with lock:
+                    errors[0] += 1
+        with lock:
+            latencies.extend(mine)
+            ends.append(time.time())
+
+    time.sleep(max(0.0, start_at - time.time()))
+    threads = [threading.Thread(target=participant, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, start_at, max(ends), errors[0]
+
+
+def load(base: str, url_path: str, jobs: list) -> dict:
+    start_at = time.time() + 1.0
+    chunks = [jobs[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)]
+    with ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
+        results = list(pool.map(_client_process, [(base, url_path, c, start_at) for c in chunks]))
+    latencies = np.concatenate([np.array(r[0]) for r in results])
+    wall = max(r[2] for r in results) - start_at
+    return {"requests": len(latencies), "errors": sum(r[3] for r in results),
+            "per_s": len(latencies) / wall, "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99)), "wall_s": wall}
+
+
+def participants_with_trials(base: str, slug: str, n: int) -> list:
+    jobs = []
+    for i in range(n):
+        session = requests.Session()
+        start = session.post(f"{base}/api/v1/studies/{slug}/participants",
+                             json={"prolific_pid": f"bench-{i}"}, timeout=30).json()
+        headers = {"Authorization": f"Bearer {start['participant']['token']}"}
+        trials = session.post(f"{base}/api/v1/participant/trials/next", headers=headers,
+                              timeout=30).json()["trials"]
+        jobs.append((headers, [t["token"] for t in trials]))
+    return jobs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--participants", type=int, default=100)
+    parser.add_argument("--votes", type=int, default=30, help="votes per participant")
+    parser.add_argument("--databases", default="sqlite,postgres")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pstudy-bench-"))
+    rows = []
+    bare_process, bare_base = serve("bare_app:app", {}, REPO / "bench")
+    try:
+        bare_jobs = [({}, [f"token{i:04d}{j:04d}xxxxxxxxxxxx" for j in range(args.votes)])
+                     for i in range(args.participants)]
+        bare = load(bare_base, "/vote", bare_jobs)
+    finally:
+        bare_process.send_signal(signal.SIGTERM)
+        bare_process.wait(timeout=30)
+    rows.append(("bare Flask", bare))
+    for database in args.databases.split(","):
+        stop = None
+        if database == "postgres":
+            url, stop = start_postgres()
+        else:
+            url = f"sqlite:///{work / 'bench.sqlite3'}"
+        try:
+            slug = make_study(url, work / f"set-{database}", args.votes, args.participants)
+            process, base = serve("study_app:create_app()",
+                                  {"DATABASE_URL": url, "SECRET_KEY": "bench"}, REPO)
+            try:
+                jobs = participants_with_trials(base, slug, args.participants)
+                rows.append((f"vote ({database})", load(base, "/api/v1/participant/votes", jobs)))
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=30)
+        finally:
+            if stop:
+                stop()
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"{args.participants} concurrent participants × {args.votes} votes; gunicorn "
+          f"gthread 2 workers × 4 threads; {os.cpu_count()} cores")
+    print(f"{'endpoint':<20}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
+          f"{'ratio req/s':>13}")
+    for name, r in rows:
+        print(f"{name:<20}{r['per_s']:>10.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}"
+              f"{r['errors']:>8}{r['per_s'] / bare['per_s']:>13.2f}")
+    print(json.dumps({name: r for name, r in rows}))
+
+
+if __name__ == "__main__":
+    main()
