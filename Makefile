@@ -10,7 +10,7 @@ DEV_HASH := $(shell cat requirements.txt requirements-dev.txt pyproject.toml | m
 RUN_STAMP := $(VENV)/.stamp-run-$(RUN_HASH)
 DEV_STAMP := $(VENV)/.stamp-dev-$(DEV_HASH)
 PYTEST_ARGS ?=
-DEMO_ARGS ?=
+DEMO_ARGS ?= --simulate 30
 
 .PHONY: test demo lint install install-dev system-deps bench clean
 

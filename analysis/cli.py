@@ -71,6 +71,13 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
 @click.option("--min-catch-accuracy", type=click.FloatRange(0, 1), default=0.8, show_default=True)
 @click.option("--min-repeat-consistency", type=click.FloatRange(0, 1), default=None)
 @click.option("--max-side-rate", type=click.FloatRange(0.5, 1), default=0.9, show_default=True)
+@click.option(
+    "--min-side-trials",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="Judge side bias only for participants with this many main trials.",
+)
 @click.option("--fast-rt-ms", type=click.FloatRange(0), default=300.0, show_default=True)
 @click.option("--max-fast-fraction", type=click.FloatRange(0, 1), default=0.2, show_default=True)
 @click.option(
@@ -113,6 +120,7 @@ def analyze(
     min_catch_accuracy,
     min_repeat_consistency,
     max_side_rate,
+    min_side_trials,
     fast_rt_ms,
     max_fast_fraction,
     max_outlier_score,
@@ -159,6 +167,7 @@ def analyze(
         min_catch_accuracy=min_catch_accuracy,
         min_repeat_consistency=min_repeat_consistency,
         max_side_rate=max_side_rate,
+        min_side_trials=min_side_trials,
         fast_rt_ms=fast_rt_ms,
         max_fast_fraction=max_fast_fraction,
         honour_study_exclusions=not ignore_study_exclusions,

@@ -30,6 +30,10 @@ MIXED_LIMITS = (
     "random (seeded); n_used says how many votes entered."
 )
 
+# Fewest clusters (participants, images) for a cluster-robust variance: below this the
+# sandwich estimate is too unstable to test with.
+MIN_CLUSTERS = 5
+
 
 def _pair_frame(main: pd.DataFrame, sides_recorded: bool) -> pd.DataFrame:
     pairs = ordered_pairs(main)
@@ -81,16 +85,18 @@ def cluster_robust_glm(
 ) -> pd.DataFrame:
     """Per pair: logistic GLM win_a ~ 1 (+ a_left, coded +-1/2) with two-way
     cluster-robust covariance (participant, image). The intercept is the log-odds of
-    choosing a with sides balanced; rate_a = expit(intercept) with its interval."""
-    import statsmodels.api as sm
-
+    choosing a with sides balanced; rate_a = expit(intercept) with its interval. Column
+    ``cov`` says which covariance was used (one-way by participant when there is a single
+    image or the two-way variance is not positive; not estimated with fewer than
+    ``MIN_CLUSTERS`` participants). p-values and intervals use Student t with G - 1 degrees
+    of freedom (column ``df``), G the fewest clusters of a dimension used. The side term is
+    left out when it would separate the data (a side x outcome cell is empty)."""
     frame = _pair_frame(main, sides_recorded)
-    z = stats.norm.isf(alpha / 2)
     rows = []
     for (a, b), group in frame.groupby(["condition_a", "condition_b"], sort=True):
         y = group["win_a"].to_numpy(dtype=float)
         columns = [np.ones(len(group))]
-        if sides_recorded and group["a_left"].nunique() > 1:
+        if sides_recorded and _side_term_estimable(group["a_left"], y):
             columns.append(group["a_left"].to_numpy())
         exog = np.column_stack(columns)
         groups = np.column_stack(
@@ -107,30 +113,24 @@ def cluster_robust_glm(
                 ci_high=np.nan,
             )
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fit = sm.GLM(y, exog, family=sm.families.Binomial()).fit(
-                    cov_type="cluster", cov_kwds={"groups": groups}
-                )
+            fit, row["cov"], n_clusters = _cluster_robust_fit(y, exog, groups)
+            if fit is None:
+                row.update(log_odds=np.nan, se=np.nan, p_value=np.nan, rate_a=float(y.mean()),
+                           ci_low=np.nan, ci_high=np.nan)
+                rows.append(row)
+                continue
+            # Few clusters: Student t with G - 1 degrees of freedom (G = the fewest
+            # clusters in a clustering dimension), not the normal.
             est, se = float(fit.params[0]), float(fit.bse[0])
-            row["cov"] = "two-way cluster (participant, image)"
-            if not np.isfinite(se) or se <= 0:
-                # two-way variance V_p + V_i - V_pi can be negative with few clusters;
-                # fall back to clustering by participant only (said in column cov)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    fit = sm.GLM(y, exog, family=sm.families.Binomial()).fit(
-                        cov_type="cluster", cov_kwds={"groups": groups[:, 0]}
-                    )
-                est, se = float(fit.params[0]), float(fit.bse[0])
-                row["cov"] = "cluster (participant); two-way variance was not positive"
+            t_crit = stats.t.isf(alpha / 2, n_clusters - 1)
             row.update(
                 log_odds=est,
                 se=se,
-                p_value=float(2 * stats.norm.sf(abs(est / se))),
+                df=n_clusters - 1,
+                p_value=float(2 * stats.t.sf(abs(est / se), n_clusters - 1)),
                 rate_a=float(special.expit(est)),
-                ci_low=float(special.expit(est - z * se)),
-                ci_high=float(special.expit(est + z * se)),
+                ci_low=float(special.expit(est - t_crit * se)),
+                ci_high=float(special.expit(est + t_crit * se)),
             )
             if exog.shape[1] > 1:
                 row["side_log_odds"] = float(fit.params[1])
@@ -140,6 +140,51 @@ def cluster_robust_glm(
         table["p_holm"] = holm_adjust(table["p_value"].to_numpy())
     return table
 
+
+def _side_term_estimable(a_left: pd.Series, won: np.ndarray) -> bool:
+    """True when the side (a shown left) can enter the model: both sides occur and no
+    side x outcome cell is empty (an empty cell separates the data and sends the
+    estimates to infinity)."""
+    if a_left.nunique() < 2:
+        return False
+    cells = pd.crosstab(a_left.to_numpy(), won)
+    return cells.shape == (2, 2) and bool((cells.to_numpy() > 0).all())
+
+
+def _cluster_robust_fit(y: np.ndarray, exog: np.ndarray, groups: np.ndarray):
+    """Logistic GLM with the richest cluster-robust covariance the data support.
+
+    Two-way (participant, image) when both have at least ``MIN_CLUSTERS`` clusters and the
+    variance comes out positive; else clustered by participant; else not estimated (fewer
+    than ``MIN_CLUSTERS`` participants, or no more votes than parameters).
+    Returns (fit or None, description, G = clusters in the smallest dimension used).
+    """
+    import statsmodels.api as sm
+
+    def fit(cluster_groups):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = sm.GLM(y, exog, family=sm.families.Binomial()).fit(
+                cov_type="cluster", cov_kwds={"groups": cluster_groups}
+            )
+        se = float(result.bse[0])
+        return result if np.isfinite(se) and se > 0 else None
+
+    n_participants = len(np.unique(groups[:, 0]))
+    n_images = len(np.unique(groups[:, 1]))
+    if len(y) <= exog.shape[1] or n_participants < MIN_CLUSTERS:
+        return None, f"not estimated: fewer than {MIN_CLUSTERS} participants", 0
+    if n_images >= MIN_CLUSTERS:
+        result = fit(groups)
+        if result is not None:
+            return result, "two-way cluster (participant, image)", min(n_participants, n_images)
+        reason = "two-way variance was not positive"
+    else:
+        reason = f"fewer than {MIN_CLUSTERS} images"
+    result = fit(groups[:, 0])
+    if result is None:
+        return None, "not estimated: cluster-robust variance was not positive", 0
+    return result, f"cluster (participant); {reason}", n_participants
 
 def mixed_logistic(
     main: pd.DataFrame,

@@ -90,7 +90,11 @@ def scale_figure(scale: pd.DataFrame, unit: str = "JOD") -> Figure:
     est = data["estimate"].to_numpy(dtype=float)
     lo = data["ci_low"].to_numpy(dtype=float)
     hi = data["ci_high"].to_numpy(dtype=float)
-    ax.errorbar(est, y, xerr=[est - lo, hi - est], fmt="o", color="#1f4e79", capsize=3)
+    # Interval and estimate drawn separately: a percentile bootstrap interval of a tiny
+    # or lopsided study need not contain the point estimate.
+    ax.hlines(y, lo, hi, color="#1f4e79", lw=1.5)
+    ax.plot(lo, y, "|", hi, y, "|", color="#1f4e79", ms=8)
+    ax.plot(est, y, "o", color="#1f4e79")
     ax.set_yticks(y, data["condition"].astype(str).tolist())
     ax.axvline(0.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel(f"quality scale ({unit}), 95% bootstrap CI over observers")

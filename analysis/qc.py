@@ -21,7 +21,9 @@ class QCOptions:
 
     min_catch_accuracy: fraction of catch trials answered correctly (0..1).
     min_repeat_consistency: fraction of repeated trials answered like the first time.
-    max_side_rate: the larger of left/right choice rates over main trials (0.5..1).
+    max_side_rate: the larger of left/right choice rates over main trials (0.5..1); only
+    judged for participants with at least min_side_trials main trials (all on one side
+    out of 3 happens by chance one time in four).
     fast_rt_ms / max_fast_fraction: a response faster than fast_rt_ms (milliseconds) is
     "too fast"; participants with more than max_fast_fraction of them are excluded.
     honour_study_exclusions: drop participants the study flagged (participant_excluded).
@@ -32,6 +34,7 @@ class QCOptions:
     min_catch_accuracy: float | None = 0.8
     min_repeat_consistency: float | None = None
     max_side_rate: float | None = 0.9
+    min_side_trials: int = 10
     fast_rt_ms: float = 300.0
     max_fast_fraction: float | None = 0.2
     honour_study_exclusions: bool = True
@@ -200,7 +203,7 @@ def apply_exclusions(
     )
     rule(
         "side_bias",
-        above("side_rate", options.max_side_rate),
+        above("side_rate", options.max_side_rate) & (table["n_main"] >= options.min_side_trials),
         table["side_rate"],
         options.max_side_rate,
     )

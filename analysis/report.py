@@ -115,13 +115,16 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
                 1 - row.wilson_high,
                 1 - row.wilson_low,
             )
-        clustered_p = (
-            glm.loc[(row.condition_a, row.condition_b), "p_holm"]
-            if (row.condition_a, row.condition_b) in glm.index
-            else np.nan
-        )
+        key = (row.condition_a, row.condition_b)
+        clustered_p = glm.loc[key, "p_holm"] if key in glm.index else np.nan
         if not np.isfinite(clustered_p):
-            verdict = "clustered test not available (all votes one way)"
+            cov = glm.loc[key, "cov"] if key in glm.index and "cov" in glm else np.nan
+            why = (
+                cov.removeprefix("not estimated: ")
+                if isinstance(cov, str)
+                else "all votes one way"
+            )
+            verdict = f"clustered test not available ({why})"
         elif clustered_p < alpha:
             verdict = "a reliable preference"
         else:

@@ -294,7 +294,7 @@ def split_half_reliability(
     """Correlate scales fitted to random halves of the participants; Spearman–Brown.
 
     Returns one row: n_splits, mean Pearson r between halves, Spearman–Brown corrected
-    reliability 2r / (1 + r).
+    reliability 2r / (1 + r) (NaN when r is -1 or undefined).
     """
     names = condition_names(responses)
     participants, tensor = participant_win_tensor(responses, names)
@@ -320,7 +320,8 @@ def split_half_reliability(
                 "model": model,
                 "n_splits": len(rs),
                 "half_correlation": r,
-                "spearman_brown": 2 * r / (1 + r) if np.isfinite(r) else np.nan,
+                # undefined at r = -1 (two halves that always disagree, e.g. 2 conditions)
+                "spearman_brown": 2 * r / (1 + r) if np.isfinite(r) and r > -1 else np.nan,
             }
         ]
     )

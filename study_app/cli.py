@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "simulate": "study_app.commands:simulate",
     "researcher": "study_app.commands:researcher",
     "generate": "generation.cli:generate",
+    "demo": "study_app.demo:demo",
 }
 
 

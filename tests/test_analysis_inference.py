@@ -60,6 +60,42 @@ def test_cluster_glm_intercept_is_the_pair_logit_and_clustering_widens(votes):
     assert with_side["rate_a"].lt(0.5).all()  # a is the worst condition
 
 
+
+def test_cluster_glm_uses_t_with_clusters_minus_one_df(votes):
+    row = cluster_robust_glm(votes, sides_recorded=False).iloc[0]
+    clusters = min(votes["participant"].nunique(), votes["image_id"].nunique())
+    assert row["cov"].startswith("two-way") and row["df"] == clusters - 1
+    t = row["log_odds"] / row["se"]
+    assert row["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), clusters - 1))
+    assert row["p_value"] > 2 * stats.norm.sf(abs(t))  # more conservative than z
+
+
+def test_cluster_glm_with_one_image_clusters_by_participant(votes):
+    one_image = votes[votes["image_id"] == votes["image_id"].iloc[0]]
+    row = cluster_robust_glm(one_image, sides_recorded=False).set_index(
+        ["condition_a", "condition_b"]
+    ).loc[("a", "c")]
+    assert row["cov"] == "cluster (participant); fewer than 5 images"
+    assert np.isfinite(row["p_value"]) and row["df"] >= 4
+
+
+def test_cluster_glm_is_not_estimated_from_a_handful_of_participants(votes):
+    few = votes[votes["participant"].isin(votes["participant"].unique()[:3])]
+    table = cluster_robust_glm(few, sides_recorded=True)
+    assert table["cov"].str.startswith("not estimated").all()
+    assert table["p_value"].isna().all()
+
+
+def test_cluster_glm_leaves_out_a_side_term_that_separates_the_data(votes):
+    # Pure position bias: the left image always wins, so side predicts every vote and a
+    # model with a side term has no finite estimate; the side term is left out instead.
+    biased = votes.copy()
+    biased["chosen_condition"] = biased["condition_left"]
+    biased["choice"] = "left"
+    table = cluster_robust_glm(biased, sides_recorded=True)
+    assert "side_log_odds" not in table or table["side_log_odds"].isna().all()
+    assert np.isfinite(table["log_odds"]).all() and (table["log_odds"].abs() < 1).all()
+
 def test_mixed_model_recovers_direction_and_states_its_sample(votes):
     table = mixed_logistic(votes, max_participants=12, max_images=8)
     assert (table["n_used"] <= table["n"]).all()

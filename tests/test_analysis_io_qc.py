@@ -147,6 +147,18 @@ def test_exclusion_rules_log_values_and_keep_everyone_sensitivity():
     assert relaxed.log.empty and len(relaxed.kept) == 6 * 40
 
 
+
+def test_side_bias_is_judged_only_with_enough_main_trials():
+    votes = simulate_responses({"a": 0, "b": 1}, 2, 3, 40, seed=4)
+    votes["choice"] = "left"  # both always click left ...
+    votes["chosen_condition"] = votes["condition_left"]
+    few = votes[(votes["participant"] == "p0") | (votes["trial_index"] < 3)]  # ... p1 3 times
+    result = apply_exclusions(few, QCOptions(max_side_rate=0.9, min_side_trials=10))
+    assert list(result.log["participant"]) == ["p0"]
+    assert result.participants.set_index("participant").loc["p1", "side_rate"] == 1.0
+    strict = apply_exclusions(few, QCOptions(max_side_rate=0.9, min_side_trials=3))
+    assert set(strict.log["participant"]) == {"p0", "p1"}
+
 def test_repeat_consistency_compares_with_the_first_answer():
     votes = simulate_responses({"a": 0, "b": 1}, 2, 3, 6, seed=0)
     repeats = votes.groupby("participant").head(2).copy()

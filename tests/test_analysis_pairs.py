@@ -19,7 +19,12 @@ from analysis.intervals import (
     holm_adjust,
     wilson_interval,
 )
-from analysis.plots import figure_png, preference_matrix, preference_matrix_figure
+from analysis.plots import (
+    figure_png,
+    preference_matrix,
+    preference_matrix_figure,
+    scale_figure,
+)
 from analysis.simulation import simulate_responses
 
 CASES = [(30, 40), (0, 7), (7, 7), (1, 1), (13, 25), (54, 100), (211, 400), (3, 50)]
@@ -130,4 +135,20 @@ def test_preference_matrix_is_antisymmetric_and_figure_renders():
     assert isinstance(fig, Figure)
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert len(texts) == 6 and any("*" in t for t in texts)
+    assert figure_png(fig).startswith(b"\x89PNG")
+
+
+def test_scale_figure_draws_intervals_that_exclude_their_estimate():
+    # A percentile bootstrap interval of a tiny study can miss the point estimate, and a
+    # condition can lack an interval; the figure shows both as they are.
+    scale = pd.DataFrame({
+        "condition": ["l1", "l2", "ssim"],
+        "estimate": [0.3, -0.3, 0.0],
+        "ci_low": [0.35, -0.9, np.nan],
+        "ci_high": [0.8, -0.1, np.nan],
+    })
+    fig = scale_figure(scale)
+    (intervals,) = fig.axes[0].collections
+    segments = sorted(tuple(map(tuple, s)) for s in intervals.get_segments())
+    assert ((-0.9, 0.0), (-0.1, 0.0)) in segments and ((0.35, 2.0), (0.8, 2.0)) in segments
     assert figure_png(fig).startswith(b"\x89PNG")

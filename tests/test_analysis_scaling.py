@@ -156,3 +156,14 @@ def test_split_half_reliability_is_high_for_clear_differences():
     table = split_half_reliability(votes, n_splits=10)
     assert table.loc[0, "half_correlation"] > 0.9
     assert table.loc[0, "spearman_brown"] >= table.loc[0, "half_correlation"]
+
+
+def test_split_half_reliability_of_halves_that_always_disagree_is_undefined_not_an_error():
+    # Two participants with opposite preferences: every split puts one in each half, the
+    # half scales correlate at exactly -1 and Spearman-Brown (2r / (1 + r)) is undefined.
+    votes = simulate_responses({"a": 0.0, "b": 1.0}, 2, 3, 10, seed=0)
+    first = votes["participant"] == votes["participant"].iloc[0]
+    votes["chosen_condition"] = np.where(first, "a", "b")
+    table = split_half_reliability(votes, n_splits=5)
+    assert table.loc[0, "half_correlation"] == pytest.approx(-1.0)
+    assert np.isnan(table.loc[0, "spearman_brown"])
