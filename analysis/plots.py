@@ -68,7 +68,9 @@ def preference_matrix_figure(table: pd.DataFrame, alpha: float = 0.05) -> Figure
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("column condition")
     ax.set_ylabel("row condition")
-    ax.set_title(f"P(row preferred over column) [Wilson interval]; * Holm p < {alpha:g}")
+    ax.set_title(
+        f"P(row preferred over column)\n[Wilson interval]; * Holm p < {alpha:g}", fontsize=10
+    )
     ax.set_facecolor("#dddddd")
     fig.colorbar(image, ax=ax, label="preference rate", shrink=0.8)
     return fig

@@ -24,16 +24,24 @@ import sqlalchemy as sa
 from PIL import Image
 
 from tests.support import free_port
+from tests.test_browser_participant import answer, wait_trial
+from tests.test_pages_support import save_screenshot
 
 pytestmark = pytest.mark.slow
 
 DEMO_TIMEOUT_S = 600
 N_SIMULATED = 6
+BROWSER_TIMEOUT_MS = 30_000
+
+
+# smoke in CI; `PSTUDY_E2E_PRESET=demo PSTUDY_UPDATE_SCREENSHOTS=1` refreshes the README's
+# demo-*.png screenshots from the real demo stimulus set.
+PRESET = os.environ.get("PSTUDY_E2E_PRESET", "smoke")
 
 
 def demo_command(out: Path, port: int, *extra: str) -> list[str]:
-    """``pstudy demo`` at smoke size on ``port``, one training thread."""
-    return [sys.executable, "-m", "study_app", "demo", "--out", str(out), "--preset", "smoke",
+    """``pstudy demo`` at ``PRESET`` size on ``port``, one training thread."""
+    return [sys.executable, "-m", "study_app", "demo", "--out", str(out), "--preset", PRESET,
             "--threads", "1", "--port", str(port), "--workers", "2", *extra]
 
 
@@ -183,20 +191,67 @@ def test_demo_runs_again_on_the_same_folder(demo_run):
     assert len(live) == 3  # first run: live + simulated; this run: one more live study
 
 
-def test_demo_stops_cleanly_on_ctrl_c(demo_run):
+def answer_practice_trials(page) -> None:
+    """Answer practice trials (feedback, never stored) until the first real trial."""
+    while True:
+        wait_trial(page)
+        if not page.is_visible("#practice-badge"):
+            return
+        label = page.inner_text("#progress-label")
+        page.keyboard.press("f")
+        page.wait_for_function(
+            "old => document.getElementById('progress-label').innerText !== old",
+            arg=label, timeout=BROWSER_TIMEOUT_MS,
+        )
+
+@pytest.mark.browser
+def test_a_person_votes_and_the_researcher_logs_in_then_ctrl_c_stops_the_demo(demo_run, page):
+    """The printed participant link and login work in Chromium against the demo's
+    gunicorn (secure cookie over http://127.0.0.1), then Ctrl-C stops everything."""
     out, _, _ = demo_run
     port = free_port()
     demo = subprocess.Popen(demo_command(out, port, "--serve-for", "600"),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, DATABASE_URL=""))
+    base = f"http://127.0.0.1:{port}"
+    url = f"sqlite:///{out / 'study.sqlite3'}"
     try:
         deadline = time.monotonic() + 120
         while not port_answers(port):
             assert demo.poll() is None, demo.stdout.read()
             assert time.monotonic() < deadline, "the demo server never answered"
             time.sleep(0.5)
-        demo.send_signal(signal.SIGINT)
+        slug = studies_in(url).query("status == 'live'")["slug"].iloc[-1]
+        assert not slug.endswith("-simulated")
+
+        # A participant: consent, instructions, the practice trials, then three votes.
+        page.goto(f"{base}/s/{slug}")
+        page.wait_for_selector("body[data-state='consent']", timeout=BROWSER_TIMEOUT_MS)
+        page.check("#consent-check")
+        page.click("#consent-button")
+        page.wait_for_selector("body[data-state='instructions']", timeout=BROWSER_TIMEOUT_MS)
+        page.click("#start-button")
+        answer_practice_trials(page)
+        for number, key in enumerate(["f", "j", "ArrowLeft"]):
+            wait_trial(page)
+            assert not page.is_visible("#practice-badge")
+            if number == 0:
+                save_screenshot(page, "demo-participant-trial")
+            answer(page, lambda key=key: page.keyboard.press(key))
+        assert studies_in(url).set_index("slug").loc[slug, "votes"] == 3
+
+        # The researcher: the printed e-mail and password open the study's dashboard.
+        password = (out / "researcher-password.txt").read_text().strip()
+        page.goto(f"{base}/researcher/studies/{slug}")
+        page.fill("#email", "researcher@example.org")
+        page.fill("#password", password)
+        page.click("#login-button")
+        page.wait_for_selector("#n-responses", timeout=BROWSER_TIMEOUT_MS)
+        assert page.inner_text("#n-responses") == "3"
+        save_screenshot(page, "demo-researcher-dashboard")
+
+        demo.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
         output, _ = demo.communicate(timeout=60)
     finally:
         if demo.poll() is None:
