@@ -47,6 +47,10 @@ def preference_matrix_figure(table: pd.DataFrame, alpha: float = 0.05) -> Figure
     size = max(len(names), 1)
     fig = _new_figure(1.6 + 1.05 * size, 1.2 + 0.9 * size)
     ax = fig.add_subplot()
+    if not names:  # nothing compared yet (e.g. a dashboard before the first vote)
+        ax.text(0.5, 0.5, "no votes yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
     shown = np.ma.masked_invalid(rate)
     cmap = _diverging_cmap()
     image = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0)

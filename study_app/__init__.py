@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Flask
 
-from study_app.config import default_config, sqlite_url_for_instance
+from study_app.config import ConfigError, default_config, sqlite_url_for_instance
 from study_app.extensions import db, init_extensions
 
 
@@ -32,6 +32,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         os.makedirs(app.instance_path, exist_ok=True)
         app.config["SQLALCHEMY_DATABASE_URI"] = sqlite_url_for_instance(app.instance_path)
 
+    trust_proxies(app)
     init_extensions(app)
 
     from study_app import api, health, models  # noqa: F401 - models registers the tables
@@ -46,6 +47,24 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(researcher.bp)
     security.exempt_json_api(app)
     return app
+
+
+def trust_proxies(app: Flask) -> None:
+    """Behind ``TRUSTED_PROXIES`` reverse proxies (e.g. nginx terminating HTTPS), take the
+    client address, scheme and host from their ``X-Forwarded-*`` headers (werkzeug's
+    ProxyFix), so secure cookies, redirects and per-client rate limits see the real ones.
+    0 (the default) trusts no header: set it only when every request comes through them.
+    """
+    hops = app.config.get("TRUSTED_PROXIES", 0)
+    if isinstance(hops, bool) or not isinstance(hops, int) or hops < 0:
+        raise ConfigError(
+            f"TRUSTED_PROXIES must be a whole number of proxies in front of the app, got "
+            f"{hops!r} (e.g. PSTUDY_TRUSTED_PROXIES=1 behind one nginx)"
+        )
+    if hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
 
 
 __all__ = ["create_app", "db"]

@@ -43,6 +43,15 @@ class LazyGroup(click.Group):
             return getattr(importlib.import_module(module_name), attribute)
         return super().get_command(ctx, cmd_name)
 
+    def invoke(self, ctx: click.Context):
+        """Run the subcommand; a bad app setting is a user mistake: message, no traceback."""
+        from study_app.config import ConfigError
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as error:
+            raise click.ClickException(str(error)) from error
+
 
 def _package_version() -> str:
     try:

@@ -6,6 +6,10 @@ import os
 import secrets
 
 
+class ConfigError(ValueError):
+    """A setting has a value the app cannot use; the message names it and the fix."""
+
+
 def default_config() -> dict:
     """Settings every app starts from; the instance folder, env vars and tests override."""
     return {
@@ -15,6 +19,8 @@ def default_config() -> dict:
         "SQLALCHEMY_DATABASE_URI": None,
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
         "MAX_CONTENT_LENGTH": 64 * 1024,
+        # Reverse proxies in front of the app whose X-Forwarded-* headers are trusted.
+        "TRUSTED_PROXIES": 0,
     }
 
 

@@ -138,6 +138,17 @@ def test_preference_matrix_is_antisymmetric_and_figure_renders():
     assert figure_png(fig).startswith(b"\x89PNG")
 
 
+def test_preference_matrix_figure_of_an_empty_table_says_so_without_warnings():
+    import warnings
+
+    empty = preference_table(simulate_responses({"a": 0.0, "b": 1.0}, 2, 2, 4).iloc[:0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = preference_matrix_figure(empty)
+        assert [t.get_text() for t in fig.axes[0].texts] == ["no votes yet"]
+        assert figure_png(fig).startswith(b"\x89PNG")
+
+
 def test_scale_figure_draws_intervals_that_exclude_their_estimate():
     # A percentile bootstrap interval of a tiny study can miss the point estimate, and a
     # condition can lack an interval; the figure shows both as they are.

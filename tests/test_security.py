@@ -247,3 +247,57 @@ def test_sliding_window_limiter_counts_hits_inside_the_window():
     assert limiter.hit("b", now=3.0) == 0.0
     assert limiter.hit("a", now=10.5) == 0.0  # the hit at t=0 left the window
     assert limiter.hit("a", now=10.6) == pytest.approx(0.4)
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_scheme_and_host_count(tmp_path, monkeypatch):
+    from study_app import create_app
+    from study_app.extensions import db
+
+    forwarded = {
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "study.example.org",
+    }
+
+    def build(**config):
+        app = create_app({
+            "TESTING": True,
+            "PARTICIPANT_RATE_LIMIT": (2, 60),
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'p.sqlite3'}",
+            **config,
+        })
+        with app.app_context():
+            db.create_all()
+        return app
+
+    # Not trusted (default): a forged header changes nothing; the login page still warns
+    # that the secure cookie cannot be kept over plain HTTP from another host.
+    direct = build().test_client()
+    page = direct.get("/login", base_url="http://10.0.0.5:8000", headers=forwarded)
+    assert "PSTUDY_ALLOW_INSECURE_COOKIES=true" in page.get_data(as_text=True)
+
+    # Set from the environment like a deployment would.
+    monkeypatch.setenv("PSTUDY_TRUSTED_PROXIES", "1")
+    proxied = build().test_client()
+    page = proxied.get("/login", base_url="http://10.0.0.5:8000", headers=forwarded)
+    assert "cookie-problem" not in page.get_data(as_text=True)  # the proxy spoke HTTPS
+    # Rate limits are per real client: two clients behind the one proxy address.
+    for _ in range(2):
+        assert proxied.get("/s/none", headers=forwarded).status_code == 404
+    assert proxied.get("/s/none", headers=forwarded).status_code == 429
+    other = dict(forwarded, **{"X-Forwarded-For": "198.51.100.4"})
+    assert proxied.get("/s/none", headers=other).status_code == 404
+
+    monkeypatch.setenv("PSTUDY_TRUSTED_PROXIES", '"yes"')
+    with pytest.raises(ValueError, match="PSTUDY_TRUSTED_PROXIES=1"):
+        build()
+    # On the command line: the message and the fix, no traceback.
+    from click.testing import CliRunner
+
+    from study_app.cli import main
+
+    result = CliRunner().invoke(
+        main, ["study", "list", "--database-url", f"sqlite:///{tmp_path / 'c.sqlite3'}"]
+    )
+    assert result.exit_code == 1 and "PSTUDY_TRUSTED_PROXIES=1" in result.output
+    assert "Traceback" not in result.output
