@@ -29,6 +29,7 @@ install: $(RUN_STAMP)
 install-dev: $(DEV_STAMP)
 
 $(VENV)/bin/python:
+	@bash .ci/system-deps --venv $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
