@@ -160,7 +160,7 @@ def generate(
 
 def _check_losses(config: dict) -> None:
     """Unknown loss or metric names fail before any data is read or model trained."""
-    from generation.losses import available_losses, parse_spec
+    from generation.losses import available_losses, build_loss, parse_spec
 
     metrics = config["evaluate"]["metrics"]
     if metrics != "all":
@@ -174,5 +174,7 @@ def _check_losses(config: dict) -> None:
     for condition in config["conditions"]:
         try:
             parse_spec(condition["loss"])
+            if condition.get("loss_options"):  # unknown options fail before any training
+                build_loss(condition["loss"], **condition["loss_options"])
         except ValueError as error:
             raise ConfigError(f"condition {condition['name']!r}: {error}") from None

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 ARCHITECTURES = ("conv", "fc", "vae")
+UPSAMPLING = ("transpose", "nearest")  # conv decoders: transposed conv | resize + conv
 
 DEFAULTS: dict[str, Any] = {
     "name": "stimuli",
@@ -42,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "architecture": "conv",  # conv | fc | vae
         "latent": 64,  # latent dimensions
         "width": 32,  # channels of the first conv layer (fc: hidden units / 16)
+        "upsample": "transpose",  # conv/vae decoder: transpose | nearest (resize + 3×3 conv)
     },
     "train": {
         "steps": 600,  # optimiser steps per condition
@@ -64,6 +66,15 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
+# Watson-DFT's starting phase weights (e^-2 per bin, Czolbe et al.) make the phase term
+# ~40× the amplitude term on the demo's 32×32 [0, 1] patches (≈119 vs ≈3 for a
+# mean-colour prediction), and the phase of near-zero coefficients (flat regions) is
+# unlearnable noise: an autoencoder trained on it stays flat. e^-5 puts the two terms
+# on the same scale at the start (≈6 vs ≈3). Czolbe et al. never trained with the
+# starting values: their generators used parameters fitted to BAPPS. See
+# docs/generation.md ("Why the demo preset looks the way it does").
+DEMO_WATSON_PHASE_WEIGHT = math.exp(-5)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds on a laptop CPU: tests and CI end to end
     "smoke": {
@@ -75,13 +86,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "evaluate": {"metrics": ["l1", "l2"]},
         "contact_sheet": {"columns": 4, "scale": 2},
     },
-    # every condition on 2 CPU cores in about five minutes (see docs/generation.md)
+    # every condition on 2 CPU cores in about five minutes (see docs/generation.md):
+    # resize-convolution decoder (no checkerboards under the deep loss) and Watson-DFT
+    # with the phase weights lowered from e^-2 to DEMO_WATSON_PHASE_WEIGHT
     "demo": {
         "name": "demo",
         "data": {"image_size": 32, "n_test": 12, "train_patches": 4096},
-        "model": {"latent": 64, "width": 16},
-        "train": {"steps": 200, "batch_size": 32, "checkpoint_every": 100, "lr": 2e-3},
-        "conditions": ["l1", "l2", "ssim", "msssim", "watson-dft", "deep"],
+        "model": {"latent": 64, "width": 16, "upsample": "nearest"},
+        "train": {"steps": 800, "batch_size": 32, "checkpoint_every": 200, "lr": 2e-3},
+        "conditions": [
+            "l1",
+            "l2",
+            "ssim",
+            "msssim",
+            {"loss": "watson-dft", "loss_options": {"phase_weight": DEMO_WATSON_PHASE_WEIGHT}},
+            "deep",
+        ],
     },
     # Czolbe et al.'s CelebA setting: 64×64 VAE, latent 256, batch 64, Adam 1e-4 halved
     # regularly; reconstruction weights λ = e^k from the paper where it gives them.
@@ -107,7 +127,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # keys a condition mapping may carry; model/train keys override the global ones
-CONDITION_KEYS = {"name", "loss", "architecture", "latent", "width", *DEFAULTS["train"]}
+CONDITION_KEYS = {
+    "name",
+    "loss",
+    "loss_options",  # keyword options of a single registered loss, e.g. {phase_weight: 0.01}
+    "architecture",
+    "latent",
+    "width",
+    "upsample",
+    *DEFAULTS["train"],
+}
 CONDITION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 
@@ -219,6 +248,8 @@ def _normalise_conditions(config: dict[str, Any]) -> list[dict[str, Any]]:
             "architecture": entry.get("architecture", config["model"]["architecture"]),
             "latent": entry.get("latent", config["model"]["latent"]),
             "width": entry.get("width", config["model"]["width"]),
+            "upsample": entry.get("upsample", config["model"]["upsample"]),
+            "loss_options": copy.deepcopy(entry.get("loss_options", {})),
         }
         for key in DEFAULTS["train"]:
             condition[key] = entry.get(key, config["train"][key])
@@ -288,6 +319,22 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 f"{where}: architecture must be one of {', '.join(ARCHITECTURES)}, "
                 f"got {condition['architecture']!r}"
+            )
+        if condition["upsample"] not in UPSAMPLING:
+            raise ConfigError(
+                f"{where}: upsample must be one of {', '.join(UPSAMPLING)}, "
+                f"got {condition['upsample']!r}"
+            )
+        options = condition["loss_options"]
+        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+            raise ConfigError(
+                f"{where}: loss_options must be a mapping of option names to values, e.g. "
+                f"{{phase_weight: 0.01}}, got {options!r}"
+            )
+        if options and ("," in condition["loss"] or ":" in condition["loss"]):
+            raise ConfigError(
+                f"{where}: loss_options apply to a single loss name, not to the composite "
+                f"spec {condition['loss']!r}"
             )
         for key in ("latent", "width", "steps", "batch_size", "checkpoint_every"):
             _check_number(condition[key], f"{where}: {key}", integer=True, minimum=1)

@@ -4,6 +4,13 @@ discriminator for the optional adversarial term.
 Every model maps float images N×C×H×W in [0, 1] to :class:`Reconstruction` (images in
 [0, 1] through a sigmoid, plus the per-image KL divergence for the VAE, else ``None``).
 No batch normalisation: a reconstruction never depends on the other images in the batch.
+
+The convolutional decoders upsample in one of two ways (``upsample``): ``transpose``
+(stride-2 4×4 transposed convolutions) or ``nearest`` (nearest-neighbour ×2 resize, then
+a 3×3 convolution: the "resize-convolution" of Odena et al. 2016, "Deconvolution and
+Checkerboard Artifacts", Distill). Transposed convolutions readily learn checkerboard
+patterns; a loss that does not see them (e.g. a deep-feature loss whose network starts
+with a stride-2 convolution) never removes them, a resize-convolution cannot make them.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from generation.config import ARCHITECTURES
+from generation.config import ARCHITECTURES, UPSAMPLING
 
 
 @dataclass
@@ -50,8 +57,21 @@ class _ConvEncoder(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+def _upsampling_layer(in_ch: int, out_ch: int, upsample: str) -> nn.Module:
+    """Doubles the feature map side: transposed conv (4×4, stride 2) or resize + 3×3 conv."""
+    if upsample == "transpose":
+        return nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1)
+    if upsample == "nearest":
+        return nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        )
+    raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {upsample!r}")
+
+
 class _ConvDecoder(nn.Module):
-    def __init__(self, channels: int, size: int, width: int, latent: int):
+    def __init__(
+        self, channels: int, size: int, width: int, latent: int, upsample: str = "transpose"
+    ):
         super().__init__()
         depth = _halvings(size)
         widths = [min(width * 2**i, width * 8) for i in range(depth)]
@@ -61,10 +81,10 @@ class _ConvDecoder(nn.Module):
         layers: list[nn.Module] = [nn.LeakyReLU(0.2)]
         in_ch = self.start
         for ch in reversed(widths[:-1]):
-            layers += [nn.ConvTranspose2d(in_ch, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            layers += [_upsampling_layer(in_ch, ch, upsample), nn.LeakyReLU(0.2)]
             in_ch = ch
         if depth:
-            layers.append(nn.ConvTranspose2d(in_ch, channels, 4, stride=2, padding=1))
+            layers.append(_upsampling_layer(in_ch, channels, upsample))
         else:
             layers.append(nn.Conv2d(in_ch, channels, 3, padding=1))
         self.body = nn.Sequential(*layers)
@@ -75,14 +95,22 @@ class _ConvDecoder(nn.Module):
 
 
 class ConvAutoencoder(nn.Module):
-    """Conv encoder (stride-2 4×4 convs, widths ×2 up to 8×width) → latent → mirror."""
+    """Conv encoder (stride-2 4×4 convs, widths ×2 up to 8×width) → latent → mirror
+    (upsampling by ``upsample``: ``transpose`` or ``nearest``)."""
 
     architecture = "conv"
 
-    def __init__(self, channels: int, size: int, latent: int = 64, width: int = 32):
+    def __init__(
+        self,
+        channels: int,
+        size: int,
+        latent: int = 64,
+        width: int = 32,
+        upsample: str = "transpose",
+    ):
         super().__init__()
         self.encoder = _ConvEncoder(channels, size, width, latent)
-        self.decoder = _ConvDecoder(channels, size, width, latent)
+        self.decoder = _ConvDecoder(channels, size, width, latent, upsample)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Reconstruction:
         return Reconstruction(self.decoder(self.encoder(x)))
@@ -96,8 +124,15 @@ class FCAutoencoder(nn.Module):
 
     architecture = "fc"
 
-    def __init__(self, channels: int, size: int, latent: int = 64, width: int = 32):
-        super().__init__()
+    def __init__(
+        self,
+        channels: int,
+        size: int,
+        latent: int = 64,
+        width: int = 32,
+        upsample: str = "transpose",
+    ):
+        super().__init__()  # ``upsample`` is accepted for a uniform signature; no convolutions
         pixels = channels * size * size
         self.shape = (channels, size, size)
         self.encoder = nn.Sequential(
@@ -130,11 +165,18 @@ class VariationalAutoencoder(nn.Module):
 
     architecture = "vae"
 
-    def __init__(self, channels: int, size: int, latent: int = 64, width: int = 32):
+    def __init__(
+        self,
+        channels: int,
+        size: int,
+        latent: int = 64,
+        width: int = 32,
+        upsample: str = "transpose",
+    ):
         super().__init__()
         self.latent = latent
         self.encoder = _ConvEncoder(channels, size, width, 2 * latent)
-        self.decoder = _ConvDecoder(channels, size, width, latent)
+        self.decoder = _ConvDecoder(channels, size, width, latent, upsample)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Reconstruction:
         mu, logvar = self.encoder(x).float().chunk(2, dim=1)
@@ -168,11 +210,20 @@ MODELS = {"conv": ConvAutoencoder, "fc": FCAutoencoder, "vae": VariationalAutoen
 
 
 def build_model(
-    architecture: str, *, channels: int, size: int, latent: int, width: int
+    architecture: str,
+    *,
+    channels: int,
+    size: int,
+    latent: int,
+    width: int,
+    upsample: str = "transpose",
 ) -> nn.Module:
-    """An autoencoder by name (``conv``, ``fc``, ``vae``)."""
+    """An autoencoder by name (``conv``, ``fc``, ``vae``); ``upsample`` (``transpose`` or
+    ``nearest``) picks the conv decoders' upsampling layers (ignored by ``fc``)."""
     if architecture not in MODELS:
         raise ValueError(
             f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}"
         )
-    return MODELS[architecture](channels, size, latent=latent, width=width)
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {upsample!r}")
+    return MODELS[architecture](channels, size, latent=latent, width=width, upsample=upsample)

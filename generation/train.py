@@ -164,6 +164,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         size=state["size"],
         latent=condition["latent"],
         width=condition["width"],
+        upsample=condition.get("upsample", "transpose"),  # absent in older checkpoints
     )
     model.load_state_dict(state["model"])
     return model.to(device).eval()
@@ -226,8 +227,13 @@ def train_condition(
         size=size,
         latent=condition["latent"],
         width=condition["width"],
+        upsample=condition.get("upsample", "transpose"),
     ).to(device)
-    loss_fn = build_loss(condition["loss"]).to(device).requires_grad_(False)
+    loss_fn = (
+        build_loss(condition["loss"], **condition.get("loss_options", {}))
+        .to(device)
+        .requires_grad_(False)
+    )
     min_size = getattr(loss_fn, "min_size", 1)
     if size < min_size:
         raise TrainingError(

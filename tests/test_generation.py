@@ -109,6 +109,12 @@ def test_presets_file_and_overrides_layer_in_order(tmp_path):
         (["model.architecture=gan"], "architecture must be one of conv, fc, vae"),
         (["conditions=[{loss: l2, lern_rate: 1}]"], "lern_rate"),
         (["data.crop_box=[10, 10, 5, 5]"], "crop_box"),
+        (["model.upsample=bilinear"], "upsample must be one of transpose, nearest"),
+        (["conditions=[{loss: l2, loss_options: 3}]"], "loss_options must be a mapping"),
+        (
+            ['conditions=[{loss: "l2:1,l1:1", loss_options: {a: 1}}]'],
+            "loss_options apply to a single loss name",
+        ),
         (["seed"], "key=value"),
     ],
 )
@@ -134,6 +140,48 @@ def test_every_preset_resolves_to_registered_losses():
     for preset in ("smoke", "demo", "paper"):
         for condition in resolve_config(preset)["conditions"]:
             assert parse_spec(condition["loss"])
+
+
+def test_conditions_carry_loss_options_and_upsampling():
+    config = resolve_config(
+        "smoke",
+        overrides=[
+            "model.upsample=nearest",
+            "conditions=[l2, {loss: watson-dft, loss_options: {phase_weight: 0.01}, "
+            "upsample: transpose}]",
+        ],
+    )
+    l2, watson = config["conditions"]
+    assert (l2["upsample"], l2["loss_options"]) == ("nearest", {})
+    assert watson["name"] == "watson-dft" and watson["upsample"] == "transpose"
+    assert watson["loss_options"] == {"phase_weight": 0.01}
+
+
+def test_demo_preset_regressions_checkerboards_and_flat_watson_dft():
+    """The demo's ``deep`` condition showed checkerboards (transposed-conv decoder; the
+    deep loss does not see them) and ``watson-dft`` learned one flat image for every input:
+    with the starting phase weights e^-2 the phase term is ~25× the amplitude term."""
+    demo = resolve_config("demo")
+    for condition in demo["conditions"]:
+        model = build_model(
+            condition["architecture"],
+            channels=3,
+            size=32,
+            latent=condition["latent"],
+            width=condition["width"],
+            upsample=condition["upsample"],
+        )
+        assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())
+    (watson,) = [c for c in demo["conditions"] if c["loss"] == "watson-dft"]
+    x = skimage_patches(size=32, channels=3, seed=0, n_train=1, n_test=8).test.images / 255.0
+    flat = x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()  # mean colour only
+    with torch.no_grad():
+        total = build_loss("watson-dft", **watson["loss_options"])(flat, x).mean()
+        amplitude = build_loss("watson-dft", phase_weight=1e-30)(flat, x).mean()
+        default = build_loss("watson-dft")(flat, x).mean()
+    phase = total - amplitude
+    assert float(default - amplitude) > 20 * float(amplitude)  # ≈119 vs ≈3: why it failed
+    assert 0.5 * float(amplitude) < float(phase) < 3 * float(amplitude)  # ≈6 vs ≈3
 
 
 def test_unknown_preset_and_unparsable_file(tmp_path):
@@ -272,11 +320,16 @@ def test_step_batches_resume_and_shard_the_same_global_batches():
 # ----------------------------------------------------------------------------- models
 
 
+@pytest.mark.parametrize("upsample", ["transpose", "nearest"])
 @pytest.mark.parametrize("architecture", ["conv", "fc", "vae"])
 @pytest.mark.parametrize(("channels", "size"), [(3, 32), (1, 48)])
-def test_models_reconstruct_in_range_and_learn(architecture, channels, size):
+def test_models_reconstruct_in_range_and_learn(architecture, channels, size, upsample):
     torch.manual_seed(0)
-    model = build_model(architecture, channels=channels, size=size, latent=8, width=4)
+    model = build_model(
+        architecture, channels=channels, size=size, latent=8, width=4, upsample=upsample
+    )
+    transposed = any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())
+    assert transposed == (upsample == "transpose" and architecture != "fc")
     x = torch.rand(2, channels, size, size, requires_grad=False)
     out = model(x, torch.Generator().manual_seed(0))
     assert out.images.shape == x.shape
@@ -288,6 +341,22 @@ def test_models_reconstruct_in_range_and_learn(architecture, channels, size):
     assert all(p.grad is not None for p in model.parameters())
     model.eval()
     assert torch.equal(model.reconstruct(x), model.reconstruct(x))
+
+
+def test_unknown_upsampling_is_refused():
+    with pytest.raises(ValueError, match="upsample must be one of transpose, nearest"):
+        build_model("conv", channels=3, size=32, latent=8, width=4, upsample="bilinear")
+
+
+def test_checkpoints_without_upsample_key_still_load(tmp_path):
+    """model.pt files written before ``upsample`` existed hold transposed-conv decoders."""
+    torch.manual_seed(0)
+    model = build_model("conv", channels=3, size=32, latent=8, width=4)
+    condition = {"architecture": "conv", "latent": 8, "width": 4}
+    state = {"condition": condition, "channels": 3, "size": 32, "model": model.state_dict()}
+    torch.save(state, tmp_path / "model.pt")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(load_model(tmp_path / "model.pt").reconstruct(x), model.reconstruct(x))
 
 
 # ----------------------------------------------------------------------------- training
@@ -566,6 +635,11 @@ def test_cli_writes_a_set_and_reuses_it(tmp_path):
         (["--conditions", "l2,no-such-loss"], 2, "unknown loss 'no-such-loss'"),
         (["--set", "train.stepz=4"], 2, "did you mean 'steps'"),
         (["--set", "evaluate.metrics=[psnr, ssimm]"], 2, "unknown metric(s) ssimm"),
+        (
+            ["--set", "conditions=[{loss: watson-dft, loss_options: {phase_wieght: 1}}]"],
+            2,
+            "unknown option(s) phase_wieght",
+        ),
         (["--config", "{tmp}/missing.yaml"], 2, "does not exist"),
         (["--out", "{tmp}/notes"], 1, "non-empty folder without manifest.json"),
     ],

@@ -172,6 +172,26 @@ def test_watson_parameters_start_at_published_values_and_are_learnable():
             assert parameter.grad.abs().sum() > 0, name
 
 
+def test_watson_dft_phase_weight_option_sets_the_starting_phase_weights():
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    default = build_loss("watson-dft")
+    lowered = build_loss("watson-dft", phase_weight=math.exp(-5))
+    no_phase = build_loss("watson-dft", phase_weight=1e-30)
+    assert torch.allclose(default.phase_log_weights, torch.full((3, 40), -2.0))
+    assert torch.allclose(lowered.phase_log_weights, torch.full((3, 40), -5.0))
+    with torch.no_grad():
+        amplitude = no_phase(x, y)
+        phase = default(x, y) - amplitude
+        # only the phase term scales; everything else is the same model
+        assert torch.allclose(lowered(x, y), amplitude + math.exp(-3) * phase, rtol=1e-5)
+    for bad in (0, -1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="phase_weight"):
+            build_loss("watson-dft", phase_weight=bad)
+    with pytest.raises(ValueError, match="phase_weight"):
+        build_loss("watson-dct", phase_weight=0.1)
+
+
 @pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
 def test_watson_is_per_image_and_deterministic(name):
     target = photos(32)

@@ -25,7 +25,8 @@ Per channel, with reference x = target, distorted x̂ = prediction, ε = 1e-10:
 
 Parameters (all ``nn.Parameter``, per channel): t = exp(t̃), w = sigmoid(w̃), α, β; DFT
 also log phase weights. Starting values: DCT: Watson's 1993 table, α = 0.649, w = 0.7,
-β = 4; DFT: t = 1, α = 0.1, w = 0.2, β = 1, phase weights e^−2. Inputs are used in
+β = 4; DFT: t = 1, α = 0.1, w = 0.2, β = 1, phase weights e^−2 (``phase_weight=`` sets
+another starting value; the formulas do not change). Inputs are used in
 their [0, 1] range (as in Czolbe et al.), not rescaled to 0–255.
 
 Optional shift augmentation (``shift_augment=True``, training mode only): both images are
@@ -337,10 +338,25 @@ class WatsonLoss(ImageLoss):
 
     min_size = BLOCK
 
-    def __init__(self, transform: str = "dct", shift_augment: bool = False):
+    def __init__(
+        self,
+        transform: str = "dct",
+        shift_augment: bool = False,
+        phase_weight: float | None = None,
+    ):
         super().__init__()
         if transform not in ("dct", "dft"):
             raise ValueError(f"transform must be 'dct' or 'dft', got {transform!r}")
+        if phase_weight is not None:
+            if transform != "dft":
+                raise ValueError("phase_weight applies to watson-dft only (the DCT has no phase)")
+            if (
+                isinstance(phase_weight, bool)
+                or not isinstance(phase_weight, (int, float))
+                or not math.isfinite(phase_weight)
+                or phase_weight <= 0
+            ):
+                raise ValueError(f"phase_weight must be a number > 0, got {phase_weight!r}")
         self.transform, self.shift_augment = transform, bool(shift_augment)
         self.name = f"watson-{transform}"
         channels = 3  # Y, Cb, Cr; greyscale images use the Y model
@@ -359,9 +375,8 @@ class WatsonLoss(ImageLoss):
         self.beta = nn.Parameter(torch.full((channels,), start["beta"]))
         self.channel_logits = nn.Parameter(torch.zeros(channels))
         if transform == "dft":
-            self.phase_log_weights = nn.Parameter(
-                torch.full((channels, 40), math.log(start["phase_weight"]))
-            )
+            start_phase = start["phase_weight"] if phase_weight is None else float(phase_weight)
+            self.phase_log_weights = nn.Parameter(torch.full((channels, 40), math.log(start_phase)))
             mask = torch.ones(BLOCK, BLOCK // 2 + 1)
             for i, j in REAL_DFT_BINS:
                 mask[i, j] = 0
@@ -464,7 +479,10 @@ class WatsonDCTLoss(WatsonLoss):
 
 
 class WatsonDFTLoss(WatsonLoss):
-    """Watson's model on 8×8 block DFT amplitudes plus a phase term."""
+    """Watson's model on 8×8 block DFT amplitudes plus a phase term.
 
-    def __init__(self, shift_augment: bool = False):
-        super().__init__("dft", shift_augment)
+    ``phase_weight``: starting value of every phase weight (default e^−2, Czolbe et al.'s
+    starting value); the real bins stay at zero."""
+
+    def __init__(self, shift_augment: bool = False, phase_weight: float | None = None):
+        super().__init__("dft", shift_augment, phase_weight)
