@@ -3,11 +3,19 @@
 participants, on SQLite and on a throwaway PostgreSQL. Prints votes/s, p50/p99 latency
 and the ratios.
 
-    .venv/bin/python bench/bench_votes.py [--participants 100] [--votes 30]
+    .venv/bin/python bench/bench_votes.py [--participants 100] [--votes 60] [--paced-votes 20]
+                                          [--think-s 1]
 
-Each participant first starts and leases all its trials (not timed), then all of them
-post their votes back-to-back at once (timed). Load comes from 4 client processes × 25
-threads on the same machine, identical for both endpoints.
+Each participant first starts and leases all its trials (not timed), then two timed runs:
+
+- saturated: all participants post their votes back-to-back at once — the throughput
+  (votes/s) and its ratio to the bare endpoint; latency here is mostly queueing;
+- paced: participants vote at a human pace (a think time uniform in 0.5–1.5 × --think-s
+  before each vote, first votes spread over one think time) — the latency a participant
+  sees while 100 others vote at the same time.
+
+Load comes from 4 client processes × 25 threads on the same machine, identical for both
+endpoints.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import glob
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -119,17 +128,21 @@ def vote_body(token: str, i: int) -> dict:
 
 def _client_process(args: tuple) -> tuple[list[float], float, float, int]:
     """One client process: its participants in threads; (latencies ms, t0, t1, errors)."""
-    base, url_path, jobs, start_at = args
+    base, url_path, jobs, start_at, think_s, seed = args
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
     ends: list[float] = []
 
-    def participant(job: tuple[dict, list[str]]) -> None:
+    def participant(job: tuple[dict, list[str]], rng: random.Random) -> None:
         headers, tokens = job
         session = requests.Session()
         mine = []
+        if think_s:
+            time.sleep(rng.uniform(0.0, think_s))
         for i, token in enumerate(tokens):
+            if think_s and i:
+                time.sleep(rng.uniform(0.5 * think_s, 1.5 * think_s))
             t = time.perf_counter()
             response = session.post(base + url_path, json=vote_body(token, i), headers=headers,
                                     timeout=30)
@@ -142,7 +155,8 @@ def _client_process(args: tuple) -> tuple[list[float], float, float, int]:
             ends.append(time.time())
 
     time.sleep(max(0.0, start_at - time.time()))
-    threads = [threading.Thread(target=participant, args=(job,)) for job in jobs]
+    threads = [threading.Thread(target=participant, args=(job, random.Random(seed * 1000 + j)))
+               for j, job in enumerate(jobs)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -150,11 +164,13 @@ def _client_process(args: tuple) -> tuple[list[float], float, float, int]:
     return latencies, start_at, max(ends), errors[0]
 
 
-def load(base: str, url_path: str, jobs: list) -> dict:
+def load(base: str, url_path: str, jobs: list, think_s: float = 0.0) -> dict:
+    """Post every job's votes (saturated when ``think_s`` is 0, else paced)."""
     start_at = time.time() + 1.0
     chunks = [jobs[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)]
     with ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
-        results = list(pool.map(_client_process, [(base, url_path, c, start_at) for c in chunks]))
+        results = list(pool.map(_client_process, [(base, url_path, c, start_at, think_s, i)
+                                                  for i, c in enumerate(chunks)]))
     latencies = np.concatenate([np.array(r[0]) for r in results])
     wall = max(r[2] for r in results) - start_at
     return {"requests": len(latencies), "errors": sum(r[3] for r in results),
@@ -178,20 +194,28 @@ def participants_with_trials(base: str, slug: str, n: int) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--participants", type=int, default=100)
-    parser.add_argument("--votes", type=int, default=30, help="votes per participant")
+    parser.add_argument("--votes", type=int, default=60,
+                        help="votes per participant in the saturated run")
+    parser.add_argument("--paced-votes", type=int, default=20,
+                        help="votes per participant in the paced run")
+    parser.add_argument("--think-s", type=float, default=1.0,
+                        help="mean think time of the paced run, seconds (0: skip it)")
     parser.add_argument("--databases", default="sqlite,postgres")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pstudy-bench-"))
+    modes = [("saturated", 0.0, args.votes)]
+    if args.think_s > 0:
+        modes.append(("paced", args.think_s, args.paced_votes))
     rows = []
     bare_process, bare_base = serve("bare_app:app", {}, REPO / "bench")
     try:
-        bare_jobs = [({}, [f"token{i:04d}{j:04d}xxxxxxxxxxxx" for j in range(args.votes)])
-                     for i in range(args.participants)]
-        bare = load(bare_base, "/vote", bare_jobs)
+        for mode, think_s, votes in modes:
+            bare_jobs = [({}, [f"token{i:04d}{j:04d}xxxxxxxxxxxx" for j in range(votes)])
+                         for i in range(args.participants)]
+            rows.append(("bare Flask", mode, load(bare_base, "/vote", bare_jobs, think_s)))
     finally:
         bare_process.send_signal(signal.SIGTERM)
         bare_process.wait(timeout=30)
-    rows.append(("bare Flask", bare))
     for database in args.databases.split(","):
         stop = None
         if database == "postgres":
@@ -199,12 +223,19 @@ def main() -> None:
         else:
             url = f"sqlite:///{work / 'bench.sqlite3'}"
         try:
-            slug = make_study(url, work / f"set-{database}", args.votes, args.participants)
+            slug = make_study(url, work / f"set-{database}", sum(m[2] for m in modes),
+                              args.participants)
             process, base = serve("study_app:create_app()",
                                   {"DATABASE_URL": url, "SECRET_KEY": "bench"}, REPO)
             try:
                 jobs = participants_with_trials(base, slug, args.participants)
-                rows.append((f"vote ({database})", load(base, "/api/v1/participant/votes", jobs)))
+                offset = 0
+                for mode, think_s, votes in modes:
+                    run_jobs = [(headers, tokens[offset:offset + votes])
+                                for headers, tokens in jobs]
+                    offset += votes
+                    rows.append((f"vote ({database})", mode,
+                                 load(base, "/api/v1/participant/votes", run_jobs, think_s)))
             finally:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=30)
@@ -212,14 +243,17 @@ def main() -> None:
             if stop:
                 stop()
     shutil.rmtree(work, ignore_errors=True)
-    print(f"{args.participants} concurrent participants × {args.votes} votes; gunicorn "
-          f"gthread 2 workers × 4 threads; {os.cpu_count()} cores")
-    print(f"{'endpoint':<20}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
+    print(f"{args.participants} concurrent participants; saturated: {args.votes} votes each "
+          f"back-to-back; paced: {args.paced_votes} votes each, think {args.think_s:g} s ± 50%; "
+          f"gunicorn gthread 2 workers × 4 threads; {os.cpu_count()} cores")
+    print(f"{'endpoint':<20}{'run':<11}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
           f"{'ratio req/s':>13}")
-    for name, r in rows:
-        print(f"{name:<20}{r['per_s']:>10.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}"
-              f"{r['errors']:>8}{r['per_s'] / bare['per_s']:>13.2f}")
-    print(json.dumps({name: r for name, r in rows}))
+    bare = {mode: r for name, mode, r in rows if name == "bare Flask"}
+    for name, mode, r in rows:
+        ratio = f"{r['per_s'] / bare[mode]['per_s']:>13.2f}" if mode == "saturated" else ""
+        print(f"{name:<20}{mode:<11}{r['per_s']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+              f"{r['errors']:>8}{ratio}")
+    print(json.dumps({f"{name} {mode}": r for name, mode, r in rows}))
 
 
 if __name__ == "__main__":

@@ -148,6 +148,13 @@ def generate(
         )
     except (DataError, StimulusSetError, TrainingError, ValueError) as error:
         raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        from generation.pipeline import default_checkpoint_dir
+
+        kept = Path(checkpoints) if checkpoints else default_checkpoint_dir(out_dir)
+        click.echo(f"\ninterrupted; checkpoints so far are in {kept} — run the same command "
+                   "with --resume to continue", err=True)
+        sys.exit(130)
     if result.manifest is None:  # a non-main torchrun rank
         return
     table = " | ".join(

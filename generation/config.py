@@ -168,6 +168,20 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str = "") -> 
     return merged
 
 
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml_numbers(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; read it as the number it means."""
+    if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {key: _yaml_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_yaml_numbers(item) for item in value]
+    return value
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) configuration file."""
     path = Path(path)
@@ -178,7 +192,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         if path.suffix.lower() == ".toml":
             data = tomllib.loads(text)
         elif path.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+            data = _yaml_numbers(yaml.safe_load(text) or {})
         else:
             raise ConfigError(f"configuration file {str(path)!r} must end in .yaml, .yml or .toml")
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
@@ -195,7 +209,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. train.steps=200")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_numbers(yaml.safe_load(raw)) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     nested: dict[str, Any] = {}

@@ -172,7 +172,7 @@ def stop_server(server: subprocess.Popen) -> None:
               default=Path("demo-output"), show_default=True,
               help="Folder for the stimulus set, the SQLite database and the reports.")
 @click.option("--preset", type=click.Choice(["smoke", "demo", "paper"]), default="demo",
-              show_default=True, help="Generation preset (smoke: seconds; demo: ~5 min on "
+              show_default=True, help="Generation preset (smoke: seconds; demo: 4–6 min on "
               "2 CPU cores; paper: GPU-sized).")
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
               help="A folder of your own images instead of scikit-image's photographs.")

@@ -99,6 +99,16 @@ def test_presets_file_and_overrides_layer_in_order(tmp_path):
     assert named["conditions"][0]["steps"] == 3
 
 
+def test_scientific_notation_is_a_number_in_overrides_and_yaml_files(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 as a string; a learning rate written so must work."""
+    (tmp_path / "c.yaml").write_text("conditions: [l2]\ntrain:\n  lr: 3e-4\n")
+    from_file = resolve_config("smoke", tmp_path / "c.yaml")
+    assert from_file["conditions"][0]["lr"] == pytest.approx(3e-4)
+    overridden = resolve_config("smoke", overrides=["train.lr=1e-4", "data.source=1e5x"])
+    assert overridden["conditions"][0]["lr"] == pytest.approx(1e-4)
+    assert overridden["data"]["source"] == "1e5x"  # only whole numbers are converted
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -564,6 +574,29 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_set, tmp_path)
     straight = generate(_tiny(*extra), tmp_path / "straight", device="cpu", progress=False)
     assert _stimulus_hashes(resumed.manifest) == _stimulus_hashes(straight.manifest)
     assert resumed.training["l2"].losses == straight.training["l2"].losses
+
+
+def test_ctrl_c_stops_training_promptly_with_a_resume_hint_and_no_traceback(tmp_path):
+    command = [sys.executable, "-m", "generation", "--preset", "smoke", "--quiet", "--device",
+               "cpu", "--out", str(tmp_path / "stopped")]
+    for item in [*TINY, "train.steps=100000", "train.checkpoint_every=5", "conditions=[l2]"]:
+        command += ["--set", item]
+    process = subprocess.Popen(  # SIGINT as a terminal's Ctrl-C delivers it (not ignored)
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    last = tmp_path / "stopped.checkpoints" / "l2" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert time.monotonic() - sent < 30
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr and "--resume" in stderr and str(last.parent.parent) in stderr
+    assert last.exists() and not (tmp_path / "stopped" / "manifest.json").exists()
 
 
 @pytest.mark.slow

@@ -116,6 +116,45 @@ def test_replayed_vote_is_stored_once_and_answers_the_same(app, client, slug):
     assert snapshot(app) == before
 
 
+def test_a_fresh_vote_takes_the_few_statement_path_and_stores_every_field(app, client, slug):
+    """The vote endpoint is the hot path (docs/benchmarks.md): one read, the participant /
+    item / trial updates and the insert, no ORM round trips; the row is complete."""
+    from sqlalchemy import event
+
+    participant = P(client, slug)
+    trials = participant.next().get_json()["trials"]
+    statements: list[str] = []
+    with app.app_context():
+        engine = db.engine
+
+    def count(_conn, _cursor, statement, *_args):
+        statements.append(statement.split()[0].upper())
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        response = participant.vote(trials[1]["token"], "right", rt_ms=640.0)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["vote"]["trial_index"] == 0
+    assert len(statements) <= 6, statements
+    assert statements.count("SELECT") == 1 and statements.count("INSERT") == 1
+    with app.app_context():
+        vote = db.session.scalars(select(Vote)).one()
+        trial = db.session.get(Trial, vote.trial_id)
+        assert trial.token == trials[1]["token"] and trial.status == "answered"
+        assert vote.chosen_condition == trial.condition_right
+        assert (vote.choice, vote.rt_ms, vote.viewport_w, vote.device_pixel_ratio) == (
+            "right", 640.0, 1280, 2.0)
+        assert vote.reference_shown is True
+        assert vote.received_at.isoformat(timespec="milliseconds").replace("+00:00", "Z") == \
+            response.get_json()["vote"]["received_at"]
+        if trial.kind == "main":
+            item = db.session.get(Item, trial.item_id)
+            assert (item.n_votes, item.n_a_left) == (1, 1 if trial.a_left else 0)
+        assert db.session.get(Participant, vote.participant_id).n_answered == 1
+
+
 BAD_VOTES = [
     ({"choice": "middle"}, "choice"),
     ({"choice": None}, "choice"),

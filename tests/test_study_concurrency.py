@@ -11,8 +11,9 @@ from sqlalchemy import func, select
 
 from study_app import create_app
 from study_app.extensions import db
-from study_app.models import Item, Trial, Vote
-from tests.study_support import Participant, make_study, vote_body, write_stimulus_set
+from study_app.models import Item, Participant, Trial, Vote
+from tests.study_support import Participant as ApiParticipant
+from tests.study_support import make_study, vote_body, write_stimulus_set
 
 THREADS = 12
 
@@ -53,7 +54,7 @@ def _in_threads(n: int, fn) -> list:
 
 def test_duplicate_submissions_store_exactly_one_vote(db_app, tmp_path):
     slug = make_study(db_app, write_stimulus_set(tmp_path / "set"), votes_per_item=2)
-    participant = Participant(db_app.test_client(), slug)
+    participant = ApiParticipant(db_app.test_client(), slug)
     response = participant.next()
     assert response.status_code == 200, response.get_json()
     trials = response.get_json()["trials"]
@@ -86,7 +87,16 @@ def test_duplicate_submissions_store_exactly_one_vote(db_app, tmp_path):
         per_trial = dict(db.session.execute(
             select(Trial.token, func.count(Vote.id)).join(Vote).group_by(Trial.token)).all())
         assert per_trial == {same: 1, contested: 1}
-        assert db.session.scalar(select(func.sum(Item.n_votes))) <= 2
+        # exact counters: a duplicate that lost the race after the fast path's first
+        # updates (PostgreSQL) must have rolled them back
+        answered_main = db.session.scalar(select(func.count(Trial.id)).where(
+            Trial.status == "answered", Trial.kind == "main"))
+        assert db.session.scalar(select(func.sum(Item.n_votes))) == answered_main
+        assert db.session.scalar(select(func.sum(Item.n_a_left))) == db.session.scalar(
+            select(func.count(Trial.id)).where(Trial.status == "answered", Trial.kind == "main",
+                                               Trial.a_left.is_(True)))
+        assert db.session.scalar(select(Participant.n_answered)) == 2
+        assert sorted(db.session.scalars(select(Vote.trial_index))) == [0, 1]
         assert db.session.scalar(select(Vote.choice).join(Trial).where(
             Trial.token == contested)) in winners
 
@@ -100,7 +110,7 @@ def test_racing_participants_never_push_an_item_past_k(db_app, tmp_path):
 
     def participate(_i):
         client = db_app.test_client()
-        participant = Participant(client, slug)
+        participant = ApiParticipant(client, slug)
         return participant.complete()
 
     votes = _in_threads(THREADS, participate)
