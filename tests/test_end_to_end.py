@@ -238,6 +238,7 @@ def test_a_person_votes_and_the_researcher_logs_in_then_ctrl_c_stops_the_demo(de
             assert not page.is_visible("#practice-badge")
             if number == 0:
                 save_screenshot(page, "demo-participant-trial")
+            page.wait_for_timeout(400)  # a person looks first (faster than 200 ms is flagged)
             answer(page, lambda key=key: page.keyboard.press(key))
         assert studies_in(url).set_index("slug").loc[slug, "votes"] == 3
 
