@@ -139,7 +139,7 @@ def analyze(
     \b
     Examples:
       pstudy analyze responses.csv --out results/
-      pstudy analyze ../shared/data/pwcmp/ex3_tmo_cmp_data.csv --out pwcmp-results --no-mixed
+      pstudy analyze tests/data/pwcmp/ex3_tmo_cmp_data.csv --out pwcmp-results --no-mixed
       pstudy analyze sqlite:///instance/study.sqlite3 --study demo --out results/
       pstudy analyze responses.parquet --stimuli stimuli/demo --metric l1 --metric l2 --out r/
     """

@@ -20,14 +20,9 @@ from analysis.simulation import simulate_responses
 from study_app.cli import main
 from tests.study_support import Participant, make_study, write_stimulus_set
 
-PWCMP = (
-    Path(__file__).resolve().parents[1]
-    / ".."
-    / "shared"
-    / "data"
-    / "pwcmp"
-    / "ex3_tmo_cmp_data.csv"
-)
+# A real pairwise-comparison dataset (pwcmp, MIT; licence beside it), kept in the repository
+# so a clone anywhere runs the tests.
+PWCMP = Path(__file__).resolve().parent / "data" / "pwcmp" / "ex3_tmo_cmp_data.csv"
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,9 @@ from analysis.io import RESPONSE_COLUMNS, ResponsesFormatError, load_responses
 from analysis.qc import QCOptions, apply_exclusions, outlier_scores
 from analysis.simulation import add_catch_trials, simulate_responses
 
-PWCMP = (
-    Path(__file__).resolve().parents[1]
-    / ".."
-    / "shared"
-    / "data"
-    / "pwcmp"
-    / "ex3_tmo_cmp_data.csv"
-)
+# A real pairwise-comparison dataset (pwcmp, MIT; licence beside it), kept in the repository
+# so a clone anywhere runs the tests.
+PWCMP = Path(__file__).resolve().parent / "data" / "pwcmp" / "ex3_tmo_cmp_data.csv"
 
 
 def _write(frame: pd.DataFrame, path: Path) -> Path:
