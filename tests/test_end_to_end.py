@@ -213,7 +213,10 @@ def test_a_person_votes_and_the_researcher_logs_in_then_ctrl_c_stops_the_demo(de
     demo = subprocess.Popen(demo_command(out, port, "--serve-for", "600"),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, DATABASE_URL=""))
+                            env=dict(os.environ, DATABASE_URL=""),
+                            # as in a terminal, even when the test run itself was started in
+                            # the background (where SIGINT is inherited as ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     base = f"http://127.0.0.1:{port}"
     url = f"sqlite:///{out / 'study.sqlite3'}"
     try:
