@@ -53,8 +53,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_postgres() -> tuple[str, callable]:
-    """A throwaway PostgreSQL (as tests/conftest.py starts it); returns (url, stop)."""
+def start_postgres() -> tuple[str, callable, int]:
+    """A throwaway PostgreSQL (as tests/conftest.py starts it, but durable: fsync on);
+    returns (url, stop, postmaster pid)."""
     bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))
     if not bindirs:
         raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
@@ -79,7 +80,37 @@ def start_postgres() -> tuple[str, callable]:
                         "immediate", "stop"], capture_output=True)
         shutil.rmtree(parent, ignore_errors=True)
 
-    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", stop
+    server_pid = int((parent / "data" / "postmaster.pid").read_text().split()[0])
+    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", stop, server_pid
+
+
+def tree_cpu_seconds(roots: list[int]) -> float:
+    """CPU seconds (user + system) used so far by the processes ``roots`` and all their
+    live descendants (gunicorn master + workers, postmaster + backends), from /proc;
+    0 for no roots (pid 0 stands for "none")."""
+    roots = [pid for pid in roots if pid > 0]
+    if not roots:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    parent_of, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        parent_of[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    for pid in cpu:
+        ancestor = pid
+        while ancestor > 1 and ancestor not in roots:
+            ancestor = parent_of.get(ancestor, 1)
+        if ancestor in roots:
+            total += cpu[pid]
+    return total
 
 
 def make_study(database_url: str, root: Path, votes: int, participants: int) -> str:
@@ -164,8 +195,12 @@ def _client_process(args: tuple) -> tuple[list[float], float, float, int]:
     return latencies, start_at, max(ends), errors[0]
 
 
-def load(base: str, url_path: str, jobs: list, think_s: float = 0.0) -> dict:
-    """Post every job's votes (saturated when ``think_s`` is 0, else paced)."""
+def load(base: str, url_path: str, jobs: list, think_s: float = 0.0, app_pid: int = 0,
+         database_pid: int = 0) -> dict:
+    """Post every job's votes (saturated when ``think_s`` is 0, else paced); also the CPU
+    milliseconds per request of the app server's processes (gunicorn master + workers)
+    and of the database server's (postmaster + backends; SQLite runs inside the app)."""
+    cpu_before = [tree_cpu_seconds([pid]) for pid in (app_pid, database_pid)]
     start_at = time.time() + 1.0
     chunks = [jobs[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)]
     with ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
@@ -173,7 +208,10 @@ def load(base: str, url_path: str, jobs: list, think_s: float = 0.0) -> dict:
                                                   for i, c in enumerate(chunks)]))
     latencies = np.concatenate([np.array(r[0]) for r in results])
     wall = max(r[2] for r in results) - start_at
+    app_ms, database_ms = ((tree_cpu_seconds([pid]) - before) * 1000 / len(latencies)
+                           for pid, before in zip((app_pid, database_pid), cpu_before, strict=True))
     return {"requests": len(latencies), "errors": sum(r[3] for r in results),
+            "app_cpu_ms": app_ms, "database_cpu_ms": database_ms,
             "per_s": len(latencies) / wall, "p50_ms": float(np.percentile(latencies, 50)),
             "p99_ms": float(np.percentile(latencies, 99)), "wall_s": wall}
 
@@ -212,14 +250,15 @@ def main() -> None:
         for mode, think_s, votes in modes:
             bare_jobs = [({}, [f"token{i:04d}{j:04d}xxxxxxxxxxxx" for j in range(votes)])
                          for i in range(args.participants)]
-            rows.append(("bare Flask", mode, load(bare_base, "/vote", bare_jobs, think_s)))
+            rows.append(("bare Flask", mode, load(bare_base, "/vote", bare_jobs, think_s,
+                                                  bare_process.pid)))
     finally:
         bare_process.send_signal(signal.SIGTERM)
         bare_process.wait(timeout=30)
     for database in args.databases.split(","):
-        stop = None
+        stop, database_pid = None, 0
         if database == "postgres":
-            url, stop = start_postgres()
+            url, stop, database_pid = start_postgres()
         else:
             url = f"sqlite:///{work / 'bench.sqlite3'}"
         try:
@@ -235,7 +274,8 @@ def main() -> None:
                                 for headers, tokens in jobs]
                     offset += votes
                     rows.append((f"vote ({database})", mode,
-                                 load(base, "/api/v1/participant/votes", run_jobs, think_s)))
+                                 load(base, "/api/v1/participant/votes", run_jobs, think_s,
+                                      process.pid, database_pid)))
             finally:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=30)
@@ -247,12 +287,12 @@ def main() -> None:
           f"back-to-back; paced: {args.paced_votes} votes each, think {args.think_s:g} s ± 50%; "
           f"gunicorn gthread 2 workers × 4 threads; {os.cpu_count()} cores")
     print(f"{'endpoint':<20}{'run':<11}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-          f"{'ratio req/s':>13}")
+          f"{'CPU ms/req app':>16}{'db':>6}{'ratio req/s':>13}")
     bare = {mode: r for name, mode, r in rows if name == "bare Flask"}
     for name, mode, r in rows:
         ratio = f"{r['per_s'] / bare[mode]['per_s']:>13.2f}" if mode == "saturated" else ""
         print(f"{name:<20}{mode:<11}{r['per_s']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-              f"{r['errors']:>8}{ratio}")
+              f"{r['errors']:>8}{r['app_cpu_ms']:>16.2f}{r['database_cpu_ms']:>6.2f}{ratio}")
     print(json.dumps({f"{name} {mode}": r for name, mode, r in rows}))
 
 

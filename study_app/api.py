@@ -28,8 +28,8 @@ from study_app.models import Image, Participant, Study, Trial, utcnow
 from study_app.openapi import openapi_document
 from study_app.scheduling import VoteInput
 from study_app.stimuli import media_url
-from study_app.studies import StudyConfig, cached_study_config, study_config
-from study_app.transactions import DatabaseBusy, run_write
+from study_app.studies import StudyConfig, study_config
+from study_app.transactions import DatabaseBusy, run_on_connection, run_write
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -171,14 +171,6 @@ def _bearer_token() -> str:
         raise ApiError(401, "unauthorized",
                        "send the participant token as 'Authorization: Bearer <token>'")
     return token
-
-
-def _reference_shown(study_id: int, config_sha256: str) -> bool:
-    """Whether the study shows the reference (its frozen config, memoised by sha256)."""
-    config = cached_study_config(config_sha256)
-    if config is None:
-        config = study_config(db.session.get(Study, study_id))
-    return config.reference_shown
 
 
 def _authenticated() -> tuple[Participant, Study, StudyConfig]:
@@ -374,24 +366,25 @@ def vote():
     """Store one vote, exactly once per trial token (a replay answers the same)."""
     body = json_body(VOTE_MAX_BYTES)
     parsed = parse_vote(body)
+    token = _bearer_token()
     now = utcnow()
 
-    def store(fast: bool) -> tuple[dict, bool]:  # one write transaction
-        if fast:
-            answer = scheduling.record_vote_fast(_bearer_token(), parsed, now,
-                                                 _reference_shown)
-            if answer is not None:
-                return answer, False
+    def store_any() -> tuple[dict, bool]:  # any vote, answered precisely
         participant, study, config = _authenticated()
         stored, replayed = scheduling.record_vote(participant.id, study, parsed,
                                                   config.reference_shown, now)
         return {"choice": stored.choice, "trial_index": stored.trial_index,
                 "received_at": stored.received_at}, replayed
 
-    try:
-        answer, replayed = run_write(lambda: store(fast=True))
-    except scheduling.VoteRaced:  # rolled back; the full path answers precisely
-        answer, replayed = run_write(lambda: store(fast=False))
+    # the common case (a fresh vote on an open lease) on a Core connection, one transaction
+    if db.engine.dialect.name == "postgresql":
+        answer = run_on_connection(lambda connection: scheduling.record_vote_postgresql(
+            connection, token, parsed, now), autocommit=True)
+    else:
+        answer = run_on_connection(lambda connection: scheduling.record_vote_sqlite(
+            connection, token, parsed, now))
+    # anything else (replay, conflict, expired, finished, closed, unknown) answered precisely
+    answer, replayed = (answer, False) if answer is not None else run_write(store_any)
     response = jsonify(vote={"trial_token": parsed.trial_token, "choice": answer["choice"],
                              "trial_index": answer["trial_index"],
                              "received_at": _iso(answer["received_at"])})

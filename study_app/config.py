@@ -17,7 +17,9 @@ def default_config() -> dict:
         # writes a persistent key into the instance folder so all workers share it.
         "SECRET_KEY": secrets.token_hex(32),
         "SQLALCHEMY_DATABASE_URI": None,
-        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        # no pool_pre_ping: server connections idle for a while are pinged instead
+        # (study_app.extensions.configure_engine), a round trip saved per request
+        "SQLALCHEMY_ENGINE_OPTIONS": {},
         "MAX_CONTENT_LENGTH": 64 * 1024,
         # Reverse proxies in front of the app whose X-Forwarded-* headers are trusted.
         "TRUSTED_PROXIES": 0,

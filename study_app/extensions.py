@@ -8,6 +8,7 @@ time, waiting up to the busy timeout instead of failing on a lock upgrade.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from flask import Flask
@@ -15,9 +16,13 @@ from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+# A pooled server connection idle this long is pinged before use (a busy server's
+# connections are not: one round trip saved per request; see configure_engine).
+PING_AFTER_IDLE_S = 5.0
 # Execution option that makes the next transaction on a SQLite connection BEGIN IMMEDIATE.
 SQLITE_IMMEDIATE = "pstudy_sqlite_immediate"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -51,10 +56,34 @@ def _sqlite_begin(connection) -> None:
 
 
 def configure_engine(engine: Engine) -> None:
-    """Install the SQLite connection settings on ``engine`` (no-op for other databases)."""
+    """SQLite: install the connection settings. Server databases: ping a pooled
+    connection before use when it was idle for ``PING_AFTER_IDLE_S`` (a dead one is
+    replaced); a connection that dies while in use invalidates the pool and the write
+    is retried (:func:`study_app.transactions.run_write`)."""
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _sqlite_begin)
+        return
+    # instead of SQLAlchemy's pool_pre_ping, which costs a round trip on every checkout
+    event.listen(engine.pool, "checkin", _note_checkin)
+    event.listen(engine.pool, "checkout", _ping_if_idle(engine.dialect))
+
+
+def _note_checkin(_dbapi_connection, connection_record) -> None:
+    connection_record.info["checked_in_at"] = time.monotonic()
+
+
+def _ping_if_idle(dialect):
+    def ping(dbapi_connection, connection_record, _proxy) -> None:
+        checked_in_at = connection_record.info.get("checked_in_at")
+        if checked_in_at is None or time.monotonic() - checked_in_at < PING_AFTER_IDLE_S:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as error:  # any failure: the pool discards it and connects anew
+            raise DisconnectionError(f"pooled connection failed its ping: {error}") from error
+
+    return ping
 
 
 def init_extensions(app: Flask) -> None:

@@ -14,8 +14,9 @@ transaction). The rules (docs/study_api.md, ../shared/design/study.md):
   left (ties: random), so each side order gets about K/2;
 - a vote locks the participant, then the item, then the trial; a trial that is already
   answered returns the stored vote (same answer), a different choice is a conflict; the
-  common case (a fresh vote on an open lease) takes a fast path of conditional Core
-  ``UPDATE``s in the same lock order (:func:`record_vote_fast`);
+  common case (a fresh vote on an open lease) takes a fast path: on SQLite five
+  statements on the driver connection (:func:`record_vote_sqlite`), on PostgreSQL one
+  statement in autocommit (:func:`record_vote_postgresql`);
 - a lease that expires returns the item to the pool (it simply stops counting); a vote
   on it is refused (410), so no item ever gets more than K votes.
 
@@ -30,12 +31,22 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import BigInteger, and_, bindparam, cast, func, literal, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    and_,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
 
 from study_app.errors import ApiError
 from study_app.extensions import db
 from study_app.models import Condition, Image, Item, Participant, Stimulus, Study, Trial, Vote
-from study_app.studies import StudyConfig
+from study_app.studies import REFERENCE_QUESTION_MODE, StudyConfig
 
 KINDS = ("main", "catch", "repeat")
 REFERENCE = "reference"
@@ -401,79 +412,145 @@ def record_vote(participant_id: int, study: Study, vote: VoteInput, reference_sh
     return row, False
 
 
-class VoteRaced(RuntimeError):
-    """The fast path's conditional updates lost a race; roll back and take the full path."""
+# SQLite: the common case of a vote in 5 statements straight on the driver connection
+# (sqlite3 caches them prepared; SQLAlchemy's per-statement overhead was most of a vote's
+# time). Inside BEGIN IMMEDIATE this transaction is the only writer, so what the read
+# finds cannot change before the writes.
+_VOTE_READ_SQLITE = """
+SELECT p.id, s.id, t.id, t.kind, t.item_id, t.preview, t.a_left, t.condition_left,
+       t.condition_right, p.n_answered,
+       coalesce(json_extract(s.config, '$.question_mode') = :reference_mode, 0)
+FROM participant p
+JOIN study s ON s.id = p.study_id
+JOIN trial t ON t.participant_id = p.id AND t.study_id = s.id
+WHERE p.token = :participant_token AND t.token = :trial_token AND p.status = 'started'
+  AND s.status <> 'closed' AND t.status = 'leased' AND t.expires_at > :now
+"""
+_VOTE_COUNT_SQLITE = "UPDATE participant SET n_answered = n_answered + 1 WHERE id = ?"
+_VOTE_ITEM_SQLITE = "UPDATE item SET n_votes = n_votes + 1, n_a_left = n_a_left + ? WHERE id = ?"
+_VOTE_CLAIM_SQLITE = "UPDATE trial SET status = 'answered' WHERE id = ?"
+_VOTE_INSERT_SQLITE = """
+INSERT INTO vote (trial_id, study_id, participant_id, trial_index, choice, chosen_condition,
+                  rt_ms, presented_at, answered_at, received_at, reference_shown,
+                  viewport_w, viewport_h, device_pixel_ratio)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
 
 
-_P, _S, _T = Participant.__table__.c, Study.__table__.c, Trial.__table__.c
-_ITEM = Item.__table__
-# Built once (statement construction costs more than running them on SQLite).
-_FAST_VOTE_READ = (
-    select(_P.id, _P.status, _S.id.label("study_id"), _S.status.label("study_status"),
-           _S.config_sha256, _T.id.label("trial_id"), _T.status.label("trial_status"),
-           _T.expires_at, _T.kind, _T.item_id, _T.preview, _T.a_left, _T.condition_left,
-           _T.condition_right)
-    .select_from(Participant.__table__.join(Study.__table__, _S.id == _P.study_id)
-                 .join(Trial.__table__, and_(_T.participant_id == _P.id, _T.study_id == _S.id)))
-    .where(_P.token == bindparam("participant_token"), _T.token == bindparam("trial_token"))
-)
-_FAST_VOTE_COUNT = (
-    update(Participant.__table__)
-    .where(_P.id == bindparam("participant_id"), _P.status == "started")
-    .values(n_answered=_P.n_answered + 1).returning(_P.n_answered)
-)
-_FAST_VOTE_ITEM = (
-    update(_ITEM).where(_ITEM.c.id == bindparam("item_id"))
-    .values(n_votes=_ITEM.c.n_votes + 1, n_a_left=_ITEM.c.n_a_left + bindparam("a_left_add"))
-)
-_FAST_VOTE_CLAIM = (
-    update(Trial.__table__)
-    .where(_T.id == bindparam("trial_id"), _T.status == "leased",
-           _T.expires_at > bindparam("now", type_=Trial.__table__.c.expires_at.type))
-    .values(status="answered")
-)
-_FAST_VOTE_INSERT = Vote.__table__.insert()
+def record_vote_sqlite(connection: Connection, participant_token: str, vote: VoteInput,
+                       now: datetime) -> dict | None:
+    """SQLite, on ``connection`` inside ``BEGIN IMMEDIATE``: the common case of a vote;
+    ``None`` = not it.
 
-
-def record_vote_fast(participant_token: str, vote: VoteInput, now: datetime,
-                     reference_shown_of) -> dict | None:
-    """The common case of a vote in 5 prepared Core statements, no ORM; ``None`` = not it.
-
-    One read (participant by token ⋈ study ⋈ this participant's trial), then conditional
-    updates in the lock order participant → item → trial and the insert. Returns the
-    answer ``{"choice", "trial_index", "received_at"}`` for a fresh vote on an open lease
-    of a started participant in a study that is not closed; ``None`` for anything else
-    (unknown token, replay, expired, finished...), which :func:`record_vote` then answers
-    precisely in the same transaction. Raises :class:`VoteRaced` when a concurrent
-    request changed the participant or trial between the read and the updates (only on
-    PostgreSQL; SQLite transactions are serial): the caller rolls back and retries.
-    ``reference_shown_of(study_id, config_sha256) -> bool``.
-    """
-    connection = db.session.connection()
-    row = connection.execute(_FAST_VOTE_READ, {"participant_token": participant_token,
-                                               "trial_token": vote.trial_token}).first()
-    if (row is None or row.status != "started" or row.study_status == "closed"
-            or row.trial_status != "leased" or row.expires_at <= now):
+    Returns the answer ``{"choice", "trial_index", "received_at"}`` for a fresh vote on an
+    open lease of a started participant in a study that is not closed; ``None`` with
+    nothing changed for anything else (unknown token, replay, expired, finished...), which
+    :func:`record_vote` then answers precisely."""
+    as_stored = _datetime_binder(connection.dialect)
+    driver = connection.connection.driver_connection
+    row = driver.execute(_VOTE_READ_SQLITE, {
+        "participant_token": participant_token, "trial_token": vote.trial_token,
+        "reference_mode": REFERENCE_QUESTION_MODE, "now": as_stored(now)}).fetchone()
+    if row is None:
         return None
-    answered = connection.execute(_FAST_VOTE_COUNT, {"participant_id": row.id}).scalar()
-    if answered is None:
-        raise VoteRaced("the participant finished meanwhile")
-    if row.kind == "main" and row.item_id is not None and not row.preview:
-        connection.execute(_FAST_VOTE_ITEM, {"item_id": row.item_id,
-                                             "a_left_add": 1 if row.a_left else 0})
-    claimed = connection.execute(_FAST_VOTE_CLAIM, {"trial_id": row.trial_id, "now": now})
-    if claimed.rowcount != 1:
-        raise VoteRaced("the trial was answered or expired meanwhile")
-    connection.execute(_FAST_VOTE_INSERT, {
-        "trial_id": row.trial_id, "study_id": row.study_id, "participant_id": row.id,
-        "trial_index": answered - 1, "choice": vote.choice,
-        "chosen_condition": row.condition_left if vote.choice == "left" else row.condition_right,
-        "rt_ms": vote.rt_ms, "presented_at": vote.presented_at,
-        "answered_at": vote.answered_at, "received_at": now,
-        "reference_shown": reference_shown_of(row.study_id, row.config_sha256),
-        "viewport_w": vote.viewport_w, "viewport_h": vote.viewport_h,
-        "device_pixel_ratio": vote.device_pixel_ratio})
-    return {"choice": vote.choice, "trial_index": answered - 1, "received_at": now}
+    (participant_id, study_id, trial_id, kind, item_id, preview, a_left, condition_left,
+     condition_right, n_answered, reference_shown) = row
+    driver.execute(_VOTE_COUNT_SQLITE, (participant_id,))
+    if kind == "main" and item_id is not None and not preview:
+        driver.execute(_VOTE_ITEM_SQLITE, (1 if a_left else 0, item_id))
+    driver.execute(_VOTE_CLAIM_SQLITE, (trial_id,))
+    driver.execute(_VOTE_INSERT_SQLITE, (
+        trial_id, study_id, participant_id, n_answered, vote.choice,
+        condition_left if vote.choice == "left" else condition_right, vote.rt_ms,
+        as_stored(vote.presented_at), as_stored(vote.answered_at), as_stored(now),
+        bool(reference_shown), vote.viewport_w, vote.viewport_h, vote.device_pixel_ratio))
+    return {"choice": vote.choice, "trial_index": n_answered, "received_at": now}
+
+
+_DATETIME_BINDERS: dict[str, object] = {}
+
+
+def _datetime_binder(dialect):
+    """The function that turns an aware datetime into what a UTCDateTime column stores."""
+    if dialect.name not in _DATETIME_BINDERS:
+        _DATETIME_BINDERS[dialect.name] = Vote.__table__.c.received_at.type.bind_processor(dialect)
+    return _DATETIME_BINDERS[dialect.name]
+
+
+# PostgreSQL: the whole common case as one statement, run in autocommit (one round trip).
+# The read locks the participant and the trial (FOR UPDATE re-checks both against their
+# newest committed versions, so a concurrent finish, replay or expiry shows up as no row);
+# with both rows locked and checked, the writes that follow cannot fail, so the statement
+# either changes nothing (``found`` = 0: the full path answers) or stores the whole vote.
+# Lock order participant → trial → item: every other path that touches this participant's
+# trial holds the participant's lock first, so the item's place in the order cannot deadlock.
+_VOTE_STATEMENT_POSTGRESQL = """
+WITH found AS (
+    SELECT p.id AS participant_id, s.id AS study_id, t.id AS trial_id, t.kind, t.item_id,
+           t.preview, t.a_left,
+           CASE WHEN %(choice)s = 'left' THEN t.condition_left ELSE t.condition_right END
+               AS chosen_condition,
+           coalesce((s.config ->> 'question_mode') = %(reference_mode)s, false) AS reference_shown
+    FROM participant p
+    JOIN study s ON s.id = p.study_id
+    JOIN trial t ON t.participant_id = p.id AND t.study_id = s.id
+    WHERE p.token = %(participant_token)s AND t.token = %(trial_token)s AND p.status = 'started'
+      AND s.status <> 'closed' AND t.status = 'leased' AND t.expires_at > %(now)s
+    FOR UPDATE OF p, t
+), counted AS (
+    UPDATE participant SET n_answered = participant.n_answered + 1
+    FROM found WHERE participant.id = found.participant_id
+    RETURNING participant.n_answered
+), claimed AS (
+    UPDATE trial SET status = 'answered'
+    FROM found WHERE trial.id = found.trial_id
+    RETURNING trial.id
+), item_counted AS (
+    UPDATE item SET n_votes = item.n_votes + 1,
+                    n_a_left = item.n_a_left + CASE WHEN found.a_left THEN 1 ELSE 0 END
+    FROM found
+    WHERE item.id = found.item_id AND found.kind = 'main' AND NOT found.preview
+    RETURNING item.id
+), stored AS (
+    INSERT INTO vote (trial_id, study_id, participant_id, trial_index, choice,
+                      chosen_condition, rt_ms, presented_at, answered_at, received_at,
+                      reference_shown, viewport_w, viewport_h, device_pixel_ratio)
+    SELECT found.trial_id, found.study_id, found.participant_id, counted.n_answered - 1,
+           %(choice)s, found.chosen_condition, %(rt_ms)s, %(presented_at)s, %(answered_at)s, %(now)s,
+           found.reference_shown, %(viewport_w)s, %(viewport_h)s, %(device_pixel_ratio)s
+    FROM found, counted
+    RETURNING trial_index
+)
+SELECT (SELECT count(*) FROM found) AS found, (SELECT count(*) FROM claimed) AS claimed,
+       (SELECT count(*) FROM item_counted) AS items, (SELECT trial_index FROM stored)
+           AS trial_index
+"""
+
+
+def record_vote_postgresql(connection: Connection, participant_token: str, vote: VoteInput,
+                           now: datetime) -> dict | None:
+    """PostgreSQL: the common case of a vote as one statement (run it in autocommit).
+
+    Same contract as :func:`record_vote_sqlite`: the answer for a fresh vote on an open
+    lease of a started participant in a study that is not closed, else ``None`` with
+    nothing changed (the caller then runs :func:`record_vote`, which answers precisely)."""
+    as_stored = _datetime_binder(connection.dialect)
+    driver = connection.connection.driver_connection
+    found, claimed, _items, trial_index = driver.execute(_VOTE_STATEMENT_POSTGRESQL, {
+        "participant_token": participant_token, "trial_token": vote.trial_token,
+        "choice": vote.choice, "reference_mode": REFERENCE_QUESTION_MODE,
+        "now": as_stored(now), "rt_ms": vote.rt_ms,
+        "presented_at": as_stored(vote.presented_at),
+        "answered_at": as_stored(vote.answered_at), "viewport_w": vote.viewport_w,
+        "viewport_h": vote.viewport_h, "device_pixel_ratio": vote.device_pixel_ratio},
+        prepare=True).fetchone()
+    if found == 0:
+        return None
+    if claimed != 1 or trial_index is None:
+        # cannot happen with both rows locked; if it ever did, say so loudly (it committed)
+        raise RuntimeError(f"vote statement stored a partial vote: found {found}, "
+                           f"claimed {claimed}, trial_index {trial_index}")
+    return {"choice": vote.choice, "trial_index": trial_index, "received_at": now}
 
 
 def finish(participant_id: int, study: Study, config: StudyConfig, status: str,

@@ -18,6 +18,8 @@ from study_app.extensions import db
 from study_app.models import STUDY_STATUSES, Condition, Image, Item, StimulusSet, Study
 from study_app.stimuli import canonical_json_sha256
 
+# The question mode that shows the reference image (also tested in SQL by the vote path).
+REFERENCE_QUESTION_MODE = "reference"
 QUESTIONS = {
     "reference": "Which image is closer to the reference?",
     "no-reference": "Which image looks better?",
@@ -105,7 +107,7 @@ class StudyConfig:
 
     @property
     def reference_shown(self) -> bool:
-        return self.question_mode == "reference"
+        return self.question_mode == REFERENCE_QUESTION_MODE
 
 
 def _check(condition: bool, message: str) -> None:

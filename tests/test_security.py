@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from flask import request, session
 
 from study_app.security import CONTENT_SECURITY_POLICY, SlidingWindowLimiter
 from tests.test_pages_support import (
@@ -167,6 +168,24 @@ def test_session_cookie_flags_and_the_insecure_opt_out(app, tmp_path):
         }
     )
     assert plain.config["SESSION_COOKIE_SECURE"] is False
+
+
+def test_sessions_without_a_cookie_are_empty_and_with_one_are_read(app):
+    """The session interface skips the signing serializer only when there is no cookie:
+    a signed cookie is still read, a tampered one still ignored."""
+    with app.test_request_context("/api/v1/openapi.json"):
+        empty = app.session_interface.open_session(app, request)
+        assert dict(empty) == {} and not empty.modified
+    with app.test_request_context("/"):
+        session["marker"] = "kept"
+        response = app.make_response("")
+        app.session_interface.save_session(app, session, response)
+        cookie = response.headers["Set-Cookie"].split(";")[0]
+    name, value = cookie.split("=", 1)
+    with app.test_request_context("/", headers={"Cookie": cookie}):
+        assert app.session_interface.open_session(app, request)["marker"] == "kept"
+    with app.test_request_context("/", headers={"Cookie": f"{name}={value[:-2]}xx"}):
+        assert "marker" not in app.session_interface.open_session(app, request)
 
 
 def test_login_page_warns_when_the_secure_cookie_cannot_be_kept(app, client):

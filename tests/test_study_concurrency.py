@@ -18,14 +18,10 @@ from tests.study_support import make_study, vote_body, write_stimulus_set
 THREADS = 12
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_app(request, tmp_path):
+@pytest.fixture
+def db_app(any_database_url):
     """A migrated app on SQLite (file, WAL) or on a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'concurrency.sqlite3'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url,
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": any_database_url,
                       "PARTICIPANT_RATE_LIMIT": (10**6, 60.0)})
     from flask_migrate import upgrade
 
@@ -123,3 +119,43 @@ def test_racing_participants_never_push_an_item_past_k(db_app, tmp_path):
         assert counters == dict(per_item)
         for n_a_left in db.session.scalars(select(Item.n_a_left)):
             assert n_a_left in (1, 2)  # sides balanced: 3 votes split 1/2 or 2/1
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("idle_ping", [True, False], ids=["idle-ping", "retry-in-use"])
+def test_a_restarted_server_costs_no_vote(postgres_server, postgres_url, tmp_path, monkeypatch,
+                                          idle_ping):
+    """Every pooled connection dies (as in a PostgreSQL restart). A connection idle past
+    PING_AFTER_IDLE_S is pinged and replaced before use; one that fails in use makes the
+    write retry on a new connection. Either way the next votes are stored, once."""
+    import psycopg
+
+    from study_app import extensions
+
+    monkeypatch.setattr(extensions, "PING_AFTER_IDLE_S", 0.0 if idle_ping else 3600.0)
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": postgres_url,
+                      "PARTICIPANT_RATE_LIMIT": (10**6, 60.0)})
+    with app.app_context():
+        db.create_all()
+    root = write_stimulus_set(tmp_path / "set")
+    slug = make_study(app, root, votes_per_item=3, trials_per_participant=6)
+    participant = ApiParticipant(app.test_client(), slug)
+    tokens = [t["token"] for t in participant.next().get_json()["trials"]]
+    assert participant.vote(tokens[0]).status_code == 200
+    database = postgres_url.rsplit("/", 1)[1]
+    with psycopg.connect(host=postgres_server.host, port=postgres_server.port,
+                         user=postgres_server.user, dbname="postgres", autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s",
+            (database,)).fetchone()[0]
+    assert killed >= 1  # the app's pooled connection(s) are gone
+    if idle_ping:  # a read is not retried: only the ping before use can save it
+        me = participant.client.get("/api/v1/participant", headers=participant.headers)
+        assert me.status_code == 200, me.get_json()
+    for token in tokens[1:3]:
+        response = participant.vote(token)
+        assert response.status_code == 200, response.get_json()
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Vote.id))) == 3
+        assert db.session.scalar(select(Participant.n_answered)) == 3
+        db.engine.dispose()
