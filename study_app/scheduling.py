@@ -1,7 +1,8 @@
 """Balanced per-item scheduling, exactly-once votes, finishing: the study's core rules.
 
 Every function here runs inside :func:`study_app.transactions.run_write` (one write
-transaction). The rules (docs/study_api.md, ../shared/design/study.md):
+transaction of the ORM session), except the vote's fast paths, which get a Core
+connection from :func:`study_app.transactions.run_on_connection`. The rules (docs/study_api.md, ../shared/design/study.md):
 
 - an item (image × condition pair) has a *load* = its votes + its open leases (leased,
   not expired, not preview); a participant's main trials are drawn from the items with
@@ -20,8 +21,10 @@ transaction). The rules (docs/study_api.md, ../shared/design/study.md):
 - a lease that expires returns the item to the pool (it simply stops counting); a vote
   on it is refused (410), so no item ever gets more than K votes.
 
-Lock order everywhere: participant → item(s) → trial, which rules out deadlocks between
-scheduling and voting.
+Lock order: participant → item(s) → trial, which rules out deadlocks between scheduling
+and voting. The PostgreSQL fast path locks participant and trial in its read, then the
+item; every path that touches a participant's trials holds that participant's lock first,
+so no cycle can form (and a deadlock, were one detected, is retried).
 """
 
 from __future__ import annotations
