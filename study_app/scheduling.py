@@ -19,7 +19,9 @@ connection from :func:`study_app.transactions.run_on_connection`. The rules (doc
   statements on the driver connection (:func:`record_vote_sqlite`), on PostgreSQL one
   statement in autocommit (:func:`record_vote_postgresql`);
 - a lease that expires returns the item to the pool (it simply stops counting); a vote
-  on it is refused (410), so no item ever gets more than K votes.
+  on it is refused (410), so no item ever gets more than K votes. Asking for the next
+  trials renews the participant's open leases (the page asks at about every trial), so
+  only a page that stopped asking loses its trials.
 
 Lock order: participant → item(s) → trial, which rules out deadlocks between scheduling
 and voting. The PostgreSQL fast path locks participant and trial in its read, then the
@@ -265,7 +267,8 @@ def open_trials(participant: Participant, now: datetime) -> list[Trial]:
 
 def lease_trials(participant_id: int, study: Study, config: StudyConfig,
                  now: datetime) -> tuple[list[Trial], bool]:
-    """The participant's open trials, topped up to ``batch_size`` with new leases.
+    """The participant's open trials, topped up to ``batch_size`` with new leases; the
+    open ones are renewed (they expire ``lease_seconds`` from ``now``).
 
     Returns ``(trials, done)``; ``done`` is true when nothing is open and nothing more can
     be issued (the participant may finish). A paused study issues nothing new.
@@ -275,6 +278,11 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
         raise ApiError(409, "participant_finished",
                        f"this participation is already {participant.status}")
     trials = open_trials(participant, now)
+    # A participant who asks is still there: their open leases run lease_seconds from now
+    # (an abandoned page stops asking, so its leases still expire and free the items).
+    renewed_until = now + timedelta(seconds=config.lease_seconds)
+    for trial in trials:
+        trial.expires_at = max(trial.expires_at, renewed_until)
     want = config.batch_size - len(trials)
     if want <= 0 or (study.status != "live" and not participant.preview):
         return trials, (not trials and study.status == "closed")

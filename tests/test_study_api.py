@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from study_app import create_app
 from study_app.extensions import db
-from study_app.models import Item, Participant, Trial, Vote
+from study_app.models import Item, Participant, Trial, Vote, utcnow
 from tests.study_support import Participant as P
 from tests.study_support import make_study, vote_body, write_stimulus_set
 
@@ -290,6 +290,40 @@ def test_unauthorised_unknown_foreign_and_expired_trials_are_refused(app, client
     expired = alice.vote(alice_token)
     assert expired.status_code == 410 and expired.get_json()["code"] == "trial_expired"
     assert snapshot(app) == before
+
+
+def test_asking_for_trials_renews_open_leases_but_never_revives_an_expired_one(
+        app, client, stimulus_root):
+    """A participant still on the page keeps their trials (each `next` renews the open
+    leases to lease_seconds from now); a lease that already expired stays expired."""
+    slug = make_study(app, stimulus_root, slug="leases", votes_per_item=3,
+                      trials_per_participant=6, batch_size=3, lease_seconds=600)
+    participant = P(client, slug)
+    tokens = [t["token"] for t in participant.next().get_json()["trials"]]
+    assert len(tokens) == 3
+    with app.app_context():
+        trials = {t.token: t for t in db.session.scalars(
+            select(Trial).where(Trial.token.in_(tokens)))}
+        almost, gone = trials[tokens[0]], trials[tokens[1]]
+        almost.expires_at = almost.leased_at + timedelta(seconds=1)  # expires any moment
+        gone.expires_at = gone.leased_at - timedelta(seconds=1)  # already expired
+        db.session.commit()
+        gone_expiry = gone.expires_at
+    asked_at = utcnow()
+    listed = participant.next().get_json()["trials"]
+    assert tokens[1] not in {t["token"] for t in listed}
+    assert tokens[0] in {t["token"] for t in listed}
+    with app.app_context():
+        renewed = db.session.scalars(select(Trial).where(Trial.token == tokens[0])).one()
+        assert renewed.expires_at >= asked_at + timedelta(seconds=600)
+        assert renewed.status == "leased"
+        still_gone = db.session.scalars(select(Trial).where(Trial.token == tokens[1])).one()
+        assert still_gone.expires_at == gone_expiry
+    listed_expiry = next(t["expires_at"] for t in listed if t["token"] == tokens[0])
+    assert listed_expiry == renewed.expires_at.isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+    assert participant.vote(tokens[0]).status_code == 200
+    assert participant.vote(tokens[1]).status_code == 410
 
 
 def test_closed_study_refuses_votes_and_new_participants(app, client, slug):
