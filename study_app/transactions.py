@@ -91,7 +91,22 @@ def run_on_connection(fn: Callable[[Connection], T], autocommit: bool = False,
     def attempt_once() -> T:
         with db.engine.connect() as connection:
             connection.execution_options(**options)
-            with connection.begin():
-                return fn(connection)
+            try:
+                with connection.begin():
+                    return fn(connection)
+            except connection.dialect.loaded_dbapi.Error as error:
+                raise _as_sqlalchemy_error(connection, error) from error
 
     return _with_retries(attempt_once, lambda: None, attempts)
+
+
+def _as_sqlalchemy_error(connection: Connection, error: Exception) -> DBAPIError:
+    """An error ``fn`` got from the driver directly (the hot path bypasses SQLAlchemy's
+    execution), as SQLAlchemy would have raised it: a lost connection is invalidated (the
+    pool drops it) and marked, so :func:`_with_retries` retries on a new one."""
+    dialect = connection.dialect
+    lost = dialect.is_disconnect(error, connection.connection.dbapi_connection, None)
+    if lost and not connection.invalidated:
+        connection.invalidate(error)
+    return DBAPIError.instance(None, None, error, dialect.loaded_dbapi.Error,
+                               connection_invalidated=lost, dialect=dialect)

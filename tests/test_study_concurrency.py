@@ -121,6 +121,19 @@ def test_racing_participants_never_push_an_item_past_k(db_app, tmp_path):
             assert n_a_left in (1, 2)  # sides balanced: 3 votes split 1/2 or 2/1
 
 
+def _participant_with_trials(url: str, tmp_path) -> tuple:
+    """A small live study on ``url`` (schema by create_all) and one participant with
+    leased trials: ``(app, participant, trial tokens)``."""
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url,
+                      "PARTICIPANT_RATE_LIMIT": (10**6, 60.0)})
+    with app.app_context():
+        db.create_all()
+    slug = make_study(app, write_stimulus_set(tmp_path / "set"), votes_per_item=3,
+                      trials_per_participant=6)
+    participant = ApiParticipant(app.test_client(), slug)
+    return app, participant, [t["token"] for t in participant.next().get_json()["trials"]]
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("idle_ping", [True, False], ids=["idle-ping", "retry-in-use"])
 def test_a_restarted_server_costs_no_vote(postgres_server, postgres_url, tmp_path, monkeypatch,
@@ -133,14 +146,7 @@ def test_a_restarted_server_costs_no_vote(postgres_server, postgres_url, tmp_pat
     from study_app import extensions
 
     monkeypatch.setattr(extensions, "PING_AFTER_IDLE_S", 0.0 if idle_ping else 3600.0)
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": postgres_url,
-                      "PARTICIPANT_RATE_LIMIT": (10**6, 60.0)})
-    with app.app_context():
-        db.create_all()
-    root = write_stimulus_set(tmp_path / "set")
-    slug = make_study(app, root, votes_per_item=3, trials_per_participant=6)
-    participant = ApiParticipant(app.test_client(), slug)
-    tokens = [t["token"] for t in participant.next().get_json()["trials"]]
+    app, participant, tokens = _participant_with_trials(postgres_url, tmp_path)
     assert participant.vote(tokens[0]).status_code == 200
     database = postgres_url.rsplit("/", 1)[1]
     with psycopg.connect(host=postgres_server.host, port=postgres_server.port,
@@ -158,4 +164,70 @@ def test_a_restarted_server_costs_no_vote(postgres_server, postgres_url, tmp_pat
     with app.app_context():
         assert db.session.scalar(select(func.count(Vote.id))) == 3
         assert db.session.scalar(select(Participant.n_answered)) == 3
+        db.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_inside_the_vote_statement_is_retried(postgres_server, postgres_url,
+                                                               tmp_path, monkeypatch):
+    """The PostgreSQL hot path talks to the driver directly; when its connection dies right
+    before the statement, the retry loop still sees a lost connection (SQLAlchemy's
+    rollback on it reports it), the pool drops it and the vote is stored once."""
+    import psycopg
+
+    from study_app import scheduling
+
+    app, participant, (token, *_) = _participant_with_trials(postgres_url, tmp_path)
+    real_statement, killed = scheduling.record_vote_postgresql, []
+
+    def killed_first(connection, *args):
+        if not killed:  # the first attempt's backend is terminated under its feet
+            backend = connection.connection.driver_connection.info.backend_pid
+            with psycopg.connect(host=postgres_server.host, port=postgres_server.port,
+                                 user=postgres_server.user, dbname="postgres",
+                                 autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            killed.append(backend)
+        return real_statement(connection, *args)
+
+    monkeypatch.setattr(scheduling, "record_vote_postgresql", killed_first)
+    response = participant.vote(token)
+    assert response.status_code == 200, response.get_json()
+    assert killed
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Vote.id))) == 1
+        assert db.session.scalar(select(Participant.n_answered)) == 1
+        db.engine.dispose()
+
+
+def test_a_driver_error_on_the_sqlite_hot_path_is_retried_like_any_other(tmp_path,
+                                                                        monkeypatch):
+    """The SQLite hot path runs its statements on the sqlite3 connection itself, so a
+    "database is locked" there comes from the driver, not from SQLAlchemy; it must still
+    be retried (a fault injected on the first attempt) and leave nothing half-written."""
+    import sqlite3
+
+    from study_app import scheduling
+
+    app, participant, (token, *_) = _participant_with_trials(
+        f"sqlite:///{tmp_path / 'locked.sqlite3'}", tmp_path)
+    real_path, attempts = scheduling.record_vote_sqlite, []
+
+    def locked_once(connection, *args):
+        attempts.append(1)
+        answer = real_path(connection, *args)  # writes, then the "lock" strikes
+        if len(attempts) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return answer
+
+    monkeypatch.setattr(scheduling, "record_vote_sqlite", locked_once)
+    response = participant.vote(token)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["vote"]["trial_index"] == 0
+    assert len(attempts) == 2
+    with app.app_context():
+        assert db.session.scalar(select(func.count(Vote.id))) == 1
+        assert db.session.scalar(select(Participant.n_answered)) == 1
+        kind = db.session.scalar(select(Trial.kind).where(Trial.token == token))
+        assert db.session.scalar(select(func.sum(Item.n_votes))) == (kind == "main")
         db.engine.dispose()
