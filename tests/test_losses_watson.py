@@ -3,6 +3,7 @@ implementation of the formulas, gradcheck, parameters, determinism, behaviour on
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -276,3 +277,7 @@ def test_fused_backward_equals_plain_autograd(name):
     torch.testing.assert_close(fused, plain)
     for a, b in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b)
+    # frozen parameters (how autoencoders train): the in-place threshold, same gradient
+    frozen = copy.deepcopy(loss).requires_grad_(False)
+    (frozen_grad,) = torch.autograd.grad(frozen(prediction, target).sum(), [prediction])
+    torch.testing.assert_close(frozen_grad, plain_grads[0])

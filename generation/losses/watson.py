@@ -150,6 +150,13 @@ def block_transform_ycbcr(images: torch.Tensor, kind: str) -> torch.Tensor:
     return block_transform(ycbcr.view(n, 3, h, w), kind)
 
 
+def positive_pow(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """base ** exponent for base > 0, as exp(exponent·log base): the same value and
+    gradients, but torch.pow with a non-integer tensor exponent is ~2× slower on CPU than
+    the vectorised log and exp (2.95 vs 1.33 ms for 64×3×64×40, one thread)."""
+    return torch.exp(torch.log(base) * exponent)
+
+
 def _smooth_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(a·eᵃ + b·eᵇ)/(eᵃ + eᵇ), computed stably as b + (a − b)·sigmoid(a − b)."""
     return b + (a - b) * torch.sigmoid(a - b)
@@ -170,10 +177,10 @@ def masking_threshold(
     t_l = t * ratio.pow(alpha)
     small = t.pow(1 - w) * ratio.pow(alpha * (1 - w))  # N×C×K×B via broadcasting, cheap factors
     if torch.is_grad_enabled() and any(p.requires_grad for p in (reference, log_t, alpha, w)):
-        masked = (reference.abs() + EPS).pow(w) * small
+        masked = positive_pow(reference.abs() + EPS, w) * small
         return _smooth_max(t_l, masked)
     # no graph needed (frozen parameters): the same arithmetic in place, fewer allocations
-    masked = reference.abs().add_(EPS).pow_(w).mul_(small)
+    masked = reference.abs().add_(EPS).log_().mul_(w).exp_().mul_(small)  # (|C| + ε)^w·…
     gap = t_l.sub_(masked)  # t_l − masked, reusing t_l's memory
     return masked.add_(gap.mul_(torch.sigmoid(gap)))
 
@@ -182,7 +189,7 @@ def minkowski_pool(
     reference: torch.Tensor, distorted: torch.Tensor, s: torch.Tensor, beta: torch.Tensor
 ) -> torch.Tensor:
     """Step 4: (Σ_k,b (|C − Ĉ|/s + ε)^β)^(1/β) per image and channel: -> N×C."""
-    terms = ((reference - distorted).abs() / s + EPS).pow(beta.view(-1, 1, 1))
+    terms = positive_pow((reference - distorted).abs() / s + EPS, beta.view(-1, 1, 1))
     return terms.sum((2, 3)).pow(1 / beta)
 
 
@@ -255,11 +262,12 @@ class _FusedCore(torch.autograd.Function):
         else:
             diff = reference - distorted
         x = diff.abs().div_(s).add_(EPS)
-        xb = x.pow(beta_b)
+        log_x = torch.log(x)
+        xb = torch.exp(log_x * beta_b)  # x^β (see positive_pow)
         total = xb.sum((2, 3))
         pooled = total.pow(1 / beta)
         out = pooled
-        saved = [distorted, s, beta, x, xb, diff, total, pooled]
+        saved = [distorted, s, beta, x, xb, diff, total, pooled, log_x]
         if dft:
             delta = PHASE_DELTA[reference.dtype]
             # the same roundings as ``power``, so identical inputs give cos = 1 exactly
@@ -288,48 +296,47 @@ class _FusedCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        distorted, s, beta, x, xb, diff, total, pooled = ctx.saved_tensors[:8]
+        distorted, s, beta, x, xb, diff, total, pooled, log_x = ctx.saved_tensors[:9]
         need_distorted, need_s, need_beta = ctx.needs_input_grad[1:4]
         grad_distorted = grad_s = grad_beta = grad_weights = None
         coefficient = (grad * pooled / total)[..., None, None]  # N×C×1×1
+        # in-place arithmetic below: each full-size tensor is allocated once
+        grad_amplitude = None
         if need_distorted or need_s:
-            common = coefficient * (xb / x) / s  # ∂out/∂x · (1/s)
+            common = (xb / x).div_(s).mul_(coefficient)  # ∂out/∂x · (1/s)
             if need_s:
-                grad_s = -common * (x - EPS)
-            if need_distorted:
-                grad_amplitude = -common * torch.sign(diff)  # ∂out/∂Ĉ (DCT) or ∂out/∂|Ĉ| (DFT)
+                grad_s = (x - EPS).mul_(common).neg_()
+            if need_distorted:  # ∂out/∂Ĉ (DCT) or ∂out/∂|Ĉ| (DFT)
+                grad_amplitude = common.mul_(torch.sign(diff)).neg_()
         if need_beta:
-            log_x_weighted = (xb * torch.log(x)).sum((2, 3))
+            log_x_weighted = (xb * log_x).sum((2, 3))
             grad_beta = (
                 grad * pooled * (log_x_weighted / (beta * total) - torch.log(total) / beta**2)
             ).sum(0)
         if not ctx.dft:
-            return (
-                None,
-                grad_amplitude if need_distorted else None,
-                grad_s,
-                grad_beta,
-                None,
-                None,
-                None,
-            )
+            return None, grad_amplitude, grad_s, grad_beta, None, None, None
         reference, amplitude_hat, power_hat_delta, den, cosine, scaled, angle, phase_weights = (
-            ctx.saved_tensors[8:]
+            ctx.saved_tensors[9:]
         )
         if ctx.needs_input_grad[4]:
             grad_weights = torch.einsum("nckb,nc->cb", angle, grad)
         if need_distorted:
             re, im = reference[..., :40], reference[..., 40:]
             re_hat, im_hat = distorted[..., :40], distorted[..., 40:]
-            inside = (cosine.abs() <= 1).to(cosine.dtype)
-            grad_cosine = (-ARCCOS_SCALE * inside) * torch.rsqrt(1 - scaled * scaled)
-            grad_cosine.mul_(phase_weights.unsqueeze(1)).mul_(grad[..., None, None])
-            # ∂cos/∂Re' = Re/den − cos·Re'/(|Ĉ|² + δ), same for Im
-            ratio = grad_cosine * cosine / power_hat_delta
-            per_amplitude = grad_amplitude / amplitude_hat
-            grad_re = grad_cosine * re / den - ratio * re_hat + per_amplitude * re_hat
-            grad_im = grad_cosine * im / den - ratio * im_hat + per_amplitude * im_hat
-            grad_distorted = torch.cat([grad_re, grad_im], -1)
+            # ∂angle/∂cos = −scale/√(1 − scaled²) inside the clamp, 0 outside
+            grad_cosine = scaled.square().neg_().add_(1).rsqrt_()
+            grad_cosine.masked_fill_(cosine.abs() > 1, 0)
+            grad_cosine.mul_((-ARCCOS_SCALE) * phase_weights.unsqueeze(1) * grad[..., None, None])
+            # ∂cos/∂Re' = Re/den − cos·Re'/(|Ĉ|² + δ); ∂|Ĉ|/∂Re' = Re'/|Ĉ|; same for Im:
+            # grad_Re' = (grad_cos/den)·Re + (grad_|Ĉ|/|Ĉ| − grad_cos·cos/(|Ĉ|² + δ))·Re'
+            along_hat = grad_amplitude.div_(amplitude_hat).sub_(
+                cosine.mul(grad_cosine).div_(power_hat_delta))
+            along_reference = grad_cosine.div_(den)
+            grad_distorted = torch.empty_like(distorted)
+            torch.mul(along_reference, re, out=grad_distorted[..., :40])
+            grad_distorted[..., :40].addcmul_(along_hat, re_hat)
+            torch.mul(along_reference, im, out=grad_distorted[..., 40:])
+            grad_distorted[..., 40:].addcmul_(along_hat, im_hat)
         return None, grad_distorted, grad_s, grad_beta, grad_weights, None, None
 
 
