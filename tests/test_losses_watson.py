@@ -127,11 +127,12 @@ def test_watson_matches_direct_implementation_of_the_formulas(name, grey):
     np.testing.assert_allclose(got, _reference_loss(loss, prediction, target), rtol=1e-7)
 
 
+@pytest.mark.parametrize("channels", [3, 1], ids=["rgb", "grey"])
 @pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
-def test_watson_gradcheck_float64(name):
+def test_watson_gradcheck_float64(name, channels):
     loss = build_loss(name).double()
     generator = torch.Generator().manual_seed(6)
-    target = torch.rand(2, 3, 8, 16, dtype=torch.float64, generator=generator)
+    target = torch.rand(2, channels, 8, 16, dtype=torch.float64, generator=generator)
     prediction = target + 0.1 * torch.randn(target.shape, dtype=torch.float64, generator=generator)
     prediction.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda p: loss(p, target), (prediction,), fast_mode=True)
