@@ -157,6 +157,25 @@ def positive_pow(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     return torch.exp(torch.log(base) * exponent)
 
 
+def whole_power(
+    base: torch.Tensor, exponent: torch.Tensor, log_base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """base ** exponent (base > 0; exponent broadcastable, one value per channel), by
+    multiplication when every exponent is the same whole number 1–4 on the CPU (the
+    published starting β: 1 for the DFT, 4 for the DCT), else as :func:`positive_pow`
+    (``log_base`` reused when given). Plain arithmetic, no autograd of its own."""
+    if exponent.device.type == "cpu":
+        first = float(exponent.reshape(-1)[0])
+        if first in (1.0, 2.0, 3.0, 4.0) and bool((exponent == first).all()):
+            if first == 1.0:
+                return base
+            square = base.square()
+            return {2.0: square, 3.0: square * base, 4.0: square.square()}[first]
+    if log_base is None:
+        log_base = torch.log(base)
+    return torch.exp(log_base * exponent)
+
+
 def _smooth_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(a·eᵃ + b·eᵇ)/(eᵃ + eᵇ), computed stably as b + (a − b)·sigmoid(a − b)."""
     return b + (a - b) * torch.sigmoid(a - b)
@@ -307,12 +326,14 @@ class _FusedCore(torch.autograd.Function):
         else:
             diff = reference - distorted
         x = diff.abs().div_(s).add_(EPS)
-        log_x = torch.log(x)
-        xb = torch.exp(log_x * beta_b)  # x^β (see positive_pow)
+        # log x only when β needs its gradient; x^β by multiplication for a whole β
+        log_x = torch.log(x) if beta.requires_grad else None
+        xb = whole_power(x, beta_b, log_x)
         total = xb.sum((2, 3))
         pooled = total.pow(1 / beta)
         out = pooled
-        saved = [distorted, s, beta, x, xb, diff, total, pooled, log_x]
+        saved = [distorted, s, beta, x, xb, diff, total, pooled,
+                 log_x if log_x is not None else torch.empty(0)]
         if dft:
             delta = PHASE_DELTA[reference.dtype]
             # the same roundings as ``power``, so identical inputs give cos = 1 exactly
