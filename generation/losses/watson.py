@@ -217,28 +217,31 @@ class _ThresholdForParameters(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, reference, log_t, alpha, w):
+        # in-place arithmetic: each full-size tensor is allocated once (fresh allocations of
+        # this size cost more than the arithmetic on the CPU)
         dc = reference[..., :1].clamp(min=0)  # N×C×K×1
         log_ratio = torch.log((dc + EPS) / (dc.mean(2, keepdim=True) + EPS))
         alpha_b, w_b = alpha.view(-1, 1, 1), w.view(-1, 1, 1)
-        log_t_b = log_t.unsqueeze(1)  # C×1×B
-        a = torch.exp(log_t_b + alpha_b * log_ratio)  # t·r^α
+        log_a = (alpha_b * log_ratio).add(log_t.unsqueeze(1))  # log(t·r^α), N×C×K×B
+        a = torch.exp(log_a)
         log_magnitude = reference.abs().add_(EPS).log_()
-        b = (log_magnitude * w_b).add_((1 - w_b) * (log_t_b + alpha_b * log_ratio)).exp_()
+        # log b = w·log(|C| + ε) + (1 − w)·log(t·r^α)
+        b = torch.mul(log_magnitude, w_b).add_(log_a.mul_(1 - w_b)).exp_()
         gap = a - b
         sigma = torch.sigmoid(gap)
         ctx.save_for_backward(a, b, gap, sigma, log_magnitude, log_ratio, log_t, alpha, w)
-        return b + gap * sigma
+        return torch.mul(gap, sigma).add_(b)
 
     @staticmethod
     def backward(ctx, grad):
         a, b, gap, sigma, log_magnitude, log_ratio, log_t, alpha, w = ctx.saved_tensors
         one_minus_w = (1 - w).view(-1, 1, 1)
-        # ∂s/∂a = σ + gap·σ·(1 − σ) (saved tensors stay untouched: backward may run twice)
-        ds_da = (gap * sigma).mul_(1 - sigma).add_(sigma)
+        # ∂s/∂a = σ + gap·σ·(1 − σ) = σ·(1 + gap − gap·σ); saved tensors stay untouched
+        # (backward may run twice)
+        ds_da = torch.mul(gap, sigma).neg_().add_(gap).add_(1).mul_(sigma)
         along_a = ds_da.mul_(grad)  # grad·∂s/∂a
-        along_b = (grad - along_a).mul_(b)  # grad·∂s/∂b·b
-        along_a.mul_(a)  # grad·∂s/∂a·a
-        per_log_t = along_a.add_(along_b * one_minus_w)  # ∂/∂log t, elementwise
+        along_b = torch.sub(grad, along_a).mul_(b)  # grad·∂s/∂b·b
+        per_log_t = along_a.mul_(a).addcmul_(along_b, one_minus_w)  # ∂/∂log t, elementwise
         grad_log_t = per_log_t.sum((0, 2))
         grad_alpha = (per_log_t.sum(3) * log_ratio[..., 0]).sum((0, 2))
         grad_w = (
