@@ -372,7 +372,10 @@ class _FusedCore(torch.autograd.Function):
         # in-place arithmetic below: each full-size tensor is allocated once
         grad_amplitude = None
         if need_distorted or need_s:
-            common = (xb / x).div_(s).mul_(coefficient)  # ∂out/∂x · (1/s)
+            if xb is x:  # β = 1: ∂out/∂x · (1/s) = coefficient/s
+                common = torch.div(coefficient, s)
+            else:  # ∂out/∂x · (1/s)
+                common = (xb / x).div_(s).mul_(coefficient)
             if need_s:
                 grad_s = (x - EPS).mul_(common).neg_()
             if need_distorted:  # ∂out/∂Ĉ (DCT) or ∂out/∂|Ĉ| (DFT)
@@ -394,7 +397,9 @@ class _FusedCore(torch.autograd.Function):
             re_hat, im_hat = distorted[..., :40], distorted[..., 40:]
             # ∂angle/∂cos = −scale/√(1 − scaled²) inside the clamp, 0 outside
             grad_cosine = scaled.square().neg_().add_(1).rsqrt_()
-            grad_cosine.masked_fill_(cosine.abs() > 1, 0)
+            lowest, highest = torch.aminmax(cosine)
+            if lowest < -1 or highest > 1:  # rounding pushed some past the clamp
+                grad_cosine.masked_fill_(cosine.abs() > 1, 0)
             grad_cosine.mul_((-ARCCOS_SCALE) * phase_weights.unsqueeze(1) * grad[..., None, None])
             # ∂cos/∂Re' = Re/den − cos·Re'/(|Ĉ|² + δ); ∂|Ĉ|/∂Re' = Re'/|Ĉ|; same for Im:
             # grad_Re' = (grad_cos/den)·Re + (grad_|Ĉ|/|Ĉ| − grad_cos·cos/(|Ĉ|² + δ))·Re'
@@ -535,8 +540,8 @@ class WatsonLoss(ImageLoss):
         if self.transform == "dct":
             s = masking_threshold(reference, log_t, alpha, w)
             return _FusedCore.apply(reference, distorted, s, self.beta[params], None)
-        power = reference[..., :40].square() + reference[..., 40:].square()
-        amplitude = torch.sqrt(power + AMPLITUDE_DELTA)
+        power = reference[..., :40].square().add_(reference[..., 40:].square())
+        amplitude = (power + AMPLITUDE_DELTA).sqrt_()
         s = masking_threshold(amplitude, log_t, alpha, w)
         weights = self.phase_log_weights[params].exp() * self.phase_mask
         return _FusedCore.apply(
