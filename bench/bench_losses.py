@@ -2,6 +2,7 @@
 
     python bench/bench_losses.py [--device cpu|cuda] [--repeats 7] [--threads N]
                                  [--clock wall|cpu] [--quick] [--losses NAME ...]
+                                 [--system-malloc]
 
 Measures, in one run: each registered loss at batch 64×3×64×64 and 16×3×256×256 (each
 forward+backward pass timed in alternation with one of L2 on the same batch; medians of
@@ -10,13 +11,18 @@ Watson also with its parameters frozen (``requires_grad_(False)``, as when an au
 trains with fixed loss parameters); ``msssim`` against ``pytorch_msssim.ms_ssim`` at 16×3×256×256; ``lpips-alex``
 against the ``lpips`` package's LPIPS (same AlexNet weights). The LPIPS trunks use the
 ImageNet weights from the torch cache when present, else one seeded random
-initialisation (the speed is the same; the run says which). Inputs are seeded.
+initialisation (the speed is the same; the run says which). Inputs are seeded. On Linux
+the run restarts itself once with fixed glibc allocator thresholds (``STEADY_MALLOC``)
+so that big tensors do not cost page faults one run and none the next;
+``--system-malloc`` keeps the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -98,6 +104,23 @@ def reference_lpips_alex(weights: Path, device: torch.device):
     return lambda p, t: reference(p, t, normalize=True).view(-1)
 
 
+# glibc returns large freed blocks to the system and maps them anew (the threshold moves
+# with the history of the process), so a tensor of a few MB sometimes costs hundreds of
+# page faults and sometimes none: the same run read 9.5× or 11.6× for one loss. Fixed
+# thresholds keep freed memory in the heap and make the ratios repeatable.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824",
+                 "MALLOC_TOP_PAD_": "268435456"}
+
+
+def steady_allocator(keep_system: bool) -> None:
+    """Restart this process once with STEADY_MALLOC in its environment (Linux/glibc)."""
+    if keep_system or not sys.platform.startswith("linux"):
+        return
+    if all(os.environ.get(name) == value for name, value in STEADY_MALLOC.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -107,12 +130,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--losses", nargs="*", help="only these names (prefixes); default all")
     parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's default allocator settings (by default the run restarts itself "
+        "with fixed mmap/trim thresholds, see STEADY_MALLOC)",
+    )
+    parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
         default="wall",
         help="wall time, or process CPU time (steadier on a shared machine; use with --threads 1)",
     )
     args = parser.parse_args()
+    steady_allocator(args.system_malloc)
     global CLOCK
     CLOCK = CLOCKS[args.clock]
     if args.threads:
@@ -123,6 +153,7 @@ def main() -> None:
     shapes = SHAPES[:1] if args.quick else SHAPES
     print(
         f"device={device} threads={torch.get_num_threads()} clock={args.clock} "
+        f"malloc={'system' if args.system_malloc else 'steady'} "
         f"repeats={args.repeats} seed={args.seed} torch={torch.__version__}"
     )
 
