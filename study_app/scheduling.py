@@ -554,7 +554,9 @@ def record_vote_postgresql(connection: Connection, participant_token: str, vote:
         "presented_at": as_stored(vote.presented_at),
         "answered_at": as_stored(vote.answered_at), "viewport_w": vote.viewport_w,
         "viewport_h": vote.viewport_h, "device_pixel_ratio": vote.device_pixel_ratio},
-        prepare=True).fetchone()
+        # prepared server-side by psycopg's own policy (after 5 uses on a connection), so
+        # `connect_args={"prepare_threshold": None}` (PgBouncer) switches it off here too
+    ).fetchone()
     if found == 0:
         return None
     if claimed != 1 or trial_index is None:

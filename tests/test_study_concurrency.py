@@ -7,7 +7,7 @@ import threading
 from collections import Counter
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from study_app import create_app
 from study_app.extensions import db
@@ -231,3 +231,33 @@ def test_a_driver_error_on_the_sqlite_hot_path_is_retried_like_any_other(tmp_pat
         kind = db.session.scalar(select(Trial.kind).where(Trial.token == token))
         assert db.session.scalar(select(func.sum(Item.n_votes))) == (kind == "main")
         db.engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("prepare_threshold", ["default", None])
+def test_the_vote_statement_follows_psycopgs_prepare_policy(postgres_url, tmp_path,
+                                                           prepare_threshold):
+    """psycopg prepares a statement server-side after 5 uses on a connection; behind
+    PgBouncer (transaction mode) that must be switched off with
+    ``connect_args={"prepare_threshold": None}``, and the hot path obeys it too."""
+    options = {} if prepare_threshold == "default" else {
+        "connect_args": {"prepare_threshold": None}}
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": postgres_url,
+                      "SQLALCHEMY_ENGINE_OPTIONS": {**options, "pool_size": 1},
+                      "PARTICIPANT_RATE_LIMIT": (10**6, 60.0)})
+    with app.app_context():
+        db.create_all()
+    slug = make_study(app, write_stimulus_set(tmp_path / "set"), votes_per_item=3,
+                      trials_per_participant=8, batch_size=8, catch_trials=0,
+                      repeat_trials=0)
+    participant = ApiParticipant(app.test_client(), slug)
+    tokens = [t["token"] for t in participant.next().get_json()["trials"]]
+    assert len(tokens) == 8
+    for token in tokens:
+        assert participant.vote(token).status_code == 200
+    with app.app_context():
+        prepared = db.session.scalars(select(text(
+            "statement FROM pg_prepared_statements WHERE statement LIKE '%WITH found AS%'"
+        ))).all()
+        db.engine.dispose()
+    assert len(prepared) == (1 if prepare_threshold == "default" else 0)
