@@ -105,7 +105,8 @@ def _as_sqlalchemy_error(connection: Connection, error: Exception) -> DBAPIError
     execution), as SQLAlchemy would have raised it: a lost connection is invalidated (the
     pool drops it) and marked, so :func:`_with_retries` retries on a new one."""
     dialect = connection.dialect
-    lost = dialect.is_disconnect(error, connection.connection.dbapi_connection, None)
+    lost = connection.invalidated or dialect.is_disconnect(
+        error, connection.connection.dbapi_connection, None)
     if lost and not connection.invalidated:
         connection.invalidate(error)
     return DBAPIError.instance(None, None, error, dialect.loaded_dbapi.Error,
