@@ -212,11 +212,6 @@ def create_study(stimulus_set: StimulusSet, config: StudyConfig,
 _CONFIG_CACHE: dict[str, StudyConfig] = {}
 
 
-def cached_study_config(config_sha256: str) -> StudyConfig | None:
-    """The parsed config with this sha256 if this process has parsed it already."""
-    return _CONFIG_CACHE.get(config_sha256)
-
-
 def study_config(study: Study) -> StudyConfig:
     """The validated config of a stored study (memoised by its sha256; configs are frozen)."""
     config = _CONFIG_CACHE.get(study.config_sha256)
