@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import math
+import platform
 
 import numpy as np
 import pytest
 import scipy.fft
 import torch
 
-from generation.losses import build_loss
+from generation.losses import build_loss, watson
 from generation.losses.watson import WATSON_DCT_TABLE, block_transform, rgb_to_ycbcr
 from tests.losses_support import (  # noqa: F401 - one_torch_thread is a fixture
     assert_autocast_cpu,
@@ -282,3 +283,92 @@ def test_fused_backward_equals_plain_autograd(name):
     frozen = copy.deepcopy(loss).requires_grad_(False)
     (frozen_grad,) = torch.autograd.grad(frozen(prediction, target).sum(), [prediction])
     torch.testing.assert_close(frozen_grad, plain_grads[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_copies_match_the_plain_reshape(dtype):
+    """to_blocks moves 8-pixel runs as 16-byte words; the result equals the reshape and
+    transpose it replaces, also for an input that is a view, and from_blocks inverts it."""
+    images = torch.rand(3, 2, 24, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = images.reshape(3, 2, 3, 8, 5, 8).transpose(3, 4).reshape(3, 2, 15, 64)
+    assert watson._word_group(images) == 16 // images.element_size()
+    assert torch.equal(watson.to_blocks(images), expected)
+    assert torch.equal(watson.from_blocks(expected, 24, 40), images)
+    view = torch.cat([images, images]).chunk(2)[1]  # non-zero storage offset
+    assert torch.equal(watson.to_blocks(view), expected)
+    grad_input = images.clone().requires_grad_(True)  # autograd history: the plain path
+    assert watson._word_group(grad_input) == 0
+    assert torch.equal(watson.to_blocks(grad_input), expected)
+
+
+def test_rows_times_matches_matmul_and_uses_onednn_on_x86():
+    generator = torch.Generator().manual_seed(2)
+    rows, weight = torch.randn(300, 64, generator=generator), torch.randn(40, 64, generator=generator)
+    add = torch.randn(300, 40, generator=generator)
+    torch.testing.assert_close(watson.rows_times(rows, weight), rows @ weight.t())
+    torch.testing.assert_close(watson.rows_times(rows, weight, add=add), rows @ weight.t() + add)
+    double = rows.double()
+    torch.testing.assert_close(watson.rows_times(double, weight.double()), double @ weight.double().t())
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
+        assert watson._onednn_linear_works()  # else the transform silently runs ~2.5x slower
+
+
+def test_dft_operator_has_exact_zeros_so_real_bins_have_no_imaginary_part():
+    operator = watson._OPERATORS["dft"]
+    bins = [i * 5 + j for i, j in watson.REAL_DFT_BINS]
+    assert torch.count_nonzero(operator[:, 40:][:, bins]) == 0
+    _, imaginary = watson._BlockTransform.apply(photos(32), "dft")
+    assert torch.count_nonzero(imaginary[..., bins]) == 0  # no subnormal products later
+
+
+@pytest.mark.parametrize("kind", ["dct", "dft"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_fast_block_transform_matches_plain_autograd(kind, channels):
+    """The fast path's transform (colour, blocks, oneDNN product, DC offsets, hand-written
+    backward) against the plain autograd transform, in float32 and float64."""
+    generator = torch.Generator().manual_seed(3)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        images = torch.rand(2, channels, 16, 24, generator=generator).to(dtype)
+        leaf = images.clone().requires_grad_(True)
+        outputs = watson._BlockTransform.apply(leaf, kind)
+        outputs = (outputs,) if kind == "dct" else outputs
+        plain_leaf = images.clone().requires_grad_(True)
+        transform = watson.block_transform_ycbcr if channels == 3 else watson.block_transform
+        plain = transform(plain_leaf, kind)
+        plain = (plain,) if kind == "dct" else (plain[..., :40], plain[..., 40:])
+        weights = [torch.randn(o.shape, generator=generator).to(dtype) for o in outputs]
+        sum(((o * w).sum() for o, w in zip(outputs, weights, strict=True))).backward()
+        sum(((o * w).sum() for o, w in zip(plain, weights, strict=True))).backward()
+        for fast, slow in zip(outputs, plain, strict=True):
+            assert fast.is_contiguous()
+            torch.testing.assert_close(fast, slow, atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(leaf.grad, plain_leaf.grad, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
+def test_float32_fast_path_agrees_with_the_float64_formulas(name):
+    """The float32 fast path (what training runs) against the direct NumPy implementation
+    in float64, values and the gradient against float64 plain autograd."""
+    target = photos(32)
+    prediction = noisy(target, 0.05, seed=9)
+    loss = build_loss(name)
+    got = loss(prediction, target).detach().double().numpy()
+    np.testing.assert_allclose(got, _reference_loss(loss, prediction, target), rtol=2e-4)
+    frozen = copy.deepcopy(loss).requires_grad_(False)
+    leaf = prediction.clone().requires_grad_(True)
+    frozen(leaf, target).sum().backward()
+    double = copy.deepcopy(loss).double()
+    leaf64 = prediction.double().requires_grad_(True)
+    double(leaf64, target.double().requires_grad_(True)).sum().backward()  # plain path
+    # float32 rounds the phase of tiny coefficients (|C|² near δ, where the phase gradient
+    # ~w/|C| is steep) differently from float64: compare the gradient as a whole
+    error = (leaf.grad.double() - leaf64.grad).abs()
+    scale = leaf64.grad.abs().max().item()
+    assert error.max() < 1e-2 * scale
+    assert (error / leaf64.grad.abs().clamp(min=1e-3)).median() < 1e-3
+    assert torch.nn.functional.cosine_similarity(
+        leaf.grad.double().flatten(), leaf64.grad.flatten(), dim=0) > 0.9999
+    if name == "watson-dft":  # identical images: the phase term is exactly 0, what is
+        # left is the formula's ε floor (Σ ε over 16 blocks × 40 bins, β = 1)
+        floor = torch.full((3,), 16 * 40 * watson.EPS)
+        torch.testing.assert_close(frozen(target, target), floor, rtol=1e-5, atol=0)

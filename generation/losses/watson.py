@@ -383,7 +383,7 @@ class _ThresholdForParameters(torch.autograd.Function):
         gap = a - b
         sigma = torch.sigmoid(gap)
         ctx.save_for_backward(a, b, gap, sigma, log2_magnitude, log_ratio, log_t, alpha, w)
-        return torch.mul(gap, sigma).add_(b)
+        return torch.addcmul(b, gap, sigma)
 
     @staticmethod
     def backward(ctx, grad):
@@ -391,7 +391,7 @@ class _ThresholdForParameters(torch.autograd.Function):
         one_minus_w = (1 - w).view(-1, 1, 1)
         # ∂s/∂a = σ + gap·σ·(1 − σ) = σ·(1 + gap − gap·σ); saved tensors stay untouched
         # (backward may run twice)
-        ds_da = torch.mul(gap, sigma).neg_().add_(gap).add_(1).mul_(sigma)
+        ds_da = torch.ops.aten.sigmoid_backward(gap, sigma).add_(sigma)  # gap·σ(1 − σ) + σ
         along_a = ds_da.mul_(grad)  # grad·∂s/∂a
         along_b = torch.sub(grad, along_a).mul_(b)  # grad·∂s/∂b·b
         per_log_t = along_a.mul_(a).addcmul_(along_b, one_minus_w)  # ∂/∂log t, elementwise
@@ -500,7 +500,7 @@ def _pool_backward(grad, s, beta, x, xb, diff, total, pooled, log_x, need_diff, 
         else:  # ∂out/∂x · (1/s)
             common = (xb / x).div_(s).mul_(coefficient)
         if need_s:
-            grad_s = (x - EPS).mul_(common).neg_()
+            grad_s = torch.sub(EPS, x).mul_(common)  # −(x − ε)·common
         if need_diff:
             grad_diff = common.mul_(torch.sign(diff))
     if need_beta:
@@ -531,18 +531,18 @@ class _FusedDFT(torch.autograd.Function):
         # 1 − (|C − Ĉ|² − (A − A')²)/(2·A·A') (the same value: A² + A'² − 2(Re·Re' + Im·Im'
         # + δ) = |C − Ĉ|²): exactly 1 for identical inputs, and no cancellation near
         # cos = 1, where arccos is steepest
-        den = amplitude * amplitude_hat
+        # den = −2·A·A'/scale, so that scaled = scale − scale·(|C − Ĉ|² − (A − A')²)/(2·A·A')
+        den = torch.mul(amplitude, amplitude_hat).mul_(-2 / ARCCOS_SCALE)
         chord = torch.sub(re, re_hat).square_()
         im_gap = torch.sub(im, im_hat)
         chord.addcmul_(im_gap, im_gap)
         del im_gap
         # cos·scale, clamped to ±scale: the clamp only catches rounding (|cos| ≤ 1 holds
         # exactly), so the backward takes its gradient as 1
-        scaled = chord.addcmul_(diff, diff, value=-1).div_(den).mul_(-0.5).add_(1)
-        scaled.clamp_(-1, 1).mul_(ARCCOS_SCALE)
-        offset = math.acos(ARCCOS_SCALE) if re.dtype == torch.float64 else float(
-            torch.acos(torch.tensor(ARCCOS_SCALE, dtype=re.dtype))
-        )
+        scaled = chord.addcmul_(diff, diff, value=-1).div_(den).add_(ARCCOS_SCALE)
+        scaled.clamp_(-ARCCOS_SCALE, ARCCOS_SCALE)
+        # arccos(scale) by the same kernel, dtype and device: identical images give 0 exactly
+        offset = torch.acos(torch.full((), ARCCOS_SCALE, dtype=re.dtype, device=re.device))
         angle_sums = torch.acos(scaled).sub_(offset).sum(2)  # N×C×40
         out = pooled + (angle_sums * phase_weights).sum(-1)
         ctx.save_for_backward(
@@ -565,14 +565,14 @@ class _FusedDFT(torch.autograd.Function):
         grad_re_hat = grad_im_hat = None
         if need_hat:
             # ∂angle/∂cos = −scale/√(1 − scaled²)
-            grad_cosine = torch.mul(scaled, scaled).neg_().add_(1).rsqrt_()
+            grad_cosine = torch.addcmul(scaled.new_ones(()), scaled, scaled, value=-1).rsqrt_()
             grad_cosine.mul_((-ARCCOS_SCALE) * phase_weights.unsqueeze(1) * grad[..., None, None])
             # ∂cos/∂Re' = Re/den − cos·Re'/(|Ĉ|² + δ); ∂|Ĉ|/∂Re' = Re'/|Ĉ|; same for Im:
             # grad_Re' = (grad_cos/den)·Re + (grad_|Ĉ|/|Ĉ| − grad_cos·cos/(|Ĉ|² + δ))·Re'
             # with cos = scaled/scale
             along_hat = grad_diff.div_(amplitude_hat).neg_().sub_(
                 torch.mul(scaled, grad_cosine).div_(power_hat).mul_(1 / ARCCOS_SCALE))
-            along_reference = grad_cosine.div_(den)
+            along_reference = grad_cosine.div_(den).mul_(-2 / ARCCOS_SCALE)  # grad_cos/(A·A')
             grad_re_hat = torch.mul(along_reference, re).addcmul_(along_hat, re_hat)
             grad_im_hat = along_reference.mul_(im).addcmul_(along_hat, im_hat)
         return None, None, None, grad_re_hat, grad_im_hat, grad_s, grad_beta, grad_weights
