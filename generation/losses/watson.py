@@ -11,7 +11,8 @@ Per channel, with reference x = target, distorted x̂ = prediction, ε = 1e-10:
    images in the batch; here it does not);
 3. contrast masking s = smax(t_L, (|C| + ε)^w · t_L^(1−w)), smax(a, b) = (a·eᵃ + b·eᵇ)/(eᵃ + eᵇ);
 4. Minkowski pooling D = (Σ (|C − Ĉ|/s + ε)^β)^(1/β) over coefficients and blocks;
-5. DFT only: steps 2–4 on amplitudes √(Re² + Im² + 1e-20), plus the phase term
+5. DFT only: steps 2–4 on amplitudes √(Re² + Im² + δ) (δ = 1e-12 in float32, 1e-30 in
+   float64, the same δ as in cos Δφ below), plus the phase term
    Σ w_φ[i,j]·(arccos(cos(φ − φ̂)·(1 − 1e-7)) − arccos(1 − 1e-7)), with the weights of the
    purely real bins (0,0), (0,4), (4,0), (4,4) fixed at zero. The constant
    arccos(1 − 1e-7) is subtracted so identical images score exactly 0 (it changes no
@@ -28,6 +29,15 @@ also log phase weights. Starting values: DCT: Watson's 1993 table, α = 0.649, w
 β = 4; DFT: t = 1, α = 0.1, w = 0.2, β = 1, phase weights e^−2 (``phase_weight=`` sets
 another starting value; the formulas do not change). Inputs are used in
 their [0, 1] range (as in Czolbe et al.), not rescaled to 0–255.
+
+Speed (the fast path, taken whenever the target needs no gradient, as in training): the
+colour step, the blocking and the block transform are one autograd Function
+(:class:`_BlockTransform`: oneDNN's matrix product on the CPU, 8-pixel runs copied as
+16-byte words, the DFT's real and imaginary halves as separate contiguous tensors), the
+threshold's parameter gradients and steps 4–5 have hand-written backwards
+(:class:`_ThresholdForParameters`, :class:`_FusedCore`, :class:`_FusedDFT`). The plain
+autograd path (target with gradient) computes the same formulas; the tests hold the two
+together. Measured costs are in docs/benchmarks.md.
 
 Optional shift augmentation (``shift_augment=True``, training mode only): both images are
 replicate-padded by 4 px and cropped back at one random offset of 0–7 px per call, as in
