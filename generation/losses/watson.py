@@ -229,8 +229,14 @@ def _onednn_linear_works() -> bool:
             if torch.backends.mkldnn.is_available():
                 rows = torch.linspace(-1, 1, 96).view(16, 6)
                 weight = torch.linspace(0, 2, 30).view(5, 6)
-                got = torch.ops.mkldnn._linear_pointwise(rows, weight, None, "none", [], "")
-                works = bool(torch.allclose(got, rows @ weight.t(), atol=1e-5))
+                expected = rows @ weight.t()
+                linear = torch.ops.mkldnn._linear_pointwise
+                got = linear(rows, weight, None, "none", [], "")
+                added = linear.binary(rows, expected, weight, None, "add")
+                works = bool(
+                    torch.allclose(got, expected, atol=1e-5)
+                    and torch.allclose(added, 2 * expected, atol=1e-5)
+                )
         except (AttributeError, RuntimeError):
             works = False
         _ONEDNN_LINEAR.append(works)
