@@ -411,12 +411,15 @@ class _ThresholdForParameters(torch.autograd.Function):
         along_a = ds_da.mul_(grad)  # grad·∂s/∂a
         along_b = torch.sub(grad, along_a).mul_(b)  # grad·∂s/∂b·b
         per_log_t = along_a.mul_(a).addcmul_(along_b, one_minus_w)  # ∂/∂log t, elementwise
-        grad_log_t = per_log_t.sum((0, 2))
+        # sums over the blocks as .sum(2) then over the images (a reduction over dims
+        # (0, 2) at once is ~8× slower on the CPU)
+        grad_log_t = per_log_t.sum(2).sum(0)
         grad_alpha = (per_log_t.sum(3) * log_ratio[..., 0]).sum((0, 2))
+        b_per_bin, b_per_block = along_b.sum(2).sum(0), along_b.sum(3)
         grad_w = (
-            (along_b * log2_magnitude).sum((0, 2, 3)) / LOG2_E
-            - (along_b.sum((0, 2)) * log_t).sum(-1)
-            - alpha * (along_b.sum(3) * log_ratio[..., 0]).sum((0, 2))
+            along_b.mul_(log2_magnitude).sum((0, 2, 3)) / LOG2_E
+            - (b_per_bin * log_t).sum(-1)
+            - alpha * (b_per_block * log_ratio[..., 0]).sum((0, 2))
         )
         return None, grad_log_t, grad_alpha, grad_w
 
@@ -479,33 +482,37 @@ class _FusedCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, reference, distorted, s, beta):
         diff = reference - distorted
-        x, xb, total, pooled, log_x = _pool_forward(diff, s, beta)
-        ctx.save_for_backward(s, beta, x, xb, diff, total, pooled, log_x)
+        x, xb, total, pooled, log_x_weighted = _pool_forward(diff, s, beta)
+        ctx.save_for_backward(s, beta, x, xb, diff, total, pooled, log_x_weighted)
         return pooled
 
     @staticmethod
     def backward(ctx, grad):
-        s, beta, x, xb, diff, total, pooled, log_x = ctx.saved_tensors
+        s, beta, x, xb, diff, total, pooled, log_x_weighted = ctx.saved_tensors
         need_distorted, need_s, need_beta = ctx.needs_input_grad[1:4]
         grad_diff, grad_s, grad_beta = _pool_backward(
-            grad, s, beta, x, xb, diff, total, pooled, log_x, need_distorted, need_s, need_beta
+            grad, s, beta, x, xb, diff, total, pooled, log_x_weighted, need_distorted, need_s, need_beta
         )
         return None, None if grad_diff is None else grad_diff.neg_(), grad_s, grad_beta
 
 
 def _pool_forward(diff: torch.Tensor, s: torch.Tensor, beta: torch.Tensor):
     """Minkowski pooling of |diff|/s + ε with exponent β (C) over blocks and bins:
-    -> x, x^β, Σ x^β, pooled N×C, and log x when β needs its gradient (else empty)."""
+    -> x, x^β, Σ x^β, pooled N×C, and Σ x^β·log x (N×C, for β's gradient; empty when β
+    needs none)."""
     x = diff.abs().div_(s).add_(EPS)
     # log x only when β needs its gradient; x^β by multiplication for a whole β
     log_x = torch.log(x) if beta.requires_grad else None
     xb = whole_power(x, beta.view(-1, 1, 1), log_x)
     total = xb.sum((2, 3))
     pooled = total.pow(1 / beta)
-    return x, xb, total, pooled, log_x if log_x is not None else x.new_empty(0)
+    log_x_weighted = log_x.mul_(xb).sum((2, 3)) if log_x is not None else x.new_empty(0)
+    return x, xb, total, pooled, log_x_weighted
 
 
-def _pool_backward(grad, s, beta, x, xb, diff, total, pooled, log_x, need_diff, need_s, need_beta):
+def _pool_backward(
+    grad, s, beta, x, xb, diff, total, pooled, log_x_weighted, need_diff, need_s, need_beta
+):
     """Gradients of :func:`_pool_forward`'s pooled value to diff, s and β (None where not
     needed); in-place arithmetic, each full-size tensor allocated once."""
     grad_diff = grad_s = grad_beta = None
@@ -520,7 +527,6 @@ def _pool_backward(grad, s, beta, x, xb, diff, total, pooled, log_x, need_diff, 
         if need_diff:
             grad_diff = common.mul_(torch.sign(diff))
     if need_beta:
-        log_x_weighted = (xb * log_x).sum((2, 3))
         grad_beta = (
             grad * pooled * (log_x_weighted / (beta * total) - torch.log(total) / beta**2)
         ).sum(0)
@@ -542,7 +548,7 @@ class _FusedDFT(torch.autograd.Function):
         power_hat = torch.mul(re_hat, re_hat).addcmul_(im_hat, im_hat).add_(delta)  # |Ĉ|² + δ
         amplitude_hat = torch.sqrt(power_hat)
         diff = amplitude - amplitude_hat
-        x, xb, total, pooled, log_x = _pool_forward(diff, s, beta)
+        x, xb, total, pooled, log_x_weighted = _pool_forward(diff, s, beta)
         # cos Δφ = (Re·Re' + Im·Im' + δ)/(A·A') with the amplitudes A = √(|C|² + δ), as
         # 1 − (|C − Ĉ|² − (A − A')²)/(2·A·A') (the same value: A² + A'² − 2(Re·Re' + Im·Im'
         # + δ) = |C − Ĉ|²): exactly 1 for identical inputs, and no cancellation near
@@ -562,20 +568,20 @@ class _FusedDFT(torch.autograd.Function):
         angle_sums = torch.acos(scaled).sub_(offset).sum(2)  # N×C×40
         out = pooled + (angle_sums * phase_weights).sum(-1)
         ctx.save_for_backward(
-            re, im, re_hat, im_hat, s, beta, x, xb, diff, total, pooled, log_x,
+            re, im, re_hat, im_hat, s, beta, x, xb, diff, total, pooled, log_x_weighted,
             amplitude_hat, power_hat, den, scaled, angle_sums, phase_weights,
         )
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (re, im, re_hat, im_hat, s, beta, x, xb, diff, total, pooled, log_x, amplitude_hat,
+        (re, im, re_hat, im_hat, s, beta, x, xb, diff, total, pooled, log_x_weighted, amplitude_hat,
          power_hat, den, scaled, angle_sums, phase_weights) = ctx.saved_tensors
         need_hat = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         need_s, need_beta, need_weights = ctx.needs_input_grad[5:8]
         # ∂out/∂|Ĉ| = −∂out/∂diff
         grad_diff, grad_s, grad_beta = _pool_backward(
-            grad, s, beta, x, xb, diff, total, pooled, log_x, need_hat, need_s, need_beta
+            grad, s, beta, x, xb, diff, total, pooled, log_x_weighted, need_hat, need_s, need_beta
         )
         grad_weights = torch.einsum("ncb,nc->cb", angle_sums, grad) if need_weights else None
         grad_re_hat = grad_im_hat = None
