@@ -372,3 +372,27 @@ def test_float32_fast_path_agrees_with_the_float64_formulas(name):
         # left is the formula's ε floor (Σ ε over 16 blocks × 40 bins, β = 1)
         floor = torch.full((3,), 16 * 40 * watson.EPS)
         torch.testing.assert_close(frozen(target, target), floor, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
+def test_fast_path_takes_non_contiguous_inputs(name):
+    """Channels-last or strided batches (as from a channels-last model) give the same
+    values and gradients as contiguous ones."""
+    target = photos(32)
+    prediction = noisy(target, 0.05, seed=10)
+    loss = build_loss(name).requires_grad_(False)
+    leaf = prediction.clone().requires_grad_(True)
+    expected = loss(leaf, target)
+    expected.sum().backward()
+    channels_last = prediction.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    got = loss(channels_last, target.contiguous(memory_format=torch.channels_last))
+    got.sum().backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(channels_last.grad, leaf.grad)
+    wide = torch.cat([prediction, prediction], dim=3)[..., ::2]  # every other column
+    assert not wide.is_contiguous()
+    torch.testing.assert_close(loss(wide, target), loss(wide.contiguous(), target))
+    grey = photos(32, grey=True)
+    grey_noisy = noisy(grey, 0.05, seed=11)
+    grey_view = torch.cat([grey_noisy, grey_noisy], dim=2)[:, :, 32:]  # offset storage
+    torch.testing.assert_close(loss(grey_view, grey), loss(grey_noisy, grey))
