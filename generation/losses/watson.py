@@ -94,8 +94,7 @@ YCBCR_OFFSET = (0.0, 0.5, 0.5)
 
 def rgb_to_ycbcr(images: torch.Tensor) -> torch.Tensor:
     """N×3×H×W RGB in [0, 1] -> N×3×H×W YCbCr in [0, 1]."""
-    matrix = torch.tensor(YCBCR_MATRIX, dtype=images.dtype, device=images.device)
-    offset = torch.tensor(YCBCR_OFFSET, dtype=images.dtype, device=images.device)
+    matrix, offset = _colour_constants(images)
     return torch.einsum("ij,njhw->nihw", matrix, images) + offset.view(1, 3, 1, 1)
 
 
@@ -168,9 +167,23 @@ def _dft_operator() -> torch.Tensor:
 
 
 _OPERATORS: dict[str, torch.Tensor] = {"dct": _dct_operator(), "dft": _dft_operator()}
+# the DC coefficient of a constant block of 1 (DCT: 8, DFT: 1)
+_DC_GAIN: dict[str, float] = {kind: float(op[:, 0].sum()) for kind, op in _OPERATORS.items()}
 
 
 _OPERATOR_CACHE: dict[tuple, torch.Tensor] = {}
+_COLOUR_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _colour_constants(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The YCbCr matrix (3×3) and offsets (3) on ``like``'s device and dtype (cached)."""
+    key = (like.device, like.dtype)
+    if key not in _COLOUR_CACHE:
+        _COLOUR_CACHE[key] = (
+            torch.tensor(YCBCR_MATRIX, dtype=like.dtype, device=like.device),
+            torch.tensor(YCBCR_OFFSET, dtype=like.dtype, device=like.device),
+        )
+    return _COLOUR_CACHE[key]
 
 
 def _operator(kind: str, like: torch.Tensor, part: str = "all") -> torch.Tensor:
@@ -207,10 +220,9 @@ def block_transform_ycbcr(images: torch.Tensor, kind: str) -> torch.Tensor:
 def _ycbcr(images: torch.Tensor) -> torch.Tensor:
     """RGB N×3×H×W -> YCbCr as one batched matrix product (with the offsets)."""
     n, _, h, w = images.shape
-    colour = torch.tensor(YCBCR_MATRIX, dtype=images.dtype, device=images.device)
-    offset = torch.tensor(YCBCR_OFFSET, dtype=images.dtype, device=images.device).view(1, 3, 1)
+    colour, offset = _colour_constants(images)
     ycbcr = torch.baddbmm(
-        offset.expand(n, 3, 1), colour.expand(n, 3, 3), images.reshape(n, 3, h * w)
+        offset.view(1, 3, 1).expand(n, 3, 1), colour.expand(n, 3, 3), images.reshape(n, 3, h * w)
     )
     return ycbcr.view(n, 3, h, w)
 
@@ -272,7 +284,7 @@ class _BlockTransform(torch.autograd.Function):
         n, c, h, w = images.shape
         images = images.detach()
         if c == 3:  # the colour matrix here, its offsets (chroma + 0.5) on the DC bins below
-            colour = torch.tensor(YCBCR_MATRIX, dtype=images.dtype, device=images.device)
+            colour, _ = _colour_constants(images)
             images = torch.bmm(colour.expand(n, 3, 3), images.reshape(n, 3, h * w))
         rows = to_blocks(images.view(n, c, h, w)).view(-1, BLOCK**2)
         parts = ("all",) if kind == "dct" else ("re", "im")
@@ -282,10 +294,9 @@ class _BlockTransform(torch.autograd.Function):
             for part in parts
         )
         if c == 3:  # a constant offset o adds o·(DC gain) to the DC coefficient only
-            dc_gain = float(_OPERATORS[kind][:, 0].sum())
             for channel, offset in enumerate(YCBCR_OFFSET):
                 if offset:
-                    outputs[0][:, channel, :, 0].add_(offset * dc_gain)
+                    outputs[0][:, channel, :, 0].add_(offset * _DC_GAIN[kind])
         return outputs[0] if kind == "dct" else outputs
 
     @staticmethod
@@ -301,7 +312,7 @@ class _BlockTransform(torch.autograd.Function):
             return None, None
         grad_images = from_blocks(total.view(n, c, -1, BLOCK**2), h, w)
         if c == 3:  # transpose of the colour matrix
-            colour = torch.tensor(YCBCR_MATRIX, dtype=grad_images.dtype, device=grad_images.device)
+            colour, _ = _colour_constants(grad_images)
             grad_images = torch.bmm(
                 colour.t().expand(n, 3, 3), grad_images.reshape(n, 3, h * w)
             ).view(n, 3, h, w)
@@ -518,7 +529,7 @@ def _pool_backward(
     grad_diff = grad_s = grad_beta = None
     coefficient = (grad * pooled / total)[..., None, None]  # N×C×1×1
     if need_diff or need_s:
-        if xb is x or xb.data_ptr() == x.data_ptr():  # β = 1: ∂out/∂x · (1/s) = coefficient/s
+        if xb.data_ptr() == x.data_ptr():  # β = 1: ∂out/∂x · (1/s) = coefficient/s
             common = torch.div(coefficient, s)
         else:  # ∂out/∂x · (1/s)
             common = (xb / x).div_(s).mul_(coefficient)
