@@ -8,10 +8,11 @@ Measures, in one run: each registered loss at batch 64×3×64×64 and 16×3×256
 forward+backward pass timed in alternation with one of L2 on the same batch; medians of
 ``--repeats`` pairs after one warm-up pair, a third as many for the deep networks);
 Watson also with its parameters frozen (``requires_grad_(False)``, as when an autoencoder
-trains with fixed loss parameters); ``msssim`` against ``pytorch_msssim.ms_ssim`` at 16×3×256×256; ``lpips-alex``
-against the ``lpips`` package's LPIPS (same AlexNet weights). The LPIPS trunks use the
-ImageNet weights from the torch cache when present, else one seeded random
-initialisation (the speed is the same; the run says which). Inputs are seeded. On Linux
+trains with fixed loss parameters); ``msssim`` against ``pytorch_msssim.ms_ssim`` at
+16×3×256×256 and ``lpips-alex`` against the ``lpips`` package's LPIPS (same AlexNet
+weights), each timed head to head in alternation (median ratio of ``--repeats`` pairs).
+The LPIPS trunks use the ImageNet weights from the torch cache when present, else one
+seeded random initialisation (the speed is the same; the run says which). Inputs are seeded. On Linux
 the run restarts itself once with fixed glibc allocator thresholds (``STEADY_MALLOC``)
 so that big tensors do not cost page faults one run and none the next;
 ``--system-malloc`` keeps the defaults.
@@ -108,8 +109,11 @@ def reference_lpips_alex(weights: Path, device: torch.device):
 # with the history of the process), so a tensor of a few MB sometimes costs hundreds of
 # page faults and sometimes none: the same run read 9.5× or 11.6× for one loss. Fixed
 # thresholds keep freed memory in the heap and make the ratios repeatable.
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824",
-                 "MALLOC_TOP_PAD_": "268435456"}
+STEADY_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "1073741824",
+    "MALLOC_TRIM_THRESHOLD_": "1073741824",
+    "MALLOC_TOP_PAD_": "268435456",
+}
 
 
 def steady_allocator(keep_system: bool) -> None:
@@ -202,8 +206,15 @@ def main() -> None:
                 ("lpips-alex", "lpips.LPIPS(alex) (reference)"),
             ):
                 if ours in results and theirs in results:
-                    ratio = results[ours][1] / results[theirs][1]
-                    comparisons.append(f"{label}: {ours} / {theirs} = {ratio:.2f}")
+                    # Head to head, in alternation, with the full number of repeats: the
+                    # ratio of two ratios to L2 taken at a third of the repeats was noisy.
+                    _, ratio = paired(
+                        candidates[ours], candidates[theirs], prediction, target, args.repeats
+                    )
+                    comparisons.append(
+                        f"{label}: {ours} / {theirs} = {ratio:.2f} "
+                        f"(median of {args.repeats} paired runs)"
+                    )
 
     print()
     for line in comparisons:
