@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe_machine
 from tqdm import tqdm
 
 from generation.losses import available_losses, build_loss
@@ -160,6 +161,7 @@ def main() -> None:
         f"malloc={'system' if args.system_malloc else 'steady'} "
         f"repeats={args.repeats} seed={args.seed} torch={torch.__version__}"
     )
+    print(f"machine: {describe_machine(device)}")
 
     with tempfile.TemporaryDirectory() as folder:
         weights = trunk_weights(Path(folder))

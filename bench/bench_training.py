@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from datetime import UTC, datetime
@@ -23,6 +22,8 @@ from datetime import UTC, datetime
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from machine import describe_machine  # noqa: E402
 
 from generation.config import PRESETS  # noqa: E402
 from generation.losses import build_loss  # noqa: E402
@@ -105,7 +106,7 @@ def main() -> None:
         f"# training throughput: {model}, {args.size}×{args.size} RGB, batch {args.batch}, "
         f"best of {args.rounds} interleaved rounds of {args.steps} steps; device {device}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.machine()}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+        f"{describe_machine(device)}, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     )
     setups = []
     for name in [n.strip() for n in args.losses.split(",") if n.strip()]:

@@ -1,0 +1,83 @@
+"""The benchmark scripts still run and print what docs/benchmarks.md quotes (tiny sizes;
+the numbers themselves live in docs/benchmarks.md, not here)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def run_script(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """Markdown table rows keyed by their first cells (all but the numeric ones)."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 3 and re.fullmatch(r"[\d.]+", cells[-1]):
+            rows[" | ".join(c for c in cells if not re.fullmatch(r"[\d.]+", c))] = cells
+    return rows
+
+
+def test_bench_losses_prints_ratios_and_the_machine():
+    output = run_script(
+        "bench/bench_losses.py",
+        "--quick",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--losses",
+        "l2",
+        "watson-dft",
+        "msssim",
+    )
+    assert re.search(r"^machine: .+, \d+ cores, ", output, re.M), output
+    rows = table_rows(output)
+    assert set(rows) == {
+        "64×3×64×64 | l2",
+        "64×3×64×64 | msssim",
+        "64×3×64×64 | watson-dft",
+        "64×3×64×64 | watson-dft (frozen parameters)",
+    }, rows
+    for cells in rows.values():
+        assert float(cells[-2]) > 0 and float(cells[-1]) > 0
+
+
+def test_bench_training_prints_a_row_per_loss():
+    output = run_script(
+        "bench/bench_training.py",
+        "--losses",
+        "l2,watson-dft",
+        "--size",
+        "32",
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+    )
+    header = output.splitlines()[0]
+    assert header.startswith("# training throughput") and " cores, " in header, header
+    rows = table_rows(output)
+    assert set(rows) == {"l2", "watson-dft"}, rows
+    assert float(rows["l2"][-1]) == 1.0
