@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,7 +94,10 @@ def reference_lpips_alex(weights: Path, device: torch.device):
     """The lpips package's LPIPS(alex) with the same trunk weights."""
     import lpips
 
-    reference = lpips.LPIPS(pretrained=True, net="alex", pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # the package's own torchvision deprecations
+        warnings.filterwarnings("ignore", "The parameter 'pretrained'", UserWarning)
+        warnings.filterwarnings("ignore", "Arguments other than a weight enum", UserWarning)
+        reference = lpips.LPIPS(pretrained=True, net="alex", pnet_rand=True, verbose=False)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     cuts, mapped = TRUNKS["alex"].cuts, {}
     for key, value in state.items():

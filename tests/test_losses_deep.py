@@ -3,6 +3,8 @@ offline EfficientNet-Lite0 weights really being ImageNet weights, frozen backbon
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,10 @@ def reference_lpips(net: str, state_path):
     """The lpips package's LPIPS with calibrated heads and our saved trunk weights."""
     import lpips
 
-    reference = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # the package's own torchvision deprecations
+        warnings.filterwarnings("ignore", "The parameter 'pretrained'", UserWarning)
+        warnings.filterwarnings("ignore", "Arguments other than a weight enum", UserWarning)
+        reference = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
     state = torch.load(state_path, weights_only=True)
     cuts = TRUNKS[net].cuts
     mapped = {}
