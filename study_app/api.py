@@ -16,12 +16,13 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, jsonify, request, session
+from flask import Blueprint, jsonify, request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
 from study_app import scheduling
+from study_app.auth import current_researcher
 from study_app.errors import ApiError
 from study_app.extensions import db
 from study_app.models import Image, Participant, Study, Trial, utcnow
@@ -261,7 +262,7 @@ def openapi():
 @bp.get("/studies/<slug>")
 def get_study(slug: str):
     study = _study_or_404(slug)
-    if study.status == "draft" and not session.get("researcher_id"):
+    if study.status == "draft" and current_researcher() is None:
         raise ApiError(404, "unknown_study", f"no study is called {slug!r}")
     return jsonify(study=study_json(study, study_config(study)))
 
@@ -283,7 +284,7 @@ def start(slug: str):
     preview = body.get("preview", False)
     if not isinstance(preview, bool):
         raise ApiError(400, "invalid_field", "'preview' must be true or false", field="preview")
-    if preview and not session.get("researcher_id"):
+    if preview and current_researcher() is None:
         raise ApiError(403, "preview_needs_login", "log in as a researcher to preview a study")
     study = _study_or_404(slug)
     config = study_config(study)

@@ -1,15 +1,23 @@
 """Researcher login and logout; ``login_required`` guards every researcher page.
 
 The session (a signed, Secure, HttpOnly, SameSite cookie; see :mod:`study_app.security`)
-holds ``researcher_id``; the JSON API also reads it to allow previews. Passwords are
-checked against the werkzeug hash on :class:`study_app.models.Researcher`; accounts are
-made with ``pstudy researcher create``.
+holds a random login token; the server keeps its SHA-256 in ``researcher_login``
+(:class:`study_app.models.ResearcherLogin`) and honours it until logout, a new password
+or ``PERMANENT_SESSION_LIFETIME`` after the login. A signed cookie alone cannot be taken
+back: a copy, or a dashboard poll answered after the logout (its response re-sends the
+session it started with), would stay logged in for hours. The JSON API asks
+:func:`current_researcher` too, to allow previews. Passwords are checked against the
+werkzeug hash on :class:`study_app.models.Researcher`; accounts are made with ``pstudy
+researcher create``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import secrets
 from collections.abc import Callable
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from flask import (
@@ -24,13 +32,13 @@ from flask import (
     url_for,
 )
 from flask_wtf import FlaskForm
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, or_, select, update
 from werkzeug.security import check_password_hash, generate_password_hash
 from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired, Length
 
 from study_app.extensions import db
-from study_app.models import Researcher
+from study_app.models import Researcher, ResearcherLogin, utcnow
 
 bp = Blueprint("auth", __name__)
 
@@ -43,12 +51,76 @@ class LoginForm(FlaskForm):
     password = PasswordField("Password", validators=[DataRequired(), Length(max=1024)])
 
 
+LOGIN_KEY = "login"  # the session key of the login token
+
+
+def _token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _login_lifetime() -> timedelta:
+    lifetime = current_app.permanent_session_lifetime
+    return lifetime if isinstance(lifetime, timedelta) else timedelta(seconds=lifetime)
+
+
 def current_researcher() -> Researcher | None:
-    """The logged-in researcher of this request, or None."""
+    """The logged-in researcher of this request, or None (no token, or its login ended or
+    expired)."""
     if "researcher" not in g:
-        researcher_id = session.get("researcher_id")
-        g.researcher = db.session.get(Researcher, researcher_id) if researcher_id else None
+        token = session.get(LOGIN_KEY)
+        g.researcher = None
+        if isinstance(token, str) and token:
+            g.researcher = db.session.scalars(
+                select(Researcher)
+                .join(ResearcherLogin, ResearcherLogin.researcher_id == Researcher.id)
+                .where(
+                    ResearcherLogin.token_sha256 == _token_digest(token),
+                    ResearcherLogin.ended_at.is_(None),
+                    ResearcherLogin.created_at > utcnow() - _login_lifetime(),
+                )
+            ).first()
     return g.researcher
+
+
+def start_login(researcher: Researcher) -> None:
+    """Record a new login of ``researcher`` and put its token in a fresh session; the
+    researcher's ended and expired logins are deleted on the way."""
+    now = utcnow()
+    db.session.execute(
+        delete(ResearcherLogin).where(
+            ResearcherLogin.researcher_id == researcher.id,
+            or_(
+                ResearcherLogin.ended_at.is_not(None),
+                ResearcherLogin.created_at <= now - _login_lifetime(),
+            ),
+        )
+    )
+    token = secrets.token_urlsafe(32)
+    db.session.add(
+        ResearcherLogin(researcher_id=researcher.id, token_sha256=_token_digest(token),
+                        created_at=now)
+    )
+    db.session.commit()
+    session.clear()  # no session fixation
+    session[LOGIN_KEY] = token
+    session.permanent = True
+    g.researcher = researcher
+
+
+def end_logins(researcher_id: int | None = None, token: str | None = None) -> int:
+    """End the login of ``token``, or every open login of ``researcher_id`` (a new
+    password); -> the number ended. The caller commits."""
+    condition = (
+        ResearcherLogin.token_sha256 == _token_digest(token)
+        if token is not None
+        else ResearcherLogin.researcher_id == researcher_id
+    )
+    result = db.session.execute(
+        update(ResearcherLogin)
+        .where(condition, ResearcherLogin.ended_at.is_(None))
+        .values(ended_at=utcnow())
+    )
+    return result.rowcount
 
 
 def login_required(view: Callable) -> Callable:
@@ -110,9 +182,7 @@ def login():
             check_password_hash(_DUMMY_HASH, form.password.data)
         elif researcher.check_password(form.password.data):
             target = _safe_next(request.args.get("next"))
-            session.clear()  # no session fixation
-            session["researcher_id"] = researcher.id
-            session.permanent = True
+            start_login(researcher)
             return redirect(target)
         error = "Wrong e-mail or password."
     status = 401 if error else 200
@@ -123,7 +193,12 @@ def login():
 
 @bp.post("/logout")
 def logout():
-    """End the session (POST with the CSRF token, so a link elsewhere cannot log you out)."""
+    """End the login on the server and clear the session (POST with the CSRF token, so a
+    link elsewhere cannot log you out)."""
+    token = session.get(LOGIN_KEY)
+    if isinstance(token, str) and token:
+        end_logins(token=token)
+        db.session.commit()
     session.clear()
     flash("You are logged out.", "success")
     return redirect(url_for("auth.login"))

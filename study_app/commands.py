@@ -35,9 +35,9 @@ def make_app(database_url: str | None, migrate: bool = True):
 def upgrade_database(app) -> None:
     """Run the Alembic migrations up to head (idempotent, quiet).
 
-    A database whose tables were made by ``db.create_all()`` from these models (tests,
-    notebooks) has no Alembic version yet: it is stamped as head instead (the migrations
-    are tested to produce exactly the models' schema).
+    A database whose tables were made by ``db.create_all()`` (tests, notebooks) has no
+    Alembic version yet: the tables a newer model added are created, then it is stamped
+    as head (the migrations are tested to produce exactly the models' schema).
     """
     from alembic import command
     from sqlalchemy import inspect
@@ -49,6 +49,7 @@ def upgrade_database(app) -> None:
         config.attributes["quiet"] = True
         tables = set(inspect(db.engine).get_table_names())
         if "alembic_version" not in tables and {"study", "vote"} <= tables:
+            db.create_all()  # only what is missing, e.g. researcher_login
             command.stamp(config, "head")
         else:
             command.upgrade(config, "head")
@@ -393,3 +394,41 @@ def researcher_create(email: str, password: str, database_url: str | None) -> No
         db.session.add(account)
         db.session.commit()
     click.echo(f"created researcher {email}")
+
+
+@researcher.command("set-password")
+@click.argument("email")
+@click.option("--password", envvar="PSTUDY_RESEARCHER_PASSWORD", prompt="New password",
+              hide_input=True, confirmation_prompt=True,
+              help="Prompted when not given (env PSTUDY_RESEARCHER_PASSWORD).")
+@DATABASE_OPTION
+def researcher_set_password(email: str, password: str, database_url: str | None) -> None:
+    """Give researcher EMAIL a new password and end every login of that account (every
+    browser must log in again: use it when a password or a laptop was lost).
+
+    \b
+    Example:
+      pstudy researcher set-password ada@example.org
+    """
+    from sqlalchemy import func, select
+
+    from study_app.auth import end_logins
+    from study_app.extensions import db
+    from study_app.models import Researcher
+
+    if len(password) < 8:
+        raise click.BadParameter("use at least 8 characters", param_hint="--password")
+    app = make_app(database_url)
+    with app.app_context():
+        account = db.session.scalars(
+            select(Researcher).where(func.lower(Researcher.email) == email.strip().lower())
+        ).first()
+        if account is None:
+            raise click.ClickException(
+                f"no researcher {email}; create one with: pstudy researcher create {email}"
+            )
+        account.set_password(password)
+        ended = end_logins(researcher_id=account.id)
+        stored_email = account.email
+        db.session.commit()
+    click.echo(f"new password for {stored_email}; ended {ended} open login(s)")

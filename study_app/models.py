@@ -4,7 +4,7 @@ Where a vote is stored: :class:`Vote`, one row per answered trial, written at th
 of the vote (unique per :class:`Trial`, which carries the server-issued token).
 
 Tables, in the order data flows:
-``researcher``; ``stimulus_set`` → ``condition``, ``image`` (references),
+``researcher`` → ``researcher_login`` (one row per login, ended at logout); ``stimulus_set`` → ``condition``, ``image`` (references),
 ``stimulus`` (one reconstruction of one image by one condition); ``study`` → ``item``
 (image × condition pair, the unit that gets K votes); ``participant`` → ``trial`` (a lease
 of one item, or a catch / repeat trial, to one participant) → ``vote``.
@@ -84,6 +84,21 @@ class Researcher(db.Model):
     def check_password(self, password: str) -> bool:
         """True when ``password`` matches the stored hash."""
         return check_password_hash(self.password_hash, password)
+
+
+class ResearcherLogin(db.Model):
+    """One login of a researcher. The session cookie carries a random token whose SHA-256
+    is stored here; logging out (or a new password) ends the row, so neither a copied
+    cookie nor a late response that re-sets the old cookie can bring the session back."""
+
+    __tablename__ = "researcher_login"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    researcher_id: Mapped[int] = mapped_column(
+        ForeignKey("researcher.id", ondelete="CASCADE"), index=True
+    )
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class StimulusSet(db.Model):

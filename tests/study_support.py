@@ -111,3 +111,12 @@ class Participant:
             for trial in body["trials"]:
                 assert self.vote(trial["token"], choose(trial)).status_code == 200
                 n += 1
+
+
+def log_in_as_researcher(app, client) -> None:
+    """A real login through the form (with its CSRF token) of a researcher made for it."""
+    from tests.test_pages_support import login, make_researcher
+
+    make_researcher(app)
+    response = login(client)
+    assert response.status_code == 302, response.get_data(as_text=True)[:500]

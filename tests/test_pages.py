@@ -13,6 +13,8 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.test_pages_support import (
+    EMAIL,
+    PASSWORD,
     csrf_token,
     import_set,
     login,
@@ -109,6 +111,123 @@ def test_login_with_a_wrong_password_fails_and_the_right_one_opens_the_studies(
     logout = client.post("/logout", data={"csrf_token": csrf_token(page)})
     assert logout.status_code == 302
     assert client.get("/researcher/").status_code == 302
+
+
+def session_cookie(client) -> str:
+    return client.get_cookie("session").value
+
+
+def logins(app) -> list[tuple[str, bool]]:
+    """(token digest, still open) of every stored login, oldest first."""
+    from study_app.extensions import db
+    from study_app.models import ResearcherLogin
+
+    with app.app_context():
+        rows = db.session.scalars(select(ResearcherLogin).order_by(ResearcherLogin.id))
+        return [(row.token_sha256, row.ended_at is None) for row in rows]
+
+
+def test_logout_ends_the_login_on_the_server_so_an_old_cookie_stays_logged_out(
+    app, client, set_id, researcher
+):
+    """A dashboard poll answered after the logout re-sends the session cookie it started
+    with (Flask refreshes permanent sessions on every response); a copied cookie is the
+    same thing. Neither may log the researcher back in."""
+    make_study(app, set_id, slug="watched")
+    login(client)
+    page = client.get("/researcher/").get_data(as_text=True)
+    poll = client.get("/researcher/studies/watched/dashboard.json")
+    assert poll.status_code == 200 and "Set-Cookie" in poll.headers  # refreshed each time
+    old_cookie = session_cookie(client)
+    assert [open_ for _, open_ in logins(app)] == [True]
+    assert client.post("/logout", data={"csrf_token": csrf_token(page)}).status_code == 302
+    assert [open_ for _, open_ in logins(app)] == [False]
+    client.set_cookie("session", old_cookie)  # the late poll's Set-Cookie
+    again = client.get("/researcher/studies/watched/dashboard.json",
+                       headers={"Accept": "application/json"})
+    assert again.status_code == 401 and "log in" in again.get_json()["error"]
+    assert client.get("/researcher/").status_code == 302
+    assert client.get("/researcher/studies/watched/responses.csv").status_code == 302
+    preview = client.post("/api/v1/studies/watched/participants", json={"preview": True})
+    assert preview.status_code == 403
+
+
+def test_each_login_is_its_own_and_ended_logins_are_cleaned_up(app, researcher):
+    first, second = app.test_client(), app.test_client()
+    login(first)
+    login(second)
+    assert [open_ for _, open_ in logins(app)] == [True, True]
+    page = first.get("/researcher/").get_data(as_text=True)
+    first.post("/logout", data={"csrf_token": csrf_token(page)})
+    assert first.get("/researcher/").status_code == 302
+    assert second.get("/researcher/").status_code == 200  # the other browser stays in
+    stored = logins(app)
+    assert [open_ for _, open_ in stored] == [False, True]
+    assert all(digest not in session_cookie(second) for digest, _ in stored)  # hashed
+    login(first)  # a new login deletes the researcher's ended ones
+    assert [open_ for _, open_ in logins(app)] == [True, True]
+    assert stored[0][0] not in [digest for digest, _ in logins(app)]
+
+
+def test_a_login_expires_after_the_session_lifetime_although_the_cookie_is_refreshed(
+    app, client, researcher
+):
+    from datetime import timedelta
+
+    from study_app.extensions import db
+    from study_app.models import ResearcherLogin, utcnow
+
+    login(client)
+    assert client.get("/researcher/").status_code == 200
+    lifetime = app.permanent_session_lifetime
+    with app.app_context():
+        row = db.session.scalars(select(ResearcherLogin)).one()
+        row.created_at = utcnow() - lifetime + timedelta(seconds=30)
+        db.session.commit()
+    assert client.get("/researcher/").status_code == 200
+    with app.app_context():
+        row = db.session.scalars(select(ResearcherLogin)).one()
+        row.created_at = utcnow() - lifetime - timedelta(seconds=1)
+        db.session.commit()
+    assert client.get("/researcher/").status_code == 302
+
+
+def test_researcher_accounts_from_the_command_line_and_a_new_password_ends_logins(
+    app, client
+):
+    from click.testing import CliRunner
+
+    from study_app.cli import main
+
+    url = ["--database-url", app.config["SQLALCHEMY_DATABASE_URI"]]
+    runner = CliRunner()
+    made = runner.invoke(main, ["researcher", "create", EMAIL, "--password", PASSWORD, *url])
+    assert made.exit_code == 0 and f"created researcher {EMAIL}" in made.output
+    twice = runner.invoke(main, ["researcher", "create", EMAIL, "--password", PASSWORD, *url])
+    assert twice.exit_code == 1 and "exists already" in twice.output
+    login(client)
+    other = app.test_client()
+    login(other)
+    assert client.get("/researcher/").status_code == 200
+
+    short = runner.invoke(main, ["researcher", "set-password", EMAIL, "--password", "short", *url])
+    assert short.exit_code == 2 and "at least 8 characters" in short.output
+    unknown = runner.invoke(
+        main, ["researcher", "set-password", "nobody@example.org", "--password", "x" * 12, *url]
+    )
+    assert unknown.exit_code == 1 and "pstudy researcher create" in unknown.output
+    assert "Traceback" not in short.output + unknown.output
+    assert client.get("/researcher/").status_code == 200  # refused commands changed nothing
+
+    changed = runner.invoke(
+        main, ["researcher", "set-password", EMAIL.upper(), "--password", "a new passphrase", *url]
+    )
+    assert changed.exit_code == 0 and "ended 2 open login(s)" in changed.output
+    assert client.get("/researcher/").status_code == 302
+    assert other.get("/researcher/").status_code == 302
+    assert login(client).status_code == 401  # the old password
+    assert login(client, password="a new passphrase").status_code == 302
+    assert client.get("/researcher/").status_code == 200
 
 
 def test_login_follows_only_local_next_targets(app, client, researcher):

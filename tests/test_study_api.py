@@ -16,7 +16,7 @@ from study_app import create_app
 from study_app.extensions import db
 from study_app.models import Item, Participant, Trial, Vote, utcnow
 from tests.study_support import Participant as P
-from tests.study_support import make_study, vote_body, write_stimulus_set
+from tests.study_support import log_in_as_researcher, make_study, vote_body, write_stimulus_set
 
 
 @pytest.fixture
@@ -374,22 +374,20 @@ def test_finish_rules_and_returned_releases_leases(app, client, slug):
     assert bad.status_code == 400
 
 
-def test_start_validates_prolific_parameters_and_preview_needs_login(client, slug):
+def test_start_validates_prolific_parameters_and_preview_needs_login(app, client, slug):
     bad = client.post(f"/api/v1/studies/{slug}/participants", json={"prolific_pid": "a b"})
     assert bad.status_code == 400 and bad.get_json()["field"] == "prolific_pid"
     extra = client.post(f"/api/v1/studies/{slug}/participants", json={"name": "x"})
     assert extra.status_code == 400 and extra.get_json()["code"] == "unknown_field"
     preview = client.post(f"/api/v1/studies/{slug}/participants", json={"preview": True})
     assert preview.status_code == 403
-    with client.session_transaction() as session:
-        session["researcher_id"] = 1
+    log_in_as_researcher(app, client)
     preview = client.post(f"/api/v1/studies/{slug}/participants", json={"preview": True})
     assert preview.status_code == 201 and preview.get_json()["participant"]["preview"] is True
 
 
 def test_preview_participants_do_not_count_towards_k(app, client, slug):
-    with client.session_transaction() as session:
-        session["researcher_id"] = 1
+    log_in_as_researcher(app, client)
     previewer = P(client, slug, preview=True)
     assert previewer.complete() > 0
     with app.app_context():

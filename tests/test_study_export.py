@@ -15,7 +15,7 @@ from study_app import export
 from study_app.extensions import db
 from study_app.models import Trial, Vote
 from study_app.studies import ExclusionRules
-from tests.study_support import Participant, make_study, write_stimulus_set
+from tests.study_support import Participant, log_in_as_researcher, make_study, write_stimulus_set
 
 
 @pytest.fixture
@@ -36,8 +36,7 @@ def finished_study(app, client, tmp_path):
     careful.finish()
     lazy = Participant(client, slug, prolific_pid="lazy")
     lazy.complete(lambda trial: "left")
-    with client.session_transaction() as session:
-        session["researcher_id"] = 1
+    log_in_as_researcher(app, client)
     Participant(client, slug, preview=True).complete()  # never exported
     return slug
 
