@@ -12,10 +12,10 @@ trains with fixed loss parameters); ``msssim`` against ``pytorch_msssim.ms_ssim`
 16×3×256×256 and ``lpips-alex`` against the ``lpips`` package's LPIPS (same AlexNet
 weights), each timed head to head in alternation (median ratio of ``--repeats`` pairs).
 The LPIPS trunks use the ImageNet weights from the torch cache when present, else one
-seeded random initialisation (the speed is the same; the run says which). Inputs are seeded. On Linux
-the run restarts itself once with fixed glibc allocator thresholds (``STEADY_MALLOC``)
-so that big tensors do not cost page faults one run and none the next;
-``--system-malloc`` keeps the defaults.
+seeded random initialisation (the speed is the same; the run says which). Inputs are
+seeded. On Linux the run restarts itself once with fixed glibc allocator thresholds
+(``STEADY_MALLOC``) so that big tensors do not cost page faults one run and none the
+next; ``--system-malloc`` keeps the defaults.
 """
 
 from __future__ import annotations

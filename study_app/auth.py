@@ -17,7 +17,6 @@ import functools
 import hashlib
 import secrets
 from collections.abc import Callable
-from datetime import timedelta
 from urllib.parse import urlsplit
 
 from flask import (
@@ -58,25 +57,33 @@ def _token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _login_lifetime() -> timedelta:
-    lifetime = current_app.permanent_session_lifetime
-    return lifetime if isinstance(lifetime, timedelta) else timedelta(seconds=lifetime)
+def _session_token() -> str | None:
+    """This request's login token, or None."""
+    token = session.get(LOGIN_KEY)
+    return token if isinstance(token, str) and token else None
+
+
+def researcher_by_email(email: str) -> Researcher | None:
+    """The account with this e-mail address (case-insensitive), or None."""
+    return db.session.scalars(
+        select(Researcher).where(func.lower(Researcher.email) == email.strip().lower())
+    ).first()
 
 
 def current_researcher() -> Researcher | None:
     """The logged-in researcher of this request, or None (no token, or its login ended or
     expired)."""
     if "researcher" not in g:
-        token = session.get(LOGIN_KEY)
+        token = _session_token()
         g.researcher = None
-        if isinstance(token, str) and token:
+        if token is not None:
             g.researcher = db.session.scalars(
                 select(Researcher)
                 .join(ResearcherLogin, ResearcherLogin.researcher_id == Researcher.id)
                 .where(
                     ResearcherLogin.token_sha256 == _token_digest(token),
                     ResearcherLogin.ended_at.is_(None),
-                    ResearcherLogin.created_at > utcnow() - _login_lifetime(),
+                    ResearcherLogin.created_at > utcnow() - current_app.permanent_session_lifetime,
                 )
             ).first()
     return g.researcher
@@ -91,7 +98,7 @@ def start_login(researcher: Researcher) -> None:
             ResearcherLogin.researcher_id == researcher.id,
             or_(
                 ResearcherLogin.ended_at.is_not(None),
-                ResearcherLogin.created_at <= now - _login_lifetime(),
+                ResearcherLogin.created_at <= now - current_app.permanent_session_lifetime,
             ),
         )
     )
@@ -174,10 +181,7 @@ def login():
     form = LoginForm()
     error = None
     if form.validate_on_submit():
-        email = form.email.data.strip().lower()
-        researcher = db.session.scalars(
-            select(Researcher).where(func.lower(Researcher.email) == email)
-        ).first()
+        researcher = researcher_by_email(form.email.data)
         if researcher is None:
             check_password_hash(_DUMMY_HASH, form.password.data)
         elif researcher.check_password(form.password.data):
@@ -195,8 +199,8 @@ def login():
 def logout():
     """End the login on the server and clear the session (POST with the CSRF token, so a
     link elsewhere cannot log you out)."""
-    token = session.get(LOGIN_KEY)
-    if isinstance(token, str) and token:
+    token = _session_token()
+    if token is not None:
         end_logins(token=token)
         db.session.commit()
     session.clear()

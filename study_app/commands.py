@@ -410,19 +410,14 @@ def researcher_set_password(email: str, password: str, database_url: str | None)
     Example:
       pstudy researcher set-password ada@example.org
     """
-    from sqlalchemy import func, select
-
-    from study_app.auth import end_logins
+    from study_app.auth import end_logins, researcher_by_email
     from study_app.extensions import db
-    from study_app.models import Researcher
 
     if len(password) < 8:
         raise click.BadParameter("use at least 8 characters", param_hint="--password")
     app = make_app(database_url)
     with app.app_context():
-        account = db.session.scalars(
-            select(Researcher).where(func.lower(Researcher.email) == email.strip().lower())
-        ).first()
+        account = researcher_by_email(email)
         if account is None:
             raise click.ClickException(
                 f"no researcher {email}; create one with: pstudy researcher create {email}"

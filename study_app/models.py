@@ -4,10 +4,11 @@ Where a vote is stored: :class:`Vote`, one row per answered trial, written at th
 of the vote (unique per :class:`Trial`, which carries the server-issued token).
 
 Tables, in the order data flows:
-``researcher`` → ``researcher_login`` (one row per login, ended at logout); ``stimulus_set`` → ``condition``, ``image`` (references),
-``stimulus`` (one reconstruction of one image by one condition); ``study`` → ``item``
-(image × condition pair, the unit that gets K votes); ``participant`` → ``trial`` (a lease
-of one item, or a catch / repeat trial, to one participant) → ``vote``.
+``researcher`` → ``researcher_login`` (one row per login, ended at logout);
+``stimulus_set`` → ``condition``, ``image`` (references), ``stimulus`` (one reconstruction
+of one image by one condition); ``study`` → ``item`` (image × condition pair, the unit that
+gets K votes); ``participant`` → ``trial`` (a lease of one item, or a catch / repeat
+trial, to one participant) → ``vote``.
 """
 
 from __future__ import annotations
