@@ -25,7 +25,7 @@ from study_app import scheduling
 from study_app.auth import current_researcher
 from study_app.errors import ApiError
 from study_app.extensions import db
-from study_app.models import Image, Participant, Study, Trial, utcnow
+from study_app.models import Image, Participant, Study, Trial
 from study_app.openapi import openapi_document
 from study_app.scheduling import VoteInput
 from study_app.stimuli import media_url
@@ -350,8 +350,7 @@ def next_trials():
     json_body(START_MAX_BYTES, required=False)
     participant, study, config = _authenticated()
     participant_id = participant.id
-    now = utcnow()
-    trials, done = run_write(lambda: scheduling.lease_trials(participant_id, study, config, now))
+    trials, done = run_write(lambda: scheduling.lease_trials(participant_id, study, config))
     references = dict(db.session.execute(
         select(Image.id, Image.sha256).where(Image.id.in_({t.image_id for t in trials}))
     ).all()) if trials else {}
@@ -368,22 +367,23 @@ def vote():
     body = json_body(VOTE_MAX_BYTES)
     parsed = parse_vote(body)
     token = _bearer_token()
-    now = utcnow()
+    # no `now` taken here: expiry is judged at the time read once the locks are held
+    # (scheduling.write_time), not before the request waited for them
 
     def store_any() -> tuple[dict, bool]:  # any vote, answered precisely
         participant, study, config = _authenticated()
         stored, replayed = scheduling.record_vote(participant.id, study, parsed,
-                                                  config.reference_shown, now)
+                                                  config.reference_shown)
         return {"choice": stored.choice, "trial_index": stored.trial_index,
                 "received_at": stored.received_at}, replayed
 
     # the common case (a fresh vote on an open lease) on a Core connection, one transaction
     if db.engine.dialect.name == "postgresql":
         answer = run_on_connection(lambda connection: scheduling.record_vote_postgresql(
-            connection, token, parsed, now), autocommit=True)
+            connection, token, parsed), autocommit=True)
     else:
         answer = run_on_connection(lambda connection: scheduling.record_vote_sqlite(
-            connection, token, parsed, now))
+            connection, token, parsed))
     # anything else (replay, conflict, expired, finished, closed, unknown) answered precisely
     answer, replayed = (answer, False) if answer is not None else run_write(store_any)
     response = jsonify(vote={"trial_token": parsed.trial_token, "choice": answer["choice"],
@@ -405,8 +405,7 @@ def finish():
                        field="status")
     participant, study, config = _authenticated()
     participant_id = participant.id
-    now = utcnow()
-    participant = run_write(lambda: scheduling.finish(participant_id, study, config, status, now))
+    participant = run_write(lambda: scheduling.finish(participant_id, study, config, status))
     completed = participant.status == "completed"
     return jsonify(
         participant=participant_json(participant, study, config),

@@ -21,7 +21,16 @@ connection from :func:`study_app.transactions.run_on_connection`. The rules (doc
 - a lease that expires returns the item to the pool (it simply stops counting); a vote
   on it is refused (410), so no item ever gets more than K votes. Asking for the next
   trials renews the participant's open leases (the page asks at about every trial), so
-  only a page that stopped asking loses its trials.
+  only a page that stopped asking loses its trials;
+- *when* a lease expired is decided by the time read once the deciding transaction holds
+  its locks (:func:`write_time`), never by a time taken before it waited for them: on
+  SQLite after ``BEGIN IMMEDIATE`` (this host's clock; one writer at a time), on
+  PostgreSQL the server's ``clock_timestamp()`` (one clock for every host) after the
+  item's row lock. Every decision about a lease (a vote accepted, a lease renewed, an
+  item's load re-read before leasing it again) is made under the item's lock, so the
+  decisions are ordered by that lock and their times by the same order: a vote that
+  waited for the lock while its lease ran out is refused, and an item is never leased
+  again while a vote on it can still be accepted.
 
 Lock order: participant → item(s) → trial, which rules out deadlocks between scheduling
 and voting. The PostgreSQL fast path locks participant and trial in its read, then the
@@ -34,7 +43,7 @@ from __future__ import annotations
 import random
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
     BigInteger,
@@ -44,13 +53,24 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection
 
 from study_app.errors import ApiError
 from study_app.extensions import db
-from study_app.models import Condition, Image, Item, Participant, Stimulus, Study, Trial, Vote
+from study_app.models import (
+    Condition,
+    Image,
+    Item,
+    Participant,
+    Stimulus,
+    Study,
+    Trial,
+    Vote,
+    utcnow,
+)
 from study_app.studies import REFERENCE_QUESTION_MODE, StudyConfig
 
 KINDS = ("main", "catch", "repeat")
@@ -109,6 +129,29 @@ def _seeded_order(salt: int):
     big = cast(Item.id, BigInteger)
     return (big * literal(_HASH_MULT, BigInteger) + literal(salt, BigInteger)) % literal(
         _HASH_MOD, BigInteger)
+
+
+def write_time() -> datetime:
+    """The time that decides lease expiry in this write transaction (aware UTC).
+
+    Call it once the transaction holds the locks it decides under. PostgreSQL: the
+    server's ``clock_timestamp()`` (the time now, not the transaction's start), so hosts
+    with different clocks agree; SQLite: this host's clock, read inside ``BEGIN
+    IMMEDIATE`` (the only writer until it commits).
+    """
+    if db.session.get_bind().dialect.name == "postgresql":
+        return db.session.execute(text("SELECT clock_timestamp()")).scalar_one().astimezone(UTC)
+    return utcnow()
+
+
+def _lock_leased_items(participant: Participant) -> None:
+    """Lock (in id order) the items of the participant's leased main trials, so that
+    renewing or judging those leases is ordered with every vote and lease on the items."""
+    leased = select(Trial.item_id).where(
+        Trial.participant_id == participant.id, Trial.status == "leased",
+        Trial.kind == "main", Trial.item_id.is_not(None))
+    db.session.execute(
+        select(Item.id).where(Item.id.in_(leased)).order_by(Item.id).with_for_update())
 
 
 def lock_participant(participant_id: int) -> Participant:
@@ -266,10 +309,11 @@ def open_trials(participant: Participant, now: datetime) -> list[Trial]:
 
 
 def lease_trials(participant_id: int, study: Study, config: StudyConfig,
-                 now: datetime) -> tuple[list[Trial], bool]:
+                 now: datetime | None = None) -> tuple[list[Trial], bool]:
     """The participant's open trials, topped up to ``batch_size`` with new leases; the
     open ones are renewed (they expire ``lease_seconds`` from ``now``).
 
+    ``now``: :func:`write_time` once the locks are held (tests pass a clock of their own).
     Returns ``(trials, done)``; ``done`` is true when nothing is open and nothing more can
     be issued (the participant may finish). A paused study issues nothing new.
     """
@@ -277,6 +321,9 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
     if participant.status != "started":
         raise ApiError(409, "participant_finished",
                        f"this participation is already {participant.status}")
+    if not participant.preview:
+        _lock_leased_items(participant)
+    now = now or write_time()
     trials = open_trials(participant, now)
     # A participant who asks is still there: their open leases run lease_seconds from now
     # (an abandoned page stops asking, so its leases still expire and free the items).
@@ -364,8 +411,11 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
 
 
 def record_vote(participant_id: int, study: Study, vote: VoteInput, reference_shown: bool,
-                now: datetime) -> tuple[Vote, bool]:
+                now: datetime | None = None) -> tuple[Vote, bool]:
     """Store the vote for ``vote.trial_token`` exactly once; ``(vote, replayed)``.
+
+    ``now`` (the expiry check and ``received_at``): :func:`write_time` once the
+    participant, item and trial are locked, unless a test passes a clock of its own.
 
     Raises :class:`ApiError`: 404 unknown trial, 403 another participant's trial, 409 a
     different choice for an answered trial / closed study / finished participant, 410 an
@@ -389,6 +439,7 @@ def record_vote(participant_id: int, study: Study, vote: VoteInput, reference_sh
         select(Trial).where(Trial.id == trial.id).with_for_update()
         .execution_options(populate_existing=True)
     ).scalar_one()
+    now = now or write_time()
     if trial.status == "answered":
         existing = db.session.scalars(select(Vote).where(Vote.trial_id == trial.id)).one()
         if existing.choice != vote.choice:
@@ -436,7 +487,7 @@ JOIN study s ON s.id = p.study_id
 JOIN trial t ON t.participant_id = p.id AND t.study_id = s.id
 WHERE p.token = :participant_token AND t.token = :trial_token AND p.status = 'started'
   AND s.status <> 'closed' AND t.status = 'leased' AND t.expires_at > :now
-"""
+"""  # :now is read inside BEGIN IMMEDIATE (no other writer until this one commits)
 _VOTE_COUNT_SQLITE = "UPDATE participant SET n_answered = n_answered + 1 WHERE id = ?"
 _VOTE_ITEM_SQLITE = "UPDATE item SET n_votes = n_votes + 1, n_a_left = n_a_left + ? WHERE id = ?"
 _VOTE_CLAIM_SQLITE = "UPDATE trial SET status = 'answered' WHERE id = ?"
@@ -449,16 +500,18 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 
 
 def record_vote_sqlite(connection: Connection, participant_token: str, vote: VoteInput,
-                       now: datetime) -> dict | None:
+                       now: datetime | None = None) -> dict | None:
     """SQLite, on ``connection`` inside ``BEGIN IMMEDIATE``: the common case of a vote;
     ``None`` = not it.
 
     Returns the answer ``{"choice", "trial_index", "received_at"}`` for a fresh vote on an
     open lease of a started participant in a study that is not closed; ``None`` with
     nothing changed for anything else (unknown token, replay, expired, finished...), which
-    :func:`record_vote` then answers precisely."""
+    :func:`record_vote` then answers precisely. ``now`` defaults to the time read here,
+    inside the write transaction (see :func:`write_time`)."""
     as_stored = _datetime_binder(connection.dialect)
     driver = connection.connection.driver_connection
+    now = now or utcnow()
     row = driver.execute(_VOTE_READ_SQLITE, {
         "participant_token": participant_token, "trial_token": vote.trial_token,
         "reference_mode": REFERENCE_QUESTION_MODE, "now": as_stored(now)}).fetchone()
@@ -490,15 +543,18 @@ def _datetime_binder(dialect):
 
 # PostgreSQL: the whole common case as one statement, run in autocommit (one round trip).
 # The read locks the participant and the trial (FOR UPDATE re-checks both against their
-# newest committed versions, so a concurrent finish, replay or expiry shows up as no row);
-# with both rows locked and checked, the writes that follow cannot fail, so the statement
-# either changes nothing (``found`` = 0: the full path answers) or stores the whole vote.
-# Lock order participant → trial → item: every other path that touches this participant's
-# trial holds the participant's lock first, so the item's place in the order cannot deadlock.
+# newest committed versions, so a concurrent finish or replay shows up as no row), then
+# the item; only then is the clock read and the lease's expiry judged (``valid``): a vote
+# that waited for the item while its lease ran out is refused, in the order the item's
+# lock gives (see the module docstring). With every row locked and checked, the writes
+# that follow cannot fail, so the statement either changes nothing (``valid`` = 0: the
+# full path answers) or stores the whole vote. Lock order participant → trial → item:
+# every other path that touches this participant's trial holds the participant's lock
+# first, so the item's place in the order cannot deadlock.
 _VOTE_STATEMENT_POSTGRESQL = """
 WITH found AS (
     SELECT p.id AS participant_id, s.id AS study_id, t.id AS trial_id, t.kind, t.item_id,
-           t.preview, t.a_left,
+           t.preview, t.a_left, t.expires_at,
            CASE WHEN %(choice)s = 'left' THEN t.condition_left ELSE t.condition_right END
                AS chosen_condition,
            coalesce((s.config ->> 'question_mode') = %(reference_mode)s, false) AS reference_shown
@@ -506,74 +562,88 @@ WITH found AS (
     JOIN study s ON s.id = p.study_id
     JOIN trial t ON t.participant_id = p.id AND t.study_id = s.id
     WHERE p.token = %(participant_token)s AND t.token = %(trial_token)s AND p.status = 'started'
-      AND s.status <> 'closed' AND t.status = 'leased' AND t.expires_at > %(now)s
+      AND s.status <> 'closed' AND t.status = 'leased'
     FOR UPDATE OF p, t
+), item_locked AS (
+    SELECT item.id FROM item JOIN found ON item.id = found.item_id
+    WHERE found.kind = 'main' AND NOT found.preview
+    FOR UPDATE OF item
+), clock AS (  -- read after every lock above is held (the aggregate drains item_locked)
+    SELECT coalesce(%(now)s::timestamp, clock_timestamp() AT TIME ZONE 'UTC') AS now
+    FROM (SELECT count(*) FROM item_locked) AS held
+), valid AS (
+    SELECT found.*, clock.now FROM found, clock WHERE found.expires_at > clock.now
 ), counted AS (
     UPDATE participant SET n_answered = participant.n_answered + 1
-    FROM found WHERE participant.id = found.participant_id
+    FROM valid WHERE participant.id = valid.participant_id
     RETURNING participant.n_answered
 ), claimed AS (
     UPDATE trial SET status = 'answered'
-    FROM found WHERE trial.id = found.trial_id
+    FROM valid WHERE trial.id = valid.trial_id
     RETURNING trial.id
 ), item_counted AS (
     UPDATE item SET n_votes = item.n_votes + 1,
-                    n_a_left = item.n_a_left + CASE WHEN found.a_left THEN 1 ELSE 0 END
-    FROM found
-    WHERE item.id = found.item_id AND found.kind = 'main' AND NOT found.preview
+                    n_a_left = item.n_a_left + CASE WHEN valid.a_left THEN 1 ELSE 0 END
+    FROM valid
+    WHERE item.id = valid.item_id AND valid.kind = 'main' AND NOT valid.preview
     RETURNING item.id
 ), stored AS (
     INSERT INTO vote (trial_id, study_id, participant_id, trial_index, choice,
                       chosen_condition, rt_ms, presented_at, answered_at, received_at,
                       reference_shown, viewport_w, viewport_h, device_pixel_ratio)
-    SELECT found.trial_id, found.study_id, found.participant_id, counted.n_answered - 1,
-           %(choice)s, found.chosen_condition, %(rt_ms)s, %(presented_at)s, %(answered_at)s, %(now)s,
-           found.reference_shown, %(viewport_w)s, %(viewport_h)s, %(device_pixel_ratio)s
-    FROM found, counted
-    RETURNING trial_index
+    SELECT valid.trial_id, valid.study_id, valid.participant_id, counted.n_answered - 1,
+           %(choice)s, valid.chosen_condition, %(rt_ms)s, %(presented_at)s, %(answered_at)s,
+           valid.now, valid.reference_shown, %(viewport_w)s, %(viewport_h)s,
+           %(device_pixel_ratio)s
+    FROM valid, counted
+    RETURNING trial_index, received_at
 )
-SELECT (SELECT count(*) FROM found) AS found, (SELECT count(*) FROM claimed) AS claimed,
-       (SELECT count(*) FROM item_counted) AS items, (SELECT trial_index FROM stored)
-           AS trial_index
+SELECT (SELECT count(*) FROM valid) AS found, (SELECT count(*) FROM claimed) AS claimed,
+       (SELECT count(*) FROM item_counted) AS items, stored.trial_index, stored.received_at
+FROM (SELECT 1) AS one LEFT JOIN stored ON true
 """
 
 
 def record_vote_postgresql(connection: Connection, participant_token: str, vote: VoteInput,
-                           now: datetime) -> dict | None:
+                           now: datetime | None = None) -> dict | None:
     """PostgreSQL: the common case of a vote as one statement (run it in autocommit).
 
     Same contract as :func:`record_vote_sqlite`: the answer for a fresh vote on an open
     lease of a started participant in a study that is not closed, else ``None`` with
-    nothing changed (the caller then runs :func:`record_vote`, which answers precisely)."""
+    nothing changed (the caller then runs :func:`record_vote`, which answers precisely).
+    ``now`` (tests only) replaces the server's clock, read once the rows are locked."""
     as_stored = _datetime_binder(connection.dialect)
     driver = connection.connection.driver_connection
-    found, claimed, _items, trial_index = driver.execute(_VOTE_STATEMENT_POSTGRESQL, {
-        "participant_token": participant_token, "trial_token": vote.trial_token,
-        "choice": vote.choice, "reference_mode": REFERENCE_QUESTION_MODE,
-        "now": as_stored(now), "rt_ms": vote.rt_ms,
-        "presented_at": as_stored(vote.presented_at),
-        "answered_at": as_stored(vote.answered_at), "viewport_w": vote.viewport_w,
-        "viewport_h": vote.viewport_h, "device_pixel_ratio": vote.device_pixel_ratio},
+    found, claimed, _items, trial_index, received_at = driver.execute(
+        _VOTE_STATEMENT_POSTGRESQL, {
+            "participant_token": participant_token, "trial_token": vote.trial_token,
+            "choice": vote.choice, "reference_mode": REFERENCE_QUESTION_MODE,
+            "now": None if now is None else as_stored(now), "rt_ms": vote.rt_ms,
+            "presented_at": as_stored(vote.presented_at),
+            "answered_at": as_stored(vote.answered_at), "viewport_w": vote.viewport_w,
+            "viewport_h": vote.viewport_h, "device_pixel_ratio": vote.device_pixel_ratio},
         # prepared server-side by psycopg's own policy (after 5 uses on a connection), so
         # `connect_args={"prepare_threshold": None}` (PgBouncer) switches it off here too
     ).fetchone()
     if found == 0:
         return None
     if claimed != 1 or trial_index is None:
-        # cannot happen with both rows locked; if it ever did, say so loudly (it committed)
+        # cannot happen with every row locked; if it ever did, say so loudly (it committed)
         raise RuntimeError(f"vote statement stored a partial vote: found {found}, "
                            f"claimed {claimed}, trial_index {trial_index}")
-    return {"choice": vote.choice, "trial_index": trial_index, "received_at": now}
+    return {"choice": vote.choice, "trial_index": trial_index,
+            "received_at": received_at.replace(tzinfo=UTC)}
 
 
 def finish(participant_id: int, study: Study, config: StudyConfig, status: str,
-           now: datetime) -> Participant:
+           now: datetime | None = None) -> Participant:
     """End a participation as ``completed`` (nothing left to answer) or ``returned``.
 
     Open leases are released to the pool. Finishing again with the same status is a
     no-op; with another status it is a 409.
     """
     participant = lock_participant(participant_id)
+    now = now or write_time()
     if participant.status != "started":
         if participant.status == status:
             return participant
