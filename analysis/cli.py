@@ -63,6 +63,14 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
     "--anchor", default=None, help="Condition fixed at 0 on the scales (default: mean zero)."
 )
 @click.option(
+    "--scale-prior",
+    type=click.Choice(["ours", "pwcmp"]),
+    default="ours",
+    show_default=True,
+    help="Prior of the JOD (Thurstone) scales: ours, N(0, 3^2) per condition, or pwcmp's "
+    "pw_scale model and prior (also adds per-image scales, scale_jod_by_image).",
+)
+@click.option(
     "--mixed/--no-mixed",
     default=True,
     show_default=True,
@@ -116,6 +124,7 @@ def analyze(
     n_boot,
     seed,
     anchor,
+    scale_prior,
     mixed,
     min_catch_accuracy,
     min_repeat_consistency,
@@ -140,6 +149,7 @@ def analyze(
     Examples:
       pstudy analyze responses.csv --out results/
       pstudy analyze tests/data/pwcmp/ex3_tmo_cmp_data.csv --out pwcmp-results --no-mixed
+      pstudy analyze ex3_tmo_cmp_data.csv --scale-prior pwcmp --out pwcmp-jod --no-mixed
       pstudy analyze sqlite:///instance/study.sqlite3 --study demo --out results/
       pstudy analyze responses.parquet --stimuli stimuli/demo --metric l1 --metric l2 --out r/
     """
@@ -186,6 +196,7 @@ def analyze(
         power=power,
         qc=qc,
         progress=not quiet,
+        scale_prior=scale_prior,
     )
     try:
         result = run_analysis(loaded, options)

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import agreement, clustered, metrics, planning, plots, scaling
+from analysis import agreement, clustered, metrics, planning, plots, pwcmp, scaling
 from analysis.io import LoadedResponses
 from analysis.pairs import preference_table
 from analysis.qc import QCOptions, apply_exclusions
@@ -36,7 +36,9 @@ class AnalysisOptions:
     bootstrap of scales, cluster bootstrap of rates). anchor: condition fixed at 0 on the
     scales (None: mean zero). mixed: fit the crossed random-effects model (slow).
     stimuli: stimulus set folder for metric-vs-human agreement. metrics: names (None:
-    every available loss). planning_rates / power: votes-needed table.
+    every available loss). planning_rates / power: votes-needed table. scale_prior:
+    prior of the Thurstone (JOD) scales, "ours" (N(0, 3^2) per condition) or "pwcmp"
+    (pwcmp's pw_scale model and prior, ``analysis.pwcmp``; adds scale_jod_by_image).
     """
 
     alpha: float = 0.05
@@ -50,6 +52,7 @@ class AnalysisOptions:
     power: float = 0.8
     qc: QCOptions = field(default_factory=QCOptions)
     progress: bool = False
+    scale_prior: str = "ours"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +86,13 @@ def _pct(x: float) -> str:
 
 def _p(x: float) -> str:
     return "n/a" if not np.isfinite(x) else ("< 0.001" if x < 0.001 else f"{x:.3f}")
+
+
+SCALE_PRIORS = {"ours": "gaussian", "pwcmp": "pwcmp"}  # --scale-prior -> scale_conditions prior
+SCALE_PRIOR_TEXT = {
+    "gaussian": f"our prior N(0, {scaling.THURSTONE_PRIOR_SD:g}^2) per condition",
+    "pwcmp": "pwcmp's prior and model (pw_scale)",
+}
 
 
 def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alpha: float) -> str:
@@ -136,7 +146,8 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
         )
     scale = tables["scale_jod"].sort_values("estimate", ascending=False)
     ranking = ", ".join(f"{r.condition} ({r.estimate:+.2f})" for r in scale.itertuples())
-    lines.append(f"Quality scale (JOD; 1 JOD = 75 % preference), best first: {ranking}.")
+    prior = f"; {SCALE_PRIOR_TEXT[scale['prior'].iloc[0]]}" if "prior" in scale else ""
+    lines.append(f"Quality scale (JOD; 1 JOD = 75 % preference{prior}), best first: {ranking}.")
     if "position_bias" in tables:
         pb = tables["position_bias"].iloc[0]
         lines.append(
@@ -172,6 +183,11 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
     """Every layer of the analysis (QC, pairs, clustered inference, scales, bias,
     agreement, metrics, planning) on validated responses. No printing, no files."""
     options = options or AnalysisOptions()
+    if options.scale_prior not in SCALE_PRIORS:
+        raise ValueError(
+            f"scale_prior must be one of {', '.join(SCALE_PRIORS)}, got {options.scale_prior!r}"
+        )
+    jod_prior = SCALE_PRIORS[options.scale_prior]
     frame = loaded.frame
     qc = apply_exclusions(frame, options.qc, loaded.sides_recorded)
     main = qc.kept
@@ -181,13 +197,26 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
         )
     if main["condition_left"].nunique() + main["condition_right"].nunique() < 2:
         raise ValueError("the main trials compare fewer than two conditions")
+    if jod_prior == "gaussian":
+        jod_note = (
+            f"Scales: Thurstone Case V in JOD with a N(0, {scaling.THURSTONE_PRIOR_SD:g}^2) "
+            "prior (ours; --scale-prior ours); "
+        )
+    else:
+        jod_note = (
+            "Scales: Thurstone Case V in JOD as pwcmp's pw_scale (--scale-prior pwcmp): "
+            f"{pwcmp.PRIOR_DESCRIPTION['pwcmp']}; "
+            + ("mean zero" if options.anchor is None else f"{options.anchor} at 0")
+            + " (scale_jod_by_image: per image and pooled, mean zero); the outlier score and the "
+            "split-half reliability still use our N(0, "
+            f"{scaling.THURSTONE_PRIOR_SD:g}^2) prior; "
+        )
     notes = [
         "Pooled per-pair p-values treat votes as independent; they are not (same participant, "
         "same image). The clustered results (cluster_glm, per_participant_tests, "
         "cluster_bootstrap) are the inferential ones.",
         "Holm (family-wise) and Benjamini–Hochberg (FDR) adjust over all condition pairs.",
-        f"Scales: Thurstone Case V in JOD with a N(0, {scaling.THURSTONE_PRIOR_SD:g}^2) prior; "
-        "Bradley–Terry in logits by maximum likelihood (ridge alpha "
+        jod_note + "Bradley–Terry in logits by maximum likelihood (ridge alpha "
         f"{scaling.AUTO_ALPHA:g} only when the win graph is not strongly connected); "
         f"{options.n_boot} observer-bootstrap replicates.",
         "Observer outlier score: (Q1 - L) / IQR of each observer's leave-one-out mean "
@@ -215,6 +244,7 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
     jod = scaling.scale_conditions(
         main,
         "thurstone",
+        prior=jod_prior,
         anchor=options.anchor,
         n_boot=options.n_boot,
         level=level,
@@ -233,6 +263,7 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
     jod_all = scaling.scale_conditions(
         qc.everyone,
         "thurstone",
+        prior=jod_prior,
         anchor=options.anchor,
         n_boot=options.n_boot,
         level=level,
@@ -242,15 +273,18 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
         notes.append("The win graph is not strongly connected: Bradley–Terry was regularised.")
     tables.update(
         {
-            "scale_jod": jod.scale,
+            "scale_jod": jod.scale.assign(prior=jod_prior),
             "significance_jod": jod.significance,
             "scale_bt": bt.scale,
             "significance_bt": bt.significance,
-            "scale_jod_everyone": jod_all.scale,
+            "scale_jod_everyone": jod_all.scale.assign(prior=jod_prior),
             "reliability": scaling.split_half_reliability(main, seed=options.seed),
             "agreement": agreement.agreement_table(main),
         }
     )
+    if jod_prior == "pwcmp":
+        # pwcmp users scale each scene on its own: point estimates per image, and pooled
+        tables["scale_jod_by_image"] = pwcmp.pw_scale_groups(main, by="image_id")
     if loaded.sides_recorded:
         tables["position_bias"], tables["position_bias_participants"] = agreement.position_bias(
             main, options.alpha
@@ -392,6 +426,7 @@ SECTIONS = [
             "scale_bt",
             "significance_bt",
             "scale_jod_everyone",
+            "scale_jod_by_image",
             "reliability",
         ],
     ),

@@ -155,7 +155,8 @@ def anchor_scale(values: np.ndarray, names: list[str], anchor: str | None) -> np
 class ScaleResult:
     """A fitted scale: tidy ``scale`` (condition, estimate, se, ci_low, ci_high, wins,
     comparisons), ``significance`` (pairwise differences with bootstrap z tests),
-    the options used, and the bootstrap replicates (n_boot x K, anchored)."""
+    the options used (``prior``: which prior), and the bootstrap replicates (n_boot x K,
+    anchored)."""
 
     model: str
     unit: str
@@ -166,6 +167,7 @@ class ScaleResult:
     scale: pd.DataFrame
     significance: pd.DataFrame
     replicates: np.ndarray = field(repr=False)
+    prior: str | None = None  # "gaussian" (ours), "pwcmp" (analysis.pwcmp) or "none"
 
 
 def _default_alpha(model: str, prior: str, wins: np.ndarray) -> float:
@@ -228,11 +230,20 @@ def scale_conditions(
     rows of ``responses`` (use main trials of kept participants) with observer-bootstrap
     percentile intervals at ``level``.
 
-    ``prior``: "gaussian" (default for thurstone: N(0, 3^2) JOD per condition) or "none"
+    ``prior``: "gaussian" (default for thurstone: N(0, 3^2) JOD per condition), "none"
     (default for bt: plain maximum likelihood, regularised with alpha=0.01 only when the
-    win graph is not strongly connected). ``alpha`` overrides the ridge strength.
-    ``anchor``: None for mean zero, or a condition fixed at 0.
+    win graph is not strongly connected) or "pwcmp". ``alpha`` overrides the ridge strength.
+    ``anchor``: None for mean zero, or a condition fixed at 0. ``prior="pwcmp"`` (thurstone
+    only): pwcmp's pw_scale model and prior instead of ours (``analysis.pwcmp``).
     """
+    if prior == "pwcmp":
+        if model != "thurstone":
+            raise ValueError("prior='pwcmp' is a Thurstone (JOD) prior; use model='thurstone'")
+        from analysis.pwcmp import scale_conditions_pwcmp
+
+        return scale_conditions_pwcmp(
+            responses, anchor=anchor, n_boot=n_boot, level=level, seed=seed, progress=progress
+        )
     names = condition_names(responses)
     if len(names) < 2:
         raise ValueError("scaling needs at least two conditions")
@@ -285,6 +296,7 @@ def scale_conditions(
         scale=scale,
         significance=significance_matrix(names, estimate, replicates, level),
         replicates=replicates,
+        prior=prior,
     )
 
 
