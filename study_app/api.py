@@ -9,6 +9,7 @@ lists every endpoint, field and code.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -71,8 +72,42 @@ def _http_error(error: HTTPException):
 # --------------------------------------------------------------------------- parsing
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicated = sorted({key for key in keys if keys.count(key) > 1})
+        raise _DuplicateKey(f"the key(s) {duplicated} appear more than once in one object")
+    return dict(pairs)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A JSON object from ``raw``, strictly: UTF-8, no duplicate keys, no NaN/Infinity,
+    no nesting past what the JSON decoder can follow (any of these → ApiError 400)."""
+    try:
+        body = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys,
+                          parse_constant=_reject_constant)
+    except _DuplicateKey as error:
+        raise ApiError(400, "malformed_json", f"{error}; send each field once") from None
+    except (ValueError, RecursionError):  # also UnicodeDecodeError, too-long integers
+        raise ApiError(400, "malformed_json",
+                       "the request body is not valid JSON (UTF-8, no NaN/Infinity, "
+                       "a flat object of fields)") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "malformed_json", "the request body must be a JSON object")
+    return body
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def json_body(max_bytes: int, required: bool = True) -> dict[str, Any]:
-    """The request's JSON object, or an ApiError (413 too large, 415 not JSON, 400 bad)."""
+    """The request's JSON object, or an ApiError (413 too large, 415 not JSON, 400 bad:
+    see :func:`parse_json_object`)."""
     length = request.content_length
     if length is not None and length > max_bytes:
         raise ApiError(413, "payload_too_large",
@@ -88,18 +123,15 @@ def json_body(max_bytes: int, required: bool = True) -> dict[str, Any]:
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type",
                        "send the body with Content-Type: application/json")
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "malformed_json", "the request body must be a JSON object")
-    return body
+    return parse_json_object(raw)
 
 
 def _number(body: dict, name: str, low: float, high: float, integer: bool = False) -> float:
     value = body.get(name)
     ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok and integer:
-        ok = float(value).is_integer()
-    if not ok or not math.isfinite(value) or not (low <= value <= high):
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value) and (value.is_integer() or not integer)
+    if not ok or not (low <= value <= high):  # exact for ints of any size
         kind = "an integer" if integer else "a number"
         raise ApiError(400, "invalid_field", f"'{name}' must be {kind} in [{low:g}, {high:g}]",
                        field=name)
@@ -112,7 +144,7 @@ def _timestamp(body: dict, name: str) -> datetime:
         parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:
         parsed = None
-    if parsed is None or parsed.tzinfo is None or not 2000 <= parsed.year <= 2200:
+    if parsed is None or parsed.tzinfo is None or not 2000 <= parsed.year <= 2199:
         raise ApiError(400, "invalid_field",
                        f"'{name}' must be an ISO 8601 time with a zone, e.g. "
                        "2025-01-31T12:00:00.123Z", field=name)
@@ -347,7 +379,10 @@ def me():
 @bp.post("/participant/trials/next")
 def next_trials():
     """The open trials, topped up with new leases (idempotent while trials are open)."""
-    json_body(START_MAX_BYTES, required=False)
+    unknown = sorted(json_body(START_MAX_BYTES, required=False))
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown field(s) {unknown}; send {{}} or no "
+                       "body", field=unknown[0])
     participant, study, config = _authenticated()
     participant_id = participant.id
     trials, done = run_write(lambda: scheduling.lease_trials(participant_id, study, config))
@@ -364,9 +399,9 @@ def next_trials():
 @bp.post("/participant/votes")
 def vote():
     """Store one vote, exactly once per trial token (a replay answers the same)."""
+    token = _bearer_token()  # 401 before any look at the body
     body = json_body(VOTE_MAX_BYTES)
     parsed = parse_vote(body)
-    token = _bearer_token()
     # no `now` taken here: expiry is judged at the time read once the locks are held
     # (scheduling.write_time), not before the request waited for them
 

@@ -14,8 +14,16 @@ _ERROR_CODES = {
     410: "trial_expired",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    429: "rate_limited: too many requests from this address (retry after the Retry-After "
+         "header)",
     503: "database_busy (retry after the Retry-After header)",
 }
+_PARTICIPANT_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+_TOKEN = {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,64}$"}
+# RFC 3339 with a zone, years 2000-2199 (the server's sanity range)
+_TIME = {"type": "string", "format": "date-time",
+         "pattern": r"^2[01][0-9]{2}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
+                    r"(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})$"}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -27,7 +35,9 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): _json(_ref("Error"), _ERROR_CODES[s]) for s in statuses}
+    """The error responses of a participant route: ``statuses`` plus 429 (every
+    participant route is rate limited per address)."""
+    return {str(s): _json(_ref("Error"), _ERROR_CODES[s]) for s in (*statuses, 429)}
 
 
 def _body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
@@ -104,10 +114,10 @@ _SCHEMAS: dict[str, Any] = {
     "StartRequest": {
         "type": "object", "additionalProperties": False,
         "properties": {
-            "prolific_pid": {"type": "string", "description": "PROLIFIC_PID URL parameter"},
-            "study_id": {"type": "string", "description": "STUDY_ID URL parameter"},
-            "session_id": {"type": "string", "description": "SESSION_ID URL parameter"},
-            "participant_token": {"type": "string", "description": "resume this participant"},
+            "prolific_pid": {**_PARTICIPANT_ID, "description": "PROLIFIC_PID URL parameter"},
+            "study_id": {**_PARTICIPANT_ID, "description": "STUDY_ID URL parameter"},
+            "session_id": {**_PARTICIPANT_ID, "description": "SESSION_ID URL parameter"},
+            "participant_token": {**_TOKEN, "description": "resume this participant"},
             "preview": {"type": "boolean", "description": "researcher preview (needs login)"},
         },
     },
@@ -116,13 +126,13 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["trial_token", "choice", "rt_ms", "presented_at", "answered_at",
                      "viewport_w", "viewport_h", "device_pixel_ratio"],
         "properties": {
-            "trial_token": {"type": "string"},
+            "trial_token": _TOKEN,
             "choice": {"enum": ["left", "right"]},
             "rt_ms": {"type": "number", "minimum": 0, "maximum": 600000},
-            "presented_at": {"type": "string", "format": "date-time"},
-            "answered_at": {"type": "string", "format": "date-time"},
-            "viewport_w": {"type": "integer", "minimum": 1},
-            "viewport_h": {"type": "integer", "minimum": 1},
+            "presented_at": {**_TIME, "description": "with a zone; years 2000-2199"},
+            "answered_at": {**_TIME, "description": "with a zone; not before presented_at"},
+            "viewport_w": {"type": "integer", "minimum": 1, "maximum": 100000},
+            "viewport_h": {"type": "integer", "minimum": 1, "maximum": 100000},
             "device_pixel_ratio": {"type": "number", "minimum": 0.1, "maximum": 16},
         },
     },
@@ -180,7 +190,7 @@ def openapi_document() -> dict[str, Any]:
                     "200": _json({"type": "object", "properties": {
                         "participant": _ref("Participant"), "resumed": {"const": True}}},
                         "an existing participant resumed"),
-                    **_errors(400, 403, 404, 409, 413, 415),
+                    **_errors(400, 403, 404, 409, 413, 415, 503),
                 },
             }},
             "/api/v1/participant": {"get": {
@@ -194,11 +204,13 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/participant/trials/next": {"post": {
                 "summary": "Open trials topped up to the batch size with new leases",
                 "security": _BEARER,
+                "requestBody": _body({"type": "object", "additionalProperties": False,
+                                      "maxProperties": 0}, required=False),
                 "responses": {"200": _json({"type": "object", "properties": {
                     "trials": {"type": "array", "items": _ref("Trial")},
                     "done": {"type": "boolean"}, "study_status": {"type": "string"},
                     "progress": _ref("Progress")}}, "the trials to show, in order"),
-                    **_errors(401, 409, 413, 415, 503)},
+                    **_errors(400, 401, 409, 413, 415, 503)},
             }},
             "/api/v1/participant/votes": {"post": {
                 "summary": "Submit one vote; exactly once per trial token",
@@ -211,13 +223,15 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/participant/finish": {"post": {
                 "summary": "Finish as completed (completion code, redirect) or returned",
                 "security": _BEARER,
-                "requestBody": _body({"type": "object", "properties": {
-                    "status": {"enum": ["completed", "returned"]}}}, required=False),
+                "requestBody": _body({"type": "object", "additionalProperties": False,
+                                      "properties": {
+                                          "status": {"enum": ["completed", "returned"]}}},
+                                     required=False),
                 "responses": {"200": _json({"type": "object", "properties": {
                     "participant": _ref("Participant"),
                     "completion_code": {"type": ["string", "null"]},
                     "redirect_url": {"type": ["string", "null"]}}}, "finished"),
-                    **_errors(400, 401, 409, 413, 415)},
+                    **_errors(400, 401, 409, 413, 415, 503)},
             }},
             "/media/{sha256}.png": {"get": {
                 "summary": "A stimulus image by content hash (ETag = hash, immutable cache)",

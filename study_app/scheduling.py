@@ -315,24 +315,31 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
 
     ``now``: :func:`write_time` once the locks are held (tests pass a clock of their own).
     Returns ``(trials, done)``; ``done`` is true when nothing is open and nothing more can
-    be issued (the participant may finish). A paused study issues nothing new.
+    be issued (the participant may finish). A paused (or draft) study returns the open
+    trials without renewing them and issues nothing new; a closed one answers 409
+    ``study_closed`` and changes nothing. Previews run in any state.
     """
     participant = lock_participant(participant_id)
     if participant.status != "started":
         raise ApiError(409, "participant_finished",
                        f"this participation is already {participant.status}")
-    if not participant.preview:
+    live = study.status == "live" or participant.preview
+    if study.status == "closed" and not participant.preview:
+        raise ApiError(409, "study_closed", "this study is closed and shows no more trials")
+    if live and not participant.preview:
         _lock_leased_items(participant)
     now = now or write_time()
     trials = open_trials(participant, now)
+    if not live:  # paused or draft: the open trials as they are, nothing renewed or new
+        return trials, False
     # A participant who asks is still there: their open leases run lease_seconds from now
     # (an abandoned page stops asking, so its leases still expire and free the items).
     renewed_until = now + timedelta(seconds=config.lease_seconds)
     for trial in trials:
         trial.expires_at = max(trial.expires_at, renewed_until)
     want = config.batch_size - len(trials)
-    if want <= 0 or (study.status != "live" and not participant.preview):
-        return trials, (not trials and study.status == "closed")
+    if want <= 0:
+        return trials, False
     rng = random.Random(f"{config.seed}:{participant.public_id}:{participant.n_issued}")
     remaining = remaining_trials(participant, study, config, now)
     kinds = draw_kinds(want, remaining, rng)

@@ -103,10 +103,14 @@ def wants_json() -> bool:
     return best == "application/json" and not request.accept_mimetypes.accept_html
 
 
-def error_response(status: int, title: str, message: str, **extra) -> Response:
-    """A JSON or HTML error with ``status``; never a stack trace."""
+def error_response(status: int, title: str, message: str, code: str | None = None,
+                   **extra) -> Response:
+    """A JSON or HTML error with ``status``; never a stack trace. JSON errors have the
+    API's shape ``{"error", "code", "status"}`` (``code`` defaults to the title in
+    snake_case)."""
     if wants_json():
-        response = jsonify(error=message, status=status, **extra)
+        code = code or "_".join(title.lower().split())
+        response = jsonify(error=message, code=code, status=status, **extra)
     else:
         response = current_app.make_response(
             render_template("error.html", status=status, title=title, message=message)
@@ -141,6 +145,7 @@ def _limit_participant_requests():
                 "Request too large",
                 f"request body of {request.content_length} bytes is over the limit of "
                 f"{limit} bytes for participant requests",
+                code="payload_too_large",
             )
         request.max_content_length = limit  # also bounds chunked bodies while reading
     limiter: SlidingWindowLimiter | None = current_app.extensions.get("pstudy_rate_limiter")
@@ -152,6 +157,7 @@ def _limit_participant_requests():
                 "Too many requests",
                 f"more than {limiter.limit} requests in {limiter.window_s:g} s from this "
                 "address; wait and try again",
+                code="rate_limited",
                 retry_after_s=round(wait_s, 3),
             )
             response.headers["Retry-After"] = str(max(1, round(wait_s)))

@@ -4,6 +4,7 @@ replays, and every refused request answering 4xx JSON with no state change."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +56,13 @@ def snapshot(app) -> tuple:
                                             Participant.n_answered).order_by(Participant.id))
                   .all()),
         )
+
+
+def leases(app) -> tuple:
+    """Every trial's lease (status, expiry): what `trials/next` renews."""
+    with app.app_context():
+        return tuple(db.session.execute(
+            select(Trial.id, Trial.status, Trial.expires_at).order_by(Trial.id)).all())
 
 
 def test_study_description_hides_conditions_and_draft_studies(app, client, stimulus_root):
@@ -267,6 +275,51 @@ def test_missing_field_non_json_and_oversized_bodies(app, client, slug):
     assert snapshot(app) == before
 
 
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+HOSTILE_BODIES = [
+    ("nested 1,000 deep", _nested(1000), "malformed_json"),
+    ("nested 2,000 deep", _nested(2000), "malformed_json"),
+    ("object nested 600 deep", '{"a":' * 600 + "1" + "}" * 600, None),  # parses: unknown field
+    ("duplicate key", None, "malformed_json"),
+    ("NaN", '{"rt_ms": NaN}', "malformed_json"),
+    ("integer of 3,990 digits", '{"rt_ms": ' + "9" * 3990 + "}", None),
+    ("not UTF-8", b'{"choice": "\xff"}'.replace(b"\\xff", b"\xff"), "malformed_json"),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "code"), HOSTILE_BODIES,
+                         ids=[case[0] for case in HOSTILE_BODIES])
+@pytest.mark.parametrize("path", ["participants", "votes", "trials/next", "finish"])
+def test_hostile_json_is_400_and_changes_nothing(app, client, slug, name, raw, code, path):
+    participant = P(client, slug)
+    token = participant.next().get_json()["trials"][0]["token"]
+    if raw is None:  # the same key twice: neither value may win silently
+        raw = json.dumps(vote_body(token, "left"))[:-1] + ', "choice": "right"}'
+    url = (f"/api/v1/studies/{slug}/participants" if path == "participants"
+           else f"/api/v1/participant/{path}")
+    before = snapshot(app), leases(app)
+    response = client.post(url, data=raw, content_type="application/json",
+                           headers=participant.headers)
+    assert response.status_code == 400, (response.status_code, response.get_data()[:200])
+    assert response.get_json()["code"] == (code or response.get_json()["code"])
+    assert response.get_json()["error"]
+    assert (snapshot(app), leases(app)) == before
+
+
+@pytest.mark.parametrize("value", [10**30, -(10**30), 2**63, 1e308, -1e308])
+def test_huge_numbers_are_400(app, client, slug, value):
+    participant = P(client, slug)
+    token = participant.next().get_json()["trials"][0]["token"]
+    before = snapshot(app)
+    for field in ("viewport_w", "rt_ms", "device_pixel_ratio"):
+        response = participant.vote(token, **{field: value})
+        assert response.status_code == 400 and response.get_json()["field"] == field
+    assert snapshot(app) == before
+
+
 def test_unauthorised_unknown_foreign_and_expired_trials_are_refused(app, client, slug):
     alice, bob = P(client, slug), P(client, slug)
     alice_token = alice.next().get_json()["trials"][0]["token"]
@@ -274,6 +327,10 @@ def test_unauthorised_unknown_foreign_and_expired_trials_are_refused(app, client
     before = snapshot(app)
     anonymous = client.post("/api/v1/participant/votes", json=vote_body(alice_token))
     assert anonymous.status_code == 401 and anonymous.get_json()["code"] == "unauthorized"
+    # no token is a 401 whatever the body holds (the OpenAPI document says so)
+    for body in ({}, {"choice": "up"}):
+        bare = client.post("/api/v1/participant/votes", json=body)
+        assert bare.status_code == 401 and bare.get_json()["code"] == "unauthorized"
     forged = client.post("/api/v1/participant/votes", json=vote_body(alice_token),
                          headers={"Authorization": "Bearer " + "x" * 32})
     assert forged.status_code == 401
@@ -334,12 +391,14 @@ def test_closed_study_refuses_votes_and_new_participants(app, client, slug):
 
         set_status(find_study(slug), "closed")
         db.session.commit()
-    before = snapshot(app)
+    before = snapshot(app), leases(app)
     refused = participant.vote(token)
     assert refused.status_code == 409 and refused.get_json()["code"] == "study_closed"
     newcomer = client.post(f"/api/v1/studies/{slug}/participants", json={})
     assert newcomer.status_code == 409 and newcomer.get_json()["code"] == "study_closed"
-    assert snapshot(app) == before
+    asked = participant.next()  # the docs promise 409 for anything on a closed study
+    assert asked.status_code == 409 and asked.get_json()["code"] == "study_closed"
+    assert (snapshot(app), leases(app)) == before  # no lease renewed
 
 
 def test_paused_study_accepts_open_votes_but_issues_nothing_new(app, client, slug):
@@ -350,6 +409,10 @@ def test_paused_study_accepts_open_votes_but_issues_nothing_new(app, client, slu
 
         set_status(find_study(slug), "paused")
         db.session.commit()
+    before = leases(app)
+    while_paused = participant.next().get_json()  # the open trials, leases untouched
+    assert [t["token"] for t in while_paused["trials"]] == [t["token"] for t in trials]
+    assert while_paused["done"] is False and leases(app) == before
     for trial in trials:
         assert participant.vote(trial["token"]).status_code == 200
     after = participant.next().get_json()

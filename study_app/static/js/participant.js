@@ -552,6 +552,8 @@
       if (error.status === 401) {
         storage.removeItem(storeKey("token"));
         fail("This session is no longer valid. Reload the page to start again.");
+      } else if (error.body && error.body.code === "study_closed") {
+        fail("The researchers have closed this study. The answers you gave are kept. Thank you for taking part.");
       } else {
         fail("Something went wrong: " + error.message + ". Reload the page to continue where you left off.");
       }
