@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 CHROMIUM_PATH = "/usr/bin/chromium"
 # As root, and off the closed network (no background fetches, no component updates).
@@ -38,6 +43,56 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_gunicorn(database_url: str, cwd: Path, port: int | None = None, workers: int = 4,
+                   threads: int = 4) -> tuple[subprocess.Popen, str]:
+    """The app under real gunicorn (the project's config) on 127.0.0.1, serving
+    ``database_url``; returns ``(master process, base URL)`` once ``/healthz`` answers."""
+    port = port or free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": "reliability",
+           "PSTUDY_BIND": f"127.0.0.1:{port}", "PSTUDY_WORKERS": str(workers),
+           "PSTUDY_THREADS": str(threads), "PSTUDY_PARTICIPANT_RATE_LIMIT": "[1000000, 60]",
+           "PSTUDY_LOG_LEVEL": "warning"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", str(REPO / "study_app" / "gunicorn.conf.py"),
+         "study_app:create_app()"],
+        env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(base + "/healthz", timeout=5).status_code == 200:
+                return server, base
+        except requests.RequestException:
+            time.sleep(0.2)
+    stop_gunicorn(server)
+    pytest.fail("gunicorn did not come up within 60 s")
+
+
+def stop_gunicorn(server: subprocess.Popen) -> None:
+    """SIGTERM (graceful), then SIGKILL if it hangs."""
+    if server.poll() is not None:
+        return
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=10)
+
+
+def gunicorn_workers(master_pid: int) -> list[int]:
+    """The worker processes of a gunicorn master (its children)."""
+    try:
+        text = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
 
 
 def find_postgres_bindir() -> Path | None:

@@ -8,15 +8,10 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
-import requests
 from sqlalchemy import func, select
 
 from study_app.commands import make_app
@@ -25,19 +20,10 @@ from study_app.extensions import db
 from study_app.models import Item, Participant, Trial, Vote
 from study_app.simulate import run_simulation
 from tests.study_support import make_study, write_stimulus_set
-from tests.support import free_port
+from tests.support import gunicorn_workers, start_gunicorn, stop_gunicorn
 
-REPO = Path(__file__).resolve().parent.parent
 K = 20
 KILLS = 4
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -56,33 +42,14 @@ def test_acknowledged_votes_survive_killed_workers_exactly_once(database_url, tm
                       repeat_trials=1, batch_size=3)
     with app.app_context():
         db.engine.dispose()
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "SECRET_KEY": "reliability",
-           "PSTUDY_BIND": f"127.0.0.1:{port}", "PSTUDY_WORKERS": "4", "PSTUDY_THREADS": "4",
-           "PSTUDY_PARTICIPANT_RATE_LIMIT": "[1000000, 60]", "PSTUDY_LOG_LEVEL": "warning"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(REPO / "study_app" / "gunicorn.conf.py"),
-         "study_app:create_app()"],
-        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_gunicorn(database_url, tmp_path)
     killed: list[int] = []
     stop = threading.Event()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(base + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
-        else:
-            pytest.fail("gunicorn did not come up within 60 s")
-
         def killer() -> None:
             rng = random.Random(5)
             while not stop.wait(0.6) and len(killed) < KILLS:
-                workers = _children(server.pid)
+                workers = gunicorn_workers(server.pid)
                 if len(workers) >= 2:
                     victim = rng.choice(workers)
                     os.kill(victim, signal.SIGKILL)
@@ -96,12 +63,7 @@ def test_acknowledged_votes_survive_killed_workers_exactly_once(database_url, tm
         thread.join(timeout=10)
     finally:
         stop.set()
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        stop_gunicorn(server)
 
     assert len(killed) >= 3, f"only {len(killed)} workers were killed during the run"
     assert result.errors == []
