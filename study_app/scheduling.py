@@ -2,7 +2,7 @@
 
 Every function here runs inside :func:`study_app.transactions.run_write` (one write
 transaction of the ORM session), except the vote's fast paths, which get a Core
-connection from :func:`study_app.transactions.run_on_connection`. The rules (docs/study_api.md, ../shared/design/study.md):
+connection from :func:`study_app.transactions.run_on_connection`. The rules (docs/study_api.md):
 
 - an item (image × condition pair) has a *load* = its votes + its open leases (leased,
   not expired, not preview); a participant's main trials are drawn from the items with
