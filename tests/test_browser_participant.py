@@ -382,3 +382,52 @@ def test_a_participant_can_withdraw_mid_study(app, live_server, page, study):
     assert [(s, n) for s, n, _ in participant_tokens(app, study["id"])] == [("returned", 1)]
     page.reload()  # the same link does not resume a withdrawn participation
     page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+
+
+def test_an_offline_spell_goes_on_through_fetched_trials_and_sends_them_in_order(
+        app, live_server, page, tmp_path):
+    """Offline after the trials were fetched: the participant answers 5 trials (their
+    images preloaded) while the notice counts the answers kept on the device; back
+    online, the 5 votes are stored once each, in the order they were given."""
+    from sqlalchemy import select
+
+    from study_app.extensions import db
+    from study_app.models import Trial, Vote
+
+    set_id = import_set(app, write_stimulus_set(tmp_path / "offline-set"))
+    study = make_study(app, set_id, slug="offline", trials_per_participant=6, batch_size=6,
+                       catch_trials=0, repeat_trials=0, practice_trials=0)
+    page.goto(f"{live_server}/s/{study['slug']}")
+    page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+    page.check("#consent-check")
+    page.click("#consent-button")
+    page.click("#start-button")
+    wait_trial(page)
+    page.wait_for_function(  # every fetched trial's images are decoded
+        "() => performance.getEntriesByType('resource')"
+        ".filter(e => e.name.includes('/media/')).length >= 6 * 2")
+    page.context.set_offline(True)
+    given: list[str] = []
+    for number in range(5):
+        given.append(wait_trial(page))
+        answer(page, lambda key="f" if number % 2 else "j": page.keyboard.press(key))
+        assert page.evaluate("document.body.dataset.outbox") == str(number + 1)
+    notice = page.inner_text("#connection-notice")
+    assert notice.startswith("Connection lost: 5 answers kept on this device"), notice
+    save_screenshot(page, "participant-offline-queue")
+    with app.app_context():
+        assert db.session.scalar(select(Vote.id).where(Vote.study_id == study["id"])) is None
+    page.context.set_offline(False)
+    page.wait_for_function("() => document.body.dataset.outbox === '0'", timeout=TIMEOUT_MS)
+    with app.app_context():
+        stored = db.session.execute(
+            select(Trial.token, Vote.trial_index, Vote.choice).join(Vote)
+            .where(Vote.study_id == study["id"]).order_by(Vote.trial_index)).all()
+    assert [token for token, _, _ in stored] == given  # each once, in answer order
+    assert [index for _, index, _ in stored] == [0, 1, 2, 3, 4]
+    assert [choice for _, _, choice in stored] == ["right", "left", "right", "left", "right"]
+    wait_trial(page)
+    answer(page, lambda: page.keyboard.press("j"))
+    page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
+    counts = votes_per_trial(app, study["id"])
+    assert len(counts) == 6 and set(counts.values()) == {1}

@@ -1,8 +1,11 @@
 /* The participant page: consent → instructions → practice → trials → completion.
  *
- * Talks to the participant JSON API (docs/study_api.md). Every vote is kept in
- * localStorage until the server acknowledges it and is re-sent (same trial token, so
- * the server stores it once) after a network failure, a server error or a reload.
+ * Talks to the participant JSON API (docs/study_api.md). Every answer goes into an
+ * outbox kept in localStorage and is sent in answer order, each until the server
+ * acknowledges it (same trial token, so the server stores it once), after a network
+ * failure, a server error or a reload. Sending runs beside the trials: offline, the
+ * participant goes on through every trial already fetched (their images are preloaded)
+ * while the notice counts the answers waiting to be sent.
  * State is mirrored on <body data-state="..."> for styling and for the browser tests.
  */
 (function () {
@@ -131,7 +134,7 @@
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
   /** Run `call` until it succeeds or fails with a non-retryable error (thrown). */
-  async function withRetry(call) {
+  async function withRetry(call, onRetry) {
     for (let attempt = 0; ; attempt += 1) {
       try {
         const result = await call();
@@ -146,6 +149,7 @@
         offline = true;
         document.body.dataset.retries = String((parseInt(document.body.dataset.retries || "0", 10)) + 1);
         setNotice("Connection lost. Retrying… your answers are kept and will be sent when the connection is back.");
+        if (onRetry) onRetry();
         await sleep(core.retryDelayMs(attempt, RETRY_BASE_MS, RETRY_MAX_MS, Math.random, error.retryAfterS));
       }
     }
@@ -316,29 +320,56 @@
     }
   }
 
-  function pendingVote() {
-    const raw = storage.getItem(storeKey("pending"));
-    return raw ? JSON.parse(raw) : null;
-  }
+  // ------------------------------------------------------------------ outbox
 
-  /** Send the stored vote until acknowledged; false when the server refused it for good. */
-  async function flushPendingVote() {
-    const body = pendingVote();
-    if (!body) return true;
-    try {
-      await withRetry(() => api.vote(body));
-      answered.add(body.trial_token);
-      return true;
-    } catch (error) {
-      if (error.status === 401) throw error;
-      // 4xx: the trial expired or is no longer this participant's; the server kept
-      // nothing, the page moves on to the next trial.
-      setNotice("That answer could not be stored (" + error.message + "); continuing.", false);
-      setTimeout(() => setNotice(null), 3000);
-      return false;
-    } finally {
+  /** Answers not yet acknowledged, oldest first (also after a reload). */
+  const outbox = (() => {
+    const raw = storage.getItem(storeKey("outbox"));
+    const stored = raw ? JSON.parse(raw) : [];
+    const legacy = storage.getItem(storeKey("pending")); // a page from before the outbox
+    if (legacy) {
+      const body = JSON.parse(legacy);
+      if (!stored.some((b) => b.trial_token === body.trial_token)) stored.push(body);
       storage.removeItem(storeKey("pending"));
     }
+    return stored;
+  })();
+  let sending = null; // the running sender, if any
+
+  function saveOutbox() {
+    storage.setItem(storeKey("outbox"), JSON.stringify(outbox));
+    document.body.dataset.outbox = String(outbox.length);
+    if (offline && outbox.length) {
+      setNotice("Connection lost: " + outbox.length + (outbox.length === 1 ? " answer" : " answers") +
+        " kept on this device, sent when the connection is back. You can go on.");
+    }
+  }
+
+  /** Send the outbox in order, each vote until acknowledged or refused for good.
+   * Resolves when it is empty; a 401 (the session is gone) rejects. */
+  function sendOutbox() {
+    if (!sending) {
+      sending = (async () => {
+        while (outbox.length) {
+          const body = outbox[0];
+          try {
+            await withRetry(() => api.vote(body), saveOutbox);
+            answered.add(body.trial_token);
+          } catch (error) {
+            if (error.status === 401) throw error;
+            // 4xx: the trial expired or is no longer this participant's; the server
+            // kept nothing, the page moves on.
+            progress.answered = Math.max(0, progress.answered - 1);
+            setProgress(progress.answered, progress.total);
+            setNotice("An answer could not be stored (" + error.message + "); continuing.", false);
+            setTimeout(() => setNotice(null), 3000);
+          }
+          outbox.shift();
+          saveOutbox();
+        }
+      })().finally(() => { sending = null; });
+    }
+    return sending;
   }
 
   /** Ask for the open trials (topped up by the server) and preload their images. */
@@ -349,22 +380,33 @@
       progress = { answered: Math.max(progress.answered, data.progress.answered), total: data.progress.total };
     }
     queue = data.trials.filter((t) => !answered.has(t.token) && !seen.has(t.token));
-    queue.slice(0, PRELOAD_AHEAD).forEach((t) => urlsOf(t).forEach((url) => preload(url).catch(() => null)));
+    // every fetched trial, so all of them can be answered through a connection loss
+    queue.forEach((t) => urlsOf(t).forEach((url) => preload(url).catch(() => null)));
     return data;
   }
 
   async function runMain() {
-    await flushPendingVote();
+    const sent = sendOutbox(); // answers stored by an earlier page go first
+    await sent;
     let data = await refill();
-    let prefetch = null; // a refill running while the participant looks at a trial
+    // A refill running while the participant answers; it waits for the answers sent so
+    // far, so the server tops the batch up and the next trials are preloaded in time.
+    let prefetch = null;
+    const startPrefetch = () => {
+      if (prefetch) return;
+      prefetch = sendOutbox()
+        .then(() => refill())
+        .then((fresh) => { if (fresh) data = fresh; })
+        .catch(() => null)
+        .finally(() => { prefetch = null; });
+    };
     for (;;) {
-      if (prefetch) {
-        const fresh = await prefetch;
-        prefetch = null;
-        if (fresh) data = fresh;
-      }
       if (queue.length === 0) {
-        data = await refill();
+        if (prefetch) await prefetch;
+        if (queue.length === 0) {
+          await sendOutbox(); // the server counts our answers before it says what is left
+          data = await refill();
+        }
         if (queue.length === 0) {
           if (data.done) break;
           show("waiting");
@@ -380,10 +422,9 @@
       setProgress(progress.answered, progress.total);
       show("trial");
       const shown = present(trial, false);
-      if (queue.length < PRELOAD_AHEAD) prefetch = refill().catch(() => null);
       const answer = await shown;
       const viewport = { w: window.innerWidth, h: window.innerHeight };
-      const body = {
+      outbox.push({
         trial_token: trial.token,
         choice: answer.choice,
         rt_ms: Math.round((answer.answeredPerf - answer.presentedPerf) * 1000) / 1000,
@@ -392,13 +433,14 @@
         viewport_w: viewport.w,
         viewport_h: viewport.h,
         device_pixel_ratio: window.devicePixelRatio || 1,
-      };
-      storage.setItem(storeKey("pending"), JSON.stringify(body));
-      if (await flushPendingVote()) {
-        progress.answered += 1;
-        setProgress(progress.answered, progress.total);
-      }
+      });
+      saveOutbox();
+      progress.answered += 1;
+      setProgress(progress.answered, progress.total);
+      sendOutbox().catch(() => null); // a 401 surfaces at the next await below
+      if (queue.length < PRELOAD_AHEAD) startPrefetch();
     }
+    await sendOutbox();
     await complete();
   }
 
@@ -448,7 +490,8 @@
     } catch (error) {
       if (error.body && error.body.code === "unknown_participant") {
         storage.removeItem(storeKey("token"));
-        storage.removeItem(storeKey("pending"));
+        outbox.length = 0;
+        saveOutbox();
         return startParticipant(allowNew);
       }
       throw error;
@@ -514,7 +557,7 @@
       fail("You have withdrawn from this study. Thank you for your time.");
       return;
     }
-    const skipIntro = resumed && (stage === "main" || progress.answered > 0 || Boolean(pendingVote()));
+    const skipIntro = resumed && (stage === "main" || progress.answered > 0 || outbox.length > 0);
     if (!skipIntro) {
       show("consent");
       const agreed = await new Promise((resolve) => {
@@ -580,7 +623,7 @@
     withdrawing = true;
     active = null; // ignore further answers
     try {
-      await flushPendingVote();
+      await sendOutbox();
       await withRetry(() => api.finish("returned"));
     } catch (error) {
       if (!(error.body && error.body.code === "participant_finished")) {
@@ -589,7 +632,7 @@
         return;
       }
     }
-    ["token", "pending", "stage"].forEach((name) => storage.removeItem(storeKey(name)));
+    ["token", "outbox", "stage"].forEach((name) => storage.removeItem(storeKey(name)));
     show("withdrawn");
   });
   window.addEventListener("online", () => { if (offline) setNotice("Back online, sending…", true); });
