@@ -269,7 +269,8 @@ def study_json(study: Study, config: StudyConfig) -> dict:
     return {
         "slug": study.slug, "title": study.title, "status": study.status,
         "question": config.question_text, "question_mode": config.question_mode,
-        "reference_shown": config.reference_shown, "instructions": config.instructions,
+        "reference_shown": config.reference_shown, "instructions": config.instructions_text,
+        "break_every": config.break_every,
         "consent": config.consent,
         "display": {
             "image_size": [stimulus_set.image_height, stimulus_set.image_width],

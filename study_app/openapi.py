@@ -97,6 +97,7 @@ _SCHEMAS: dict[str, Any] = {
             "question_mode": {"enum": ["reference", "no-reference"]},
             "reference_shown": {"type": "boolean"},
             "instructions": {"type": "string"}, "consent": {"type": "string"},
+            "break_every": {"type": ["integer", "null"]},
             "display": {
                 "type": "object",
                 "properties": {

@@ -79,10 +79,7 @@ class StudyConfig:
     practice_trials: int = 2
     question_mode: str = "reference"  # or "no-reference"
     question: str | None = None  # None: the default text for question_mode
-    instructions: str = (
-        "You will see a reference image and two reconstructions of it. Choose the one "
-        "closer to the reference: click it, or press F / ← for left and J / → for right."
-    )
+    instructions: str | None = None  # None: written from the settings (instructions_text)
     consent: str = (
         "This is a research study. Your answers are stored anonymously. You may stop at "
         "any time. By continuing you agree to take part."
@@ -95,6 +92,7 @@ class StudyConfig:
     min_viewport_w: int | None = None
     lease_seconds: int = 600
     batch_size: int = 4
+    break_every: int | None = None  # a pause screen after every N answered trials
     seed: int = 0
     exclusion: ExclusionRules = field(default_factory=ExclusionRules)
 
@@ -108,6 +106,35 @@ class StudyConfig:
     @property
     def reference_shown(self) -> bool:
         return self.question_mode == REFERENCE_QUESTION_MODE
+
+    @property
+    def instructions_text(self) -> str:
+        """The researcher's instructions, or ones written from the settings."""
+        return self.instructions or default_instructions(self)
+
+
+def default_instructions(config: StudyConfig) -> str:
+    """Instructions that say what this study's settings do: the reference or not, limited
+    exposure or none, practice, breaks. (How to answer, keys or taps, the page adds for
+    the participant's device.)"""
+    if config.reference_shown:
+        text = ("You will see a reference image and, below it, two other versions of it. "
+                "Choose the one that is closer to the reference.")
+    else:
+        text = "You will see two versions of an image. Choose the one that looks better."
+    if config.exposure_ms:
+        text += (f" The images are shown for {config.exposure_ms / 1000:g} s, then hidden "
+                 "behind a noise pattern: look carefully, then answer (you can still answer "
+                 "once they are hidden).")
+    else:
+        text += " There is no time limit, but go with your first impression."
+    if config.practice_trials:
+        text += (f" The first {config.practice_trials} trial"
+                 f"{'s are' if config.practice_trials > 1 else ' is'} practice, and the page "
+                 "tells you whether you were right.")
+    if config.break_every:
+        text += f" You can take a short break after every {config.break_every} trials."
+    return text
 
 
 def _check(condition: bool, message: str) -> None:
@@ -135,6 +162,11 @@ def parse_config(data: dict[str, Any]) -> StudyConfig:
     for name in ("votes_per_item", "trials_per_participant", "lease_seconds", "batch_size"):
         value = getattr(config, name)
         _check(isinstance(value, int) and value >= 1, f"'{name}' must be an integer >= 1")
+    _check(config.break_every is None or (isinstance(config.break_every, int)
+                                          and config.break_every >= 1),
+           "'break_every' must be an integer >= 1 (trials between breaks) or null")
+    _check(config.instructions is None or isinstance(config.instructions, str),
+           "'instructions' must be text or null (null: written from the settings)")
     for name in ("catch_trials", "repeat_trials", "practice_trials"):
         value = getattr(config, name)
         _check(isinstance(value, int) and value >= 0, f"'{name}' must be an integer >= 0")

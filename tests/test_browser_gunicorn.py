@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.support import free_port
-from tests.test_browser_participant import TIMEOUT_MS, answer, wait_trial
+from tests.test_browser_participant import TIMEOUT_MS, answer, answer_practice, wait_trial
 from tests.test_pages_support import (
     ARTIFACTS,
     EMAIL,
@@ -111,7 +111,7 @@ def test_pages_work_across_gunicorn_workers(gunicorn_server, browser, tmp_path):
         pid.click("#consent-button")
         pid.click("#start-button")
         wait_trial(pid)
-        answer(pid, lambda: pid.keyboard.press("f"))  # practice
+        answer_practice(pid, lambda: pid.keyboard.press("f"))
         for number in range(PLANNED):
             wait_trial(pid)
             pid.wait_for_timeout(220)

@@ -48,6 +48,14 @@ def answer(page, action) -> None:
     )
 
 
+def answer_practice(page, action) -> None:
+    """Answer the (one) practice trial, then start the real trials from the screen that
+    follows practice."""
+    action()
+    page.wait_for_selector("body[data-state='main-start']", timeout=TIMEOUT_MS)
+    page.click("#start-main-button")
+
+
 def participant_tokens(app, study_id):
     from sqlalchemy import select
 
@@ -82,7 +90,7 @@ def test_participant_completes_a_study_by_keyboard(app, live_server, page, study
     # Practice (not stored), then the study; F, J, ← and → all answer.
     wait_trial(page)
     assert page.is_visible("#practice-badge")
-    answer(page, lambda: page.keyboard.press("f"))
+    answer_practice(page, lambda: page.keyboard.press("f"))
     requested_before_answer: set[str] = set()
     keys = ["j", "ArrowLeft", "ArrowRight", "f", "j", "ArrowRight"]
     for number, key in enumerate(keys[:PLANNED]):
@@ -145,11 +153,15 @@ def test_participant_on_a_phone_answers_by_touch_and_is_redirected(
         page.tap("#consent-check")
         page.tap("#consent-button")
         page.wait_for_selector("body[data-state='instructions']")
+        # touch-first: the tap instruction, no keyboard instruction
+        assert page.is_visible("text=Answer by tapping the image you choose.")
+        assert not page.is_visible("kbd")
         page.tap("#start-button")
         for number in range(PLANNED):
             wait_trial(page)
             if number == 0:
                 save_screenshot(page, "participant-trial-phone")
+                assert not page.is_visible(".key-hint") and page.is_visible(".tap-hint")
                 # No-reference mode: two candidates alone, the question says so.
                 assert not page.is_visible("#reference-row")
                 assert page.inner_text("#question") == "Which image looks better?"
@@ -185,7 +197,7 @@ def test_reload_mid_study_resumes_at_the_next_unanswered_trial(app, live_server,
     page.click("#consent-button")
     page.click("#start-button")
     wait_trial(page)
-    page.click("#choice-left")  # practice
+    answer_practice(page, lambda: page.click("#choice-left"))
     answered = []
     for _ in range(2):
         token = wait_trial(page)
@@ -243,7 +255,7 @@ def test_failed_votes_are_retried_and_stored_exactly_once(app, live_server, page
           .observe(notice, {childList: true, characterData: true, subtree: true, attributes: true});
     }"""
     )
-    answer(page, lambda: page.keyboard.press("j"))  # practice
+    answer_practice(page, lambda: page.keyboard.press("j"))
     for number in range(PLANNED):
         wait_trial(page)
 
@@ -369,7 +381,7 @@ def test_a_participant_can_withdraw_mid_study(app, live_server, page, study):
     page.click("#consent-button")
     page.click("#start-button")
     wait_trial(page)
-    answer(page, lambda: page.keyboard.press("f"))  # practice
+    answer_practice(page, lambda: page.keyboard.press("f"))
     wait_trial(page)
     answer(page, lambda: page.keyboard.press("j"))  # one real answer
     wait_trial(page)
@@ -431,3 +443,57 @@ def test_an_offline_spell_goes_on_through_fetched_trials_and_sends_them_in_order
     page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
     counts = votes_per_trial(app, study["id"])
     assert len(counts) == 6 and set(counts.values()) == {1}
+
+
+def test_practice_ends_on_a_start_screen_back_stays_and_breaks_come_every_n(
+        app, live_server, page, tmp_path):
+    """After practice a screen says the real trials start now; the browser's Back button
+    asks before leaving and, declined, keeps the participant on the trial; a pause screen
+    comes after every `break_every` answers; the generated instructions say so."""
+    set_id = import_set(app, write_stimulus_set(tmp_path / "flow-set"))
+    study = make_study(app, set_id, slug="flow", break_every=2, exposure_ms=None)
+    page.goto(f"{live_server}/s/{study['slug']}")
+    page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+    page.check("#consent-check")
+    page.click("#consent-button")
+    instructions = page.inner_text("#instructions-text")
+    assert "There is no time limit" in instructions
+    assert "after every 2 trials" in instructions and "first 1 trial is practice" in instructions
+    assert page.is_visible("kbd") and not page.is_visible(".touch-only")  # a mouse here
+    page.click("#start-button")
+    wait_trial(page)
+    assert page.is_visible("#practice-badge")
+    page.keyboard.press("f")
+    page.wait_for_selector("body[data-state='main-start']", timeout=TIMEOUT_MS)
+    save_screenshot(page, "participant-main-start")
+    page.click("#start-main-button")
+    token = wait_trial(page)
+    asked: list[str] = []
+
+    def decline(dialog):
+        asked.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", decline)
+    page.go_back()
+    page.wait_for_function("() => document.body.dataset.state === 'trial'")
+    assert asked and asked[0].startswith("Leave the study?")
+    assert page.url.endswith("/s/flow") and wait_trial(page) == token
+    page.remove_listener("dialog", decline)
+    breaks = 0
+    for number in range(PLANNED):
+        wait_trial(page)
+        page.keyboard.press("j")
+        page.wait_for_function(
+            "() => ['break', 'done'].includes(document.body.dataset.state) || "
+            "document.getElementById('trial-stage').dataset.ready === '1'",
+            timeout=TIMEOUT_MS)
+        if page.evaluate("document.body.dataset.state") == "break":
+            breaks += 1
+            assert number + 1 in (2, 4) and f"answered {number + 1} of {PLANNED}" in \
+                page.inner_text("#break-message")
+            page.click("#continue-button")
+    page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
+    assert breaks == 2  # after 2 and 4 of 6, not after the last
+    counts = votes_per_trial(app, study["id"])
+    assert len(counts) == PLANNED and set(counts.values()) == {1}

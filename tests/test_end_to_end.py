@@ -192,17 +192,22 @@ def test_demo_runs_again_on_the_same_folder(demo_run):
 
 
 def answer_practice_trials(page) -> None:
-    """Answer practice trials (feedback, never stored) until the first real trial."""
+    """Answer practice trials (feedback, never stored), then start the real trials from
+    the screen that follows practice."""
     while True:
         wait_trial(page)
         if not page.is_visible("#practice-badge"):
-            return
+            return  # a study without practice
         label = page.inner_text("#progress-label")
         page.keyboard.press("f")
         page.wait_for_function(
-            "old => document.getElementById('progress-label').innerText !== old",
+            "old => document.body.dataset.state === 'main-start' || "
+            "document.getElementById('progress-label').innerText !== old",
             arg=label, timeout=BROWSER_TIMEOUT_MS,
         )
+        if page.evaluate("document.body.dataset.state") == "main-start":
+            page.click("#start-main-button")
+            return
 
 @pytest.mark.browser
 def test_a_person_votes_and_the_researcher_logs_in_then_ctrl_c_stops_the_demo(demo_run, page):

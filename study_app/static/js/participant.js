@@ -44,7 +44,10 @@
   const REDIRECT_DELAY_MS = 3000;
 
   const $ = (id) => document.getElementById(id);
-  const screens = ["loading", "refused", "consent", "declined", "instructions", "trial", "waiting", "done", "failed", "withdrawn"];
+  const screens = ["loading", "refused", "consent", "declined", "instructions", "main-start", "break", "trial", "waiting", "done", "failed", "withdrawn"];
+  // Touch-first where the main pointer is a finger: tap hints, no keyboard hints.
+  const touch = window.matchMedia("(pointer: coarse)").matches;
+  document.body.classList.toggle("touch", touch);
 
   let study = null;
   let participant = null; // {id, token, status, progress: {answered, total}}
@@ -439,12 +442,42 @@
       setProgress(progress.answered, progress.total);
       sendOutbox().catch(() => null); // a 401 surfaces at the next await below
       if (queue.length < PRELOAD_AHEAD) startPrefetch();
+      await maybeBreak();
     }
     await sendOutbox();
     await complete();
   }
 
+  /** A pause screen after every `break_every` answers (not after the last one). */
+  async function maybeBreak() {
+    const every = study.break_every;
+    if (!every || progress.answered % every !== 0 || progress.answered >= progress.total) return;
+    $("break-message").textContent = "You have answered " + progress.answered + " of " +
+      progress.total + ". Rest your eyes for a moment, then continue when you are ready.";
+    show("break");
+    await waitForClick("continue-button");
+  }
+
+  /** Back stays in the study: an extra history entry catches it, and leaving is asked. */
+  let guardingBack = false;
+  function stayOnBack() {
+    if (guardingBack || preview) return;
+    guardingBack = true;
+    history.pushState({ pstudy: "study" }, "", window.location.href);
+    window.addEventListener("popstate", () => {
+      if (!guardingBack) return;
+      const leave = window.confirm("Leave the study? Your answers so far are kept, and the same link brings you back.");
+      if (leave) {
+        guardingBack = false;
+        history.back();
+      } else {
+        history.pushState({ pstudy: "study" }, "", window.location.href);
+      }
+    });
+  }
+
   async function complete() {
+    guardingBack = false;
     let result;
     try {
       result = await withRetry(() => api.finish("completed"));
@@ -532,6 +565,7 @@
     $("question").textContent = study.question;
     $("consent-text").textContent = study.consent;
     $("instructions-text").textContent = study.instructions;
+    if (touch) $("question").title = "Tap the image you choose";
     await ensureScreenSize();
 
     // Returning with the same link (stored token, or the same PROLIFIC_PID)?
@@ -586,9 +620,15 @@
       show("instructions");
       $("start-button").textContent = (study.practice || []).length ? "Start practice" : "Start";
       await waitForClick("start-button");
+      stayOnBack();
       await runPractice();
+      if ((study.practice || []).length) {
+        show("main-start"); // the real trials start now
+        await waitForClick("start-main-button");
+      }
       storage.setItem(storeKey("stage"), "main");
     }
+    stayOnBack(); // also for a page that resumed straight into the trials
     try {
       await runMain();
     } catch (error) {
