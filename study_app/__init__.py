@@ -35,8 +35,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     trust_proxies(app)
     init_extensions(app)
 
-    from study_app import api, health, models  # noqa: F401 - models registers the tables
+    from study_app import api, health, i18n, models  # noqa: F401 - models registers the tables
 
+    i18n.init_app(app)
     app.register_blueprint(health.bp)
     api.init_app(app)
     from study_app import auth, participant, researcher, security

@@ -26,6 +26,7 @@ from study_app import scheduling
 from study_app.auth import current_researcher
 from study_app.errors import ApiError
 from study_app.extensions import db
+from study_app.i18n import study_language
 from study_app.models import Image, Participant, Study, Trial
 from study_app.openapi import openapi_document
 from study_app.scheduling import VoteInput
@@ -264,14 +265,20 @@ def _practice(study: Study, config: StudyConfig) -> list[dict]:
 
 
 def study_json(study: Study, config: StudyConfig) -> dict:
-    """The public description of a study (what a participant page shows)."""
+    """The public description of a study (what a participant page shows), its texts in
+    the study's language."""
+    with study_language(config.language):
+        return _study_json(study, config)
+
+
+def _study_json(study: Study, config: StudyConfig) -> dict:
     stimulus_set = study.stimulus_set
     return {
         "slug": study.slug, "title": study.title, "status": study.status,
         "question": config.question_text, "question_mode": config.question_mode,
         "reference_shown": config.reference_shown, "instructions": config.instructions_text,
         "break_every": config.break_every,
-        "consent": config.consent,
+        "consent": config.consent_text, "language": config.language,
         "display": {
             "image_size": [stimulus_set.image_height, stimulus_set.image_width],
             "scale": config.display_scale, "pixelated": config.pixelated,

@@ -98,6 +98,7 @@ _SCHEMAS: dict[str, Any] = {
             "reference_shown": {"type": "boolean"},
             "instructions": {"type": "string"}, "consent": {"type": "string"},
             "break_every": {"type": ["integer", "null"]},
+            "language": {"type": "string", "description": "of the participant pages"},
             "display": {
                 "type": "object",
                 "properties": {

@@ -9,21 +9,33 @@ A study that does not exist, or is still a draft, answers 404.
 from __future__ import annotations
 
 from flask import Blueprint, abort, render_template
+from markupsafe import Markup
 from sqlalchemy import select
 
 from study_app.extensions import db
+from study_app.i18n import participant_texts, study_language
 from study_app.models import Study
+from study_app.studies import study_config
 
 bp = Blueprint("participant", __name__)
 
 API_BASE = "/api/v1"
 
 
+KEYS_LEFT = Markup("<kbd>F</kbd> / <kbd>←</kbd>")
+KEYS_RIGHT = Markup("<kbd>J</kbd> / <kbd>→</kbd>")
+
+
 def render_study_page(study: Study, preview: bool = False) -> str:
-    """The participant page for ``study`` (``preview``: a logged-in researcher's trial run)."""
-    return render_template(
-        "participant/study.html", study=study, api_base=API_BASE, preview=preview
-    )
+    """The participant page for ``study`` (``preview``: a logged-in researcher's trial
+    run), in the study's language."""
+    language = study_config(study).language
+    with study_language(language):
+        return render_template(
+            "participant/study.html", study=study, api_base=API_BASE, preview=preview,
+            texts=participant_texts(), html_lang=language, keys_left=KEYS_LEFT,
+            keys_right=KEYS_RIGHT,
+        )
 
 
 @bp.get("/s/<slug>")

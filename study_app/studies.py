@@ -12,17 +12,19 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from flask_babel import gettext, lazy_gettext, ngettext
 from sqlalchemy import select
 
 from study_app.extensions import db
+from study_app.i18n import DEFAULT_LANGUAGE, LANGUAGES
 from study_app.models import STUDY_STATUSES, Condition, Image, Item, StimulusSet, Study
 from study_app.stimuli import canonical_json_sha256
 
 # The question mode that shows the reference image (also tested in SQL by the vote path).
 REFERENCE_QUESTION_MODE = "reference"
-QUESTIONS = {
-    "reference": "Which image is closer to the reference?",
-    "no-reference": "Which image looks better?",
+QUESTIONS = {  # translated when shown (study_app.i18n); these are the catalogue's ids
+    "reference": lazy_gettext("Which image is closer to the reference?"),
+    "no-reference": lazy_gettext("Which image looks better?"),
 }
 # draft -> live <-> paused -> closed; a closed study stays closed.
 TRANSITIONS = {
@@ -80,10 +82,8 @@ class StudyConfig:
     question_mode: str = "reference"  # or "no-reference"
     question: str | None = None  # None: the default text for question_mode
     instructions: str | None = None  # None: written from the settings (instructions_text)
-    consent: str = (
-        "This is a research study. Your answers are stored anonymously. You may stop at "
-        "any time. By continuing you agree to take part."
-    )
+    consent: str | None = None  # None: the default text in the study's language
+    language: str = DEFAULT_LANGUAGE  # the participant pages' language (study_app.i18n)
     completion_code: str | None = None
     completion_url: str | None = None  # e.g. https://app.prolific.com/submissions/complete?cc=CODE
     display_scale: int | str = "auto"  # integer enlargement factor, or "auto"
@@ -101,7 +101,13 @@ class StudyConfig:
 
     @property
     def question_text(self) -> str:
-        return self.question or QUESTIONS[self.question_mode]
+        return self.question or str(QUESTIONS[self.question_mode])
+
+    @property
+    def consent_text(self) -> str:
+        return self.consent or gettext(
+            "This is a research study. Your answers are stored anonymously. You may stop "
+            "at any time. By continuing you agree to take part.")
 
     @property
     def reference_shown(self) -> bool:
@@ -115,26 +121,30 @@ class StudyConfig:
 
 def default_instructions(config: StudyConfig) -> str:
     """Instructions that say what this study's settings do: the reference or not, limited
-    exposure or none, practice, breaks. (How to answer, keys or taps, the page adds for
-    the participant's device.)"""
+    exposure or none, practice, breaks (in the active language; how to answer, keys or
+    taps, the page adds for the participant's device)."""
     if config.reference_shown:
-        text = ("You will see a reference image and, below it, two other versions of it. "
-                "Choose the one that is closer to the reference.")
+        parts = [gettext("You will see a reference image and, below it, two other versions "
+                         "of it. Choose the one that is closer to the reference.")]
     else:
-        text = "You will see two versions of an image. Choose the one that looks better."
+        parts = [gettext("You will see two versions of an image. Choose the one that looks "
+                         "better.")]
     if config.exposure_ms:
-        text += (f" The images are shown for {config.exposure_ms / 1000:g} s, then hidden "
-                 "behind a noise pattern: look carefully, then answer (you can still answer "
-                 "once they are hidden).")
+        parts.append(gettext(
+            "The images are shown for %(seconds)s s, then hidden behind a noise pattern: "
+            "look carefully, then answer (you can still answer once they are hidden).",
+            seconds=format(config.exposure_ms / 1000, "g")))
     else:
-        text += " There is no time limit, but go with your first impression."
+        parts.append(gettext("There is no time limit, but go with your first impression."))
     if config.practice_trials:
-        text += (f" The first {config.practice_trials} trial"
-                 f"{'s are' if config.practice_trials > 1 else ' is'} practice, and the page "
-                 "tells you whether you were right.")
+        parts.append(ngettext(
+            "The first trial is practice, and the page tells you whether you were right.",
+            "The first %(num)d trials are practice, and the page tells you whether you were "
+            "right.", config.practice_trials))
     if config.break_every:
-        text += f" You can take a short break after every {config.break_every} trials."
-    return text
+        parts.append(gettext("You can take a short break after every %(n)s trials.",
+                             n=config.break_every))
+    return " ".join(parts)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -165,6 +175,8 @@ def parse_config(data: dict[str, Any]) -> StudyConfig:
     _check(config.break_every is None or (isinstance(config.break_every, int)
                                           and config.break_every >= 1),
            "'break_every' must be an integer >= 1 (trials between breaks) or null")
+    _check(config.language in LANGUAGES,
+           f"'language' must be one of {sorted(LANGUAGES)} (the participant pages' language)")
     _check(config.instructions is None or isinstance(config.instructions, str),
            "'instructions' must be text or null (null: written from the settings)")
     for name in ("catch_trials", "repeat_trials", "practice_trials"):

@@ -458,7 +458,7 @@ def test_practice_ends_on_a_start_screen_back_stays_and_breaks_come_every_n(
     page.click("#consent-button")
     instructions = page.inner_text("#instructions-text")
     assert "There is no time limit" in instructions
-    assert "after every 2 trials" in instructions and "first 1 trial is practice" in instructions
+    assert "after every 2 trials" in instructions and "The first trial is practice" in instructions
     assert page.is_visible("kbd") and not page.is_visible(".touch-only")  # a mouse here
     page.click("#start-button")
     wait_trial(page)
@@ -495,5 +495,46 @@ def test_practice_ends_on_a_start_screen_back_stays_and_breaks_come_every_n(
             page.click("#continue-button")
     page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
     assert breaks == 2  # after 2 and 4 of 6, not after the last
+    counts = votes_per_trial(app, study["id"])
+    assert len(counts) == PLANNED and set(counts.values()) == {1}
+
+
+def test_a_german_study_end_to_end(app, live_server, page, tmp_path):
+    """A study in German: every screen a participant passes shows German text only."""
+    from tests.test_i18n import english_phrases
+
+    set_id = import_set(app, write_stimulus_set(tmp_path / "de-set"))
+    study = make_study(app, set_id, slug="deutsch", language="de")
+    english = english_phrases()
+
+    def no_english(screen: str) -> None:
+        text = page.inner_text("body")
+        leaks = sorted(phrase for phrase in english if phrase in text)
+        assert leaks == [], (screen, leaks)
+
+    page.goto(f"{live_server}/s/{study['slug']}")
+    page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+    assert page.get_attribute("html", "lang") == "de"
+    assert "wissenschaftliche Studie" in page.inner_text("#consent-text")
+    no_english("consent")
+    page.check("#consent-check")
+    page.click("#consent-button")
+    page.wait_for_selector("body[data-state='instructions']")
+    assert page.inner_text("#start-button") == "Übung starten"
+    no_english("instructions")
+    save_screenshot(page, "participant-instructions-de")
+    page.click("#start-button")
+    wait_trial(page)
+    assert page.inner_text("#question") == "Welches Bild ist der Referenz ähnlicher?"
+    assert page.inner_text("#progress-label") == "Übung 1 / 1"
+    no_english("practice")
+    answer_practice(page, lambda: page.keyboard.press("f"))
+    for _ in range(PLANNED):
+        wait_trial(page)
+        no_english("trial")
+        answer(page, lambda: page.keyboard.press("j"))
+    page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
+    assert "Vielen Dank!" in page.inner_text("#screen-done")
+    no_english("done")
     counts = votes_per_trial(app, study["id"])
     assert len(counts) == PLANNED and set(counts.values()) == {1}

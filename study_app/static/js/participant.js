@@ -13,6 +13,10 @@
 
   const core = window.PStudyCore;
   const root = document.getElementById("participant-app");
+  // Every text this script shows, in the study's language (study_app/i18n.py).
+  const TEXT = JSON.parse(root.dataset.texts);
+  const t = (key, values) => (TEXT[key] || key).replace(
+    /%\((\w+)\)s/g, (match, name) => String(values && name in values ? values[name] : match));
   const slug = root.dataset.study;
   const apiBase = root.dataset.api; // e.g. "/api/v1"
   const preview = root.dataset.preview === "true";
@@ -143,7 +147,7 @@
         const result = await call();
         if (offline) {
           offline = false;
-          setNotice("Connection restored.", true);
+          setNotice(t("connection_restored"), true);
           setTimeout(() => { if (!offline) setNotice(null); }, 2000);
         }
         return result;
@@ -151,7 +155,7 @@
         if (!(error instanceof HttpError) || !core.isRetryable(error.status)) throw error;
         offline = true;
         document.body.dataset.retries = String((parseInt(document.body.dataset.retries || "0", 10)) + 1);
-        setNotice("Connection lost. Retrying… your answers are kept and will be sent when the connection is back.");
+        setNotice(t("connection_lost"));
         if (onRetry) onRetry();
         await sleep(core.retryDelayMs(attempt, RETRY_BASE_MS, RETRY_MAX_MS, Math.random, error.retryAfterS));
       }
@@ -312,13 +316,11 @@
   async function runPractice() {
     const trials = study.practice || [];
     for (let i = 0; i < trials.length; i += 1) {
-      setProgress(i, trials.length, "Practice " + (i + 1) + " / " + trials.length);
+      setProgress(i, trials.length, t("practice_progress", { number: i + 1, total: trials.length }));
       show("trial");
       const answer = await present(trials[i], true);
       const correct = answer.choice === trials[i].correct;
-      $("feedback").textContent = correct
-        ? "Correct."
-        : "Not quite: the other image was identical to the reference.";
+      $("feedback").textContent = correct ? t("correct") : t("not_quite");
       await sleep(correct ? 500 : 1200);
     }
   }
@@ -343,8 +345,7 @@
     storage.setItem(storeKey("outbox"), JSON.stringify(outbox));
     document.body.dataset.outbox = String(outbox.length);
     if (offline && outbox.length) {
-      setNotice("Connection lost: " + outbox.length + (outbox.length === 1 ? " answer" : " answers") +
-        " kept on this device, sent when the connection is back. You can go on.");
+      setNotice(outbox.length === 1 ? t("answer_kept") : t("answers_kept", { count: outbox.length }));
     }
   }
 
@@ -364,7 +365,7 @@
             // kept nothing, the page moves on.
             progress.answered = Math.max(0, progress.answered - 1);
             setProgress(progress.answered, progress.total);
-            setNotice("An answer could not be stored (" + error.message + "); continuing.", false);
+            setNotice(t("answer_refused", { reason: error.message }), false);
             setTimeout(() => setNotice(null), 3000);
           }
           outbox.shift();
@@ -414,8 +415,7 @@
           if (data.done) break;
           show("waiting");
           $("waiting-message").textContent = data.study_status === "paused"
-            ? "The study is paused for a moment. Please keep this page open; it continues automatically."
-            : "Waiting for the next trials. Please keep this page open.";
+            ? t("paused_waiting") : t("waiting");
           await sleep(POLL_MS);
           continue;
         }
@@ -452,8 +452,7 @@
   async function maybeBreak() {
     const every = study.break_every;
     if (!every || progress.answered % every !== 0 || progress.answered >= progress.total) return;
-    $("break-message").textContent = "You have answered " + progress.answered + " of " +
-      progress.total + ". Rest your eyes for a moment, then continue when you are ready.";
+    $("break-message").textContent = t("break_message", { answered: progress.answered, total: progress.total });
     show("break");
     await waitForClick("continue-button");
   }
@@ -466,7 +465,7 @@
     history.pushState({ pstudy: "study" }, "", window.location.href);
     window.addEventListener("popstate", () => {
       if (!guardingBack) return;
-      const leave = window.confirm("Leave the study? Your answers so far are kept, and the same link brings you back.");
+      const leave = window.confirm(t("leave_study"));
       if (leave) {
         guardingBack = false;
         history.back();
@@ -546,8 +545,7 @@
 
   async function ensureScreenSize() {
     while (screenTooSmall()) {
-      $("refused-message").textContent = "This study needs a window at least " + study.display.min_viewport_w +
-        " pixels wide (yours is " + window.innerWidth + "). Please use a larger screen or widen the window.";
+      $("refused-message").textContent = t("screen_too_small", { minimum: study.display.min_viewport_w, width: window.innerWidth });
       show("refused");
       await new Promise((resolve) => window.addEventListener("resize", resolve, { once: true }));
     }
@@ -558,14 +556,14 @@
     try {
       study = (await withRetry(api.study)).study;
     } catch (error) {
-      fail(error.status === 404 ? "This study does not exist." : "The study could not be loaded: " + error.message);
+      fail(error.status === 404 ? t("no_such_study") : t("study_not_loaded", { reason: error.message }));
       return;
     }
     document.title = study.title;
     $("question").textContent = study.question;
     $("consent-text").textContent = study.consent;
     $("instructions-text").textContent = study.instructions;
-    if (touch) $("question").title = "Tap the image you choose";
+    if (touch) $("question").title = t("tap_hint");
     await ensureScreenSize();
 
     // Returning with the same link (stored token, or the same PROLIFIC_PID)?
@@ -578,8 +576,7 @@
     }
     if (!resumed && !preview && study.status !== "live") {
       fail(study.status === "closed"
-        ? "This study is closed and takes no new participants. Thank you for your interest."
-        : "This study is paused and takes no new participants right now. Please try again later.");
+        ? t("closed_to_new") : t("paused_to_new"));
       return;
     }
     const stage = storage.getItem(storeKey("stage"));
@@ -588,7 +585,7 @@
       return;
     }
     if (resumed && participant.status === "returned") {
-      fail("You have withdrawn from this study. Thank you for your time.");
+      fail(t("withdrawn_already"));
       return;
     }
     const skipIntro = resumed && (stage === "main" || progress.answered > 0 || outbox.length > 0);
@@ -612,13 +609,12 @@
           await startParticipant(true);
         } catch (error) {
           fail(error.body && error.body.code && error.body.code.startsWith("study_")
-            ? "This study is not accepting participants right now."
-            : "Could not start: " + error.message);
+            ? t("not_accepting") : t("could_not_start", { reason: error.message }));
           return;
         }
       }
       show("instructions");
-      $("start-button").textContent = (study.practice || []).length ? "Start practice" : "Start";
+      $("start-button").textContent = (study.practice || []).length ? t("start_practice") : t("start");
       await waitForClick("start-button");
       stayOnBack();
       await runPractice();
@@ -634,11 +630,11 @@
     } catch (error) {
       if (error.status === 401) {
         storage.removeItem(storeKey("token"));
-        fail("This session is no longer valid. Reload the page to start again.");
+        fail(t("session_invalid"));
       } else if (error.body && error.body.code === "study_closed") {
-        fail("The researchers have closed this study. The answers you gave are kept. Thank you for taking part.");
+        fail(t("study_closed_midway"));
       } else {
-        fail("Something went wrong: " + error.message + ". Reload the page to continue where you left off.");
+        fail(t("went_wrong", { reason: error.message }));
       }
     }
   }
@@ -659,7 +655,7 @@
   let withdrawing = false;
   $("withdraw").addEventListener("click", async () => {
     if (withdrawing || !participant) return;
-    if (!window.confirm("Stop the study now? Your answers so far are kept and marked as withdrawn.")) return;
+    if (!window.confirm(t("confirm_withdraw"))) return;
     withdrawing = true;
     active = null; // ignore further answers
     try {
@@ -668,14 +664,14 @@
     } catch (error) {
       if (!(error.body && error.body.code === "participant_finished")) {
         withdrawing = false;
-        fail("Could not withdraw: " + error.message + ". Reload the page and try again.");
+        fail(t("could_not_withdraw", { reason: error.message }));
         return;
       }
     }
     ["token", "outbox", "stage"].forEach((name) => storage.removeItem(storeKey(name)));
     show("withdrawn");
   });
-  window.addEventListener("online", () => { if (offline) setNotice("Back online, sending…", true); });
+  window.addEventListener("online", () => { if (offline) setNotice(t("back_online"), true); });
 
   main();
 })();
