@@ -7,7 +7,35 @@ from pathlib import Path
 import click
 
 from analysis.io import ResponsesFormatError, load_responses
-from analysis.qc import QCOptions
+from analysis.qc import qc_options_from_study
+
+OFF = "off"
+
+
+class RuleValue(click.ParamType):
+    """A rule's threshold in [low, high], or ``off``; not given: the study's rule."""
+
+    name = "number|off"
+
+    def __init__(self, low: float, high: float | None = None, integer: bool = False):
+        self.low, self.high, self.integer = low, high, integer
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int | float) or value is None:
+            return value
+        if str(value).strip().lower() == OFF:
+            return OFF
+        try:
+            number = int(value) if self.integer else float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or 'off'", param, ctx)
+        if number < self.low or (self.high is not None and number > self.high):
+            self.fail(f"{value} is outside [{self.low:g}, {self.high if self.high is not None else 'inf'}]",
+                      param, ctx)
+        return number
+
+
+RULES_HELP = "Default: the study's own rule (from the export), else {default}; 'off' disables."
 
 
 def _rates(ctx, param, value: str) -> tuple[float, ...]:
@@ -76,18 +104,24 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
     show_default=True,
     help="Fit the crossed random-effects model (slow on big studies).",
 )
-@click.option("--min-catch-accuracy", type=click.FloatRange(0, 1), default=0.8, show_default=True)
-@click.option("--min-repeat-consistency", type=click.FloatRange(0, 1), default=None)
-@click.option("--max-side-rate", type=click.FloatRange(0.5, 1), default=0.9, show_default=True)
+@click.option("--min-catch-accuracy", type=RuleValue(0, 1), default=None,
+              help=RULES_HELP.format(default=0.8))
+@click.option("--min-repeat-consistency", type=RuleValue(0, 1), default=None,
+              help=RULES_HELP.format(default="off"))
+@click.option("--max-side-rate", type=RuleValue(0.5, 1), default=None,
+              help=RULES_HELP.format(default=0.9))
 @click.option(
     "--min-side-trials",
     type=click.IntRange(1),
-    default=10,
-    show_default=True,
-    help="Judge side bias only for participants with this many main trials.",
+    default=None,
+    help="Judge side bias only from this many main trials on. "
+    + RULES_HELP.format(default=10).split(";")[0] + ".",
 )
-@click.option("--fast-rt-ms", type=click.FloatRange(0), default=300.0, show_default=True)
-@click.option("--max-fast-fraction", type=click.FloatRange(0, 1), default=0.2, show_default=True)
+@click.option("--fast-rt-ms", type=click.FloatRange(0), default=None,
+              help="A response faster than this (ms) is too fast. "
+              + RULES_HELP.format(default=300).split(";")[0] + ".")
+@click.option("--max-fast-fraction", type=RuleValue(0, 1), default=None,
+              help=RULES_HELP.format(default=0.2))
 @click.option(
     "--max-outlier-score",
     type=float,
@@ -95,6 +129,11 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
     help="Exclude observers above this outlier score (default: report only).",
 )
 @click.option("--completed-only", is_flag=True, help="Drop participants who did not complete.")
+@click.option(
+    "--count-returned/--drop-returned",
+    default=None,
+    help="Whether participants who withdrew count. Default: the study's rule, else they don't.",
+)
 @click.option(
     "--ignore-study-exclusions",
     is_flag=True,
@@ -134,6 +173,7 @@ def analyze(
     max_fast_fraction,
     max_outlier_score,
     completed_only,
+    count_returned,
     ignore_study_exclusions,
     planning_rates,
     power,
@@ -173,17 +213,20 @@ def analyze(
                 f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(available_losses())}",
                 param_hint="--metric",
             )
-    qc = QCOptions(
-        min_catch_accuracy=min_catch_accuracy,
-        min_repeat_consistency=min_repeat_consistency,
-        max_side_rate=max_side_rate,
-        min_side_trials=min_side_trials,
-        fast_rt_ms=fast_rt_ms,
-        max_fast_fraction=max_fast_fraction,
-        honour_study_exclusions=not ignore_study_exclusions,
-        completed_only=completed_only,
-        max_outlier_score=max_outlier_score,
-    )
+    given = {  # what the analyst set on the command line (None: not given)
+        "min_catch_accuracy": min_catch_accuracy,
+        "min_repeat_consistency": min_repeat_consistency,
+        "max_side_rate": max_side_rate,
+        "min_side_trials": min_side_trials,
+        "fast_rt_ms": fast_rt_ms,
+        "max_fast_fraction": max_fast_fraction,
+        "exclude_returned": None if count_returned is None else not count_returned,
+        "max_outlier_score": max_outlier_score,
+        "completed_only": completed_only or None,
+        "honour_study_exclusions": False if ignore_study_exclusions else None,
+    }
+    overrides = {k: (None if v == OFF else v) for k, v in given.items() if v is not None}
+    qc, rule_sources = qc_options_from_study(loaded.study_exclusion_rules, overrides)
     options = AnalysisOptions(
         alpha=alpha,
         n_boot=n_boot,
@@ -195,6 +238,7 @@ def analyze(
         planning_rates=planning_rates,
         power=power,
         qc=qc,
+        qc_sources=rule_sources,
         progress=not quiet,
         scale_prior=scale_prior,
     )

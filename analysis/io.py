@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,9 @@ class LoadedResponses:
 
     ``sides_recorded`` is False for pwcmp data (left/right unknown: no position bias).
     ``input_sha256`` is the file's hash (or, for a database, the hash of the canonical
-    CSV of the rows read).
+    CSV of the rows read). ``export_provenance`` is what the study platform's export says
+    about the data (study config, its exclusion rules, hashes): the Parquet metadata, a
+    CSV's ``<file>.provenance.json`` sidecar, or the database; ``None`` for other files.
     """
 
     frame: pd.DataFrame
@@ -73,6 +76,28 @@ class LoadedResponses:
     input_sha256: str
     sides_recorded: bool = True
     filled_columns: list[str] = field(default_factory=list)
+    export_provenance: dict | None = None
+
+    @property
+    def study_exclusion_rules(self) -> dict | None:
+        """The study's own exclusion rules, when the export carries them."""
+        return (self.export_provenance or {}).get("exclusion_rules")
+
+
+def read_export_provenance(path: Path) -> dict | None:
+    """The study platform's provenance of an exported file: Parquet schema metadata
+    (key ``pstudy``) or the CSV's ``<file>.provenance.json`` sidecar; ``None`` if absent."""
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            metadata = pq.read_schema(path).metadata or {}
+            raw = metadata.get(b"pstudy")
+            return json.loads(raw) if raw else None
+        sidecar = path.with_name(path.name + ".provenance.json")
+        return json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise ResponsesFormatError(f"cannot read the export's provenance of {path}: {exc}") from exc
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -420,7 +445,8 @@ def load_responses(source: str | Path, study: str | None = None) -> LoadedRespon
         frame, filled = validate_responses(raw, csv=False)
         safe = text.split("@")[-1] if "@" in text else text  # never record passwords
         return LoadedResponses(
-            frame, f"{safe} study={study}", "database", sha256_frame(frame), True, filled
+            frame, f"{safe} study={study}", "database", sha256_frame(frame), True, filled,
+            _database_provenance(text, study),
         )
     path = Path(text)
     if not path.is_file():
@@ -436,4 +462,18 @@ def load_responses(source: str | Path, study: str | None = None) -> LoadedRespon
             found = ", ".join(sorted(frame["study"].unique())[:10])
             raise ResponsesFormatError(f"{path}: no rows for study {study!r} (studies: {found})")
         frame = frame[keep].reset_index(drop=True)
-    return LoadedResponses(frame, str(path), "contract2", sha256_file(path), True, filled)
+    return LoadedResponses(frame, str(path), "contract2", sha256_file(path), True, filled,
+                           read_export_provenance(path))
+
+
+def _database_provenance(database_url: str, study: str) -> dict:
+    from sqlalchemy import create_engine
+
+    from study_app.export import provenance
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return provenance(connection, study)
+    finally:
+        engine.dispose()

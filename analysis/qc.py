@@ -7,7 +7,9 @@ observer outlier score. Catch and repeat trials never enter the main analysis.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,8 +29,14 @@ class QCOptions:
     fast_rt_ms / max_fast_fraction: a response faster than fast_rt_ms (milliseconds) is
     "too fast"; participants with more than max_fast_fraction of them are excluded.
     honour_study_exclusions: drop participants the study flagged (participant_excluded).
+    exclude_returned: drop participants who withdrew (status "returned").
     completed_only: drop participants whose status is not "completed".
     max_outlier_score: exclude observers whose outlier score exceeds this (default: report only).
+
+    Rule names (``catch_accuracy``, ``fast_responses``, ``side_bias``,
+    ``repeat_consistency``, ``returned``) and definitions are the study platform's
+    (``study_app.export.exclusion_reasons``); :func:`qc_options_from_study` turns a study's
+    rules into these options.
     """
 
     min_catch_accuracy: float | None = 0.8
@@ -38,11 +46,57 @@ class QCOptions:
     fast_rt_ms: float = 300.0
     max_fast_fraction: float | None = 0.2
     honour_study_exclusions: bool = True
+    exclude_returned: bool = True
     completed_only: bool = False
     max_outlier_score: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# study_app.studies.ExclusionRules field -> QCOptions field
+STUDY_RULE_FIELDS = {
+    "min_catch_accuracy": "min_catch_accuracy",
+    "min_repeat_consistency": "min_repeat_consistency",
+    "max_side_bias": "max_side_rate",
+    "min_trials_for_bias": "min_side_trials",
+    "min_rt_ms": "fast_rt_ms",
+    "max_fast_fraction": "max_fast_fraction",
+}
+RULE_SOURCES = ("study", "command line", "analysis default")
+
+
+def qc_options_from_study(
+    study_rules: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None
+) -> tuple[QCOptions, dict[str, str]]:
+    """The exclusion rules an analysis applies, and where each came from.
+
+    ``study_rules``: the study's ``ExclusionRules`` as the export carries them (``None``:
+    the input has none, so the analysis defaults apply and the study's own flags,
+    ``participant_excluded``, are honoured). ``overrides``: QCOptions fields the analyst
+    set (a value, or ``None`` to switch a rule off). With the study's rules the analysis
+    recomputes every rule itself (the flags are not needed, and an override can loosen a
+    rule); returned participants count only if the study says so.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    defaults = QCOptions()
+    if study_rules is not None:
+        for study_name, qc_name in STUDY_RULE_FIELDS.items():
+            if study_name in study_rules:
+                values[qc_name] = study_rules[study_name]
+                sources[qc_name] = "study"
+        if values.get("fast_rt_ms", 0.0) is None:  # the study switched the rule off
+            values["fast_rt_ms"], values["max_fast_fraction"] = defaults.fast_rt_ms, None
+        values["exclude_returned"] = not study_rules.get("count_returned", False)
+        sources["exclude_returned"] = "study"
+        values["honour_study_exclusions"] = False
+    for name, value in (overrides or {}).items():
+        values[name] = value
+        sources[name] = "command line"
+    for name in QCOptions.__dataclass_fields__:
+        sources.setdefault(name, "analysis default")
+    return QCOptions(**values), sources
 
 
 @dataclass
@@ -208,7 +262,7 @@ def apply_exclusions(
         options.max_side_rate,
     )
     rule(
-        "too_fast",
+        "fast_responses",
         above("fast_fraction", options.max_fast_fraction),
         table["fast_fraction"],
         options.max_fast_fraction,
@@ -222,6 +276,8 @@ def apply_exclusions(
     if options.honour_study_exclusions:
         flagged = table["study_excluded"].astype(bool)
         rule("study_exclusion", flagged, table["study_reasons"], "flagged by the study")
+    if options.exclude_returned:
+        rule("returned", table["status"] == "returned", table["status"], "not returned")
     if options.completed_only:
         rule("not_completed", table["status"] != "completed", table["status"], "completed")
     log = pd.DataFrame(log_rows, columns=["participant", "rule", "value", "threshold"])
@@ -243,3 +299,49 @@ def apply_exclusions(
         everyone=main.reset_index(drop=True),
         options=options,
     )
+
+
+# rule name -> the QCOptions fields that set it
+RULE_SETTINGS = {
+    "catch_accuracy": ("min_catch_accuracy",),
+    "fast_responses": ("fast_rt_ms", "max_fast_fraction"),
+    "side_bias": ("max_side_rate", "min_side_trials"),
+    "repeat_consistency": ("min_repeat_consistency",),
+    "returned": ("exclude_returned",),
+    "not_completed": ("completed_only",),
+    "study_exclusion": ("honour_study_exclusions",),
+    "outlier_score": ("max_outlier_score",),
+}
+
+
+def exclusion_rules_table(result: QCResult, sources: Mapping[str, str]) -> pd.DataFrame:
+    """One row per rule: its settings, where they came from (the study, the command line
+    or the analysis defaults) and how many participants it excluded (a participant can
+    break several rules)."""
+    options = result.options.as_dict()
+    counts = result.log.groupby("rule")["participant"].nunique() if not result.log.empty else {}
+    rows = []
+    for rule, settings in RULE_SETTINGS.items():
+        rows.append({
+            "rule": rule,
+            "settings": "; ".join(f"{name}={options[name]}" for name in settings),
+            "source": ", ".join(sorted({sources.get(name, "analysis default")
+                                        for name in settings})),
+            "n_excluded": int(counts.get(rule, 0)),
+        })
+    return pd.DataFrame(rows)
+
+
+def exclusion_note(result: QCResult, sources: Mapping[str, str], study: str | None) -> str:
+    """A sentence for the report: whose rules were applied and what they excluded."""
+    table = exclusion_rules_table(result, sources)
+    fired = table[table["n_excluded"] > 0]
+    overridden = sorted(name for name, source in sources.items() if source == "command line")
+    origin = (f"the study's own rules ('{study}', from the export)" if "study" in sources.values()
+              else "the analysis defaults (the input carries no study rules)")
+    if overridden:
+        origin += f", overridden on the command line: {', '.join(overridden)}"
+    n_out = int(result.participants["excluded"].sum())
+    counts = ", ".join(f"{r.rule} {r.n_excluded}" for r in fired.itertuples()) or "none"
+    return (f"Exclusions: {origin}; {n_out} of {len(result.participants)} participants "
+            f"excluded (by rule: {counts}; see exclusion_rules and exclusion_log).")

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from analysis import agreement, clustered, metrics, planning, plots, pwcmp, scaling
 from analysis.io import LoadedResponses
 from analysis.pairs import preference_table
-from analysis.qc import QCOptions, apply_exclusions
+from analysis.qc import QCOptions, apply_exclusions, exclusion_note, exclusion_rules_table
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class AnalysisOptions:
     planning_rates: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75)
     power: float = 0.8
     qc: QCOptions = field(default_factory=QCOptions)
+    qc_sources: dict[str, str] = field(default_factory=dict)  # rule setting -> its origin
     progress: bool = False
     scale_prior: str = "ours"
 
@@ -222,11 +223,14 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
         "Observer outlier score: (Q1 - L) / IQR of each observer's leave-one-out mean "
         "log-likelihood; >= 1.5 is worth a look.",
     ]
+    study_name = (loaded.export_provenance or {}).get("study")
+    notes.insert(0, exclusion_note(qc, options.qc_sources, study_name))
     if not loaded.sides_recorded:
         notes.append("Sides were not recorded in this input: no position-bias analysis.")
     tables: dict[str, pd.DataFrame] = {
         "participants": qc.participants,
         "exclusion_log": qc.log,
+        "exclusion_rules": exclusion_rules_table(qc, options.qc_sources),
         "pairs": preference_table(main, options.alpha),
         "pairs_everyone": preference_table(qc.everyone, options.alpha),
         "per_participant_tests": clustered.per_participant_tests(main),

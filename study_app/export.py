@@ -14,7 +14,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -36,7 +36,8 @@ COLUMNS = (
     "presented_at", "answered_at", "reference_shown", "viewport_w", "viewport_h",
     "device_pixel_ratio", "participant_status", "participant_excluded", "exclusion_reasons",
 )
-EXCLUSION_RULE_NAMES = ("catch_accuracy", "fast_responses", "side_bias", "repeat_consistency")
+EXCLUSION_RULE_NAMES = ("catch_accuracy", "fast_responses", "side_bias", "repeat_consistency",
+                        "returned")
 
 
 class ExportError(ValueError):
@@ -48,16 +49,20 @@ class ParticipantStats:
     """Per-participant counts behind the exclusion rules (non-preview votes only)."""
 
     n: int = 0
-    n_left: int = 0
+    n_main: int = 0
+    n_main_left: int = 0
     n_fast: int = 0
     n_catch: int = 0
     n_catch_correct: int = 0
     n_repeat: int = 0
     n_repeat_consistent: int = 0
+    status: str = "started"
 
 
 def exclusion_reasons(stats: ParticipantStats, rules: ExclusionRules) -> list[str]:
-    """The names of the rules a participant breaks (pure; order of EXCLUSION_RULE_NAMES)."""
+    """The names of the rules a participant breaks (pure; order of EXCLUSION_RULE_NAMES).
+    ``analysis.qc.apply_exclusions`` with ``qc_options_from_study`` applies the same
+    definitions to an export (a test holds the two together)."""
     reasons = []
     if rules.min_catch_accuracy is not None and stats.n_catch > 0:
         if stats.n_catch_correct / stats.n_catch < rules.min_catch_accuracy:
@@ -65,12 +70,15 @@ def exclusion_reasons(stats: ParticipantStats, rules: ExclusionRules) -> list[st
     if rules.min_rt_ms is not None and rules.max_fast_fraction is not None and stats.n > 0:
         if stats.n_fast / stats.n > rules.max_fast_fraction:
             reasons.append("fast_responses")
-    if rules.max_side_bias is not None and stats.n >= rules.min_trials_for_bias:
-        if max(stats.n_left, stats.n - stats.n_left) / stats.n > rules.max_side_bias:
+    if rules.max_side_bias is not None and stats.n_main >= rules.min_trials_for_bias:
+        left = stats.n_main_left
+        if max(left, stats.n_main - left) / stats.n_main > rules.max_side_bias:
             reasons.append("side_bias")
     if rules.min_repeat_consistency is not None and stats.n_repeat > 0:
         if stats.n_repeat_consistent / stats.n_repeat < rules.min_repeat_consistency:
             reasons.append("repeat_consistency")
+    if stats.status == "returned" and not rules.count_returned:
+        reasons.append("returned")
     return reasons
 
 
@@ -94,7 +102,8 @@ def participant_stats(connection: Connection, study_id: int,
     rows = connection.execute(
         select(
             Vote.participant_id, func.count(Vote.id),
-            func.sum(case((Vote.choice == "left", 1), else_=0)),
+            func.sum(case((Trial.kind == "main", 1), else_=0)),
+            func.sum(case((and_(Trial.kind == "main", Vote.choice == "left"), 1), else_=0)),
             func.sum(case((fast, 1), else_=0)),
             func.sum(case((Trial.kind == "catch", 1), else_=0)),
             func.sum(case((and_(Trial.kind == "catch",
@@ -114,11 +123,16 @@ def participant_stats(connection: Connection, study_id: int,
         .where(Vote.study_id == study_id, Trial.kind == "repeat", Trial.preview.is_(False))
         .group_by(Vote.participant_id)
     ).all())
+    statuses = dict(connection.execute(
+        select(Participant.id, Participant.status).where(Participant.study_id == study_id)
+    ).all())
     return {
         r[0]: ParticipantStats(
-            n=int(r[1]), n_left=int(r[2] or 0), n_fast=int(r[3] or 0), n_catch=int(r[4] or 0),
-            n_catch_correct=int(r[5] or 0), n_repeat=int(repeats.get(r[0], (0, 0))[0]),
+            n=int(r[1]), n_main=int(r[2] or 0), n_main_left=int(r[3] or 0),
+            n_fast=int(r[4] or 0), n_catch=int(r[5] or 0), n_catch_correct=int(r[6] or 0),
+            n_repeat=int(repeats.get(r[0], (0, 0))[0]),
             n_repeat_consistent=int(repeats.get(r[0], (0, 0))[1] or 0),
+            status=statuses[r[0]],
         )
         for r in rows
     }
@@ -182,6 +196,7 @@ def provenance(connection: Connection, study_key: str | int) -> dict[str, Any]:
     ).scalar_one()
     return {
         "format": "pstudy-responses", "format_version": 1, "study": study.slug,
+        "exclusion_rules": asdict(parse_config(study.config).exclusion),
         "study_config": study.config, "study_config_sha256": study.config_sha256,
         "stimulus_manifest_sha256": manifest_sha,
         "exported_at": _iso(datetime.now(UTC)), "columns": list(COLUMNS),

@@ -46,9 +46,12 @@ class ExclusionRules:
 
     ``min_catch_accuracy``: fraction of catch trials answered correctly (0..1);
     ``min_rt_ms`` + ``max_fast_fraction``: at most that fraction of responses faster than
-    ``min_rt_ms``; ``max_side_bias``: at most that fraction of answers on one side (needs
-    ``min_trials_for_bias`` answers); ``min_repeat_consistency``: fraction of repeat trials
-    with the same condition chosen as the first time. ``None`` disables a rule.
+    ``min_rt_ms``; ``max_side_bias``: at most that fraction of main-trial answers on one
+    side (judged from ``min_trials_for_bias`` main trials on); ``min_repeat_consistency``:
+    fraction of repeat trials with the same condition chosen as the first time;
+    ``count_returned``: whether participants who withdrew (status *returned*) count (by
+    default they don't). ``None`` disables a rule. The same rules travel with every export
+    and are what ``pstudy analyze`` applies unless the analyst overrides them.
     """
 
     min_catch_accuracy: float | None = 0.75
@@ -57,6 +60,7 @@ class ExclusionRules:
     max_side_bias: float | None = 0.9
     min_trials_for_bias: int = 10
     min_repeat_consistency: float | None = None
+    count_returned: bool = False
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ def test_exclusion_rules_log_values_and_keep_everyone_sensitivity():
     log = result.log.set_index("participant")
     assert log.loc["p0", "rule"] == "catch_accuracy" and float(log.loc["p0", "value"]) == 0.0
     assert log.loc["p1", "rule"] == "side_bias" and float(log.loc["p1", "value"]) == 1.0
-    assert log.loc["p2", "rule"] == "too_fast"
+    assert log.loc["p2", "rule"] == "fast_responses"
     assert log.loc["p3", "rule"] == "study_exclusion" and log.loc["p3", "value"] == "attention"
     assert set(result.kept["participant"]) == {"p4", "p5"}
     assert (result.kept["trial_kind"] == "main").all()

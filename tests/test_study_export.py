@@ -88,15 +88,21 @@ def test_exclusions_flag_the_one_sided_participant(app, finished_study):
 
 
 @pytest.mark.parametrize(("stats", "rules", "expected"), [
-    (export.ParticipantStats(n=10, n_left=5, n_catch=4, n_catch_correct=2), ExclusionRules(),
-     ["catch_accuracy"]),
-    (export.ParticipantStats(n=10, n_left=5, n_fast=3), ExclusionRules(), ["fast_responses"]),
-    (export.ParticipantStats(n=10, n_left=10), ExclusionRules(), ["side_bias"]),
-    (export.ParticipantStats(n=9, n_left=9), ExclusionRules(), []),  # too few for bias
-    (export.ParticipantStats(n=10, n_left=5, n_repeat=2, n_repeat_consistent=0),
+    (export.ParticipantStats(n=10, n_main=10, n_main_left=5, n_catch=4, n_catch_correct=2),
+     ExclusionRules(), ["catch_accuracy"]),
+    (export.ParticipantStats(n=10, n_main=10, n_main_left=5, n_fast=3), ExclusionRules(),
+     ["fast_responses"]),
+    (export.ParticipantStats(n=10, n_main=10, n_main_left=10), ExclusionRules(), ["side_bias"]),
+    (export.ParticipantStats(n=12, n_main=9, n_main_left=9), ExclusionRules(), []),  # too few
+    (export.ParticipantStats(n=12, n_main=10, n_main_left=5), ExclusionRules(), []),  # main only
+    (export.ParticipantStats(n=10, n_main=10, n_main_left=5, n_repeat=2, n_repeat_consistent=0),
      ExclusionRules(min_repeat_consistency=0.5), ["repeat_consistency"]),
-    (export.ParticipantStats(n=10, n_left=10, n_catch=2), ExclusionRules(
+    (export.ParticipantStats(n=10, n_main=10, n_main_left=10, n_catch=2), ExclusionRules(
         min_catch_accuracy=None, max_side_bias=None, max_fast_fraction=None), []),
+    (export.ParticipantStats(n=4, n_main=4, n_main_left=2, status="returned"), ExclusionRules(),
+     ["returned"]),  # withdrawn participants don't count by default
+    (export.ParticipantStats(n=4, n_main=4, n_main_left=2, status="returned"),
+     ExclusionRules(count_returned=True), []),
 ])
 def test_exclusion_rules(stats, rules, expected):
     assert export.exclusion_reasons(stats, rules) == expected
@@ -128,3 +134,94 @@ def test_pstudy_export_writes_csv_parquet_and_provenance(app, finished_study, tm
                                              "--database-url", url])
     assert missing.exit_code == 1 and "no study 'nope'" in missing.output
     assert "Traceback" not in missing.output
+
+
+@pytest.mark.parametrize("source", ["database", "parquet", "csv"])
+def test_the_exports_rules_reproduce_the_dashboards_inclusion(app, client, tmp_path, source):
+    """One rule set: the analysis, given only the export (its metadata carries the
+    study's rules), excludes exactly the participants the dashboard excludes, for the
+    same reasons; an analyst's override on the command line is the one thing that can
+    change it."""
+    from click.testing import CliRunner
+
+    from analysis.io import load_responses
+    from analysis.qc import apply_exclusions, qc_options_from_study
+    from study_app.commands import export as export_command
+    from study_app.researcher import dashboard_data
+    from study_app.studies import find_study
+
+    slug = make_study(app, write_stimulus_set(tmp_path / "set", n_images=6), votes_per_item=6,
+                      trials_per_participant=10, catch_trials=2, repeat_trials=2,
+                      exclusion={"min_catch_accuracy": 0.6, "max_side_bias": 0.85,
+                                 "min_trials_for_bias": 8, "min_rt_ms": 250,
+                                 "max_fast_fraction": 0.3, "min_repeat_consistency": None})
+    turns = iter(range(10_000))
+
+    def attentive(trial):
+        if trial["reference_url"] in (trial["left_url"], trial["right_url"]):
+            return "left" if trial["left_url"] == trial["reference_url"] else "right"
+        return ("left", "right")[next(turns) % 2]
+
+    def inattentive(trial):  # never the reference on catch trials
+        if trial["reference_url"] in (trial["left_url"], trial["right_url"]):
+            return "right" if trial["left_url"] == trial["reference_url"] else "left"
+        return ("left", "right")[next(turns) % 2]
+
+    behaviours = {"good": (attentive, {}), "one-sided": (lambda t: "left", {}),
+                  "careless": (inattentive, {}), "hasty": (attentive, {"rt_ms": 120.0}),
+                  "withdrawn": (attentive, {})}
+    for name, (choose, overrides) in behaviours.items():
+        participant = Participant(client, slug, prolific_pid=name)
+        while True:
+            body = participant.next().get_json()
+            if body["done"]:
+                break
+            for trial in body["trials"]:
+                assert participant.vote(trial["token"], choose(trial), **overrides
+                                        ).status_code == 200
+        participant.finish("returned" if name == "withdrawn" else "completed")
+    with app.app_context():
+        study = find_study(slug)
+        dashboard = dashboard_data(study)
+        flags = export.read_responses(app.config["SQLALCHEMY_DATABASE_URI"], slug)
+    per_participant = flags.groupby("participant")[["participant_excluded",
+                                                    "exclusion_reasons"]].first()
+    dashboard_out = set(per_participant.index[per_participant["participant_excluded"]])
+    assert dashboard["exclusions"]["excluded"] == len(dashboard_out) == 4  # all but "good"
+    with app.app_context():
+        from study_app.models import Participant as Row
+
+        names = dict(db.session.execute(select(Row.public_id, Row.prolific_pid)).all())
+    designed = {"one-sided": "side_bias", "careless": "catch_accuracy",
+                "hasty": "fast_responses", "withdrawn": "returned"}
+    for participant in dashboard_out:  # each broke (at least) the rule it was made to break
+        assert designed[names[participant]] in per_participant.loc[
+            participant, "exclusion_reasons"].split(";")
+
+    if source == "database":
+        loaded = load_responses(app.config["SQLALCHEMY_DATABASE_URI"], study=slug)
+    else:
+        out = tmp_path / f"responses.{source}"
+        result = CliRunner().invoke(export_command, [slug, "-o", str(out), "--database-url",
+                                                     app.config["SQLALCHEMY_DATABASE_URI"]])
+        assert result.exit_code == 0, result.output
+        loaded = load_responses(out)
+    assert loaded.study_exclusion_rules["max_side_bias"] == 0.85
+    options, sources = qc_options_from_study(loaded.study_exclusion_rules)
+    assert sources["max_side_rate"] == "study" and not options.honour_study_exclusions
+    qc = apply_exclusions(loaded.frame, options)
+    table = qc.participants.set_index("participant")
+    assert set(table.index[table["excluded"]]) == dashboard_out
+    for participant in dashboard_out:  # the same reasons, by the same names
+        assert set(table.loc[participant, "reasons"].split(";")) == set(
+            per_participant.loc[participant, "exclusion_reasons"].split(";"))
+    # an analyst who loosens one rule keeps that participant, and only that one
+    looser, sources = qc_options_from_study(loaded.study_exclusion_rules,
+                                            {"max_side_rate": None})
+    kept = apply_exclusions(loaded.frame, looser).participants.set_index("participant")
+    assert sources["max_side_rate"] == "command line"
+    assert set(kept.index[kept["excluded"]]) == dashboard_out - set(
+        per_participant.index[per_participant["exclusion_reasons"] == "side_bias"])
+    assert kept.loc[[p for p in names if names[p] == "one-sided"][0], "excluded"] == (
+        "catch_accuracy" in per_participant.loc[
+            [p for p in names if names[p] == "one-sided"][0], "exclusion_reasons"])
