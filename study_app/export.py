@@ -35,6 +35,7 @@ COLUMNS = (
     "condition_right", "choice", "chosen_condition", "expected_condition", "rt_ms",
     "presented_at", "answered_at", "reference_shown", "viewport_w", "viewport_h",
     "device_pixel_ratio", "participant_status", "participant_excluded", "exclusion_reasons",
+    "prolific_pid",  # for approving/rejecting submissions on Prolific; empty otherwise
 )
 EXCLUSION_RULE_NAMES = ("catch_accuracy", "fast_responses", "side_bias", "repeat_consistency",
                         "returned")
@@ -159,7 +160,7 @@ def iter_responses(connection: Connection, study_key: str | int,
             Trial.kind, Image.key, Trial.condition_left, Trial.condition_right, Vote.choice,
             Vote.chosen_condition, Trial.expected_condition, Vote.rt_ms, Vote.presented_at,
             Vote.answered_at, Vote.reference_shown, Vote.viewport_w, Vote.viewport_h,
-            Vote.device_pixel_ratio,
+            Vote.device_pixel_ratio, Participant.prolific_pid,
         )
         .join(Trial, Vote.trial_id == Trial.id)
         .join(Participant, Vote.participant_id == Participant.id)
@@ -183,7 +184,7 @@ def iter_responses(connection: Connection, study_key: str | int,
                 "reference_shown": bool(r[14]), "viewport_w": int(r[15]),
                 "viewport_h": int(r[16]), "device_pixel_ratio": float(r[17]),
                 "participant_status": r[2], "participant_excluded": bool(reasons),
-                "exclusion_reasons": reasons,
+                "exclusion_reasons": reasons, "prolific_pid": r[18],
             })
         yield batch
 
@@ -215,6 +216,7 @@ def write_csv(connection: Connection, study_key: str | int, out: IO[str],
             row["expected_condition"] = row["expected_condition"] or ""
             row["reference_shown"] = "true" if row["reference_shown"] else "false"
             row["participant_excluded"] = "true" if row["participant_excluded"] else "false"
+            row["prolific_pid"] = row["prolific_pid"] or ""
             writer.writerow(row)
         n += len(batch)
     return n
@@ -232,6 +234,7 @@ def iter_csv_chunks(connection: Connection, study_key: str | int,
             row["expected_condition"] = row["expected_condition"] or ""
             row["reference_shown"] = "true" if row["reference_shown"] else "false"
             row["participant_excluded"] = "true" if row["participant_excluded"] else "false"
+            row["prolific_pid"] = row["prolific_pid"] or ""
             writer.writerow(row)
         yield buffer.getvalue()
         buffer.seek(0)
@@ -289,5 +292,5 @@ def read_responses(database_url: str, study: str | int) -> pd.DataFrame:
     return frame.astype({
         "trial_index": "int64", "rt_ms": "float64", "reference_shown": "bool",
         "viewport_w": "int64", "viewport_h": "int64", "device_pixel_ratio": "float64",
-        "participant_excluded": "bool",
+        "participant_excluded": "bool", "prolific_pid": "str",  # None -> missing, as Parquet
     })
