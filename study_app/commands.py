@@ -277,7 +277,8 @@ def study_share(slug: str, email: str, role: str, database_url: str | None) -> N
         except AccessError as error:
             raise click.ClickException(str(error)) from None
         db.session.commit()
-        click.echo(f"{account.email} is a {role} of {found.slug} ({outcome})")
+        click.echo(f"{account.email} is {'an' if role == 'editor' else 'a'} {role} of "
+                   f"{found.slug} ({outcome})")
 
 
 @study.command("unshare")
