@@ -185,7 +185,10 @@ def import_stimulus_set(root: str | os.PathLike, verify: bool = True,
     Importing the same folder with the same manifest again for the same owner returns
     the existing row.
     """
-    root = Path(root).resolve()
+    try:
+        root = Path(root).resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise StimulusSetError(f"stimulus set folder {root} cannot be opened ({error})") from None
     manifest, inferred = load_manifest(root, verify=verify)
     digest = canonical_json_sha256(
         {k: v for k, v in manifest.items() if not (inferred and k == "created_at")}
