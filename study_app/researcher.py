@@ -3,10 +3,11 @@
 Every route here is behind :func:`study_app.auth.login_required` (a test walks the URL
 map to prove it) and every study route checks the researcher's role on the study
 (:mod:`study_app.access`: viewer, editor, owner, admin; a stranger gets the same 404 as
-for a study that does not exist; another test walks the map with each role). Numbers on the dashboard come from the database (participants, items)
-and from the ``analysis`` package (preference rates and intervals, the matrix plot); the
-downloads use :mod:`study_app.export` (contract 2) and the stored study configuration and
-stimulus manifest.
+for a study that does not exist; another test walks the map with each role). Numbers on
+the dashboard come from the database (participants, items) and from the ``analysis``
+package (preference rates and intervals, the matrix plot); the downloads use
+:mod:`study_app.export` (contract 2) and the stored study configuration and stimulus
+manifest.
 """
 
 from __future__ import annotations
@@ -227,8 +228,8 @@ def _study_or_404(slug: str, needed: str = VIEW) -> Study:
     if role is None:
         abort(404, description=f"There is no study called {slug!r}.")
     if not access.allows(role, needed):
-        abort(403, description=f"As {_article(role)} {role} of this study you cannot do this; "
-              f"it needs {_article(needed)} {needed} (ask the study's owner).")
+        abort(403, description=f"As {_article(role)} {role} of this study you may not do "
+              f"this: it takes the {needed} role or more (ask the study's owner).")
     return study
 
 

@@ -128,7 +128,9 @@ def load_manifest(root: Path, verify: bool = True) -> tuple[dict[str, Any], bool
         raise StimulusSetError(f"stimulus set folder {root} does not exist")
     path = root / "manifest.json"
     if not path.exists():
-        return infer_manifest(root), True
+        manifest = infer_manifest(root)
+        _check_paths_inside(root, [*manifest["images"], *manifest["stimuli"]], root)
+        return manifest, True
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:

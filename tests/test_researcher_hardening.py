@@ -296,3 +296,9 @@ def test_a_manifest_cannot_point_outside_its_folder(app, tmp_path):
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StimulusSetError, match="is outside the stimulus set folder"):
         load_manifest(root)
+    # Without a manifest: a file that is a symlink to somewhere else is refused too.
+    (root / "manifest.json").unlink()
+    (root / "l1" / "img001.png").unlink()
+    (root / "l1" / "img001.png").symlink_to(tmp_path / "outside.png")
+    with pytest.raises(StimulusSetError, match="'l1/img001.png' is outside"):
+        load_manifest(root)
