@@ -34,6 +34,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     trust_proxies(app)
     init_extensions(app)
+    from study_app.stimuli import stimulus_roots
+
+    stimulus_roots(app)  # a bad STIMULUS_ROOTS fails here, with the fix in the message
 
     from study_app import api, health, i18n, models  # noqa: F401 - models registers the tables
 

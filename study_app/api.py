@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
 from study_app import scheduling
+from study_app.access import may
 from study_app.auth import current_researcher
 from study_app.errors import ApiError
 from study_app.extensions import db
@@ -302,7 +303,7 @@ def openapi():
 @bp.get("/studies/<slug>")
 def get_study(slug: str):
     study = _study_or_404(slug)
-    if study.status == "draft" and current_researcher() is None:
+    if study.status == "draft" and not may(current_researcher(), study):
         raise ApiError(404, "unknown_study", f"no study is called {slug!r}")
     return jsonify(study=study_json(study, study_config(study)))
 
@@ -327,6 +328,8 @@ def start(slug: str):
     if preview and current_researcher() is None:
         raise ApiError(403, "preview_needs_login", "log in as a researcher to preview a study")
     study = _study_or_404(slug)
+    if preview and not may(current_researcher(), study):  # a stranger to this study
+        raise ApiError(404, "unknown_study", f"no study is called {slug!r}")
     config = study_config(study)
 
     existing = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import secrets
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -178,21 +179,44 @@ def cookie_problem() -> str | None:
 @bp.route("/login", methods=["GET", "POST"])
 def login():
     """The login form; a success starts a fresh session."""
+    from study_app.throttle import clear_login_failures, login_wait_s, record_login_failure
+
     form = LoginForm()
     error = None
+    status = 200
+    wait_s = 0.0
     if form.validate_on_submit():
-        researcher = researcher_by_email(form.email.data)
-        if researcher is None:
-            check_password_hash(_DUMMY_HASH, form.password.data)
-        elif researcher.check_password(form.password.data):
-            target = _safe_next(request.args.get("next"))
-            start_login(researcher)
-            return redirect(target)
-        error = "Wrong e-mail or password."
-    status = 401 if error else 200
-    return render_template(
+        email, address = form.email.data, request.remote_addr or "unknown"
+        wait_s, limit = login_wait_s(email, address)
+        if wait_s:  # too many failures: the password is not even checked
+            minutes = max(1, math.ceil(wait_s / 60))
+            error = (
+                f"Too many failed logins {_THROTTLED[limit]}. Wait {minutes} minute"
+                f"{'s' if minutes > 1 else ''} and try again (or ask an administrator to run "
+                "`pstudy researcher unlock EMAIL`)."
+            )
+            status = 429
+        else:
+            researcher = researcher_by_email(email)
+            if researcher is None:
+                check_password_hash(_DUMMY_HASH, form.password.data)
+            elif researcher.check_password(form.password.data):
+                target = _safe_next(request.args.get("next"))
+                clear_login_failures(email)
+                start_login(researcher)  # commits
+                return redirect(target)
+            record_login_failure(email, address)
+            error = "Wrong e-mail or password."
+            status = 401
+    response = current_app.make_response((render_template(
         "auth/login.html", form=form, error=error, cookie_problem=cookie_problem()
-    ), status
+    ), status))
+    if wait_s:
+        response.headers["Retry-After"] = str(max(1, math.ceil(wait_s)))
+    return response
+
+
+_THROTTLED = {"account": "for this account", "address": "from your network address"}
 
 
 @bp.post("/logout")

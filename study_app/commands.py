@@ -1,5 +1,10 @@
 """``pstudy`` subcommands of the study app: study, serve, export, simulate, researcher.
 
+Who may see what on the web pages (owners, collaborators, admins) is set here too:
+``pstudy researcher create --admin`` / ``grant-admin`` / ``revoke-admin`` / ``list``,
+``pstudy study create --owner``, ``pstudy study share`` / ``unshare`` / ``set-owner``.
+The command line itself is not restricted: whoever can run it can read the database.
+
 Each command works on the database given by ``--database-url`` (or ``DATABASE_URL``;
 default: the SQLite file in the instance folder) and brings its schema up to date with
 the migrations first.
@@ -37,7 +42,9 @@ def upgrade_database(app) -> None:
 
     A database whose tables were made by ``db.create_all()`` (tests, notebooks) has no
     Alembic version yet: the tables a newer model added are created, then it is stamped
-    as head (the migrations are tested to produce exactly the models' schema).
+    as head (the migrations are tested to produce exactly the models' schema). One made
+    before studies had owners is stamped at the revision before them and upgraded, so
+    the migration adds the columns and assigns the owners.
     """
     from alembic import command
     from sqlalchemy import inspect
@@ -47,10 +54,19 @@ def upgrade_database(app) -> None:
     with app.app_context():
         config = app.extensions["migrate"].migrate.get_config()
         config.attributes["quiet"] = True
-        tables = set(inspect(db.engine).get_table_names())
+        inspector = inspect(db.engine)
+        tables = set(inspector.get_table_names())
         if "alembic_version" not in tables and {"study", "vote"} <= tables:
-            db.create_all()  # only what is missing, e.g. researcher_login
-            command.stamp(config, "head")
+            if "owner_id" in {c["name"] for c in inspector.get_columns("study")}:
+                db.create_all()  # only what is missing
+                command.stamp(config, "head")
+            else:  # made before owners: bring it to revision 2, then migrate (owners)
+                from study_app.models import ResearcherLogin
+
+                if "researcher_login" not in tables:
+                    ResearcherLogin.__table__.create(db.engine)
+                command.stamp(config, "0002_researcher_login")
+                command.upgrade(config, "head")
         else:
             command.upgrade(config, "head")
 
@@ -96,17 +112,21 @@ def _load_config_file(path: Path) -> dict[str, Any]:
 @click.option("--completion-url", help="Redirect URL at the end (e.g. Prolific's).")
 @click.option("--seed", type=int, help="Seed for trial order and side choices.")
 @click.option("--live", is_flag=True, help="Open the study for participants right away.")
+@click.option("--owner", metavar="EMAIL",
+              help="Researcher who owns the study and its stimulus set (default: nobody, "
+              "so only admins see it on the web pages).")
 @click.option("--base-url", default="http://127.0.0.1:8000", show_default=True,
               help="Where the app is served (for the printed participant link).")
 @DATABASE_OPTION
 def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, live: bool,
-                 database_url: str | None, **options: Any) -> None:
+                 owner: str | None, database_url: str | None, **options: Any) -> None:
     """Create a study from STIMULUS_SET (a folder, with or without manifest.json).
 
     \b
     Examples:
       pstudy study create stimuli/demo --title "Loss study" -k 5 -m 20 --live
       pstudy study create stimuli/demo --config study.yaml --completion-code C0DE
+      pstudy study create stimuli/demo --owner ada@example.org
     """
     import re
 
@@ -126,10 +146,11 @@ def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, li
         settings["slug"] = re.sub(r"[^a-z0-9]+", "-", settings["title"].lower()).strip("-")[:80]
     app = make_app(database_url)
     with app.app_context():
+        owner_id = _researcher_or_fail(owner).id if owner else None
         try:
-            imported = import_stimulus_set(stimulus_set)
+            imported = import_stimulus_set(stimulus_set, owner_id=owner_id)
             config = parse_config(settings)
-            created = create_study(imported, config)
+            created = create_study(imported, config, researcher_id=owner_id)
             if live:
                 set_status(created, "live")
             db.session.commit()
@@ -140,6 +161,8 @@ def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, li
         click.echo(f"created study '{created.slug}' ({created.status}) from "
                    f"{imported.name}: {created.config_sha256[:12]}…, K={config.votes_per_item},"
                    f" M={config.trials_per_participant}, {n_items} image(s)")
+        click.echo(f"owner: {owner}" if owner else "owner: nobody — only admins see it on the "
+                   f"web pages (pstudy study set-owner {created.slug} EMAIL)")
         link = f"{base_url.rstrip('/')}/s/{created.slug}"
         click.echo(f"participant link: {link}")
         click.echo("Prolific link:    " + link +
@@ -192,16 +215,133 @@ def study_status(slug: str, new_status: str | None, database_url: str | None) ->
 @study.command("list")
 @DATABASE_OPTION
 def study_list(database_url: str | None) -> None:
-    """List the studies in the database."""
+    """List the studies in the database: id, slug, status, title, owner, collaborators."""
     from sqlalchemy import select
 
+    from study_app.access import collaborators
     from study_app.extensions import db
     from study_app.models import Study
 
     app = make_app(database_url)
     with app.app_context():
         for row in db.session.scalars(select(Study).order_by(Study.id)):
-            click.echo(f"{row.id}\t{row.slug}\t{row.status}\t{row.title}")
+            shared = ", ".join(f"{email} ({role})" for email, role in collaborators(row))
+            click.echo(f"{row.id}\t{row.slug}\t{row.status}\t{row.title}\t"
+                       f"{row.owner.email if row.owner else '(no owner)'}\t{shared}")
+
+
+def _researcher_or_fail(email: str):
+    """The account with ``email`` (inside an app context), or a ClickException."""
+    from study_app.auth import researcher_by_email
+
+    account = researcher_by_email(email)
+    if account is None:
+        raise click.ClickException(
+            f"no researcher {email}; create one with: pstudy researcher create {email}"
+        )
+    return account
+
+
+def _study_or_fail(slug: str):
+    from study_app.studies import find_study
+
+    found = find_study(slug)
+    if found is None:
+        raise click.ClickException(f"no study {slug!r}; `pstudy study list` shows them")
+    return found
+
+
+@study.command("share")
+@click.argument("slug")
+@click.argument("email")
+@click.option("--role", type=click.Choice(["viewer", "editor"]), default="viewer",
+              show_default=True, help="viewer: dashboard, downloads, preview; editor: also "
+              "start / pause / close.")
+@DATABASE_OPTION
+def study_share(slug: str, email: str, role: str, database_url: str | None) -> None:
+    """Share study SLUG with the researcher EMAIL (or change their role).
+
+    \b
+    Examples:
+      pstudy study share loss-study bob@example.org --role editor
+      pstudy study share loss-study eve@example.org            # viewer
+    """
+    from study_app.access import AccessError, share_study
+    from study_app.extensions import db
+
+    app = make_app(database_url)
+    with app.app_context():
+        found = _study_or_fail(slug)
+        try:
+            account, outcome = share_study(found, email, role)
+        except AccessError as error:
+            raise click.ClickException(str(error)) from None
+        db.session.commit()
+        click.echo(f"{account.email} is {'an' if role == 'editor' else 'a'} {role} of "
+                   f"{found.slug} ({outcome})")
+
+
+@study.command("unshare")
+@click.argument("slug")
+@click.argument("email")
+@DATABASE_OPTION
+def study_unshare(slug: str, email: str, database_url: str | None) -> None:
+    """Take the collaborator EMAIL's access to study SLUG away.
+
+    \b
+    Example:
+      pstudy study unshare loss-study bob@example.org
+    """
+    from study_app.access import AccessError, unshare_study
+    from study_app.extensions import db
+
+    app = make_app(database_url)
+    with app.app_context():
+        found = _study_or_fail(slug)
+        try:
+            account = unshare_study(found, email)
+        except AccessError as error:
+            raise click.ClickException(str(error)) from None
+        db.session.commit()
+        click.echo(f"{account.email} no longer has access to {found.slug}")
+
+
+@study.command("set-owner")
+@click.argument("slug")
+@click.argument("email")
+@click.option("--with-set/--without-set", default=True, show_default=True,
+              help="Give the study's stimulus set to the new owner too, when it has no owner "
+              "or belonged to the old one.")
+@DATABASE_OPTION
+def study_set_owner(slug: str, email: str, with_set: bool, database_url: str | None) -> None:
+    """Make the researcher EMAIL the owner of study SLUG (e.g. a study made on the command
+    line without --owner). A collaborator who becomes owner stops being a collaborator.
+
+    \b
+    Example:
+      pstudy study set-owner loss-study ada@example.org
+    """
+    from sqlalchemy import delete
+
+    from study_app.extensions import db
+    from study_app.models import StudyCollaborator
+
+    app = make_app(database_url)
+    with app.app_context():
+        found = _study_or_fail(slug)
+        account = _researcher_or_fail(email)
+        old_owner = found.owner_id
+        found.owner_id = account.id
+        db.session.execute(delete(StudyCollaborator).where(
+            StudyCollaborator.study_id == found.id,
+            StudyCollaborator.researcher_id == account.id))
+        stimulus_set = found.stimulus_set
+        if with_set and stimulus_set.owner_id in (None, old_owner):
+            stimulus_set.owner_id = account.id
+        db.session.commit()
+        click.echo(f"{account.email} owns {found.slug}"
+                   + (f" and its stimulus set '{stimulus_set.name}'"
+                      if stimulus_set.owner_id == account.id else ""))
 
 
 # --------------------------------------------------------------------------- serve
@@ -368,13 +508,17 @@ def researcher() -> None:
 @click.option("--password", envvar="PSTUDY_RESEARCHER_PASSWORD", prompt=True,
               hide_input=True, confirmation_prompt=True,
               help="Prompted when not given (env PSTUDY_RESEARCHER_PASSWORD).")
+@click.option("--admin", is_flag=True,
+              help="An admin sees and may do everything (the first account is one anyway).")
 @DATABASE_OPTION
-def researcher_create(email: str, password: str, database_url: str | None) -> None:
-    """Create a researcher account EMAIL (password hashed with werkzeug).
+def researcher_create(email: str, password: str, admin: bool, database_url: str | None) -> None:
+    """Create a researcher account EMAIL (password hashed with werkzeug). The first account
+    of a database becomes an admin; later ones only with --admin.
 
     \b
-    Example:
+    Examples:
       pstudy researcher create ada@example.org
+      pstudy researcher create root@example.org --admin
     """
     from sqlalchemy import select
 
@@ -389,11 +533,14 @@ def researcher_create(email: str, password: str, database_url: str | None) -> No
     with app.app_context():
         if db.session.scalars(select(Researcher).where(Researcher.email == email)).first():
             raise click.ClickException(f"a researcher {email} exists already")
-        account = Researcher(email=email)
+        first = db.session.scalars(select(Researcher.id).limit(1)).first() is None
+        account = Researcher(email=email, is_admin=admin or first)
         account.set_password(password)
         db.session.add(account)
         db.session.commit()
-    click.echo(f"created researcher {email}")
+    click.echo(f"created researcher {email}"
+               + (" (admin: the first account)" if first and not admin
+                  else " (admin)" if admin else ""))
 
 
 @researcher.command("set-password")
@@ -427,3 +574,104 @@ def researcher_set_password(email: str, password: str, database_url: str | None)
         stored_email = account.email
         db.session.commit()
     click.echo(f"new password for {stored_email}; ended {ended} open login(s)")
+
+
+@researcher.command("list")
+@DATABASE_OPTION
+def researcher_list(database_url: str | None) -> None:
+    """List the researcher accounts: e-mail, admin or not, studies owned and shared.
+
+    \b
+    Example:
+      pstudy researcher list
+    """
+    from sqlalchemy import func, select
+
+    from study_app.extensions import db
+    from study_app.models import Researcher, Study, StudyCollaborator
+
+    app = make_app(database_url)
+    with app.app_context():
+        owned = dict(db.session.execute(
+            select(Study.owner_id, func.count()).group_by(Study.owner_id)).all())
+        shared = dict(db.session.execute(
+            select(StudyCollaborator.researcher_id, func.count())
+            .group_by(StudyCollaborator.researcher_id)).all())
+        accounts = db.session.scalars(select(Researcher).order_by(Researcher.id)).all()
+        for account in accounts:
+            click.echo(f"{account.email}\t{'admin' if account.is_admin else '-'}\t"
+                       f"owns {owned.get(account.id, 0)}\tshared {shared.get(account.id, 0)}\t"
+                       f"created {account.created_at:%Y-%m-%d}")
+        if not accounts:
+            click.echo("no researchers; create one with: pstudy researcher create EMAIL")
+        unowned = owned.get(None, 0)
+        if unowned:
+            click.echo(f"{unowned} study(ies) without owner (admins only; pstudy study "
+                       "set-owner SLUG EMAIL)")
+
+
+def _set_admin(email: str, admin: bool, database_url: str | None) -> None:
+    from sqlalchemy import func, select
+
+    from study_app.extensions import db
+    from study_app.models import Researcher
+
+    app = make_app(database_url)
+    with app.app_context():
+        account = _researcher_or_fail(email)
+        account.is_admin = admin
+        db.session.commit()
+        admins = db.session.scalar(
+            select(func.count()).select_from(Researcher).where(Researcher.is_admin))
+        click.echo(f"{account.email} is {'now' if admin else 'no longer'} an admin "
+                   f"({admins} admin(s) in all)")
+        if not admins:
+            click.echo("warning: no admin is left; studies without an owner are seen by "
+                       "nobody (pstudy researcher grant-admin EMAIL)", err=True)
+
+
+@researcher.command("grant-admin")
+@click.argument("email")
+@DATABASE_OPTION
+def researcher_grant_admin(email: str, database_url: str | None) -> None:
+    """Make researcher EMAIL an admin: sees and may do everything on every study.
+
+    \b
+    Example:
+      pstudy researcher grant-admin ada@example.org
+    """
+    _set_admin(email, True, database_url)
+
+
+@researcher.command("revoke-admin")
+@click.argument("email")
+@DATABASE_OPTION
+def researcher_revoke_admin(email: str, database_url: str | None) -> None:
+    """Take researcher EMAIL's admin role away (their own and shared studies stay).
+
+    \b
+    Example:
+      pstudy researcher revoke-admin ada@example.org
+    """
+    _set_admin(email, False, database_url)
+
+
+@researcher.command("unlock")
+@click.argument("email")
+@DATABASE_OPTION
+def researcher_unlock(email: str, database_url: str | None) -> None:
+    """Forget the failed logins of EMAIL, so the login form stops answering 429 for it
+    (failures counted per network address stay until they age out).
+
+    \b
+    Example:
+      pstudy researcher unlock ada@example.org
+    """
+    from study_app.extensions import db
+    from study_app.throttle import clear_login_failures
+
+    app = make_app(database_url)
+    with app.app_context():
+        cleared = clear_login_failures(email)
+        db.session.commit()
+    click.echo(f"cleared {cleared} failed login(s) of {email}")

@@ -14,6 +14,7 @@ export, analyze), so the demo shows exactly what a user would run by hand.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -100,8 +101,9 @@ def researcher_password(paths: DemoPaths) -> str:
     return password
 
 
-def ensure_researcher(app, email: str, password: str) -> None:
-    """Create the demo researcher account unless it exists (its password is reset)."""
+def ensure_researcher(app, email: str, password: str) -> int:
+    """Create the demo researcher account unless it exists (its password is reset); it is
+    an admin, as the first account of an installation is. -> its id."""
     from sqlalchemy import select
 
     from study_app.extensions import db
@@ -113,17 +115,21 @@ def ensure_researcher(app, email: str, password: str) -> None:
             account = Researcher(email=email)
             db.session.add(account)
         account.set_password(password)
+        account.is_admin = True
         db.session.commit()
+        return account.id
 
 
-def create_demo_study(app, stimuli: Path, slug: str, votes_per_item: int, trials: int) -> str:
-    """Import the stimulus set (deduplicated by its manifest) and create a live study."""
+def create_demo_study(app, stimuli: Path, slug: str, votes_per_item: int, trials: int,
+                      owner_id: int | None = None) -> str:
+    """Import the stimulus set (deduplicated by its manifest) and create a live study,
+    both owned by ``owner_id``."""
     from study_app.extensions import db
     from study_app.stimuli import import_stimulus_set
     from study_app.studies import create_study, parse_config, set_status
 
     with app.app_context():
-        imported = import_stimulus_set(stimuli)
+        imported = import_stimulus_set(stimuli, owner_id=owner_id)
         config = parse_config({
             "title": f"Which reconstruction is closer? ({imported.name})",
             "slug": slug,
@@ -132,7 +138,7 @@ def create_demo_study(app, stimuli: Path, slug: str, votes_per_item: int, trials
             "completion_code": "DEMO-" + slug[-6:].upper(),
             "seed": 0,
         })
-        study = create_study(imported, config)
+        study = create_study(imported, config, researcher_id=owner_id)
         set_status(study, "live")
         db.session.commit()
         return study.slug
@@ -230,16 +236,20 @@ def demo(out_dir: Path, preset: str, data_dir: str | None, device: str, threads:
 
     click.secho("\n==> 2/5 create the study and the researcher account", bold=True, err=True)
     app = make_app(database_url)
+    password = researcher_password(paths)
+    owner_id = ensure_researcher(app, DEMO_RESEARCHER, password)
     slug = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    slug = create_demo_study(app, paths.stimuli, slug, votes_per_item, trials_per_participant)
+    slug = create_demo_study(app, paths.stimuli, slug, votes_per_item, trials_per_participant,
+                             owner_id)
     simulated_slug = None
     if n_simulated:
         # The synthetic participants get their own study, so the one behind the printed
         # participant link still has every trial open for a person to try.
         simulated_slug = create_demo_study(app, paths.stimuli, slug + "-simulated",
-                                           votes_per_item, trials_per_participant)
-    password = researcher_password(paths)
-    ensure_researcher(app, DEMO_RESEARCHER, password)
+                                           votes_per_item, trials_per_participant, owner_id)
+    # The web form may import from the demo's stimuli as well as the usual instance folder.
+    stimulus_roots = os.environ.get("PSTUDY_STIMULUS_ROOTS") or json.dumps(
+        [str(paths.stimuli), os.path.join(app.instance_path, "stimuli")])
     with app.app_context():
         from study_app.extensions import db
 
@@ -248,7 +258,7 @@ def demo(out_dir: Path, preset: str, data_dir: str | None, device: str, threads:
     click.secho("\n==> 3/5 serve the app with gunicorn", bold=True, err=True)
     port = pick_port(host, port)
     base_url = f"http://{host}:{port}"
-    env = dict(os.environ, DATABASE_URL=database_url,
+    env = dict(os.environ, DATABASE_URL=database_url, PSTUDY_STIMULUS_ROOTS=stimulus_roots,
                SECRET_KEY=os.environ.get("SECRET_KEY") or _secret_key(str(paths.instance)))
     server = subprocess.Popen(
         pstudy_command("serve", "--bind", f"{host}:{port}", "--workers", str(workers),

@@ -4,9 +4,11 @@ Where a vote is stored: :class:`Vote`, one row per answered trial, written at th
 of the vote (unique per :class:`Trial`, which carries the server-issued token).
 
 Tables, in the order data flows:
-``researcher`` → ``researcher_login`` (one row per login, ended at logout);
-``stimulus_set`` → ``condition``, ``image`` (references), ``stimulus`` (one reconstruction
-of one image by one condition); ``study`` → ``item`` (image × condition pair, the unit that
+``researcher`` → ``researcher_login`` (one row per login, ended at logout),
+``login_failure`` (recent wrong passwords, for throttling);
+``stimulus_set`` (owned by a researcher) → ``condition``, ``image`` (references), ``stimulus`` (one reconstruction
+of one image by one condition); ``study`` (owned by a
+researcher) → ``study_collaborator`` (viewers and editors), ``item`` (image × condition pair, the unit that
 gets K votes); ``participant`` → ``trial`` (a lease of one item, or a catch / repeat
 trial, to one participant) → ``vote``.
 """
@@ -28,6 +30,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -35,6 +38,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from study_app.extensions import db
 
 STUDY_STATUSES = ("draft", "live", "paused", "closed")
+COLLABORATOR_ROLES = ("viewer", "editor")
 PARTICIPANT_STATUSES = ("started", "completed", "returned")
 TRIAL_KINDS = ("main", "catch", "repeat")
 TRIAL_STATUSES = ("leased", "answered", "released")
@@ -76,6 +80,8 @@ class Researcher(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(String(254), unique=True)
     password_hash: Mapped[str] = mapped_column(String(256))
+    # An admin sees and may do everything, on every study and stimulus set.
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     def set_password(self, password: str) -> None:
@@ -102,6 +108,18 @@ class ResearcherLogin(db.Model):
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class LoginFailure(db.Model):
+    """One wrong password (or unknown e-mail) at the login form. Kept in the database so
+    that every worker process and host counts the same failures; rows older than the
+    throttling window are deleted as new ones come in (see :mod:`study_app.throttle`)."""
+
+    __tablename__ = "login_failure"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), index=True)  # as typed, lowercased
+    address: Mapped[str] = mapped_column(String(64), index=True)  # the client address
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
 class StimulusSet(db.Model):
     """An imported stimulus set (contract 1): a folder plus its (possibly inferred) manifest."""
 
@@ -116,6 +134,13 @@ class StimulusSet(db.Model):
     image_width: Mapped[int] = mapped_column(Integer)
     channels: Mapped[int] = mapped_column(Integer)
     imported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The researcher who imported it (None: imported on the command line without --owner;
+    # then only admins may use it).
+    owner_id: Mapped[int | None] = mapped_column(
+        ForeignKey("researcher.id", ondelete="SET NULL",
+                   name="fk_stimulus_set_owner_id_researcher"),
+        index=True,
+    )
 
     conditions: Mapped[list[Condition]] = relationship(
         back_populates="stimulus_set", order_by="Condition.name"
@@ -181,11 +206,39 @@ class Study(db.Model):
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     config_sha256: Mapped[str] = mapped_column(String(64))
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("researcher.id"))
+    # The owner may share the study (study_collaborator); None: only admins see it.
+    owner_id: Mapped[int | None] = mapped_column(
+        ForeignKey("researcher.id", ondelete="SET NULL", name="fk_study_owner_id_researcher"),
+        index=True,
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     stimulus_set: Mapped[StimulusSet] = relationship()
-    created_by: Mapped[Researcher | None] = relationship()
+    created_by: Mapped[Researcher | None] = relationship(foreign_keys=[created_by_id])
+    owner: Mapped[Researcher | None] = relationship(foreign_keys=[owner_id])
+    collaborators: Mapped[list[StudyCollaborator]] = relationship(
+        back_populates="study", cascade="all, delete-orphan", passive_deletes=True,
+        order_by="StudyCollaborator.id",
+    )
+
+
+class StudyCollaborator(db.Model):
+    """A researcher the owner shared a study with: ``viewer`` (dashboard, downloads,
+    preview) or ``editor`` (also start / pause / close)."""
+
+    __tablename__ = "study_collaborator"
+    __table_args__ = (UniqueConstraint("study_id", "researcher_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"))
+    researcher_id: Mapped[int] = mapped_column(
+        ForeignKey("researcher.id", ondelete="CASCADE"), index=True
+    )
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="collaborators")
+    researcher: Mapped[Researcher] = relationship()
 
 
 class Item(db.Model):

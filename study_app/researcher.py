@@ -1,10 +1,13 @@
 """Researcher pages: studies, creation form, preview, status, live dashboard, downloads.
 
 Every route here is behind :func:`study_app.auth.login_required` (a test walks the URL
-map to prove it). Numbers on the dashboard come from the database (participants, items)
-and from the ``analysis`` package (preference rates and intervals, the matrix plot); the
-downloads use :mod:`study_app.export` (contract 2) and the stored study configuration and
-stimulus manifest.
+map to prove it) and every study route checks the researcher's role on the study
+(:mod:`study_app.access`: viewer, editor, owner, admin; a stranger gets the same 404 as
+for a study that does not exist; another test walks the map with each role). Numbers on
+the dashboard come from the database (participants, items) and from the ``analysis``
+package (preference rates and intervals, the matrix plot); the downloads use
+:mod:`study_app.export` (contract 2) and the stored study configuration and stimulus
+manifest.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from flask_wtf import FlaskForm
 from sqlalchemy import func, select
 from wtforms import (
     BooleanField,
+    EmailField,
+    HiddenField,
     IntegerField,
     SelectField,
     SelectMultipleField,
@@ -41,9 +46,11 @@ from wtforms import (
 from wtforms.validators import DataRequired, InputRequired, Length, NumberRange, Optional
 from wtforms.widgets import CheckboxInput, ListWidget
 
+from study_app import access
+from study_app.access import EDIT, MANAGE, VIEW
 from study_app.auth import current_researcher, login_required
 from study_app.extensions import db
-from study_app.models import Item, Participant, StimulusSet, Study
+from study_app.models import COLLABORATOR_ROLES, Item, Participant, StimulusSet, Study
 from study_app.participant import render_study_page
 from study_app.studies import (
     QUESTIONS,
@@ -76,6 +83,15 @@ class ImportForm(FlaskForm):
 
 class StatusForm(FlaskForm):
     """Only the CSRF token: the action is in the URL."""
+
+
+class ShareForm(FlaskForm):
+    email = EmailField("E-mail of a researcher", validators=[DataRequired(), Length(max=254)])
+    role = SelectField("Role", choices=list(COLLABORATOR_ROLES), default="viewer")
+
+
+class UnshareForm(FlaskForm):
+    email = HiddenField(validators=[DataRequired(), Length(max=254)])
 
 
 class StudyForm(FlaskForm):
@@ -201,11 +217,42 @@ def config_from_form(form: StudyForm) -> dict[str, Any]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _study_or_404(slug: str) -> Study:
+def _study_or_404(slug: str, needed: str = VIEW) -> Study:
+    """The study ``slug`` if the logged-in researcher has at least role ``needed`` on it.
+
+    A stranger gets exactly the 404 of a study that does not exist; a collaborator whose
+    role is too weak gets 403 (they know the study exists).
+    """
     study = db.session.scalars(select(Study).where(Study.slug == slug)).first()
-    if study is None:
+    role = None if study is None else access.study_role(current_researcher(), study)
+    if role is None:
         abort(404, description=f"There is no study called {slug!r}.")
+    if not access.allows(role, needed):
+        abort(403, description=f"As {_article(role)} {role} of this study you may not do "
+              f"this: it takes the {needed} role or more (ask the study's owner).")
     return study
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+MAX_ID = 2**31 - 1  # the largest id an INTEGER column holds (PostgreSQL)
+
+
+def _set_from_query() -> StimulusSet | None:
+    """The stimulus set of ``?set=<id>`` if the researcher may use it; None when no set is
+    asked for; 400 for junk, 404 for a set that does not exist or is not theirs."""
+    text = request.args.get("set", "")
+    if text == "":
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) <= 10):
+        abort(400, description=f"'set' must be the number of a stimulus set, not {text[:40]!r}.")
+    set_id = int(text)
+    stimulus_set = access.may_use_set(current_researcher(), set_id) if set_id <= MAX_ID else None
+    if stimulus_set is None:
+        abort(404, description=f"There is no stimulus set {set_id} that you may use.")
+    return stimulus_set
 
 
 def _database_url() -> str:
@@ -331,9 +378,14 @@ def dashboard_data(study: Study) -> dict[str, Any]:
 
 @bp.get("/")
 def index():
-    """Studies and imported stimulus sets."""
-    studies = db.session.scalars(select(Study).order_by(Study.created_at.desc())).all()
-    sets = db.session.scalars(select(StimulusSet).order_by(StimulusSet.imported_at.desc())).all()
+    """The studies and stimulus sets this researcher may see."""
+    researcher = current_researcher()
+    studies = db.session.scalars(
+        access.visible_studies(researcher).order_by(Study.created_at.desc())
+    ).all()
+    sets = db.session.scalars(
+        access.usable_sets(researcher).order_by(StimulusSet.imported_at.desc())
+    ).all()
     counts = {s.id: participant_counts(s) for s in studies}
     return render_template(
         "researcher/index.html", studies=studies, sets=sets, counts=counts, import_form=ImportForm()
@@ -343,14 +395,15 @@ def index():
 @bp.post("/stimulus-sets")
 def import_set():
     """Import a stimulus set from a folder on the server (contract 1; manifest optional)."""
-    from study_app.stimuli import import_stimulus_set
+    from study_app.stimuli import import_stimulus_set, resolve_import_path
 
     form = ImportForm()
     if not form.validate_on_submit():
         flash("Give the folder of a stimulus set.", "error")
         return redirect(url_for("researcher.index")), 303
     try:
-        stimulus_set = import_stimulus_set(form.path.data.strip())
+        folder = resolve_import_path(form.path.data)
+        stimulus_set = import_stimulus_set(folder, owner_id=current_researcher().id)
         db.session.commit()
     except (ValueError, OSError) as error:
         db.session.rollback()
@@ -362,11 +415,13 @@ def import_set():
 
 @bp.route("/studies/new", methods=["GET", "POST"])
 def new_study():
-    """The creation form for a study over the stimulus set ``?set=<id>``."""
-    sets = db.session.scalars(select(StimulusSet).order_by(StimulusSet.imported_at.desc())).all()
-    set_id = request.args.get("set", type=int)
-    stimulus_set = db.session.get(StimulusSet, set_id) if set_id else None
+    """The creation form for a study over the stimulus set ``?set=<id>``; the study is
+    owned by the researcher who creates it."""
+    stimulus_set = _set_from_query()
     if stimulus_set is None:
+        sets = db.session.scalars(
+            access.usable_sets(current_researcher()).order_by(StimulusSet.imported_at.desc())
+        ).all()
         if len(sets) == 1:
             stimulus_set = sets[0]
         else:
@@ -404,8 +459,10 @@ def new_study():
 
 @bp.get("/studies/<slug>")
 def dashboard(slug: str):
-    """The live dashboard (numbers refresh through dashboard.json)."""
+    """The live dashboard (numbers refresh through dashboard.json), the status buttons
+    (editors) and the people with access (sharing forms for the owner)."""
     study = _study_or_404(slug)
+    role = access.study_role(current_researcher(), study)
     config = study_config(study)
     participant_link = url_for("participant.study_page", slug=study.slug, _external=True)
     return render_template(
@@ -415,7 +472,12 @@ def dashboard(slug: str):
         data=dashboard_data(study),
         status_form=StatusForm(),
         participant_link=participant_link,
-        actions=_allowed_actions(study),
+        actions=_allowed_actions(study) if access.allows(role, EDIT) else [],
+        role=role,
+        can_manage=access.allows(role, MANAGE),
+        collaborators=access.collaborators(study),
+        share_form=ShareForm(),
+        unshare_form=UnshareForm(),
         refresh_ms=int(current_app.config.get("DASHBOARD_REFRESH_MS", DASHBOARD_REFRESH_MS)),
     )
 
@@ -457,8 +519,8 @@ def _allowed_actions(study: Study) -> list[str]:
 
 @bp.post("/studies/<slug>/status/<action>")
 def change_status(slug: str, action: str):
-    """start / pause / resume / close (POST with the CSRF token)."""
-    study = _study_or_404(slug)
+    """start / pause / resume / close (POST with the CSRF token; editors and up)."""
+    study = _study_or_404(slug, EDIT)
     form = StatusForm()
     if action not in STATUS_ACTIONS:
         abort(404, description=f"Unknown action {action!r}; use one of {list(STATUS_ACTIONS)}.")
@@ -472,6 +534,46 @@ def change_status(slug: str, action: str):
         flash(str(error), "error")
         return redirect(url_for("researcher.dashboard", slug=slug)), 303
     flash(f"The study is now {study.status}.", "success")
+    return redirect(url_for("researcher.dashboard", slug=slug)), 303
+
+
+@bp.post("/studies/<slug>/collaborators")
+def share(slug: str):
+    """Share the study with a researcher by e-mail as viewer or editor, or change their
+    role (the owner and admins)."""
+    study = _study_or_404(slug, MANAGE)
+    form = ShareForm()
+    if not form.validate_on_submit():
+        flash("Give the e-mail of a researcher and a role (viewer or editor).", "error")
+        return redirect(url_for("researcher.dashboard", slug=slug)), 303
+    try:
+        researcher, outcome = access.share_study(study, form.email.data, form.role.data)
+        db.session.commit()
+    except access.AccessError as error:
+        db.session.rollback()
+        flash(f"Not shared: {error}.", "error")
+        return redirect(url_for("researcher.dashboard", slug=slug)), 303
+    flash(f"{researcher.email} is {_article(form.role.data)} {form.role.data} of this study"
+          f"{' now' if outcome == 'changed' else ''}.", "success")
+    return redirect(url_for("researcher.dashboard", slug=slug)), 303
+
+
+@bp.post("/studies/<slug>/collaborators/remove")
+def unshare(slug: str):
+    """Take a collaborator's access away (the owner and admins)."""
+    study = _study_or_404(slug, MANAGE)
+    form = UnshareForm()
+    if not form.validate_on_submit():
+        flash("Say whose access to remove.", "error")
+        return redirect(url_for("researcher.dashboard", slug=slug)), 303
+    try:
+        researcher = access.unshare_study(study, form.email.data)
+        db.session.commit()
+    except access.AccessError as error:
+        db.session.rollback()
+        flash(f"Nothing removed: {error}.", "error")
+        return redirect(url_for("researcher.dashboard", slug=slug)), 303
+    flash(f"{researcher.email} no longer has access to this study.", "success")
     return redirect(url_for("researcher.dashboard", slug=slug)), 303
 
 

@@ -13,7 +13,9 @@
 - errors never show a stack trace: HTML pages or JSON ``{"error": ...}`` for API paths;
 - participant endpoints (pages under ``/s/`` and the JSON API under ``/api/``) have a
   smaller request-size limit and a per-client request-rate limit (a sliding window kept
-  per worker process; ``PARTICIPANT_RATE_LIMIT = (requests, seconds)`` or ``None``).
+  per worker process; ``PARTICIPANT_RATE_LIMIT = (requests, seconds)`` or ``None``);
+- the login form is throttled per account and per address with counts kept in the
+  database (:mod:`study_app.throttle`, ``LOGIN_MAX_FAILURES_PER_*``).
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ SECURITY_DEFAULTS: dict = {
     "PARTICIPANT_RATE_LIMIT": (3000, 60.0),
     # Participant request bodies (votes, start requests) are tiny JSON documents (bytes).
     "PARTICIPANT_MAX_CONTENT_LENGTH": 16 * 1024,
+    # Login throttling (study_app.throttle; counted in the database, so across workers and
+    # hosts): this many failures per typed e-mail, or per client address, within the
+    # window make the login form answer 429 until the oldest leaves it. 0: no limit.
+    "LOGIN_MAX_FAILURES_PER_ACCOUNT": 5,
+    "LOGIN_MAX_FAILURES_PER_ADDRESS": 20,
+    "LOGIN_FAILURE_WINDOW_S": 15 * 60,
 }
 
 PARTICIPANT_PREFIXES = ("/api/", "/s/")

@@ -128,7 +128,9 @@ def load_manifest(root: Path, verify: bool = True) -> tuple[dict[str, Any], bool
         raise StimulusSetError(f"stimulus set folder {root} does not exist")
     path = root / "manifest.json"
     if not path.exists():
-        return infer_manifest(root), True
+        manifest = infer_manifest(root)
+        _check_paths_inside(root, [*manifest["images"], *manifest["stimuli"]], root)
+        return manifest, True
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -148,6 +150,7 @@ def load_manifest(root: Path, verify: bool = True) -> tuple[dict[str, Any], bool
         raise StimulusSetError(
             f"{path}: conditions must be at least 2 distinct names other than {REFERENCE!r}"
         )
+    _check_paths_inside(root, [*manifest["images"], *manifest["stimuli"]], path)
     if verify:
         for entry in [*manifest["images"], *manifest["stimuli"]]:
             file = root / entry["path"]
@@ -162,19 +165,42 @@ def load_manifest(root: Path, verify: bool = True) -> tuple[dict[str, Any], bool
     return manifest, False
 
 
-def import_stimulus_set(root: str | os.PathLike, verify: bool = True) -> StimulusSet:
-    """Import a set into the current session (flushes, does not commit).
+def _check_paths_inside(root: Path, entries: list[dict[str, Any]], manifest: Path) -> None:
+    """Every file of the set must lie inside its folder once symlinks are resolved (a
+    manifest path like ``../../etc/passwd`` would otherwise be hashed and served)."""
+    real_root = Path(os.path.realpath(root))
+    for entry in entries:
+        relative = str(entry.get("path", ""))
+        real = Path(os.path.realpath(root / relative))
+        if Path(relative).is_absolute() or not real.is_relative_to(real_root):
+            raise StimulusSetError(
+                f"{manifest}: {relative!r} is outside the stimulus set folder; every path "
+                "must be relative to the folder and stay inside it"
+            )
 
-    Importing the same folder with the same manifest again returns the existing row.
+
+def import_stimulus_set(root: str | os.PathLike, verify: bool = True,
+                        owner_id: int | None = None) -> StimulusSet:
+    """Import a set into the current session (flushes, does not commit), owned by the
+    researcher ``owner_id`` (None: unowned, only admins may use it).
+
+    Importing the same folder with the same manifest again for the same owner returns
+    the existing row.
     """
-    root = Path(root).resolve()
+    try:
+        root = Path(root).resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise StimulusSetError(f"stimulus set folder {root} cannot be opened ({error})") from None
     manifest, inferred = load_manifest(root, verify=verify)
     digest = canonical_json_sha256(
         {k: v for k, v in manifest.items() if not (inferred and k == "created_at")}
     )
+    owner = (
+        StimulusSet.owner_id.is_(None) if owner_id is None else StimulusSet.owner_id == owner_id
+    )
     existing = db.session.scalars(
         select(StimulusSet).where(
-            StimulusSet.manifest_sha256 == digest, StimulusSet.root == str(root)
+            StimulusSet.manifest_sha256 == digest, StimulusSet.root == str(root), owner
         )
     ).first()
     if existing is not None:
@@ -183,7 +209,7 @@ def import_stimulus_set(root: str | os.PathLike, verify: bool = True) -> Stimulu
     stimulus_set = StimulusSet(
         name=manifest.get("name") or root.name, root=str(root), manifest=manifest,
         manifest_sha256=digest, manifest_inferred=inferred, image_height=int(height),
-        image_width=int(width), channels=int(manifest.get("channels", 3)),
+        image_width=int(width), channels=int(manifest.get("channels", 3)), owner_id=owner_id,
     )
     db.session.add(stimulus_set)
     db.session.flush()
@@ -211,6 +237,59 @@ def import_stimulus_set(root: str | os.PathLike, verify: bool = True) -> Stimulu
         ))
     db.session.flush()
     return stimulus_set
+
+
+# --------------------------------------------------------------------------- import roots
+
+
+def stimulus_roots(app=None) -> list[Path]:
+    """The folders the web form may import from (``STIMULUS_ROOTS``), symlinks resolved.
+
+    ``STIMULUS_ROOTS`` is a list of folders (or one string, folders separated by
+    ``os.pathsep``); relative ones are taken inside the instance folder. Default: the
+    instance folder's ``stimuli/``.
+    """
+    from study_app.config import ConfigError
+
+    app = app or current_app
+    value = app.config.get("STIMULUS_ROOTS")
+    if value is None:
+        value = [os.path.join(app.instance_path, "stimuli")]
+    elif isinstance(value, str | os.PathLike):
+        value = [part for part in str(value).split(os.pathsep) if part]
+    if not isinstance(value, list | tuple) or not value or not all(
+        isinstance(item, str | os.PathLike) and str(item) for item in value
+    ):
+        raise ConfigError(
+            f"STIMULUS_ROOTS must be a list of folders the web form may import stimulus "
+            f"sets from, got {value!r} (e.g. PSTUDY_STIMULUS_ROOTS='[\"/data/stimuli\"]')"
+        )
+    return [Path(os.path.realpath(os.path.join(app.instance_path, item))) for item in value]
+
+
+def resolve_import_path(text: str) -> Path:
+    """The folder a researcher typed, symlinks resolved, if it lies inside one of the
+    ``STIMULUS_ROOTS``; relative paths are taken inside the first root.
+
+    Outside the roots the answer is the same whether the path exists or not, so the form
+    tells nothing about the rest of the server's file system.
+    """
+    roots = stimulus_roots()
+    try:
+        real = Path(os.path.realpath(roots[0] / text.strip()))
+    except (OSError, ValueError):  # e.g. a NUL byte or a symlink loop
+        real = None
+    if real is not None and any(real == root or real.is_relative_to(root) for root in roots):
+        return real
+    raise StimulusSetError(
+        "stimulus sets can be imported only from inside "
+        + ", ".join(str(root) for root in roots)
+        + " (STIMULUS_ROOTS); copy the set there, or ask the administrator to add its "
+        "folder to STIMULUS_ROOTS"
+    )
+
+
+# --------------------------------------------------------------------------- media
 
 
 def media_url(sha256: str) -> str:

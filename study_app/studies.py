@@ -236,7 +236,8 @@ def resolve_design(
 
 def create_study(stimulus_set: StimulusSet, config: StudyConfig,
                  researcher_id: int | None = None) -> Study:
-    """Create a draft study and its items (image × pair) in the current session (flushes)."""
+    """Create a draft study and its items (image × pair) in the current session (flushes);
+    the researcher ``researcher_id`` creates and owns it (None: unowned, admins only)."""
     existing = db.session.scalars(select(Study).where(Study.slug == config.slug)).first()
     _check(existing is None, f"a study with slug {config.slug!r} exists; choose another slug")
     images, pairs = resolve_design(config, stimulus_set)
@@ -244,7 +245,7 @@ def create_study(stimulus_set: StimulusSet, config: StudyConfig,
     study = Study(
         slug=config.slug, title=config.title, stimulus_set_id=stimulus_set.id, status="draft",
         config=as_dict, config_sha256=canonical_json_sha256(as_dict),
-        created_by_id=researcher_id,
+        created_by_id=researcher_id, owner_id=researcher_id,
     )
     db.session.add(study)
     db.session.flush()

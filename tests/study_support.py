@@ -114,9 +114,10 @@ class Participant:
 
 
 def log_in_as_researcher(app, client) -> None:
-    """A real login through the form (with its CSRF token) of a researcher made for it."""
+    """A real login through the form (with its CSRF token) of a researcher made for it:
+    an admin, who may see the studies ``make_study`` makes without an owner."""
     from tests.test_pages_support import login, make_researcher
 
-    make_researcher(app)
+    make_researcher(app, admin=True)
     response = login(client)
     assert response.status_code == 302, response.get_data(as_text=True)[:500]

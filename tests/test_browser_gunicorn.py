@@ -87,9 +87,9 @@ def gunicorn_server(tmp_path):
 
 def test_pages_work_across_gunicorn_workers(gunicorn_server, browser, tmp_path):
     base, app = gunicorn_server
-    set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
-    study = make_study(app, set_id, slug="served")
-    make_researcher(app)
+    owner = make_researcher(app)
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"), owner=owner)
+    study = make_study(app, set_id, slug="served", owner=owner)
 
     researcher = browser.new_context(viewport={"width": 1280, "height": 900})
     participant = browser.new_context(viewport={"width": 1280, "height": 800})

@@ -25,8 +25,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 def test_researcher_creates_launches_watches_and_downloads(
     app, browser, live_server, page, tmp_path
 ):
-    import_set(app, write_stimulus_set(tmp_path / "set"))
-    make_researcher(app)
+    import_set(app, write_stimulus_set(tmp_path / "set"), owner=make_researcher(app))
     app.config["DASHBOARD_REFRESH_MS"] = 400
 
     page.goto(f"{live_server}/researcher/")

@@ -25,13 +25,13 @@ from tests.test_pages_support import (
 
 
 @pytest.fixture
-def set_id(app, tmp_path):
-    return import_set(app, write_stimulus_set(tmp_path / "set"))
+def researcher(app):
+    return make_researcher(app)
 
 
 @pytest.fixture
-def researcher(app):
-    return make_researcher(app)
+def set_id(app, tmp_path, researcher):
+    return import_set(app, write_stimulus_set(tmp_path / "set"), owner=researcher)
 
 
 def vote_through_api(client, slug: str, choose) -> int:
@@ -133,7 +133,7 @@ def test_logout_ends_the_login_on_the_server_so_an_old_cookie_stays_logged_out(
     """A dashboard poll answered after the logout re-sends the session cookie it started
     with (Flask refreshes permanent sessions on every response); a copied cookie is the
     same thing. Neither may log the researcher back in."""
-    make_study(app, set_id, slug="watched")
+    make_study(app, set_id, slug="watched", owner=researcher)
     login(client)
     page = client.get("/researcher/").get_data(as_text=True)
     poll = client.get("/researcher/studies/watched/dashboard.json")
@@ -353,6 +353,7 @@ def test_a_stimulus_folder_is_imported_through_the_form(app, client, researcher,
     from study_app.extensions import db
     from study_app.models import StimulusSet
 
+    app.config["STIMULUS_ROOTS"] = [str(tmp_path)]
     login(client)
     page = client.get("/researcher/").get_data(as_text=True)
     bad = client.post(
@@ -372,7 +373,7 @@ def test_a_stimulus_folder_is_imported_through_the_form(app, client, researcher,
 
 
 def test_preview_runs_the_study_as_a_participant_without_counting(app, client, set_id, researcher):
-    make_study(app, set_id, slug="prev", status="draft")
+    make_study(app, set_id, slug="prev", status="draft", owner=researcher)
     assert (
         client.post("/api/v1/studies/prev/participants", json={"preview": True}).status_code == 403
     )
@@ -394,7 +395,7 @@ def test_dashboard_numbers_match_the_stored_votes(app, client, set_id, researche
     from study_app.extensions import db
     from study_app.models import Item, Vote
 
-    study = make_study(app, set_id, slug="dash", trials_per_participant=6)
+    study = make_study(app, set_id, slug="dash", trials_per_participant=6, owner=researcher)
     login(client)
     empty = client.get("/researcher/studies/dash/dashboard.json").get_json()
     assert empty["responses"] == 0 and empty["preference"] == []
@@ -453,7 +454,7 @@ def test_downloads_give_the_export_config_and_manifest(app, client, set_id, rese
     from study_app.export import COLUMNS, read_responses
     from study_app.stimuli import canonical_json_sha256
 
-    make_study(app, set_id, slug="dl")
+    make_study(app, set_id, slug="dl", owner=researcher)
     login(client)
     vote_through_api(client, "dl", lambda trial: "left")
     reference = read_responses(app.config["SQLALCHEMY_DATABASE_URI"], "dl")

@@ -29,9 +29,9 @@ def test_dashboard_and_downloads_on_postgresql(postgres_url, tmp_path):
     with app.app_context():
         db.create_all()
     try:
-        set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
-        make_study(app, set_id, slug="pg")
-        make_researcher(app)
+        owner = make_researcher(app)
+        set_id = import_set(app, write_stimulus_set(tmp_path / "set"), owner=owner)
+        make_study(app, set_id, slug="pg", owner=owner)
         client = app.test_client()
         login(client)
         answered = vote_through_api(client, "pg", lambda trial: "right")

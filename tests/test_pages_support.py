@@ -53,21 +53,24 @@ def write_stimulus_set(root: Path, n_images: int = 4, size: int = 16, seed: int 
     return root
 
 
-def import_set(app, root: Path) -> int:
-    """Import the folder with the backend's importer; return the stimulus set id."""
+def import_set(app, root: Path, owner: int | None = None) -> int:
+    """Import the folder with the backend's importer (owned by the researcher id
+    ``owner``); return the stimulus set id."""
     from study_app.extensions import db
     from study_app.stimuli import import_stimulus_set
 
     with app.app_context():
-        stimulus_set = import_stimulus_set(root)
+        stimulus_set = import_stimulus_set(root, owner_id=owner)
         db.session.commit()
         return stimulus_set.id
 
 
 def make_study(
-    app, set_id: int, slug: str = "demo", status: str = "live", **overrides: Any
+    app, set_id: int, slug: str = "demo", status: str = "live", owner: int | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """Create a small study (K=2, M=4, 1 catch, 1 repeat, 1 practice) and set its status."""
+    """Create a small study (K=2, M=4, 1 catch, 1 repeat, 1 practice) owned by the
+    researcher id ``owner`` (None: unowned, only admins see it) and set its status."""
     from study_app.extensions import db
     from study_app.models import StimulusSet
     from study_app.studies import create_study, parse_config, set_status
@@ -86,7 +89,7 @@ def make_study(
     data.update(overrides)
     with app.app_context():
         stimulus_set = db.session.get(StimulusSet, set_id)
-        study = create_study(stimulus_set, parse_config(data))
+        study = create_study(stimulus_set, parse_config(data), researcher_id=owner)
         if status != "draft":
             set_status(study, "live")
             if status != "live":
@@ -95,12 +98,12 @@ def make_study(
         return {"id": study.id, "slug": study.slug, "config": dict(study.config)}
 
 
-def make_researcher(app, email: str = EMAIL, password: str = PASSWORD) -> int:
+def make_researcher(app, email: str = EMAIL, password: str = PASSWORD, admin: bool = False) -> int:
     from study_app.extensions import db
     from study_app.models import Researcher
 
     with app.app_context():
-        researcher = Researcher(email=email)
+        researcher = Researcher(email=email, is_admin=admin)
         researcher.set_password(password)
         db.session.add(researcher)
         db.session.commit()

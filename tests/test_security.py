@@ -37,8 +37,10 @@ PUBLIC_PREFIXES = ("api.",)
 
 @pytest.fixture
 def study(app, tmp_path):
-    set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
-    return make_study(app, set_id, slug="guarded")
+    """A live study owned by the researcher ``login(client)`` logs in as."""
+    owner = make_researcher(app)
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"), owner=owner)
+    return make_study(app, set_id, slug="guarded", owner=owner)
 
 
 def concrete_urls(app, slug: str):
@@ -65,7 +67,6 @@ def is_public(endpoint: str) -> bool:
 
 
 def test_no_researcher_route_answers_without_login(app, client, study):
-    make_researcher(app)
     token = csrf_token(client.get("/login").get_data(as_text=True))
     guarded = [(e, m, u) for e, m, u in concrete_urls(app, study["slug"]) if not is_public(e)]
     assert len(guarded) >= 12, guarded  # the walk covers the researcher blueprint
@@ -95,7 +96,6 @@ def test_pages_send_csp_frame_protection_and_no_sniff(app, client, study):
         assert "unsafe-eval" not in csp and "frame-ancestors 'none'" in csp
         assert headers["X-Frame-Options"] == "DENY"
         assert headers["X-Content-Type-Options"] == "nosniff"
-    make_researcher(app)
     login(client)
     assert client.get("/researcher/").headers["Cache-Control"] == "no-store"
 
@@ -106,7 +106,6 @@ def test_templates_and_pages_carry_no_inline_script_style_or_handler(app, client
     style_attribute = re.compile(r"\sstyle\s*=", re.I)
     files = list((STUDY_APP / "templates").rglob("*.html"))
     assert len(files) >= 8
-    make_researcher(app)
     login(client)
     pages = [
         client.get(u).get_data(as_text=True)
@@ -130,7 +129,6 @@ def test_forms_need_the_csrf_token_but_the_json_api_does_not(app, client, study)
     from study_app.extensions import db
     from study_app.models import Study
 
-    make_researcher(app)
     assert (
         client.post(
             "/login",

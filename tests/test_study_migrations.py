@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import MetaData, inspect, select
 
 from study_app import create_app
 from study_app.extensions import db
 
-TABLES = {"researcher", "researcher_login", "stimulus_set", "condition", "image", "stimulus", "study", "item",
-          "participant", "trial", "vote"}
+TABLES = {"researcher", "researcher_login", "login_failure", "stimulus_set", "condition", "image",
+          "stimulus", "study", "study_collaborator", "item", "participant", "trial", "vote"}
 
 
 def _round_trip(url: str) -> None:
@@ -74,14 +75,13 @@ def test_a_database_of_the_first_revision_is_upgraded_and_keeps_its_accounts(tmp
     with old.app_context():
         upgrade(revision="0001_initial")
         assert "researcher_login" not in inspect(db.engine).get_table_names()
-        account = Researcher(email=EMAIL)
-        account.set_password(PASSWORD)
-        db.session.add(account)
-        db.session.commit()
+        with db.engine.begin() as connection:  # the table of that revision, not the model
+            insert_rows(connection, "researcher", [researcher_row(EMAIL, PASSWORD)])
         db.engine.dispose()
     app = make_app(url)
     with app.app_context():
         assert "researcher_login" in inspect(db.engine).get_table_names()
+        assert db.session.scalars(select(Researcher)).one().is_admin  # the only, oldest
     client = app.test_client()
     assert login(client).status_code == 302
     assert client.get("/researcher/").status_code == 200
@@ -101,4 +101,165 @@ def test_a_database_made_by_create_all_before_logins_gets_the_missing_table(tmp_
     with app.app_context():
         tables = set(inspect(db.engine).get_table_names())
         assert TABLES | {"alembic_version"} == tables
+        db.engine.dispose()
+
+
+# --------------------------------------------------------------------------- owners (0003)
+
+
+def researcher_row(email: str, password: str = "a long password", day: int = 1) -> dict:
+    from werkzeug.security import generate_password_hash
+
+    return {"email": email, "password_hash": generate_password_hash(password),
+            "created_at": datetime(2026, 1, day, 12, 0)}
+
+
+def insert_rows(connection, table: str, rows: list[dict]) -> list[int]:
+    """Insert into the table as it is in the database (reflected); -> the new ids."""
+    reflected = MetaData()
+    reflected.reflect(connection, only=[table])
+    return [connection.execute(reflected.tables[table].insert().values(**row)).inserted_primary_key[0]
+            for row in rows]
+
+
+def old_installation(connection, researchers: list[dict]) -> dict:
+    """At revision 0002: the researchers, one stimulus set with a condition pair and an
+    image, and two studies with an item and a participant each: 'web' created by the
+    last researcher (created_by_id), 'cli' made on the command line (no creator)."""
+    ids = insert_rows(connection, "researcher", researchers)
+    now = datetime(2026, 2, 1, 9, 0)
+    [set_id] = insert_rows(connection, "stimulus_set", [{
+        "name": "old", "root": "/nowhere", "manifest": {}, "manifest_sha256": "0" * 64,
+        "manifest_inferred": False, "image_height": 8, "image_width": 8, "channels": 3,
+        "imported_at": now}])
+    a, b = insert_rows(connection, "condition", [
+        {"stimulus_set_id": set_id, "name": n, "info": {}} for n in ("a", "b")])
+    [image] = insert_rows(connection, "image", [
+        {"stimulus_set_id": set_id, "key": "i", "path": "reference/i.png", "sha256": "1" * 64}])
+    studies = {}
+    for slug, creator in (("web", ids[-1] if ids else None), ("cli", None)):
+        [study_id] = insert_rows(connection, "study", [{
+            "slug": slug, "title": slug, "stimulus_set_id": set_id, "status": "live",
+            "config": {}, "config_sha256": "2" * 64, "created_by_id": creator,
+            "created_at": now, "updated_at": now}])
+        insert_rows(connection, "item", [{"study_id": study_id, "image_id": image,
+                                          "condition_a_id": a, "condition_b_id": b,
+                                          "n_votes": 3, "n_a_left": 1}])
+        insert_rows(connection, "participant", [{
+            "study_id": study_id, "public_id": f"p-{slug}", "token": f"t-{slug}",
+            "status": "completed", "preview": False, "n_answered": 3, "n_issued": 3,
+            "created_at": now}])
+        studies[slug] = study_id
+    return {"researchers": ids, "set": set_id, "studies": studies}
+
+
+def counts(connection) -> dict[str, int]:
+    from sqlalchemy import func, table
+
+    return {name: connection.execute(select(func.count()).select_from(table(name))).scalar()
+            for name in ("study", "item", "participant", "stimulus_set", "condition", "image")}
+
+
+@pytest.mark.parametrize("researchers", [2, 0], ids=["with-researchers", "no-researcher"])
+def test_the_owners_migration_assigns_existing_studies_and_keeps_every_row(
+    any_database_url, researchers
+):
+    """From revision 0002 with data: the oldest researcher becomes admin; a study keeps
+    its web creator as owner, the others go to the admin, and so do the stimulus sets.
+    Rebuilding the tables on SQLite (batch mode) must not cascade-delete the items and
+    participants that reference them. Without any researcher nothing gets an owner."""
+    from flask_migrate import downgrade, upgrade
+
+    from study_app.commands import make_app
+    from study_app.models import Researcher, StimulusSet, Study
+
+    old = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": any_database_url})
+    with old.app_context():
+        upgrade(revision="0002_researcher_login")
+        with db.engine.begin() as connection:
+            # the newer account first in id order: "oldest" goes by created_at
+            made = old_installation(connection, [researcher_row("young@example.org", day=20),
+                                                 researcher_row("old@example.org", day=2)]
+                                    [:researchers])
+            before = counts(connection)
+        db.engine.dispose()
+
+    app = make_app(any_database_url)  # what every pstudy command does first
+    with app.app_context():
+        with db.engine.connect() as connection:
+            assert counts(connection) == before
+        studies = {s.slug: s for s in db.session.scalars(select(Study))}
+        stimulus_set = db.session.get(StimulusSet, made["set"])
+        if researchers:
+            young, oldest = made["researchers"]
+            admins = db.session.scalars(select(Researcher.email).where(Researcher.is_admin)).all()
+            assert admins == ["old@example.org"]
+            assert studies["web"].owner_id == oldest  # created on the web by "old"
+            assert studies["cli"].owner_id == oldest  # no creator: the admin
+            assert stimulus_set.owner_id == oldest
+        else:
+            assert studies["web"].owner_id is None and studies["cli"].owner_id is None
+            assert stimulus_set.owner_id is None
+        db.session.remove()  # its open transaction would block ALTER TABLE on PostgreSQL
+        # and back down, keeping the rows too
+        downgrade(revision="0002_researcher_login")
+        with db.engine.connect() as connection:
+            assert counts(connection) == before
+            assert "owner_id" not in {c["name"] for c in inspect(connection).get_columns("study")}
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_the_owners_migration_keeps_a_web_creator_as_owner(tmp_path):
+    """A study created on the web by a researcher who is not the oldest stays theirs:
+    they see it and not the admin's study; the admin sees both."""
+    from flask_migrate import upgrade
+
+    from study_app.commands import make_app
+    from tests.test_pages_support import login
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    old = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
+    with old.app_context():
+        upgrade(revision="0002_researcher_login")
+        with db.engine.begin() as connection:
+            old_installation(connection, [researcher_row("admin@example.org", "admin password", 1),
+                                          researcher_row("bo@example.org", "bo's password", 5)])
+        db.engine.dispose()
+    app = make_app(url)
+    bo, admin = app.test_client(), app.test_client()
+    assert login(bo, "bo@example.org", "bo's password").status_code == 302
+    assert login(admin, "admin@example.org", "admin password").status_code == 302
+    # (config.json: these made-up studies have no real configuration for the dashboard)
+    assert bo.get("/researcher/studies/web/config.json").status_code == 200
+    assert bo.get("/researcher/studies/cli/config.json").status_code == 404
+    assert admin.get("/researcher/studies/web/config.json").status_code == 200
+    assert admin.get("/researcher/studies/cli/config.json").status_code == 200
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_a_database_made_by_create_all_before_owners_is_migrated_not_stamped(tmp_path):
+    """A database without alembic_version whose study table has no owner_id (made by
+    db.create_all() of an older version) gets the migration, not just a stamp."""
+    from flask_migrate import upgrade
+
+    from study_app.commands import upgrade_database
+    from study_app.models import Study
+
+    url = f"sqlite:///{tmp_path / 'made.sqlite3'}"
+    old = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
+    with old.app_context():
+        upgrade(revision="0002_researcher_login")
+        with db.engine.begin() as connection:
+            old_installation(connection, [researcher_row("solo@example.org")])
+            connection.exec_driver_sql("DROP TABLE alembic_version")
+        db.engine.dispose()
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
+    upgrade_database(app)
+    with app.app_context():
+        assert TABLES | {"alembic_version"} == set(inspect(db.engine).get_table_names())
+        owners = {s.slug: s.owner.email for s in db.session.scalars(select(Study))}
+        assert owners == {"web": "solo@example.org", "cli": "solo@example.org"}
+        db.session.remove()
         db.engine.dispose()
