@@ -456,6 +456,7 @@ def test_practice_ends_on_a_start_screen_back_stays_and_breaks_come_every_n(
     page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
     page.check("#consent-check")
     page.click("#consent-button")
+    page.wait_for_selector("body[data-state='instructions']", timeout=TIMEOUT_MS)
     instructions = page.inner_text("#instructions-text")
     assert "There is no time limit" in instructions
     assert "after every 2 trials" in instructions and "The first trial is practice" in instructions
