@@ -12,6 +12,7 @@ manifest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from datetime import UTC, datetime
@@ -260,10 +261,30 @@ def _database_url() -> str:
 
 
 def study_responses(study: Study):
-    """The study's responses (contract 2 DataFrame) through the export module."""
-    from study_app.export import read_responses
+    """The study's responses (contract 2 DataFrame) through the export module, read on
+    the session's connection (so inside the dashboard's snapshot)."""
+    import pandas as pd
 
-    return read_responses(_database_url(), study.slug)
+    from study_app.export import COLUMNS, iter_responses
+
+    frames = [pd.DataFrame(batch, columns=list(COLUMNS))
+              for batch in iter_responses(db.session.connection(), study.id)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS}).astype(
+            {"participant_excluded": bool})
+    return pd.concat(frames, ignore_index=True)
+
+
+def begin_snapshot() -> None:
+    """End the request's transaction and begin a read transaction whose queries all see
+    one snapshot of the database (PostgreSQL: REPEATABLE READ; SQLite: one WAL read
+    transaction), so every dashboard panel describes the same moment."""
+    session = db.session()
+    if session.in_transaction():
+        session.commit()
+    options = ({"isolation_level": "REPEATABLE READ"}
+               if db.engine.dialect.name == "postgresql" else {})
+    session.connection(execution_options=options)
 
 
 def participant_counts(study: Study) -> dict[str, int]:
@@ -356,21 +377,103 @@ def preference_rows(responses) -> list[dict[str, Any]]:
     ]
 
 
+PARTICIPANT_COLUMNS = ("participant", "prolific_pid", "status", "started_at", "finished_at",
+                       "answered", "catch_accuracy", "excluded", "exclusion_reasons",
+                       "suggested_action")
+
+
+def participant_rows(study: Study, responses) -> list[dict[str, Any]]:
+    """One row per participant (previews left out): status, Prolific ID, start and
+    finish, answers, catch accuracy, exclusion reasons and the suggested Prolific action
+    (approve a completed, included participant; reject one who failed the attention
+    checks, i.e. the catch trials; review any other exclusion; nothing to do for the
+    returned or unfinished, who have no submission)."""
+    people = db.session.execute(
+        select(Participant.public_id, Participant.prolific_pid, Participant.status,
+               Participant.created_at, Participant.finished_at, Participant.n_answered)
+        .where(Participant.study_id == study.id, Participant.preview.is_(False))
+        .order_by(Participant.id)
+    ).all()
+    flags: dict[str, tuple[bool, str]] = {}
+    catch: dict[str, float] = {}
+    if len(responses):
+        first = responses.groupby("participant")[["participant_excluded", "exclusion_reasons"]]
+        flags = {p: (bool(e), r or "") for p, (e, r) in first.first().iterrows()}
+        trials = responses[responses["trial_kind"] == "catch"]
+        correct = trials["chosen_condition"] == trials["expected_condition"]
+        catch = correct.groupby(trials["participant"]).mean().to_dict()
+    rows = []
+    for public_id, prolific_pid, status, started, finished, answered in people:
+        excluded, reasons = flags.get(public_id, (False, ""))
+        if status != "completed":
+            action = "none"  # returned or unfinished: no submission to approve
+        elif not excluded:
+            action = "approve"
+        elif "catch_accuracy" in reasons.split(";"):
+            action = "reject"
+        else:
+            action = "review"
+        rows.append({
+            "participant": public_id, "prolific_pid": prolific_pid or "", "status": status,
+            "started_at": _iso(started), "finished_at": _iso(finished) if finished else "",
+            "answered": int(answered), "catch_accuracy": catch.get(public_id),
+            "excluded": excluded, "exclusion_reasons": reasons, "suggested_action": action,
+        })
+    return rows
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def estimate_remaining(config, items: dict[str, Any], people: list[dict[str, Any]]
+                       ) -> dict[str, Any]:
+    """How many more participants (and how long) the study still needs for its K votes
+    per item: each participant gives at most M main votes, of which only those of kept
+    participants count; times are the median of completed participations."""
+    remaining = max(0, items["votes_wanted"] - items["votes"])
+    completed = [p for p in people if p["status"] == "completed"]
+    kept = [p for p in completed if not p["excluded"]]
+    kept_rate = len(kept) / len(completed) if completed else 1.0
+    per_participant = config.trials_per_participant * max(kept_rate, 0.05)
+    needed = 0 if remaining == 0 else int(-(-remaining // per_participant))
+    durations = sorted(
+        (datetime.fromisoformat(p["finished_at"].replace("Z", "+00:00"))
+         - datetime.fromisoformat(p["started_at"].replace("Z", "+00:00"))).total_seconds()
+        for p in completed if p["finished_at"])
+    median_s = durations[len(durations) // 2] if durations else None
+    return {
+        "votes_remaining": remaining, "participants_needed": needed,
+        "kept_rate": kept_rate, "median_minutes": None if median_s is None else median_s / 60,
+        "participant_minutes_needed": None if median_s is None else needed * median_s / 60,
+    }
+
+
 def dashboard_data(study: Study) -> dict[str, Any]:
-    """Everything the live dashboard shows, as JSON-ready values."""
+    """Everything the live dashboard shows, as JSON-ready values, every panel read from
+    one snapshot (:func:`begin_snapshot`); ``version`` changes whenever any of it does
+    (the preference plot is fetched by it)."""
+    begin_snapshot()
+    study = db.session.get(Study, study.id)
     config = study_config(study)
     responses = study_responses(study)
-    db.session.refresh(study)
-    return {
+    items = item_progress(study, config.votes_per_item)
+    people = participant_rows(study, responses)
+    data = {
         "study": study.slug,
         "status": study.status,
-        "updated_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "participants": participant_counts(study),
         "exclusions": exclusion_summary(responses),
         "responses": int(len(responses)),
-        "items": item_progress(study, config.votes_per_item),
+        "items": items,
         "preference": preference_rows(responses),
+        "people": people,
+        "estimate": estimate_remaining(config, items, people),
     }
+    data["version"] = hashlib.sha256(
+        json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    data["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return data
 
 
 # --------------------------------------------------------------------------- pages
@@ -495,10 +598,48 @@ def preference_plot(slug: str):
     from analysis.plots import figure_png, preference_matrix_figure
 
     study = _study_or_404(slug)
-    table = preference_table(_included(study_responses(study)))
+    begin_snapshot()
+    table = preference_table(_included(study_responses(db.session.get(Study, study.id))))
     figure = preference_matrix_figure(table)
     response = Response(figure_png(figure), mimetype="image/png")
     response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+PROLIFIC_ACTIONS = ("approve", "reject")
+
+
+@bp.get("/studies/<slug>/participants.csv")
+def download_participants(slug: str):
+    """The participant list (as on the dashboard) as CSV, one row per participant."""
+    import csv
+    import io
+
+    study = _study_or_404(slug)
+    rows = dashboard_data(study)["people"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(PARTICIPANT_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row[k] is None else row[k]) for k in PARTICIPANT_COLUMNS})
+    response = Response(buffer.getvalue(), mimetype="text/csv")
+    response.headers["Content-Disposition"] = (
+        f'attachment; filename="{_download_name(study, "participants.csv")}"')
+    return response
+
+
+@bp.get("/studies/<slug>/prolific-<decision>.txt")
+def download_prolific_ids(slug: str, decision: str):
+    """The PROLIFIC_PIDs whose suggested action is ``decision`` (approve or reject), one
+    per line: what Prolific's bulk approve / bulk reject boxes take."""
+    study = _study_or_404(slug)
+    if decision not in PROLIFIC_ACTIONS:
+        abort(404, description=f"no such list; choose one of {', '.join(PROLIFIC_ACTIONS)}")
+    ids = [row["prolific_pid"] for row in dashboard_data(study)["people"]
+           if row["suggested_action"] == decision and row["prolific_pid"]]
+    response = Response("".join(f"{pid}\n" for pid in ids), mimetype="text/plain")
+    response.headers["Content-Disposition"] = (
+        f'attachment; filename="{_download_name(study, f"prolific-{decision}.txt")}"')
     return response
 
 

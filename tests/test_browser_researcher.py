@@ -123,3 +123,75 @@ def test_researcher_creates_launches_watches_and_downloads(
     page.wait_for_url(f"{live_server}/login")
     page.goto(f"{live_server}/researcher/studies/browser-study/responses.csv")
     assert page.url.startswith(f"{live_server}/login")
+
+
+def test_dashboard_panels_agree_after_an_exclusion_and_list_prolific_actions(
+    app, live_server, page, tmp_path
+):
+    """Every panel comes from one snapshot: when a participant who voted withdraws (and so
+    stops counting), the counts, the exclusion reasons, the preference table, the plot
+    and the participant list all change together without a reload; the participant
+    list's Prolific lists hold the right IDs."""
+    from tests.study_support import Participant, vote_body
+    from tests.test_pages_support import make_study
+
+    owner = make_researcher(app)
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"), owner=owner)
+    make_study(app, set_id, slug="agree", owner=owner, practice_trials=0, catch_trials=0,
+               repeat_trials=0, trials_per_participant=3)
+    app.config["DASHBOARD_REFRESH_MS"] = 300
+    client = app.test_client()
+    start = client.post("/api/v1/studies/agree/participants", json={"prolific_pid": "PIDLEAVES"})
+    token = start.get_json()["participant"]["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    trials = client.post("/api/v1/participant/trials/next", headers=headers).get_json()["trials"]
+    for trial in trials:
+        assert client.post("/api/v1/participant/votes", headers=headers,
+                           json=vote_body(trial["token"], "left")).status_code == 200
+
+    page.goto(f"{live_server}/login")
+    page.fill("#email", EMAIL)
+    page.fill("#password", PASSWORD)
+    page.click("#login-button")
+    page.goto(f"{live_server}/researcher/studies/agree")
+    page.wait_for_function(
+        "() => !document.getElementById('preference-plot').hidden "
+        "&& document.getElementById('preference-plot').naturalWidth > 0", timeout=TIMEOUT_MS)
+    assert "PIDLEAVES" in page.inner_text("#participant-list")
+    assert page.inner_text("#n-excluded") == "0"
+    assert "Still needed" in page.inner_text("#estimate")
+    plot_before = page.get_attribute("#preference-plot", "src")
+
+    # the participant withdraws: returned participants don't count (the study's rule)
+    assert client.post("/api/v1/participant/finish", headers=headers,
+                       json={"status": "returned"}).status_code == 200
+    page.wait_for_function(
+        "() => document.getElementById('n-excluded').textContent === '1'", timeout=TIMEOUT_MS)
+    state = page.evaluate("""() => ({
+        reasons: document.getElementById('exclusion-reasons').textContent,
+        preference: document.querySelector('#preference tbody').textContent,
+        plotHidden: document.getElementById('preference-plot').hidden,
+        returned: document.getElementById('n-returned').textContent,
+        list: document.getElementById('participant-list').textContent,
+    })""")
+    assert state["reasons"] == "returned: 1" and state["returned"] == "1"
+    assert "No votes yet." in state["preference"] and state["plotHidden"] is True
+    assert "returned" in state["list"] and "none" in state["list"]
+    save_screenshot(page, "researcher-dashboard-after-exclusion")
+
+    # a participant who completes is listed to approve
+    stays = Participant(client, "agree", prolific_pid="PIDSTAYS")
+    stays.complete(lambda trial: "right")
+    assert stays.finish().status_code == 200
+    page.wait_for_function(
+        "() => document.getElementById('participant-list').textContent.includes('approve')",
+        timeout=TIMEOUT_MS)
+    assert page.get_attribute("#preference-plot", "src") != plot_before
+    with page.expect_download() as approve:
+        page.click("#prolific-approve")
+    assert open(approve.value.path()).read() == "PIDSTAYS\n"
+    with page.expect_download() as listing:
+        page.click("#participants-csv")
+    people = pd.read_csv(listing.value.path(), keep_default_na=False)
+    assert dict(zip(people["prolific_pid"], people["suggested_action"], strict=True)) == {
+        "PIDLEAVES": "none", "PIDSTAYS": "approve"}

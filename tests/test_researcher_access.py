@@ -35,6 +35,8 @@ ROLE_NEEDED = {
     "researcher.download_responses": VIEW,
     "researcher.download_config": VIEW,
     "researcher.download_manifest": VIEW,
+    "researcher.download_participants": VIEW,
+    "researcher.download_prolific_ids": VIEW,
     "researcher.change_status": EDIT,
     "researcher.share": MANAGE,
     "researcher.unshare": MANAGE,

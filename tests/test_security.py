@@ -48,6 +48,7 @@ def concrete_urls(app, slug: str):
     values = {
         "slug": slug,
         "action": "pause",
+        "decision": "approve",
         "fmt": "csv",
         "sha256": "0" * 64,
         "filename": "css/app.css",

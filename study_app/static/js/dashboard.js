@@ -1,11 +1,12 @@
-/* The researcher dashboard: refreshes its numbers from dashboard.json every few
- * seconds, and the preference plot whenever the number of answers changed. */
+/* The researcher dashboard: refreshes every panel from dashboard.json every few seconds
+ * (one snapshot of the database), and the preference plot whenever that snapshot's
+ * version changed (an exclusion changes it as much as a new vote). */
 (function () {
   "use strict";
   const root = document.getElementById("dashboard");
   if (!root) return;
   const REFRESH_MS = parseInt(root.dataset.refreshMs || "3000", 10);
-  let lastResponses = parseInt(root.dataset.responses || "0", 10);
+  let lastVersion = root.dataset.version || "";
 
   const text = (id, value) => {
     const el = document.getElementById(id);
@@ -84,12 +85,47 @@
       }));
     }
     const plot = document.getElementById("preference-plot");
-    if (data.preference.length && (plot.hidden || data.responses !== lastResponses)) {
-      plot.src = root.dataset.plotUrl + "?n=" + data.responses;
+    if (!data.preference.length) {
+      plot.hidden = true;
+    } else if (plot.hidden || data.version !== lastVersion) {
+      plot.src = root.dataset.plotUrl + "?v=" + data.version;
       plot.hidden = false;
     }
-    lastResponses = data.responses;
-    root.dataset.responses = String(data.responses);
+    renderPeople(data);
+    lastVersion = data.version;
+    root.dataset.version = data.version;
+  }
+
+  function renderPeople(data) {
+    const e = data.estimate;
+    const estimate = document.getElementById("estimate");
+    if (e.votes_remaining === 0) {
+      estimate.textContent = "Every item has its K votes: the study can be closed.";
+    } else {
+      let line = "Still needed: " + e.participants_needed + " participants for " + e.votes_remaining +
+        " main votes (" + Math.round(100 * e.kept_rate) + " % of completed participants kept so far)";
+      if (e.median_minutes !== null) {
+        line += "; a participation takes " + fmt(e.median_minutes, 1) + " min (median), " +
+          fmt(e.participant_minutes_needed, 0) + " participant-minutes in all";
+      }
+      estimate.textContent = line + ".";
+    }
+    const body = document.querySelector("#participant-list tbody");
+    if (!data.people.length) {
+      const tr = document.createElement("tr");
+      const td = cell(tr, "No participants yet.");
+      td.colSpan = 9;
+      td.className = "muted";
+      body.replaceChildren(tr);
+      return;
+    }
+    body.replaceChildren(...data.people.map((p) => {
+      const tr = document.createElement("tr");
+      [p.participant, p.prolific_pid || "–", p.status, p.started_at, p.finished_at || "–", p.answered,
+        p.catch_accuracy === null ? "–" : fmt(p.catch_accuracy, 2), p.exclusion_reasons || "–",
+        p.suggested_action].forEach((value) => cell(tr, value));
+      return tr;
+    }));
   }
 
   async function refresh() {
