@@ -132,7 +132,13 @@ def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, li
 
     from study_app.extensions import db
     from study_app.stimuli import StimulusSetError, import_stimulus_set
-    from study_app.studies import StudyConfigError, create_study, parse_config, set_status
+    from study_app.studies import (
+        StudyConfigError,
+        create_study,
+        design_summary,
+        parse_config,
+        set_status,
+    )
 
     settings: dict[str, Any] = _load_config_file(config_file) if config_file else {}
     if options.pop("no_reference"):
@@ -163,6 +169,13 @@ def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, li
                    f" M={config.trials_per_participant}, {n_items} image(s)")
         click.echo(f"owner: {owner}" if owner else "owner: nobody — only admins see it on the "
                    f"web pages (pstudy study set-owner {created.slug} EMAIL)")
+        design = design_summary(created, config)
+        click.echo(f"design: {design['items']} items × K={config.votes_per_item} = "
+                   f"{design['votes_wanted']} main votes; at least "
+                   f"{design['participants_needed']} participants at "
+                   f"{design['main_per_participant']} main trials each")
+        for warning in design["warnings"]:
+            click.echo(f"warning: {warning}", err=True)
         link = f"{base_url.rstrip('/')}/s/{created.slug}"
         click.echo(f"participant link: {link}")
         click.echo("Prolific link:    " + link +

@@ -44,6 +44,7 @@ from wtforms import (
     StringField,
     TextAreaField,
 )
+from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, InputRequired, Length, NumberRange, Optional
 from wtforms.widgets import CheckboxInput, ListWidget
 
@@ -51,12 +52,14 @@ from study_app import access
 from study_app.access import EDIT, MANAGE, VIEW
 from study_app.auth import current_researcher, login_required
 from study_app.extensions import db
+from study_app.i18n import LANGUAGES
 from study_app.models import COLLABORATOR_ROLES, Item, Participant, StimulusSet, Study
 from study_app.participant import render_study_page
 from study_app.studies import (
     QUESTIONS,
     StudyConfigError,
     create_study,
+    design_summary,
     parse_config,
     set_status,
     study_config,
@@ -140,6 +143,13 @@ class StudyForm(FlaskForm):
     completion_url = StringField(
         "Completion redirect URL (e.g. Prolific)", validators=[Optional(), Length(max=1000)]
     )
+    language = SelectField("Participant pages' language",
+                           choices=[SelectChoice(code, name) for code, name in LANGUAGES.items()],
+                           default="en")
+    break_every = IntegerField(
+        "A break after every N trials (empty = no breaks)",
+        validators=[Optional(), NumberRange(1, 10_000)],
+    )
     instructions = TextAreaField(
         "Instructions (empty = default)", validators=[Optional(), Length(max=10_000)]
     )
@@ -198,6 +208,8 @@ def config_from_form(form: StudyForm) -> dict[str, Any]:
         "completion_code": (form.completion_code.data or "").strip() or None,
         "completion_url": (form.completion_url.data or "").strip() or None,
         "seed": form.seed.data,
+        "language": form.language.data,
+        "break_every": form.break_every.data,
         "exclusion": {
             "min_catch_accuracy": _float_or_none(
                 form.min_catch_accuracy.data, "min_catch_accuracy"
@@ -435,7 +447,8 @@ def estimate_remaining(config, items: dict[str, Any], people: list[dict[str, Any
     completed = [p for p in people if p["status"] == "completed"]
     kept = [p for p in completed if not p["excluded"]]
     kept_rate = len(kept) / len(completed) if completed else 1.0
-    per_participant = config.trials_per_participant * max(kept_rate, 0.05)
+    main_each = min(config.trials_per_participant, items["items"])  # each item once at most
+    per_participant = main_each * max(kept_rate, 0.05)
     needed = 0 if remaining == 0 else int(-(-remaining // per_participant))
     durations = sorted(
         (datetime.fromisoformat(p["finished_at"].replace("Z", "+00:00"))
@@ -544,6 +557,8 @@ def new_study():
             flash(
                 f"Study '{study.title}' created as a draft. Preview it, then start it.", "success"
             )
+            for warning in design_summary(study, config)["warnings"]:
+                flash(f"Check the design: {warning}", "warning")
             return redirect(url_for("researcher.dashboard", slug=study.slug)), 303
     elif request.method == "POST":
         error = "; ".join(

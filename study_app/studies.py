@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from flask_babel import gettext, lazy_gettext, ngettext
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from study_app.extensions import db
 from study_app.i18n import DEFAULT_LANGUAGE, LANGUAGES
@@ -256,6 +256,31 @@ def create_study(stimulus_set: StimulusSet, config: StudyConfig,
     )
     db.session.flush()
     return study
+
+
+def design_summary(study: Study, config: StudyConfig) -> dict[str, Any]:
+    """What a design asks for: items (image × pair), the main votes wanted (items × K),
+    the main trials one participant can give (M, or fewer when there are fewer items: a
+    participant sees each item at most once) and the participants that takes at least;
+    plus warnings about settings that cannot work as written."""
+    n_items = db.session.scalar(select(func.count(Item.id)).where(Item.study_id == study.id))
+    per_participant = min(config.trials_per_participant, n_items)
+    wanted = n_items * config.votes_per_item
+    warnings = []
+    if config.trials_per_participant > n_items:
+        warnings.append(
+            f"M = {config.trials_per_participant} main trials per participant, but the design "
+            f"has only {n_items} items (image × condition pair) and a participant sees each "
+            f"item at most once: participants will answer {n_items} main trials. Lower M, or "
+            "add images or conditions.")
+    if config.repeat_trials > per_participant:
+        warnings.append(f"{config.repeat_trials} repeat trials but at most {per_participant} "
+                        "main trials to repeat: fewer repeats will be shown.")
+    return {
+        "items": n_items, "votes_wanted": wanted, "main_per_participant": per_participant,
+        "participants_needed": -(-wanted // per_participant) if per_participant else 0,
+        "warnings": warnings,
+    }
 
 
 _CONFIG_CACHE: dict[str, StudyConfig] = {}

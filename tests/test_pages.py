@@ -270,6 +270,7 @@ def study_form(page_html: str, **overrides) -> dict:
         "min_rt_ms": "200",
         "max_side_bias": "0.9",
         "seed": "7",
+        "language": "en",
         "conditions": ["blurred", "sharp"],
     }
     data.update(overrides)
@@ -283,7 +284,8 @@ def test_a_study_is_created_by_form_then_started_paused_and_closed(app, client, 
     login(client)
     form_page = client.get(f"/researcher/studies/new?set={set_id}").get_data(as_text=True)
     assert 'value="blurred"' in form_page and 'value="noisy"' in form_page
-    created = client.post(f"/researcher/studies/new?set={set_id}", data=study_form(form_page))
+    created = client.post(f"/researcher/studies/new?set={set_id}",
+                          data=study_form(form_page, language="de", break_every="2"))
     assert created.status_code == 303
     assert created.headers["Location"] == "/researcher/studies/loss-cmp"
     with app.app_context():
@@ -294,7 +296,11 @@ def test_a_study_is_created_by_form_then_started_paused_and_closed(app, client, 
         assert study.config["exclusion"]["min_rt_ms"] == 200.0
         n_items = db.session.scalar(select(func.count()).where(Item.study_id == study.id))
         assert n_items == 4  # 4 images × 1 pair
+        assert study.config["language"] == "de" and study.config["break_every"] == 2
     dashboard = client.get("/researcher/studies/loss-cmp").get_data(as_text=True)
+    # M = 5 main trials but only 4 items: said on the first page after creation
+    assert "Check the design: M = 5 main trials per participant, but the design has only 4" \
+        in dashboard
     assert client.get("/s/loss-cmp").status_code == 404  # a draft is not public yet
 
     def act(action):

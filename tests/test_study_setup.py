@@ -118,6 +118,14 @@ def test_pstudy_study_and_researcher_commands(tmp_path):
     assert created.exit_code == 0, created.output
     assert "participant link: http://127.0.0.1:8000/s/loss-study" in created.output
     assert "PROLIFIC_PID={{%PROLIFIC_PID%}}" in created.output
+    # 4 images × 3 pairs = 12 items, K = 3: 36 votes, 7 main trials each -> 6 participants
+    assert "design: 12 items × K=3 = 36 main votes; at least 6 participants at 7" in created.output
+    assert "warning" not in created.output
+    too_many = runner.invoke(study, ["create", str(root), "--slug", "too-many", "-m", "20",
+                                     "--database-url", url])
+    assert too_many.exit_code == 0, too_many.output
+    assert "warning: M = 20 main trials per participant, but the design has only 12" \
+        in too_many.output
     status = runner.invoke(study, ["status", "loss-study", "paused", "--database-url", url])
     assert status.exit_code == 0 and "loss-study: paused; 0/36 main votes" in status.output
     duplicate = runner.invoke(study, ["create", str(root), "--config", str(config),
