@@ -146,23 +146,23 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lr": 1e-4,
             "lr_halve_every": 20000,
             "checkpoint_every": 2000,
-            "kl_target": 800.0,  # nats per 64×64 image: 0.2 nats per pixel
+            "kl_target": 800.0,  # nats per 64×64 image: ≈ 0.2 nats per pixel
         },
         "conditions": PAPER_CONDITIONS,
         "guard": {"strict": True},
     },
     # the paper preset's shape at CPU size (2 cores, a few minutes): VAE, equal rate
-    # (0.2 nats per pixel, as paper), resize-conv decoder, the same six conditions
+    # (the same nats per pixel as paper), resize-conv decoder, the same six conditions
     "paper-cpu": {
         "name": "paper-cpu",
         "data": {"image_size": 32, "n_test": 12, "train_patches": 4096},
         "model": {"architecture": "vae", "latent": 128, "width": 16, "upsample": "nearest"},
         "train": {
-            "steps": 300,
-            "batch_size": 32,
+            "steps": 600,
+            "batch_size": 16,
             "lr": 2e-3,
-            "checkpoint_every": 100,
-            "kl_target": 200.0,  # nats per 32×32 image: 0.2 nats per pixel
+            "checkpoint_every": 200,
+            "kl_target": 200.0,  # nats per 32×32 image: ~0.2 nats per pixel
         },
         "conditions": PAPER_CONDITIONS,
         "contact_sheet": {"columns": 12, "scale": 3},

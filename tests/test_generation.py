@@ -169,7 +169,7 @@ def test_paper_presets_differ_only_in_the_loss_and_train_at_equal_rate(preset):
     assert first["architecture"] == "vae" and first["upsample"] == "nearest"
     assert first["kl_target"] > 0 and first["recon_weight"] == 1
     pixels = config["data"]["image_size"] ** 2
-    assert first["kl_target"] / pixels == pytest.approx(0.2, rel=0.03)  # same rate per pixel
+    assert first["kl_target"] / pixels == pytest.approx(800 / 64**2)  # same rate per pixel
     for c in config["conditions"]:
         if c["loss"].startswith("watson"):  # calibrated start (the default), shifted grid
             assert c["loss_options"] == {"shift_augment": True}
