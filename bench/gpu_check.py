@@ -185,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     if degenerate:
         print(f"FAILED: degenerate condition(s): {', '.join(degenerate)}")
         for name, record in degenerate.items():
-            for problem in record.get("problems", []):
-                print(f"  {name}: {problem['message']}\n    likely fix: {problem['fix']}")
+            problems = record.get("problems", [])
+            for problem in problems:
+                print(f"  {name}: {problem['message']}")
+            for fix in dict.fromkeys(problem["fix"] for problem in problems):
+                print(f"    likely fix: {fix}")
         return 1
     print("PASSED: every condition passes the degeneracy guard")
     return 0

@@ -57,10 +57,14 @@ TILE = 8
 KINDS = ("nonfinite", "flat", "same_for_all", "no_content", "clipped", "grid")
 
 _COLLAPSE_FIX = (
-    "the model learned an average image: for a VAE set train.kl_target (equal-rate "
-    "training, e.g. 0.2 nats per pixel as the paper presets) instead of a fixed "
-    "recon_weight, or raise recon_weight; otherwise train longer (train.steps) or check "
-    "the loss's starting parameters (Watson: loss_options.start: calibrated)"
+    "the model learned an average image: train longer (train.steps) or raise train.lr, and "
+    "check the loss's starting parameters (Watson: loss_options.start: calibrated); for a "
+    "VAE train at equal rate (train.kl_target) instead of a fixed recon_weight"
+)
+_VAE_COLLAPSE_FIX = (
+    "posterior collapse (the KL outweighs the reconstruction): train at equal rate with "
+    "train.kl_target (e.g. 800 nats per 64×64 image, as the paper preset) instead of a fixed "
+    "recon_weight, or raise recon_weight; under kl_target, train longer or raise the target"
 )
 FIXES = {
     "nonfinite": "training diverged: lower train.lr and check the loss for NaN on this data",
@@ -155,6 +159,7 @@ def check_reconstructions(
     reconstructions: torch.Tensor,
     *,
     nonfinite: int | None = None,
+    architecture: str | None = None,
 ) -> Verdict:
     """The guard's verdict on one condition.
 
@@ -162,6 +167,7 @@ def check_reconstructions(
     test images in the same order (N ≥ 2 for the across-image checks). ``nonfinite``:
     count of NaN/inf values in the model's output before quantisation (uint8 stimuli
     cannot show them); float ``reconstructions`` are also checked directly.
+    ``architecture`` (``vae``, ``conv``, ``fc``) only tailors the suggested fixes.
     """
     if references.shape != reconstructions.shape or references.dim() != 4:
         raise ValueError(
@@ -175,7 +181,10 @@ def check_reconstructions(
     problems: list[Problem] = []
 
     def fail(kind: str, message: str) -> None:
-        problems.append(Problem(kind, message, FIXES[kind]))
+        fix = FIXES[kind]
+        if architecture == "vae" and fix == _COLLAPSE_FIX:
+            fix = _VAE_COLLAPSE_FIX
+        problems.append(Problem(kind, message, fix))
 
     if bad:
         fail("nonfinite", f"{bad} NaN/inf values in the reconstructions")

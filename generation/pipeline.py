@@ -79,9 +79,11 @@ class DegenerateStimuliError(TrainingError):
             f"contact_sheet.png, manifest.json):"
         ]
         for name, record in flagged.items():
-            for problem in record.get("problems", []):
+            problems = record.get("problems", [])
+            for problem in problems:
                 lines.append(f"  {name}: {problem['message']}")
-                lines.append(f"    likely fix: {problem['fix']}")
+            for fix in dict.fromkeys(problem["fix"] for problem in problems):
+                lines.append(f"    likely fix: {fix}")
         lines.append("(--no-strict keeps the set and exits 0; pstudy study create will warn)")
         super().__init__("\n".join(lines))
 
@@ -299,9 +301,13 @@ def generate(
         for name, result in results.items()
     }
     stimuli = {name: output.images for name, output in outputs.items()}
+    architectures = {c["name"]: c["architecture"] for c in config["conditions"]}
     guard = {
         name: check_reconstructions(
-            test.images, output.images, nonfinite=output.nonfinite
+            test.images,
+            output.images,
+            nonfinite=output.nonfinite,
+            architecture=architectures[name],
         ).as_dict()
         for name, output in outputs.items()
     }
@@ -402,6 +408,8 @@ def _report_guard(result: GenerateResult, log: Callable[[str], None]) -> None:
     """Loud console lines for every degenerate condition (with the likely fix)."""
     for name, record in result.degenerate.items():
         log(f"!! DEGENERATE condition {name!r}: {record['verdict']}")
-        for problem in record.get("problems", []):
+        problems = record.get("problems", [])
+        for problem in problems:
             log(f"!!   {problem['message']}")
-            log(f"!!   likely fix: {problem['fix']}")
+        for fix in dict.fromkeys(problem["fix"] for problem in problems):
+            log(f"!!   likely fix: {fix}")

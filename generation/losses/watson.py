@@ -159,7 +159,7 @@ START_SETS = ("calibrated", "published")
 # rest by ~10⁶ (an autoencoder learns black; with the thresholds in [0, 1] units the loss
 # overflows); w = 0.7, applied to every coefficient of a channel including the DC, then
 # masks a block's mean by itself (mid-grey: ±18 grey levels "invisible"), so even
-# optimising the pixels directly stalls near 18 dB (tests/test_losses_watson.py). See
+# optimising the pixels directly stalls below 18 dB (tests/test_losses_watson.py). See
 # docs/generation.md ("Watson defaults that train").
 CALIBRATED_MASKING = {"alpha": 0.1, "w": 0.2}
 # A phase error of Δφ on a coefficient of amplitude A moves it by the chord 2A·sin(Δφ/2)
