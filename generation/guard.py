@@ -23,6 +23,12 @@ baselines, and names each failure with its likely fix:
 ``clipped``
     black or saturated: the share of pixels at 0–2 or 253–255 exceeds the references'
     share by more than ``CLIPPED_EXCESS``.
+``stamped``
+    the same fine pattern on every image, whatever the input (a texture or lattice the
+    decoder draws everywhere): of the fine detail (image − its Gaussian blur, σ = 2 px),
+    the share common to all test images (their mean) exceeds ``STAMPED_SHARE`` and the
+    references' share by ``STAMPED_EXCESS`` (independent images share ~1/N), with an rms
+    of at least ``GRID_MIN_LEVELS`` grey levels.
 ``grid``
     periodic artefacts with period 8 px (block grids) or 2 px (checkerboards): of the
     high-pass energy (image − its Gaussian blur, σ = 1 px) the share that repeats from
@@ -49,12 +55,14 @@ FLAT_RATIO = 0.2
 SAME_RATIO = 0.1
 CONTENT_SHARE = 0.25
 CLIPPED_EXCESS = 0.3
+STAMPED_SHARE = 0.4
+STAMPED_EXCESS = 0.25
 GRID_SHARE = 0.35
 GRID_EXCESS = 0.2
 GRID_MIN_LEVELS = 2.0
 TILE = 8
 
-KINDS = ("nonfinite", "flat", "same_for_all", "no_content", "clipped", "grid")
+KINDS = ("nonfinite", "flat", "same_for_all", "no_content", "clipped", "stamped", "grid")
 
 _COLLAPSE_FIX = (
     "the model learned an average image: train longer (train.steps) or raise train.lr, and "
@@ -75,6 +83,11 @@ FIXES = {
         "black or saturated output: the loss rewards extreme values; for watson-* use the "
         "calibrated starting parameters (loss_options.start: calibrated, the default), "
         "otherwise lower train.lr"
+    ),
+    "stamped": (
+        "a texture independent of the input: use model.upsample: nearest (resize-convolution "
+        "decoder); for watson-* loss_options: {shift_augment: true}; train longer or lower "
+        "train.lr"
     ),
     "grid": (
         "block-grid or checkerboard artefacts: use model.upsample: nearest (resize-"
@@ -148,6 +161,15 @@ def periodic_share(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     total = residual.square().mean(dim=(1, 2, 3))
     share = periodic / total.clamp_min(1e-12)
     return share, periodic.sqrt() * 255.0
+
+
+def common_detail(images: torch.Tensor) -> tuple[float, float]:
+    """The share of the fine detail (image − Gaussian blur σ = 2 px) that all images have
+    in common (their mean), and that common part's rms in grey levels."""
+    detail = images - _gaussian_blur(images, 2.0)
+    common = detail.mean(0)
+    share = common.square().mean() / detail.square().mean().clamp_min(1e-12)
+    return float(share), float(common.square().mean().sqrt()) * 255.0
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -244,6 +266,19 @@ def check_reconstructions(
             f"{what} output: {clipped_rec:.0%} of the pixels at 0–2 or 253–255 against "
             f"{clipped_ref:.0%} in the references",
         )
+
+    if n >= 2:
+        share, amplitude = common_detail(rec)
+        stats["stamped_share"], stats["stamped_rms_levels"] = share, amplitude
+        stats["stamped_share_reference"], _ = common_detail(ref)
+        limit = max(STAMPED_SHARE, stats["stamped_share_reference"] + STAMPED_EXCESS)
+        if share > limit and amplitude >= GRID_MIN_LEVELS:
+            fail(
+                "stamped",
+                f"the same fine pattern on every image: {share:.0%} of the fine detail is common "
+                f"to all {n} images (references: {stats['stamped_share_reference']:.0%}), rms "
+                f"{amplitude:.1f} grey levels",
+            )
 
     if min(h, w) >= 2 * TILE:
         share_rec, amplitude = periodic_share(rec)

@@ -198,8 +198,14 @@ class TrainResult:
 # ----------------------------------------------------------------------------- rate
 
 
-LOG_BETA_LIMITS = (math.log(1e-6), math.log(1e6))
+# β's range. The floor is anti-windup: while the rate is still rising towards the target
+# (for many steps at 64×64) the integral state would otherwise keep falling, and β would
+# need as many steps to come back once the target is reached; 10⁻⁴ is well below every
+# equilibrium measured (0.007–0.03: β is dimensionless, docs/generation.md)
+LOG_BETA_LIMITS = (math.log(1e-4), math.log(1e4))
 KL_EMA_DECAY = 0.9  # moving average of the batch KL that drives the multiplier
+KL_EMA_CAP = 2.0  # a batch enters the average at ≤ 2 × target (one outlier batch must
+# not hold β up for tens of steps; above 2 × target the error is clipped at +1 anyway)
 RATE_TRAJECTORY_POINTS = 20  # (step, KL̄, β) samples kept for the manifest
 # proportional gain on log β (a PI controller, as in ControlVAE, Shao et al. 2020): damps
 # the overshoot of pure dual ascent when the rate rises quickly early in training
@@ -240,6 +246,7 @@ class RateControl:
         return distance / self.d0 + self.beta * kl / self.target
 
     def update(self, kl_mean: float, step: int, steps: int) -> None:
+        kl_mean = min(kl_mean, KL_EMA_CAP * self.target)
         self.kl_ema = (
             kl_mean
             if self.kl_ema is None

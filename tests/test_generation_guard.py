@@ -51,6 +51,16 @@ def _tile_pattern(shape, period: int, amplitude: float) -> torch.Tensor:
     return amplitude * pattern.view(1, 1, h, w) * colour
 
 
+def _lattice(shape, amplitude: float) -> torch.Tensor:
+    """A diagonal lattice not aligned with any 8-px grid (what Watson-DFT drew at 64 px)."""
+    n, c, h, w = shape
+    y, x = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    wave = torch.cos(2 * torch.pi * (6 * y + 2 * x) / 64) * torch.cos(
+        2 * torch.pi * (2 * y - 6 * x) / 64
+    )
+    return amplitude * wave.view(1, 1, h, w).expand(1, c, h, w)
+
+
 HEALTHY = {
     "identical": lambda ref: ref,
     "blurred σ=1.5": lambda ref: _gaussian_blur(ref, 1.5),
@@ -89,6 +99,10 @@ DEGENERATE = {
     "checkerboard on the image": (
         lambda ref: _gaussian_blur(ref, 1.0) + _tile_pattern(ref.shape, 2, 0.06),
         {"grid"},
+    ),
+    "a lattice texture on every image (period 10 px, diagonal)": (
+        lambda ref: _gaussian_blur(ref, 2.0) + _lattice(ref.shape, 0.06),
+        {"stamped"},
     ),
     "flat colour with a grid of dots": (
         lambda ref: ref.mean((2, 3), keepdim=True) + _tile_pattern(ref.shape, 8, 0.1),
