@@ -13,8 +13,9 @@ d subject to KL = target, as the Lagrangian ``d_i/d₀ + β · kl_i/target`` wit
 distortion at zero rate (the mean training image as every reconstruction) and the
 multiplier β ≥ 0 updated after every step by dual ascent on log β:
 ``s += kl_dual_lr · e``, ``β = exp(s + 2e)`` with e = clip(KL̄/target − 1, −1, 1) and KL̄ a
-moving average of the batch KL (a PI controller; :class:`RateControl`). Every condition then ends at the same rate whatever the scale
-of its loss; see docs/generation.md ("Equal rate").
+moving average of the batch KL (a PI controller; :class:`RateControl`). Every condition
+then ends at the same rate whatever the scale of its loss; see docs/generation.md
+("Equal rate").
 
 On CUDA: bf16 autocast, channels-last, pinned memory and loader workers.
 """
