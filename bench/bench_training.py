@@ -3,7 +3,7 @@
 Default (the issue's CPU benchmark): conv autoencoder, 64×64 RGB, batch 64, every
 registered training loss; each loss runs warm-up steps, then interleaved rounds of timed optimiser
 steps (forward + loss + backward + Adam); the fastest round per loss is reported. ``--paper`` uses the ``paper`` preset's model (VAE,
-latent 256, width 64) and, on CUDA, bf16 autocast + channels-last as training does, and
+latent 256, width 64, resize-convolution decoder) and, on CUDA, bf16 autocast + channels-last as training does, and
 also reports peak GPU memory per loss.
 
     python bench/bench_training.py                      # CPU, conv AE 64×64, batch 64
@@ -38,13 +38,17 @@ class Setup:
 
     def __init__(self, loss_name: str, args: argparse.Namespace, device: torch.device):
         torch.manual_seed(0)
+        upsample = "transpose"
         if args.paper:
             model_config = PRESETS["paper"]["model"]
             architecture, latent, width = "vae", model_config["latent"], model_config["width"]
+            upsample = model_config["upsample"]
         else:
             architecture, latent, width = "conv", args.latent, args.width
         self.name, self.device, self.cuda = loss_name, device, device.type == "cuda"
-        model = build_model(architecture, channels=3, size=args.size, latent=latent, width=width)
+        model = build_model(
+            architecture, channels=3, size=args.size, latent=latent, width=width, upsample=upsample
+        )
         self.model = model.to(device)
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)

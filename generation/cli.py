@@ -23,7 +23,8 @@ def _echo(message: str) -> None:
     default="demo",
     show_default=True,
     help="Starting settings: smoke (seconds), demo (all conditions, ~5 min on 2 CPU "
-    "cores), paper (64×64 VAE, GPU-sized).",
+    "cores), paper (64×64 VAE at equal rate, GPU-sized), paper-cpu (its shape at 32×32, "
+    "a few minutes on 2 CPU cores).",
 )
 @click.option(
     "--config",
@@ -82,6 +83,13 @@ def _echo(message: str) -> None:
     help="CPU threads for torch (default: torch's choice; 1 is often fastest for small "
     "models on a busy machine).",
 )
+@click.option(
+    "--strict/--no-strict",
+    default=None,
+    help="Fail (exit code 1, with the reason and the likely fix) when a condition's "
+    "reconstructions are degenerate: flat, one image for all inputs, black/saturated, grid "
+    "artefacts, NaN. Default: the preset's guard.strict (on for paper, paper-cpu).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def generate(
     preset,
@@ -95,6 +103,7 @@ def generate(
     resume,
     reuse,
     threads,
+    strict,
     quiet,
 ):
     """Train one autoencoder per loss and write their reconstructions of held-out
@@ -122,6 +131,8 @@ def generate(
     if conditions is not None:
         separator = ";" if ";" in conditions else ","
         extra["conditions"] = [c.strip() for c in conditions.split(separator) if c.strip()]
+    if strict is not None:
+        extra["guard"] = {"strict": strict}
     try:
         config = resolve_config(preset, config_file, overrides, extra)
         _check_losses(config)
@@ -157,12 +168,21 @@ def generate(
         sys.exit(130)
     if result.manifest is None:  # a non-main torchrun rank
         return
-    table = " | ".join(
-        f"{c['name']}: PSNR {c['metrics'].get('psnr', float('nan')):.2f} dB"
-        for c in result.manifest["conditions"]
-    )
     click.echo(f"stimulus set: {result.out} ({'reused' if result.reused else 'written'})")
-    click.echo(table)
+    click.echo(condition_table(result.manifest))
+
+
+def condition_table(manifest: dict) -> str:
+    """One line per condition: PSNR, KL (VAE), the guard's verdict."""
+    lines = []
+    for c in manifest["conditions"]:
+        parts = [f"{c['name']}: PSNR {c['metrics'].get('psnr', float('nan')):.2f} dB"]
+        if "kl" in c["metrics"]:
+            parts.append(f"KL {c['metrics']['kl']:.0f} nats")
+        if c.get("guard"):
+            parts.append(f"guard {c['guard']['verdict']}")
+        lines.append(", ".join(parts))
+    return "\n".join(lines)
 
 
 def _check_losses(config: dict) -> None:

@@ -194,6 +194,12 @@ class VariationalAutoencoder(nn.Module):
         mu, _ = self.encoder(x).chunk(2, dim=1)
         return self.decoder(mu)
 
+    def posterior_kl(self, x: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) ‖ N(0, I)) per image, nats: the rate the model spends on each image."""
+        mu, logvar = self.encoder(x).float().chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=1)
+
 
 class Discriminator(nn.Module):
     """Small conv critic for the adversarial term: N×C×H×W in [0, 1] → N logits."""

@@ -6,27 +6,39 @@ test images → metrics → stimulus set (manifest, PNGs, evaluation CSVs, conta
 
 from __future__ import annotations
 
+import math
+import os
 import platform
 import subprocess
+import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from generation.config import config_sha256
 from generation.contact_sheet import write_contact_sheet
 from generation.data import load_data
 from generation.evaluate import build_metrics, evaluate_stimuli, summary_table
+from generation.guard import check_reconstructions
 from generation.stimulus_set import (
     StimulusSetError,
     prepare_output,
     validate_stimulus_set,
     write_stimulus_set,
 )
-from generation.train import TrainResult, barrier, init_distributed, load_model, train_condition
+from generation.train import (
+    TrainingError,
+    TrainResult,
+    barrier,
+    init_distributed,
+    load_model,
+    train_condition,
+)
 
 PACKAGES = (
     "perceptual-study-platform",
@@ -47,6 +59,33 @@ class GenerateResult:
     manifest: dict[str, Any] | None
     reused: bool
     training: dict[str, TrainResult]
+    guard: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> guard record
+
+    @property
+    def degenerate(self) -> dict[str, dict[str, Any]]:
+        """The conditions the degeneracy guard flagged (name -> guard record)."""
+        return {name: g for name, g in self.guard.items() if not g.get("ok", True)}
+
+
+class DegenerateStimuliError(TrainingError):
+    """``guard.strict``: some conditions' reconstructions are degenerate (the set has been
+    written, with the verdicts, for inspection)."""
+
+    def __init__(self, out: Path, flagged: dict[str, dict[str, Any]]):
+        self.out, self.flagged = out, flagged
+        lines = [
+            f"{len(flagged)} condition(s) degenerate, so the stimuli are not usable "
+            f"(guard.strict; the set was written to {out} for inspection: "
+            f"contact_sheet.png, manifest.json):"
+        ]
+        for name, record in flagged.items():
+            problems = record.get("problems", [])
+            for problem in problems:
+                lines.append(f"  {name}: {problem['message']}")
+            for fix in dict.fromkeys(problem["fix"] for problem in problems):
+                lines.append(f"    likely fix: {fix}")
+        lines.append("(--no-strict keeps the set and exits 0; pstudy study create will warn)")
+        super().__init__("\n".join(lines))
 
 
 def package_versions() -> dict[str, str]:
@@ -59,19 +98,62 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout this package runs from, or None outside a git checkout."""
+PROJECT_NAME = "perceptual-study-platform"
+
+
+def _git(package: Path, *args: str) -> str | None:
+    """``git args`` in ``package`` with git's own environment variables removed (GIT_DIR
+    and friends would point it at another repository); stdout, or None on failure."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
     try:
         completed = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
+            ["git", *args], cwd=package, env=env, capture_output=True, text=True, timeout=10
         )
     except (OSError, subprocess.SubprocessError):
         return None
     return completed.stdout.strip() if completed.returncode == 0 else None
+
+
+def source_checkout(package: str | Path | None = None) -> Path | None:
+    """The git work tree holding this project's source, or None.
+
+    It must have the ``generation`` package (``package``, default: this one) as its
+    top-level ``generation/`` folder with ``pipeline.py`` tracked, and this project's
+    ``pyproject.toml``. An installed copy (site-packages inside some other repository, a
+    virtual environment inside this one) or a command started in another repository
+    gives None, never that repository."""
+    package = Path(package or Path(__file__).parent).resolve()
+    top = _git(package, "rev-parse", "--show-toplevel")
+    if not top:
+        return None
+    root = Path(top).resolve()
+    if root / "generation" != package:
+        return None
+    try:
+        pyproject = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if pyproject.get("project", {}).get("name") != PROJECT_NAME:
+        return None
+    if _git(package, "ls-files", "--error-unmatch", "--", "pipeline.py") is None:
+        return None
+    return root
+
+
+def git_commit(package: str | Path | None = None) -> str | None:
+    """The commit of this project's own source (see :func:`source_checkout`), or None."""
+    root = source_checkout(package)
+    return None if root is None else _git(root, "rev-parse", "--verify", "HEAD")
+
+
+def git_dirty(package: str | Path | None = None) -> bool | None:
+    """Whether the project's tracked source differs from :func:`git_commit` (None: no
+    checkout)."""
+    root = source_checkout(package)
+    if root is None:
+        return None
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def default_checkpoint_dir(out: str | Path) -> Path:
@@ -111,19 +193,40 @@ def up_to_date(out: Path, config_hash: str, input_hash: str) -> dict[str, Any] |
     return None
 
 
+@dataclass
+class Reconstructions:
+    """A model's test-set outputs: uint8 stimuli, the VAE's KL per image (nats; None for
+    other models) and the count of NaN/inf values before quantisation."""
+
+    images: torch.Tensor
+    kl: torch.Tensor | None
+    nonfinite: int
+
+
 @torch.no_grad()
+def reconstruct_test_set(
+    model_path: Path, images: torch.Tensor, device: torch.device, batch_size: int = 64
+) -> Reconstructions:
+    """uint8 N×C×H×W → the model's reconstructions (deterministic, eval mode)."""
+    model = load_model(model_path, device)
+    outputs, kls, nonfinite = [], [], 0
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].to(device).float() / 255.0
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            y = model.reconstruct(x).float()
+            if hasattr(model, "posterior_kl"):
+                kls.append(model.posterior_kl(x).float().cpu())
+        nonfinite += int((~torch.isfinite(y)).sum())
+        y = torch.nan_to_num(y, nan=0.0, posinf=1.0, neginf=0.0)
+        outputs.append((y.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu())
+    return Reconstructions(torch.cat(outputs), torch.cat(kls) if kls else None, nonfinite)
+
+
 def reconstruct(
     model_path: Path, images: torch.Tensor, device: torch.device, batch_size: int = 64
 ) -> torch.Tensor:
     """uint8 N×C×H×W → the model's uint8 reconstructions (deterministic, eval mode)."""
-    model = load_model(model_path, device)
-    outputs = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size].to(device).float() / 255.0
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            y = model.reconstruct(x)
-        outputs.append((y.float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu())
-    return torch.cat(outputs)
+    return reconstruct_test_set(model_path, images, device, batch_size).images
 
 
 def generate(
@@ -156,7 +259,12 @@ def generate(
                 f"{out} is up to date (same config_sha256 {config_hash[:12]} and inputs); "
                 "nothing to do (--no-reuse to regenerate)"
             )
-            return GenerateResult(out, existing, True, {})
+            guard = {c["name"]: c["guard"] for c in existing["conditions"] if c.get("guard")}
+            result = GenerateResult(out, existing, True, {}, guard)
+            _report_guard(result, log)
+            if config.get("guard", {}).get("strict") and result.degenerate:
+                raise DegenerateStimuliError(out, result.degenerate)
+            return result
     check_output_folder(out)
 
     size, channels = config["data"]["image_size"], config["data"]["channels"]
@@ -188,36 +296,65 @@ def generate(
         return GenerateResult(out, None, False, results)
 
     test = split.test
-    stimuli = {
-        name: reconstruct(result.model_path, test.images, torch_device)
+    outputs = {
+        name: reconstruct_test_set(result.model_path, test.images, torch_device)
         for name, result in results.items()
+    }
+    stimuli = {name: output.images for name, output in outputs.items()}
+    architectures = {c["name"]: c["architecture"] for c in config["conditions"]}
+    guard = {
+        name: check_reconstructions(
+            test.images,
+            output.images,
+            nonfinite=output.nonfinite,
+            architecture=architectures[name],
+        ).as_dict()
+        for name, output in outputs.items()
     }
     metrics, skipped = build_metrics(config["evaluate"]["metrics"], size, torch_device)
     for name, reason in skipped.items():
         log(f"metric {name} skipped: {reason}")
     per_image = evaluate_stimuli(test.images, stimuli, test.ids, metrics, torch_device)
+    kl_rows = [
+        (name, image_id, "kl", float(value))
+        for name, output in outputs.items()
+        if output.kl is not None
+        for image_id, value in zip(test.ids, output.kl.tolist(), strict=True)
+    ]
+    if kl_rows:  # the rate each VAE spends on each test image (nats)
+        per_image = pd.concat(
+            [per_image, pd.DataFrame(kl_rows, columns=per_image.columns)], ignore_index=True
+        )
     summary = summary_table(per_image)
     per_image_metrics: dict[tuple[str, str], dict[str, float]] = {}
     for row in per_image.itertuples(index=False):
         per_image_metrics.setdefault((row.image_id, row.condition), {})[row.metric] = row.value
     means = summary.set_index("condition").to_dict(orient="index")
-    conditions = [
-        {
+    conditions = []
+    for c in config["conditions"]:
+        result = results[c["name"]]
+        entry = {
             "name": c["name"],
             "loss": c["loss"],
             "architecture": c["architecture"],
-            "checkpoint_sha256": results[c["name"]].checkpoint_sha256,
+            "checkpoint_sha256": result.checkpoint_sha256,
             "config": c,
-            "metrics": {k: float(v) for k, v in means[c["name"]].items()},
+            "metrics": {
+                k: float(v) for k, v in means[c["name"]].items() if math.isfinite(float(v))
+            },
+            "guard": guard[c["name"]],
         }
-        for c in config["conditions"]
-    ]
+        if result.rate is not None:
+            entry["rate"] = result.rate
+        conditions.append(entry)
+    summary["guard"] = [guard[name]["verdict"] for name in summary["condition"]]
     provenance = {
         "config": config,
         "config_sha256": config_hash,
         "seed": seed,
         "package_versions": package_versions(),
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "input_sha256": split.input_sha256,
         "data": split.description,
         "device": str(torch_device),
@@ -229,7 +366,9 @@ def generate(
                 "steps": r.steps,
                 "resumed_from_step": r.start_step,
                 "final_loss": r.losses[-1] if r.losses else None,
+                "final_kl": r.kl[-1] if r.kl else None,
                 "images_per_s": None if r.images_per_s != r.images_per_s else r.images_per_s,
+                "peak_gpu_memory_mib": r.peak_memory_mib,
             }
             for name, r in results.items()
         },
@@ -254,7 +393,23 @@ def generate(
         columns=sheet["columns"],
         scale=sheet["scale"],
         title=f"{config['name']}: reference and reconstructions",
+        flags={name: g["verdict"] for name, g in guard.items() if not g["ok"]},
     )
     validate_stimulus_set(out)
     log(f"wrote {out} ({len(conditions)} conditions × {len(test.ids)} images)")
-    return GenerateResult(out, manifest, False, results)
+    result = GenerateResult(out, manifest, False, results, guard)
+    _report_guard(result, log)
+    if config.get("guard", {}).get("strict") and result.degenerate:
+        raise DegenerateStimuliError(out, result.degenerate)
+    return result
+
+
+def _report_guard(result: GenerateResult, log: Callable[[str], None]) -> None:
+    """Loud console lines for every degenerate condition (with the likely fix)."""
+    for name, record in result.degenerate.items():
+        log(f"!! DEGENERATE condition {name!r}: {record['verdict']}")
+        problems = record.get("problems", [])
+        for problem in problems:
+            log(f"!!   {problem['message']}")
+        for fix in dict.fromkeys(problem["fix"] for problem in problems):
+            log(f"!!   likely fix: {fix}")

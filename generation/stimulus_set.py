@@ -119,7 +119,8 @@ def write_stimulus_set(
 
     ``references`` and each ``stimuli[condition]`` are uint8 N×C×H×W in ``image_ids``
     order; ``conditions`` carry name, loss, architecture, checkpoint_sha256, config,
-    metrics (means); ``per_image_metrics[(image_id, condition)]`` = {metric: value}.
+    metrics (means), optionally guard (the degeneracy guard's verdict) and rate (the rate
+    constraint's summary); ``per_image_metrics[(image_id, condition)]`` = {metric: value}.
     """
     out = Path(out)
     n, channels, height, width = references.shape
@@ -156,15 +157,19 @@ def write_stimulus_set(
         "channels": int(channels),
         "conditions": [
             {
-                key: condition.get(key)
-                for key in (
-                    "name",
-                    "loss",
-                    "architecture",
-                    "checkpoint_sha256",
-                    "config",
-                    "metrics",
-                )
+                **{
+                    key: condition.get(key)
+                    for key in (
+                        "name",
+                        "loss",
+                        "architecture",
+                        "checkpoint_sha256",
+                        "config",
+                        "metrics",
+                    )
+                },
+                # the degeneracy guard's verdict and the rate constraint's summary, when given
+                **{key: condition[key] for key in ("guard", "rate") if key in condition},
             }
             for condition in conditions
         ],

@@ -163,6 +163,7 @@ def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, li
         except (StimulusSetError, StudyConfigError, TypeError) as error:
             db.session.rollback()
             raise click.ClickException(str(error)) from None
+        _warn_degenerate(imported.manifest, config.conditions)
         n_items = len(imported.images) if config.images is None else len(config.images)
         click.echo(f"created study '{created.slug}' ({created.status}) from "
                    f"{imported.name}: {created.config_sha256[:12]}…, K={config.votes_per_item},"
@@ -181,6 +182,23 @@ def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, li
         click.echo("Prolific link:    " + link +
                    "?PROLIFIC_PID={{%PROLIFIC_PID%}}&STUDY_ID={{%STUDY_ID%}}"
                    "&SESSION_ID={{%SESSION_ID%}}")
+
+
+def _warn_degenerate(manifest: dict, conditions: list[str] | None) -> None:
+    """Warn (stderr) when the set's generation guard flagged a condition the study uses:
+    its stimuli are flat, identical, black or artefacts, whatever the loss."""
+    flagged = [
+        c for c in manifest.get("conditions", [])
+        if isinstance(c.get("guard"), dict) and c["guard"].get("ok") is False
+        and (conditions is None or c.get("name") in conditions)
+    ]
+    if flagged:
+        names = "; ".join(f"{c['name']}: {c['guard'].get('verdict', 'DEGENERATE')}"
+                          for c in flagged)
+        click.echo(f"warning: the generation guard flagged {len(flagged)} condition(s) of this "
+                   f"stimulus set as degenerate ({names}); votes on them measure training "
+                   "failures, not the loss. Regenerate the set (docs/generation.md, "
+                   "'Degeneracy guard') or leave them out with --conditions.", err=True)
 
 
 @study.command("status")

@@ -147,9 +147,50 @@ def test_every_preset_resolves_to_registered_losses():
     ]
     paper = resolve_config("paper")
     assert paper["data"]["image_size"] == 64 and paper["model"]["architecture"] == "vae"
-    for preset in ("smoke", "demo", "paper"):
+    for preset in ("smoke", "demo", "paper", "paper-cpu"):
         for condition in resolve_config(preset)["conditions"]:
             assert parse_spec(condition["loss"])
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper-cpu"])
+def test_paper_presets_differ_only_in_the_loss_and_train_at_equal_rate(preset):
+    config = resolve_config(preset)
+    assert [c["loss"] for c in config["conditions"]] == [
+        "l2", "ssim", "msssim", "watson-dct", "watson-dft", "deep"
+    ]
+    assert config["guard"]["strict"] is True
+    shared = {
+        key: {json.dumps(c[key], sort_keys=True) for c in config["conditions"]}
+        for key in config["conditions"][0]
+        if key not in ("name", "loss", "loss_options")
+    }
+    assert all(len(values) == 1 for values in shared.values()), shared
+    first = config["conditions"][0]
+    assert first["architecture"] == "vae" and first["upsample"] == "nearest"
+    assert first["kl_target"] > 0 and first["recon_weight"] == 1
+    pixels = config["data"]["image_size"] ** 2
+    assert first["kl_target"] / pixels == pytest.approx(800 / 64**2)  # same rate per pixel
+    for c in config["conditions"]:
+        if c["loss"].startswith("watson"):  # calibrated start (the default), shifted grid
+            assert c["loss_options"] == {"shift_augment": True}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.architecture=conv", "train.kl_target=100"], "kl_target .* needs architecture vae"),
+        (["model.architecture=vae", "train.kl_target=0"], "kl_target must be a number of nats > 0"),
+        (
+            ["model.architecture=vae", "train.kl_target=100", "train.recon_weight=5"],
+            "recon_weight has no effect when kl_target is set",
+        ),
+        (["train.kl_beta_init=0"], "kl_beta_init must be > 0"),
+        (["guard.strict=maybe"], "guard.strict must be true or false"),
+    ],
+)
+def test_bad_rate_and_guard_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config("smoke", overrides=overrides)
 
 
 def test_conditions_carry_loss_options_and_upsampling():
@@ -185,10 +226,11 @@ def test_demo_preset_regressions_checkerboards_and_flat_watson_dft():
     (watson,) = [c for c in demo["conditions"] if c["loss"] == "watson-dft"]
     x = skimage_patches(size=32, channels=3, seed=0, n_train=1, n_test=8).test.images / 255.0
     flat = x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()  # mean colour only
+    assert watson["loss_options"]["start"] == "published"  # as measured for the demo
     with torch.no_grad():
         total = build_loss("watson-dft", **watson["loss_options"])(flat, x).mean()
-        amplitude = build_loss("watson-dft", phase_weight=1e-30)(flat, x).mean()
-        default = build_loss("watson-dft")(flat, x).mean()
+        amplitude = build_loss("watson-dft", start="published", phase_weight=1e-30)(flat, x).mean()
+        default = build_loss("watson-dft", start="published")(flat, x).mean()
     phase = total - amplitude
     assert float(default - amplitude) > 20 * float(amplitude)  # ≈119 vs ≈3: why it failed
     assert 0.5 * float(amplitude) < float(phase) < 3 * float(amplitude)  # ≈6 vs ≈3
@@ -737,3 +779,159 @@ def test_cuda_run_with_bf16_autocast_and_channels_last(tmp_path):
         assert result.manifest["provenance"]["device"].startswith("cuda")
         validate_stimulus_set(tmp_path / architecture)
         assert all(np.isfinite(r.losses).all() for r in result.training.values())
+
+
+# ----------------------------------------------------------------------------- equal rate
+
+
+def test_rate_control_moves_beta_towards_the_target():
+    from generation.train import RATE_KP, RateControl
+
+    rate = RateControl(target=100.0, dual_lr=0.1, d0=2.0, log_beta=0.0)
+    rate.update(300.0, 0, 10)  # far above: β rises (error clipped at +1)
+    assert rate.log_beta == pytest.approx(0.1) and rate.beta == pytest.approx(np.exp(0.1 + RATE_KP))
+    for step in range(1, 60):
+        rate.update(10.0, step, 60)  # far below: β falls, the moving average follows
+    assert rate.kl_ema < 20 and rate.beta < 0.1
+    distance, kl = torch.tensor([1.0, 3.0]), torch.tensor([50.0, 150.0])
+    torch.testing.assert_close(rate.objective(distance, kl), distance / 2 + rate.beta * kl / 100)
+    summary = rate.summary([10.0] * 60)
+    assert summary["kl_target"] == 100 and summary["final_kl_mean_last_10pct"] == 10
+    assert summary["beta_min"] <= summary["final_beta"] <= summary["beta_max"]
+    assert len(summary["trajectory"]) <= 22 and summary["zero_rate_distortion"] == 2.0
+    json.dumps(summary, allow_nan=False)
+
+
+def _rate_condition(*extra: str) -> dict:
+    config = _tiny(
+        "model.architecture=vae",
+        "model.upsample=nearest",
+        "model.width=8",
+        "model.latent=32",
+        "train.kl_target=40",
+        "train.batch_size=16",
+        "train.lr=0.005",
+        *extra,
+    )
+    return config["conditions"][0]
+
+
+@pytest.mark.slow
+def test_vae_trains_to_the_target_rate_whatever_the_loss_scale(tmp_path):
+    """l2 (a per-pixel mean, ~0.01) and l2 × 10⁴ end at the same KL: the multiplier
+    absorbs the scale, which a fixed recon_weight does not."""
+    split = skimage_patches(size=32, channels=3, seed=0, n_train=512, n_test=8)
+    finals = {}
+    for name, loss in (("small", "l2"), ("large", "l2:10000")):
+        condition = _rate_condition("train.steps=150", f"conditions=[{{loss: '{loss}'}}]")
+        result = train_condition(
+            condition, split.train, channels=3, size=32, seed=0, fingerprint="f",
+            checkpoint_dir=tmp_path / name, device=torch.device("cpu"), progress=False,
+        )
+        assert len(result.kl) == 150 and result.rate is not None
+        finals[name] = result.rate
+        tail = np.mean(result.kl[-15:])
+        assert tail == pytest.approx(40, rel=0.25), (name, tail, result.rate["trajectory"])
+    # the multiplier is dimensionless (distances divided by their zero-rate value)
+    assert finals["large"]["zero_rate_distortion"] == pytest.approx(
+        1e4 * finals["small"]["zero_rate_distortion"], rel=1e-5
+    )
+
+
+def test_rate_state_and_shift_augmentation_resume_exactly(tmp_path):
+    """A run resumed from a checkpoint continues the multiplier, the KL average and the
+    global RNG (Watson's shift augmentation) where they were."""
+    split = skimage_patches(size=32, channels=3, seed=0, n_train=64, n_test=1)
+    conditions = "conditions=[{loss: watson-dct, loss_options: {shift_augment: true}}]"
+    common = dict(channels=3, size=32, seed=0, fingerprint="f", device=torch.device("cpu"),
+                  progress=False)
+    straight = train_condition(
+        _rate_condition("train.steps=12", conditions), split.train,
+        checkpoint_dir=tmp_path / "straight", **common,
+    )
+    train_condition(
+        _rate_condition("train.steps=6", conditions), split.train,
+        checkpoint_dir=tmp_path / "resumed", **common,
+    )
+    last = tmp_path / "resumed" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["done"] = False  # as if stopped at step 6 of 12
+    torch.save(state, last)
+    torch.manual_seed(123)  # the resumed run must not depend on the RNG it starts with
+    resumed = train_condition(
+        _rate_condition("train.steps=12", conditions), split.train,
+        checkpoint_dir=tmp_path / "resumed", resume=True, **common,
+    )
+    assert resumed.start_step == 6
+    assert resumed.losses == straight.losses and resumed.kl == straight.kl
+    assert resumed.rate["final_beta"] == straight.rate["final_beta"]
+
+
+def test_manifest_and_evaluation_record_the_rate(tmp_path):
+    config = _tiny(
+        "model.architecture=vae", "train.kl_target=30", "train.steps=6", "conditions=[l2]",
+        "evaluate.metrics=[l2]",
+    )
+    result = generate(config, tmp_path / "set", device="cpu", progress=False)
+    (condition,) = result.manifest["conditions"]
+    assert condition["metrics"]["kl"] > 0  # the posterior KL of the test images, nats
+    assert condition["rate"]["kl_target"] == 30 and condition["rate"]["trajectory"]
+    assert "guard" in condition
+    for stimulus in result.manifest["stimuli"]:
+        assert stimulus["metrics"]["kl"] >= 0
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "set" / "evaluation.csv")
+    assert {"kl", "guard"} <= set(table.columns)
+    assert result.manifest["provenance"]["training"]["l2"]["final_kl"] > 0
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def _git(cwd: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_git_commit_names_the_projects_own_source_not_the_callers_repository(tmp_path):
+    import shutil
+
+    import generation
+    from generation.pipeline import git_commit, source_checkout
+
+    package = Path(generation.__file__).parent
+    ours = source_checkout()
+    if ours is None:
+        pytest.skip("this copy of the project is not a git checkout")
+    assert git_commit() == _git(ours, "rev-parse", "HEAD")
+    other = tmp_path / "other"
+    other.mkdir()
+    _git(other, "init", "-q")
+    (other / "x.txt").write_text("x")
+    _git(other, "add", "x.txt")
+    _git(other, "commit", "-q", "-m", "other")
+    theirs = _git(other, "rev-parse", "HEAD")
+    # a command started in another repository, even with GIT_DIR pointing at it
+    code = "from generation.pipeline import git_commit; print(git_commit())"
+    env = {**os.environ, "GIT_DIR": str(other / ".git"), "PYTHONPATH": str(package.parent)}
+    printed = subprocess.run([sys.executable, "-c", code], cwd=other, env=env,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert printed == git_commit() != theirs
+    # an installed copy inside another repository (site-packages in its virtualenv, or
+    # committed there below the top level) is not that repository's source
+    for relative in (".venv/lib/python3/site-packages/generation", "vendor/generation"):
+        copy = other / relative
+        shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        _git(other, "add", "-f", relative)
+        _git(other, "commit", "-q", "-m", "copy")
+        assert source_checkout(copy) is None and git_commit(copy) is None
+    # at the top level of a repository that is not this project
+    shutil.copytree(package, other / "generation", ignore=shutil.ignore_patterns("__pycache__"))
+    (other / "pyproject.toml").write_text('[project]\nname = "someone-else"\n')
+    _git(other, "add", "generation", "pyproject.toml")
+    _git(other, "commit", "-q", "-m", "vendored")
+    assert git_commit(other / "generation") is None

@@ -13,7 +13,12 @@ import scipy.fft
 import torch
 
 from generation.losses import build_loss, watson
-from generation.losses.watson import WATSON_DCT_TABLE, block_transform, rgb_to_ycbcr
+from generation.losses.watson import (
+    START_SETS,
+    WATSON_DCT_TABLE,
+    block_transform,
+    rgb_to_ycbcr,
+)
 from tests.losses_support import (  # noqa: F401 - one_torch_thread is a fixture
     assert_autocast_cpu,
     assert_finite_grad_at_identity,
@@ -114,12 +119,13 @@ def _reference_loss(loss, prediction, target):
     return np.array(out)
 
 
+@pytest.mark.parametrize("start", START_SETS)
 @pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
 @pytest.mark.parametrize("grey", [False, True])
-def test_watson_matches_direct_implementation_of_the_formulas(name, grey):
+def test_watson_matches_direct_implementation_of_the_formulas(name, grey, start):
     target = photos(32, grey=grey)
     prediction = noisy(target, 0.05, seed=4)
-    loss = build_loss(name)
+    loss = build_loss(name, start=start)
     with torch.no_grad():  # move the parameters off their starting values to test them all
         generator = torch.Generator().manual_seed(5)
         for parameter in loss.parameters():
@@ -128,10 +134,11 @@ def test_watson_matches_direct_implementation_of_the_formulas(name, grey):
     np.testing.assert_allclose(got, _reference_loss(loss, prediction, target), rtol=1e-7)
 
 
+@pytest.mark.parametrize("start", START_SETS)
 @pytest.mark.parametrize("channels", [3, 1], ids=["rgb", "grey"])
 @pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
-def test_watson_gradcheck_float64(name, channels):
-    loss = build_loss(name).double()
+def test_watson_gradcheck_float64(name, channels, start):
+    loss = build_loss(name, start=start).double()
     generator = torch.Generator().manual_seed(6)
     target = torch.rand(2, channels, 8, 16, dtype=torch.float64, generator=generator)
     prediction = target + 0.1 * torch.randn(target.shape, dtype=torch.float64, generator=generator)
@@ -148,8 +155,8 @@ def test_watson_gradcheck_float64(name, channels):
     assert torch.autograd.gradcheck(as_function_of_parameters, inputs, fast_mode=True)
 
 
-def test_watson_parameters_start_at_published_values_and_are_learnable():
-    dct, dft = build_loss("watson-dct"), build_loss("watson-dft")
+def test_watson_published_starting_values_are_kept_as_a_named_set():
+    dct, dft = build_loss("watson-dct", start="published"), build_loss("watson-dft", start="published")
     for c in range(3):
         torch.testing.assert_close(
             dct.t[c].double(),
@@ -166,21 +173,148 @@ def test_watson_parameters_start_at_published_values_and_are_learnable():
     torch.testing.assert_close(dft.beta, torch.full((3,), 1.0))
     torch.testing.assert_close(dft.phase_log_weights.exp(), torch.full((3, 40), math.exp(-2)))
     torch.testing.assert_close(dct.channel_weights, torch.full((3,), 1 / 3))
+
+
+def test_watson_calibrated_starting_values_are_the_default():
+    dct, dft = build_loss("watson-dct"), build_loss("watson-dft")
+    assert (dct.start, dft.start) == ("calibrated", "calibrated")
+    table = torch.tensor(WATSON_DCT_TABLE, dtype=torch.float64)
+    for c in range(3):  # Watson's table in the units of [0, 1] images
+        torch.testing.assert_close(dct.t[c].double(), table / 255, rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            dft.t[c].double(), torch.from_numpy(watson.dft_thresholds()), rtol=1e-6, atol=0
+        )
     for loss in (dct, dft):
+        torch.testing.assert_close(loss.alpha, torch.full((3,), 0.1))
+        torch.testing.assert_close(loss.w, torch.full((3,), 0.2))
+        torch.testing.assert_close(loss.channel_weights, torch.full((3,), 1 / 3))
+    torch.testing.assert_close(dct.beta, torch.full((3,), 4.0))
+    torch.testing.assert_close(dft.beta, torch.full((3,), 1.0))
+    torch.testing.assert_close(dft.phase_log_weights.exp(), torch.ones(3, 40))
+    with pytest.raises(ValueError, match="start must be one of calibrated, published"):
+        build_loss("watson-dct", start="fitted")
+
+
+@pytest.mark.parametrize("start", START_SETS)
+def test_watson_parameters_are_learnable(start):
+    for name in ("watson-dct", "watson-dft"):
+        loss = build_loss(name, start=start)
         target = photos(32)
         loss(noisy(target, 0.1), target).sum().backward()
-        for name, parameter in loss.named_parameters():
+        for parameter_name, parameter in loss.named_parameters():
             assert isinstance(parameter, torch.nn.Parameter) and parameter.requires_grad
-            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
-            assert parameter.grad.abs().sum() > 0, name
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), parameter_name
+            assert parameter.grad.abs().sum() > 0, parameter_name
+
+
+def test_contrast_sensitivity_model_reproduces_watsons_table():
+    """The Ahumada-Peterson form behind Watson's table: refitted here from the table by
+    least squares, it gives the module's constants and every entry within 0.5 %."""
+    from scipy.optimize import least_squares
+
+    table = np.array(WATSON_DCT_TABLE)
+    np.testing.assert_allclose(watson.csf_dct_table(), table, rtol=5e-3)
+    i, j = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    a = np.where(np.arange(8) == 0, math.sqrt(1 / 8), 0.5)
+    f = np.hypot(i, j) / 16
+    ac = f > 0
+    sin2 = (2 * (i / 16) * (j / 16) / np.where(ac, f, 1) ** 2) ** 2
+
+    def residual(p):
+        log_t_min, k, log_f_min, r = p
+        log_a = log_t_min - np.log10(r - (r - 1) * sin2) + k * (
+            np.log10(np.where(ac, f, 1)) - log_f_min) ** 2
+        return (log_a - np.log10(a[i] * a[j]) - np.log10(table))[ac]
+
+    fit = least_squares(residual, [0.0, 1.0, -1.3, 1.0], xtol=1e-14, ftol=1e-14, gtol=1e-14)
+    np.testing.assert_allclose(
+        fit.x,
+        [math.log10(watson.CSF_T_MIN), watson.CSF_K, math.log10(watson.CSF_F_MIN), watson.CSF_R],
+        rtol=1e-4,
+    )
+    # the DC entry is the model's axis-aligned minimum as a mean-luminance threshold
+    assert table[0, 0] / 8 == pytest.approx(watson.CSF_T_MIN / watson.CSF_R, rel=0.01)
+
+
+def test_calibrated_dft_thresholds_follow_the_dct_model_at_the_same_frequencies():
+    """DFT bin (u, v) is the frequency of DCT basis (2u, 2v): a cosine of amplitude A
+    (grey levels) has DCT coefficient A/(a_i·a_j) and DFT amplitude A/2 (A in the real
+    bins), /255 for [0, 1] images."""
+    dft = watson.dft_thresholds()
+    dct = watson.csf_dct_table()
+    a = np.where(np.arange(8) == 0, math.sqrt(1 / 8), 0.5)
+    assert dft[0, 0] == pytest.approx(WATSON_DCT_TABLE[0][0] / 8 / 255)
+    for u in range(4):
+        for v in range(4):
+            if u or v:
+                expected = dct[2 * u, 2 * v] * a[2 * u] * a[2 * v] / 2 / 255
+                assert dft[u, v] == pytest.approx(expected, rel=1e-9), (u, v)
+    np.testing.assert_allclose(dft[1:4], dft[:4:-1])  # negative vertical frequencies
+    for u, v in watson.REAL_DFT_BINS[1:]:  # Nyquist: the whole amplitude in one real bin
+        assert dft[u, v] == pytest.approx(watson.grating_threshold(u / 8, v / 8) / 255)
+
+
+@pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
+def test_calibrated_thresholds_do_not_explode_on_black_blocks(name):
+    """Watson's α = 0.649 sends the threshold of a black block to ~0 ((ε/mean)^0.649):
+    one unit of error there outweighs the same error on grey by ~10⁶. The calibrated
+    set (α = 0.1) keeps the ratio moderate."""
+    target = torch.full((1, 1, 16, 16), 0.5)
+    target[..., :8, :8] = 0.0  # one black block
+    error = torch.zeros_like(target)
+    on_black, on_grey = error.clone(), error.clone()
+    on_black[..., 2, 2] = 0.02
+    on_grey[..., 2, 10] = 0.02
+    ratios = {}
+    with torch.no_grad():
+        for start in START_SETS:
+            loss = build_loss(name, start=start)
+            ratios[start] = float(loss(target + on_black, target) / loss(target + on_grey, target))
+    assert ratios["calibrated"] < 20, ratios
+    if name == "watson-dct":
+        assert ratios["published"] > 1e4, ratios
+
+
+@pytest.mark.slow
+def test_calibrated_dct_masking_exponents_are_what_lets_it_train():
+    """Optimising the pixels of 12 held-out photo patches (some with black blocks)
+    directly, Adam on logits from grey. With the thresholds in [0, 1] units (table / 255)
+    and Watson's α = 0.649 the black blocks' thresholds (~3·10⁻⁷ of the table) overflow
+    the loss; with α = 0.1 but Watson's w = 0.7 the masking term hides each block's mean
+    behind its own DC coefficient and the optimisation stalls; the calibrated α = 0.1,
+    w = 0.2 reaches a faithful image."""
+    from generation.data import skimage_patches
+    from generation.evaluate import psnr
+
+    target = skimage_patches(size=32, channels=3, seed=0, n_train=1, n_test=12).test.images / 255
+    variants = {"calibrated": {}, "watson_alpha_w": {"alpha": 0.649, "w": 0.7}, "watson_w": {"w": 0.7}}
+    results = {}
+    for variant, values in variants.items():
+        loss = build_loss("watson-dct").requires_grad_(False)
+        with torch.no_grad():
+            if "alpha" in values:
+                loss.alpha.fill_(values["alpha"])
+            if "w" in values:
+                loss.w_tilde.fill_(math.log(values["w"] / (1 - values["w"])))
+        logits = torch.zeros_like(target, requires_grad=True)
+        optimiser = torch.optim.Adam([logits], lr=0.05)
+        for _ in range(150):
+            value = loss(torch.sigmoid(logits), target).mean()
+            optimiser.zero_grad()
+            value.backward()
+            optimiser.step()
+        results[variant] = float(psnr(torch.sigmoid(logits).detach(), target).mean())
+    assert results["calibrated"] > 30, results
+    assert not results["watson_alpha_w"] > 20, results  # NaN: the loss overflows
+    assert results["watson_w"] < 22, results
 
 
 def test_watson_dft_phase_weight_option_sets_the_starting_phase_weights():
     torch.manual_seed(0)
     x, y = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
-    default = build_loss("watson-dft")
-    lowered = build_loss("watson-dft", phase_weight=math.exp(-5))
-    no_phase = build_loss("watson-dft", phase_weight=1e-30)
+    default = build_loss("watson-dft", start="published")
+    lowered = build_loss("watson-dft", start="published", phase_weight=math.exp(-5))
+    no_phase = build_loss("watson-dft", start="published", phase_weight=1e-30)
     assert torch.allclose(default.phase_log_weights, torch.full((3, 40), -2.0))
     assert torch.allclose(lowered.phase_log_weights, torch.full((3, 40), -5.0))
     with torch.no_grad():
@@ -188,6 +322,9 @@ def test_watson_dft_phase_weight_option_sets_the_starting_phase_weights():
         phase = default(x, y) - amplitude
         # only the phase term scales; everything else is the same model
         assert torch.allclose(lowered(x, y), amplitude + math.exp(-3) * phase, rtol=1e-5)
+    assert torch.allclose(
+        build_loss("watson-dft", phase_weight=0.5).phase_log_weights, torch.full((3, 40), math.log(0.5))
+    )
     for bad in (0, -1.0, float("nan"), "1"):
         with pytest.raises(ValueError, match="phase_weight"):
             build_loss("watson-dft", phase_weight=bad)
@@ -195,18 +332,19 @@ def test_watson_dft_phase_weight_option_sets_the_starting_phase_weights():
         build_loss("watson-dct", phase_weight=0.1)
 
 
+@pytest.mark.parametrize("start", START_SETS)
 @pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
-def test_watson_is_per_image_and_deterministic(name):
+def test_watson_is_per_image_and_deterministic(name, start):
     target = photos(32)
     prediction = noisy(target, 0.1, seed=7)
-    loss = build_loss(name)
+    loss = build_loss(name, start=start)
     batch = loss(prediction, target)
     alone = torch.cat([loss(prediction[i : i + 1], target[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(batch, alone)  # luminance mean per image, not per batch
     torch.testing.assert_close(loss(prediction, target), batch, rtol=0, atol=0)
     with torch.no_grad():  # the in-place path without a graph computes the same
         torch.testing.assert_close(loss(prediction, target), batch)
-    frozen = build_loss(name).requires_grad_(False)
+    frozen = build_loss(name, start=start).requires_grad_(False)
     torch.testing.assert_close(frozen(prediction, target), batch)
 
 
@@ -231,9 +369,10 @@ def test_watson_refuses_sides_not_multiple_of_8():
         build_loss("watson-dft")(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4))
 
 
+@pytest.mark.parametrize("start", START_SETS)
 @pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
-def test_watson_behaves_on_photos(name):
-    loss = build_loss(name)
+def test_watson_behaves_on_photos(name, start):
+    loss = build_loss(name, start=start)
     images = photos(64)
     assert_monotone(loss, images, identical_tol=1e-5)
     assert_monotone(loss, photos(32, grey=True), identical_tol=1e-5)
@@ -241,11 +380,12 @@ def test_watson_behaves_on_photos(name):
     assert_autocast_cpu(loss, images, rtol=1e-4)
 
 
+@pytest.mark.parametrize("start", START_SETS)
 @pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
-def test_watson_handles_flat_blocks_with_zero_coefficients(name):
+def test_watson_handles_flat_blocks_with_zero_coefficients(name, start):
     target = torch.zeros(2, 1, 16, 16)
     target[:, :, 4:12, 4:12] = 1.0  # flat blocks: AC coefficients exactly 0
-    loss = build_loss(name)
+    loss = build_loss(name, start=start)
     assert loss(target, target).abs().max() < 1e-5
     prediction = target.clone().requires_grad_(True)
     loss(prediction, target).sum().backward()
@@ -255,11 +395,12 @@ def test_watson_handles_flat_blocks_with_zero_coefficients(name):
     assert (loss(changed, target) > 1e-3).all()
 
 
+@pytest.mark.parametrize("start", START_SETS)
 @pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
-def test_fused_backward_equals_plain_autograd(name):
+def test_fused_backward_equals_plain_autograd(name, start):
     """The fast path (hand-written backward) and the plain autograd path (taken when the
     target requires gradients) agree on values and on every gradient."""
-    loss = build_loss(name).double()
+    loss = build_loss(name, start=start).double()
     generator = torch.Generator().manual_seed(12)
     with torch.no_grad():
         for parameter in loss.parameters():
@@ -345,13 +486,14 @@ def test_fast_block_transform_matches_plain_autograd(kind, channels):
         torch.testing.assert_close(leaf.grad, plain_leaf.grad, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("start", START_SETS)
 @pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
-def test_float32_fast_path_agrees_with_the_float64_formulas(name):
+def test_float32_fast_path_agrees_with_the_float64_formulas(name, start):
     """The float32 fast path (what training runs) against the direct NumPy implementation
     in float64, values and the gradient against float64 plain autograd."""
     target = photos(32)
     prediction = noisy(target, 0.05, seed=9)
-    loss = build_loss(name)
+    loss = build_loss(name, start=start)
     got = loss(prediction, target).detach().double().numpy()
     np.testing.assert_allclose(got, _reference_loss(loss, prediction, target), rtol=2e-4)
     frozen = copy.deepcopy(loss).requires_grad_(False)
@@ -374,13 +516,14 @@ def test_float32_fast_path_agrees_with_the_float64_formulas(name):
         torch.testing.assert_close(frozen(target, target), floor, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("start", START_SETS)
 @pytest.mark.parametrize("name", ["watson-dct", "watson-dft"])
-def test_fast_path_takes_non_contiguous_inputs(name):
+def test_fast_path_takes_non_contiguous_inputs(name, start):
     """Channels-last or strided batches (as from a channels-last model) give the same
     values and gradients as contiguous ones."""
     target = photos(32)
     prediction = noisy(target, 0.05, seed=10)
-    loss = build_loss(name).requires_grad_(False)
+    loss = build_loss(name, start=start).requires_grad_(False)
     leaf = prediction.clone().requires_grad_(True)
     expected = loss(leaf, target)
     expected.sum().backward()

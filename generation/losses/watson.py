@@ -83,6 +83,110 @@ DCT_START = {"alpha": 0.649, "w": 0.7, "beta": 4.0}
 DFT_START = {"alpha": 0.1, "w": 0.2, "beta": 1.0, "phase_weight": math.exp(-2)}
 REAL_DFT_BINS = ((0, 0), (0, 4), (4, 0), (4, 4))
 
+# Watson's table is in 8-bit grey levels (JPEG's orthonormal DCT of 0-255 images); these
+# losses see [0, 1] images, so the calibrated thresholds are the table / 255.
+GREY_LEVELS = 255.0
+
+# The contrast-sensitivity model behind Watson's table (Ahumada & Peterson 1992, "Luminance-
+# model-based DCT quantization for color image compression", Proc. SPIE 1666; the form
+# Watson 1993 used): the amplitude threshold (grey levels) of a cosine grating of spatial
+# frequency f cycles/pixel, at angle φ, is
+#     log10 A(f, φ) = log10 t_min − log10(r − (r − 1)·sin²2φ) + k·(log10 f − log10 f_min)²
+# and a DCT coefficient's threshold is A / (a_i·a_j), a_0 = √(1/8), a_i>0 = 1/2 (the peak
+# amplitude of the orthonormal basis function), with f = √(i² + j²)/16 and
+# sin 2φ = 2·(i/16)·(j/16)/f². Least squares on log10 of the 63 AC entries of
+# WATSON_DCT_TABLE gives these constants, which reproduce every entry within 0.5 % (the
+# table's own rounding to 2 decimals; tests/test_losses_watson.py refits them). The DC
+# entry 1.40 is a mean-luminance threshold of 1.40·a_0² = 0.175 grey levels, the same as
+# the model's axis-aligned minimum t_min/r (0.175).
+CSF_T_MIN = 10**-0.4488266  # grey levels
+CSF_K = 1.38387611
+CSF_F_MIN = 10**-1.12908988  # cycles per pixel
+CSF_R = 2.03176642
+
+
+def grating_threshold(fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
+    """Amplitude threshold (8-bit grey levels) of a cosine grating with frequencies
+    (fy, fx) cycles/pixel by the model above; frequency 0 gives the DC (mean) threshold."""
+    fy, fx = np.abs(np.asarray(fy, dtype=np.float64)), np.abs(np.asarray(fx, dtype=np.float64))
+    f = np.hypot(fy, fx)
+    safe = np.where(f > 0, f, 1.0)
+    sin2 = np.where(f > 0, (2 * fy * fx / safe**2) ** 2, 0.0)
+    log_a = (
+        np.log10(CSF_T_MIN)
+        - np.log10(CSF_R - (CSF_R - 1) * sin2)
+        + CSF_K * (np.log10(safe) - np.log10(CSF_F_MIN)) ** 2
+    )
+    dc = WATSON_DCT_TABLE[0][0] / BLOCK  # a_0² · T_00
+    return np.where(f > 0, 10**log_a, dc)
+
+
+def csf_dct_table() -> np.ndarray:
+    """The model's DCT thresholds (grey levels, 8×8): WATSON_DCT_TABLE within 0.5 %."""
+    i = np.arange(BLOCK)
+    a = np.where(i == 0, math.sqrt(1 / BLOCK), 0.5)
+    fy, fx = np.meshgrid(i / 16, i / 16, indexing="ij")
+    table = grating_threshold(fy, fx) / np.outer(a, a)
+    table[0, 0] = WATSON_DCT_TABLE[0][0]
+    return table
+
+
+def dft_thresholds() -> np.ndarray:
+    """Calibrated Watson-DFT thresholds (8×5, for [0, 1] images and the 1/64-scaled rfft2):
+    the just-visible amplitude of each bin. Bin (u, v) is a grating of (u', v)/8 cycles per
+    pixel (u' = u, or u − 8 above 4); a cosine of amplitude A puts A/2 into each of its two
+    conjugate bins, A into the four real bins (0,0)…(4,4), and its mean into (0, 0)."""
+    u = np.arange(BLOCK)
+    u = np.where(u > BLOCK // 2, u - BLOCK, u)
+    v = np.arange(BLOCK // 2 + 1)
+    fy, fx = np.meshgrid(u / BLOCK, v / BLOCK, indexing="ij")
+    share = np.full((BLOCK, BLOCK // 2 + 1), 0.5)
+    for i, j in REAL_DFT_BINS:
+        share[i, j] = 1.0
+    return grating_threshold(fy, fx) * share / GREY_LEVELS
+
+
+# Starting parameter sets (``start=``). "published": the starting values of Czolbe et al.
+# 2020 (Watson's table in grey levels on [0, 1] images; DFT t = 1, phase weights e^−2):
+# the formulas' reference values, but as training losses without fitted parameters they
+# give flat or black reconstructions (docs/generation.md). "calibrated" (the default):
+# thresholds in the units of [0, 1] images from the same contrast-sensitivity model, for
+# the DFT the phase weights below; α, w, β as published.
+START_SETS = ("calibrated", "published")
+# The calibrated masking exponents, both models: α = 0.1 and w = 0.2 (Czolbe et al.'s DFT
+# starting values). Watson's α = 0.649 sends the threshold of a black block to ~0
+# (((0 + ε)/mean DC)^0.649 ≈ 3·10⁻⁷): the few black blocks of a photo then outweigh the
+# rest by ~10⁶ (an autoencoder learns black; with the thresholds in [0, 1] units the loss
+# overflows); w = 0.7, applied to every coefficient of a channel including the DC, then
+# masks a block's mean by itself (mid-grey: ±18 grey levels "invisible"), so even
+# optimising the pixels directly stalls below 18 dB (tests/test_losses_watson.py). See
+# docs/generation.md ("Watson defaults that train").
+CALIBRATED_MASKING = {"alpha": 0.1, "w": 0.2}
+# A phase error of Δφ on a coefficient of amplitude A moves it by the chord 2A·sin(Δφ/2)
+# ≈ A·Δφ, which is Δφ thresholds when A is at threshold: weight 1 prices one radian of
+# phase at a just-visible coefficient like one just-visible amplitude error.
+CALIBRATED_DFT_PHASE_WEIGHT = 1.0
+
+
+def starting_parameters(transform: str, start: str = "calibrated") -> dict:
+    """The starting values of one parameter set: t (8×8 or 8×5 float64 array), alpha, w,
+    beta (and phase_weight for the DFT)."""
+    if start not in START_SETS:
+        raise ValueError(f"start must be one of {', '.join(START_SETS)}, got {start!r}")
+    if transform == "dct":
+        table = np.array(WATSON_DCT_TABLE, dtype=np.float64)
+        if start == "published":
+            return {"t": table, **DCT_START}
+        return {**DCT_START, **CALIBRATED_MASKING, "t": table / GREY_LEVELS}
+    if start == "published":
+        return {"t": np.ones((BLOCK, BLOCK // 2 + 1)), **DFT_START}
+    return {
+        **DFT_START,
+        **CALIBRATED_MASKING,
+        "t": dft_thresholds(),
+        "phase_weight": CALIBRATED_DFT_PHASE_WEIGHT,
+    }
+
 # JPEG / ITU-R BT.601 full-range RGB -> YCbCr (offsets 0.5 on the chroma channels)
 YCBCR_MATRIX = (
     (0.299, 0.587, 0.114),
@@ -621,10 +725,16 @@ class WatsonLoss(ImageLoss):
         transform: str = "dct",
         shift_augment: bool = False,
         phase_weight: float | None = None,
+        start: str = "calibrated",
     ):
         super().__init__()
         if transform not in ("dct", "dft"):
             raise ValueError(f"transform must be 'dct' or 'dft', got {transform!r}")
+        if start not in START_SETS:
+            raise ValueError(
+                f"start must be one of {', '.join(START_SETS)} (the starting parameter set), "
+                f"got {start!r}"
+            )
         if phase_weight is not None:
             if transform != "dft":
                 raise ValueError("phase_weight applies to watson-dft only (the DCT has no phase)")
@@ -636,24 +746,20 @@ class WatsonLoss(ImageLoss):
             ):
                 raise ValueError(f"phase_weight must be a number > 0, got {phase_weight!r}")
         self.transform, self.shift_augment = transform, bool(shift_augment)
+        self.start = start
         self.name = f"watson-{transform}"
         channels = 3  # Y, Cb, Cr; greyscale images use the Y model
-        if transform == "dct":
-            start, table = (
-                DCT_START,
-                torch.tensor(WATSON_DCT_TABLE, dtype=torch.float64).reshape(64),
-            )
-        else:
-            start, table = DFT_START, torch.ones(40, dtype=torch.float64)
+        values = starting_parameters(transform, start)
+        table = torch.from_numpy(values["t"]).reshape(-1)
         self.t_tilde = nn.Parameter(table.log().float().repeat(channels, 1))
-        self.alpha = nn.Parameter(torch.full((channels,), start["alpha"]))
+        self.alpha = nn.Parameter(torch.full((channels,), values["alpha"]))
         self.w_tilde = nn.Parameter(
-            torch.full((channels,), math.log(start["w"] / (1 - start["w"])))
+            torch.full((channels,), math.log(values["w"] / (1 - values["w"])))
         )
-        self.beta = nn.Parameter(torch.full((channels,), start["beta"]))
+        self.beta = nn.Parameter(torch.full((channels,), values["beta"]))
         self.channel_logits = nn.Parameter(torch.zeros(channels))
         if transform == "dft":
-            start_phase = start["phase_weight"] if phase_weight is None else float(phase_weight)
+            start_phase = values["phase_weight"] if phase_weight is None else float(phase_weight)
             self.phase_log_weights = nn.Parameter(torch.full((channels, 40), math.log(start_phase)))
             mask = torch.ones(BLOCK, BLOCK // 2 + 1)
             for i, j in REAL_DFT_BINS:
@@ -741,14 +847,17 @@ class WatsonLoss(ImageLoss):
         return _FusedDFT.apply(re, im, amplitude, re_hat, im_hat, s, self.beta[params], weights)
 
     def extra_repr(self) -> str:
-        return f"transform={self.transform!r}, shift_augment={self.shift_augment}"
+        return (
+            f"transform={self.transform!r}, start={self.start!r}, "
+            f"shift_augment={self.shift_augment}"
+        )
 
 
 class WatsonDCTLoss(WatsonLoss):
     """Watson's model on 8×8 block DCT coefficients."""
 
-    def __init__(self, shift_augment: bool = False):
-        super().__init__("dct", shift_augment)
+    def __init__(self, shift_augment: bool = False, start: str = "calibrated"):
+        super().__init__("dct", shift_augment, start=start)
 
 
 class WatsonDFTLoss(WatsonLoss):
@@ -757,5 +866,10 @@ class WatsonDFTLoss(WatsonLoss):
     ``phase_weight``: starting value of every phase weight (default e^−2, Czolbe et al.'s
     starting value); the real bins stay at zero."""
 
-    def __init__(self, shift_augment: bool = False, phase_weight: float | None = None):
-        super().__init__("dft", shift_augment, phase_weight)
+    def __init__(
+        self,
+        shift_augment: bool = False,
+        phase_weight: float | None = None,
+        start: str = "calibrated",
+    ):
+        super().__init__("dft", shift_augment, phase_weight, start)
