@@ -1,0 +1,413 @@
+"""Logistic GLMM with crossed random intercepts, fitted by maximum Laplace likelihood.
+
+Model (lme4's parametrisation): ``y_i ~ Binomial(m_i, expit(eta_i))`` with
+``eta = X beta + Z Lambda b``, ``b ~ N(0, I_q)``; ``Z`` holds one indicator column per
+level of each grouping factor (participant, image, ...) and ``Lambda`` is diagonal with
+``theta_k`` on the levels of factor k, so factor k's random intercepts ``u = Lambda b`` have
+SD ``theta_k``.
+
+For given ``theta`` (and ``beta``) penalized iteratively reweighted least squares (PIRLS,
+Newton steps with step halving) finds the conditional mode of ``b``; the Laplace
+approximation of the deviance there is
+
+    D(theta, beta) = -2 log p(y | beta, b*) + |b*|^2 + log det(Lambda Z'WZ Lambda + I),
+
+``W = diag(m mu (1 - mu))``. The fit has lme4's two stages: (1) ``theta`` by a bounded
+quasi-Newton search (L-BFGS-B, ``theta >= 0``) with ``(beta, b)`` at their joint
+conditional modes (lme4's ``nAGQ = 0`` objective); (2) Newton steps on ``D(theta, beta)``
+with a finite-difference gradient and Hessian (lme4's ``nAGQ = 1`` default). The
+covariance of ``beta`` is the inverse of half that Hessian (the beta block), as
+``vcov(glmer_fit)`` in lme4 >= 1.1; the cheaper conditional covariance (the inverse Schur
+complement of the penalized system at the mode, lme4's ``use.hessian = FALSE``) is also
+returned. A factor whose SD ends at 0 (below ``BOUNDARY_TOL``) is a boundary (singular)
+fit: it is held at 0 in stage 2 and flagged.
+
+Dense linear algebra on the small ``(p + q)`` penalized system; the data are first
+collapsed to cells of identical (levels, covariates) so cost scales with the cells, not the
+votes. numpy/scipy only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import linalg, optimize, special
+
+# An SD below this is reported as 0 (a boundary / singular fit), lme4's isSingular tolerance.
+BOUNDARY_TOL = 1e-4
+# Step of the central finite differences for the Hessian (lme4's deriv12 default).
+FD_STEP = 1e-4
+
+
+@dataclass(frozen=True, eq=False)
+class GLMMFit:
+    """A fitted logistic GLMM (see module docstring).
+
+    beta, se, cov: fixed effects, their standard errors and covariance (``vcov`` says which
+    covariance: "hessian" or "conditional"); se_conditional: SEs from the conditional
+    covariance; sd: random-intercept SD per grouping factor (``factors``); theta_cov:
+    covariance of the SDs from the same Hessian (NaN rows for boundary SDs); deviance: the
+    Laplace deviance (-2 log-likelihood), loglik = -deviance / 2; converged: both stages
+    converged and the Hessian is positive definite; boundary: per factor, SD at 0;
+    iterations: deviance evaluations in all; n_obs (trials), n_cells (distinct rows),
+    n_levels per factor.
+    """
+
+    names: tuple[str, ...]
+    beta: np.ndarray
+    se: np.ndarray
+    cov: np.ndarray
+    se_conditional: np.ndarray
+    factors: tuple[str, ...]
+    sd: np.ndarray
+    theta_cov: np.ndarray
+    deviance: float
+    converged: bool
+    boundary: tuple[bool, ...]
+    iterations: int
+    n_obs: int
+    n_cells: int
+    n_levels: tuple[int, ...]
+    vcov: str
+    message: str = ""
+
+    @property
+    def loglik(self) -> float:
+        return -0.5 * self.deviance
+
+    @property
+    def singular(self) -> bool:
+        return any(self.boundary)
+
+
+class _Design:
+    """Collapsed data: successes k and trials m per cell, X (cells x p), level codes
+    (cells x K), and the sparse structure of Z as index arrays."""
+
+    def __init__(self, successes, trials, X, codes, n_levels):
+        self.k = successes
+        self.m = trials
+        self.X = X
+        self.codes = codes
+        self.n_levels = np.asarray(n_levels, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.n_levels)[:-1]])
+        self.q = int(self.n_levels.sum())
+        self.p = X.shape[1]
+        self.K = codes.shape[1]
+        self.flat = codes + self.offsets  # column of Z per cell and factor
+        self.cross = {
+            (a, c): codes[:, a] * self.n_levels[c] + codes[:, c]
+            for a in range(self.K)
+            for c in range(a + 1, self.K)
+        }
+        self.factor_of_level = np.repeat(np.arange(self.K), self.n_levels)
+
+    def z(self, u: np.ndarray) -> np.ndarray:
+        return u[self.flat].sum(axis=1)
+
+    def zt(self, v: np.ndarray) -> np.ndarray:
+        return np.bincount(self.flat.ravel(), np.repeat(v, self.K), minlength=self.q)
+
+    def ztwz(self, w: np.ndarray) -> np.ndarray:
+        out = np.diag(self.zt(w))
+        for (a, c), idx in self.cross.items():
+            na, nc = self.n_levels[a], self.n_levels[c]
+            block = np.bincount(idx, w, minlength=na * nc).reshape(na, nc)
+            oa, oc = self.offsets[a], self.offsets[c]
+            out[oa : oa + na, oc : oc + nc] = block
+            out[oc : oc + nc, oa : oa + na] = block.T
+        return out
+
+    def ztwx(self, w: np.ndarray) -> np.ndarray:
+        wx = self.X * w[:, None]
+        return np.stack([self.zt(wx[:, j]) for j in range(self.p)], axis=1)
+
+
+def _collapse(y, trials, X, codes):
+    """Sum successes and trials over rows with identical (codes, X)."""
+    key = np.column_stack([codes.astype(float), X])
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    n_cells = len(first)
+    k = np.bincount(inverse, y, minlength=n_cells)
+    m = np.bincount(inverse, trials, minlength=n_cells)
+    return k, m, X[first], codes[first]
+
+
+class _Model:
+    """Deviance evaluations with warm-started PIRLS."""
+
+    def __init__(self, design: _Design):
+        self.d = design
+        self.evaluations = 0
+
+    # -- one Newton system ------------------------------------------------------------
+    def _state(self, eta):
+        mu = special.expit(eta)
+        w = self.d.m * mu * (1.0 - mu)
+        r = self.d.k - self.d.m * mu
+        loglik = float(np.dot(self.d.k, eta) - np.dot(self.d.m, np.logaddexp(0.0, eta)))
+        return w, r, loglik
+
+    def pirls(self, theta, beta, b, joint: bool, tol: float = 1e-13, max_iter: int = 60):
+        """Conditional mode of b (and of beta when ``joint``) for given theta.
+
+        Returns (beta, b, laplace_deviance, converged, chol of the b-block, w)."""
+        d = self.d
+        lam = theta[d.factor_of_level]
+        beta = beta.copy()
+        b = b.copy()
+        eta = d.X @ beta + d.z(lam * b)
+        w, r, loglik = self._state(eta)
+        pdev = -2.0 * loglik + b @ b
+        converged = False
+        for _ in range(max_iter):
+            hbb = lam[:, None] * d.ztwz(w) * lam[None, :]
+            hbb[np.diag_indices(d.q)] += 1.0
+            grad_b = lam * d.zt(r) - b
+            if joint:
+                hxb = d.ztwx(w).T * lam[None, :]
+                hxx = (d.X * w[:, None]).T @ d.X
+                hess = np.block([[hxx, hxb], [hxb.T, hbb]])
+                grad = np.concatenate([d.X.T @ r, grad_b])
+            else:
+                hess, grad = hbb, grad_b
+            try:
+                step = linalg.cho_solve(linalg.cho_factor(hess, lower=True), grad)
+            except linalg.LinAlgError:
+                step = linalg.lstsq(hess, grad)[0]
+            decrement = float(grad @ step)
+            scale = 1.0
+            for _ in range(30):
+                if joint:
+                    new_beta, new_b = beta + scale * step[: d.p], b + scale * step[d.p :]
+                else:
+                    new_beta, new_b = beta, b + scale * step
+                new_eta = d.X @ new_beta + d.z(lam * new_b)
+                new_w, new_r, new_loglik = self._state(new_eta)
+                new_pdev = -2.0 * new_loglik + new_b @ new_b
+                if new_pdev <= pdev + 1e-10 * max(1.0, abs(pdev)):
+                    break
+                scale /= 2
+            beta, b, w, r, pdev = new_beta, new_b, new_w, new_r, new_pdev
+            if decrement < tol * max(1.0, abs(pdev)) or scale < 1e-8:
+                converged = decrement < 1e-6 * max(1.0, abs(pdev))
+                break
+        hbb = lam[:, None] * d.ztwz(w) * lam[None, :]
+        hbb[np.diag_indices(d.q)] += 1.0
+        chol = linalg.cholesky(hbb, lower=True)
+        logdet = 2.0 * float(np.log(np.diag(chol)).sum())
+        self.evaluations += 1
+        return beta, b, pdev + logdet, converged, chol, w
+
+
+def _fd_derivatives(f, x, h):
+    """Central finite-difference gradient and Hessian of f at x (1 + 2n + 2n(n-1) calls)."""
+    n = len(x)
+    f0 = f(x)
+    grad = np.empty(n)
+    hess = np.empty((n, n))
+    plus = np.empty(n)
+    minus = np.empty(n)
+    eye = np.eye(n) * h
+    for i in range(n):
+        plus[i] = f(x + eye[i])
+        minus[i] = f(x - eye[i])
+        grad[i] = (plus[i] - minus[i]) / (2 * h)
+        hess[i, i] = (plus[i] - 2 * f0 + minus[i]) / h**2
+    for i in range(n):
+        for j in range(i + 1, n):
+            value = (
+                f(x + eye[i] + eye[j])
+                - f(x + eye[i] - eye[j])
+                - f(x - eye[i] + eye[j])
+                + f(x - eye[i] - eye[j])
+            ) / (4 * h**2)
+            hess[i, j] = hess[j, i] = value
+    return f0, grad, hess
+
+
+def fit_glmm(
+    y,
+    X,
+    groups,
+    trials=None,
+    *,
+    names: tuple[str, ...] | None = None,
+    factors: tuple[str, ...] | None = None,
+    theta_start: float = 1.0,
+) -> GLMMFit:
+    """Fit a logistic GLMM with crossed random intercepts by maximum Laplace likelihood.
+
+    y: successes per row (0/1 for Bernoulli rows); trials: trials per row (default 1);
+    X: (n, p) fixed-effect design (include the intercept column); groups: (n, K) integer
+    codes or a sequence of K label arrays, one per grouping factor, each with at least two
+    levels; names/factors: labels of X's columns and of the factors.
+    Raises ValueError on inputs that have no finite maximum (no variation in y, fewer
+    rows than parameters, a factor with one level).
+    """
+    y = np.asarray(y, dtype=float)
+    n = len(y)
+    trials = np.ones(n) if trials is None else np.asarray(trials, dtype=float)
+    X = np.asarray(X, dtype=float).reshape(n, -1)
+    if isinstance(groups, np.ndarray):
+        columns = [groups] if groups.ndim == 1 else [groups[:, j] for j in range(groups.shape[1])]
+    elif hasattr(groups, "columns"):  # a DataFrame: one factor per column
+        columns = [np.asarray(groups[c]) for c in groups.columns]
+    else:
+        columns = [np.asarray(g) for g in groups]
+    codes = []
+    n_levels = []
+    for column in columns:
+        if len(column) != n:
+            raise ValueError("every grouping factor needs one label per row")
+        _, inverse = np.unique(column, return_inverse=True)
+        codes.append(inverse.ravel())
+        n_levels.append(int(inverse.max()) + 1 if n else 0)
+    codes = np.column_stack(codes).astype(np.int64)
+    names = tuple(names) if names is not None else tuple(f"x{j}" for j in range(X.shape[1]))
+    factors = tuple(factors) if factors is not None else tuple(f"g{j}" for j in range(len(n_levels)))
+    if min(n_levels) < 2:
+        raise ValueError("every grouping factor needs at least two levels")
+    if n <= X.shape[1] or np.all(y == 0) or np.all(y == trials):
+        raise ValueError("no variation in the outcome (or too few rows): no finite estimate")
+    if np.linalg.matrix_rank(X) < X.shape[1]:
+        raise ValueError("the fixed-effect design is rank deficient")
+
+    design = _Design(*_collapse(y, trials, X, codes), n_levels)
+    model = _Model(design)
+    K, p, q = design.K, design.p, design.q
+    state = {"beta": np.zeros(p), "b": np.zeros(q)}
+    stage1_ok = True
+
+    # Stage 1: theta with (beta, b) at their joint modes.
+    def dev1(theta):
+        nonlocal stage1_ok
+        beta, b, dev, ok, _, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
+        if ok and np.all(np.isfinite(b)):
+            state["beta"], state["b"] = beta, b
+        return dev
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res1 = optimize.minimize(
+            dev1,
+            np.full(K, theta_start),
+            method="L-BFGS-B",
+            bounds=[(0.0, None)] * K,
+            options={"eps": 1e-6, "ftol": 1e-12, "gtol": 1e-7, "maxiter": 200},
+        )
+    theta = np.where(res1.x < BOUNDARY_TOL, 0.0, res1.x)
+    beta, b, _, _, _, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
+    stage1_ok = bool(res1.success)
+
+    # Stage 2: Newton on the Laplace deviance over (free theta, beta).
+    free = theta > 0
+    boundary = ~free
+    anchor = {"b": b}
+
+    def pack(th, be):
+        return np.concatenate([th[free], be])
+
+    def unpack(x):
+        th = np.zeros(K)
+        th[free] = x[: free.sum()]
+        return th, x[free.sum() :]
+
+    def dev2(x):
+        th, be = unpack(x)
+        _, _, dev, _, _, _ = model.pirls(th, be, anchor["b"], joint=False)
+        return dev
+
+    def mode_at(x):
+        th, be = unpack(x)
+        return model.pirls(th, be, anchor["b"], joint=False)
+
+    x = pack(theta, beta)
+    converged = False
+    message = ""
+    hess = None
+    for _ in range(20):
+        anchor["b"] = mode_at(x)[1]
+        f0, grad, hess = _fd_derivatives(dev2, x, FD_STEP)
+        try:
+            chol = linalg.cho_factor(hess, lower=True)
+        except linalg.LinAlgError:
+            message = "Hessian of the Laplace deviance is not positive definite"
+            break
+        step = -linalg.cho_solve(chol, grad)
+        decrement = -float(grad @ step)
+        if decrement < 1e-8:
+            converged = True
+            break
+        scale = 1.0
+        while scale > 1e-6:
+            trial = x + scale * step
+            if dev2(trial) <= f0:
+                break
+            scale /= 2
+        if scale <= 1e-6:
+            message = "stage 2 line search failed"
+            break
+        x = trial
+        if decrement < 1e-5:  # the step was tiny: Hessian at x is still accurate
+            converged = True
+            anchor["b"] = mode_at(x)[1]
+            break
+    theta, beta = unpack(x)
+    theta = np.abs(theta)  # the deviance is even in each theta_k
+    newly = (theta < BOUNDARY_TOL) & free
+    boundary = boundary | newly
+    _, b, deviance, _, _, w = model.pirls(theta, beta, anchor["b"], joint=False)
+
+    # Conditional covariance: inverse Schur complement of the penalized system.
+    lam = theta[design.factor_of_level]
+    hbb = lam[:, None] * design.ztwz(w) * lam[None, :]
+    hbb[np.diag_indices(q)] += 1.0
+    hxb = design.ztwx(w).T * lam[None, :]
+    hxx = (design.X * w[:, None]).T @ design.X
+    schur = hxx - hxb @ linalg.cho_solve(linalg.cho_factor(hbb, lower=True), hxb.T)
+    cov_conditional = linalg.inv(schur)
+    se_conditional = np.sqrt(np.diag(cov_conditional))
+
+    n_free = int(free.sum())
+    theta_cov = np.full((K, K), np.nan)
+    vcov = "hessian"
+    cov = None
+    if hess is not None and not message:
+        try:
+            inverse = linalg.inv(hess)
+            cov_full = inverse + inverse.T  # = 2 inv(H), symmetrised
+            eig = np.linalg.eigvalsh(hess)
+            if eig.min() > 0:
+                cov = cov_full[n_free:, n_free:]
+                idx = np.flatnonzero(free)
+                theta_cov[np.ix_(idx, idx)] = cov_full[:n_free, :n_free]
+        except linalg.LinAlgError:
+            cov = None
+    if cov is None:
+        cov = cov_conditional
+        vcov = "conditional"
+        converged = False
+        message = message or "Hessian not positive definite; conditional covariance used"
+    return GLMMFit(
+        names=names,
+        beta=beta,
+        se=np.sqrt(np.diag(cov)),
+        cov=cov,
+        se_conditional=se_conditional,
+        factors=factors,
+        sd=theta,
+        theta_cov=theta_cov,
+        deviance=float(deviance),
+        converged=bool(converged and stage1_ok),
+        boundary=tuple(bool(v) for v in boundary),
+        iterations=model.evaluations,
+        n_obs=int(trials.sum()),
+        n_cells=len(design.k),
+        n_levels=tuple(int(v) for v in n_levels),
+        vcov=vcov,
+        message=message,
+    )
