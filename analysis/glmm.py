@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg, optimize, special
+from scipy.linalg.lapack import dpotrf as _potrf
+from scipy.linalg.lapack import dpotrs as _potrs
 
 # An SD below this is reported as 0 (a boundary / singular fit), lme4's isSingular tolerance.
 BOUNDARY_TOL = 1e-4
@@ -60,6 +62,7 @@ class GLMMFit:
     se: np.ndarray
     cov: np.ndarray
     se_conditional: np.ndarray
+    df: np.ndarray
     factors: tuple[str, ...]
     sd: np.ndarray
     theta_cov: np.ndarray
@@ -151,11 +154,19 @@ class _Model:
         loglik = float(np.dot(self.d.k, eta) - np.dot(self.d.m, np.logaddexp(0.0, eta)))
         return w, r, loglik
 
-    def pirls(self, theta, beta, b, joint: bool, tol: float = 1e-13, max_iter: int = 60):
-        """Conditional mode of b (and of beta when ``joint``) for given theta.
+    def _hbb(self, lam, w):
+        hbb = lam[:, None] * self.d.ztwz(w) * lam[None, :]
+        hbb.flat[:: self.d.q + 1] += 1.0
+        return hbb
 
-        Returns (beta, b, laplace_deviance, converged, chol of the b-block, w)."""
+    def pirls(self, theta, beta, b, joint: bool, tol: float = 1e-9, max_iter: int = 60):
+        """Conditional mode of b (and of beta when ``joint``) for given theta: Newton steps
+        with step halving on the penalized deviance, stopped after the step whose Newton
+        decrement was below ``tol`` (the next would change the deviance by ~tol^2).
+
+        Returns (beta, b, laplace_deviance, converged, w)."""
         d = self.d
+        p = d.p
         lam = theta[d.factor_of_level]
         beta = beta.copy()
         b = b.copy()
@@ -163,44 +174,92 @@ class _Model:
         w, r, loglik = self._state(eta)
         pdev = -2.0 * loglik + b @ b
         converged = False
+        size = p + d.q if joint else d.q
         for _ in range(max_iter):
-            hbb = lam[:, None] * d.ztwz(w) * lam[None, :]
-            hbb[np.diag_indices(d.q)] += 1.0
+            hbb = self._hbb(lam, w)
             grad_b = lam * d.zt(r) - b
             if joint:
+                hess = np.empty((size, size))
+                hess[p:, p:] = hbb
                 hxb = d.ztwx(w).T * lam[None, :]
-                hxx = (d.X * w[:, None]).T @ d.X
-                hess = np.block([[hxx, hxb], [hxb.T, hbb]])
+                hess[:p, p:] = hxb
+                hess[p:, :p] = hxb.T
+                hess[:p, :p] = (d.X * w[:, None]).T @ d.X
                 grad = np.concatenate([d.X.T @ r, grad_b])
             else:
                 hess, grad = hbb, grad_b
-            try:
-                step = linalg.cho_solve(linalg.cho_factor(hess, lower=True), grad)
-            except linalg.LinAlgError:
-                step = linalg.lstsq(hess, grad)[0]
+            chol, info = _potrf(hess, lower=True, clean=False)
+            if info == 0:
+                step = _potrs(chol, grad, lower=True)[0]
+            else:
+                step = np.linalg.lstsq(hess, grad, rcond=None)[0]
             decrement = float(grad @ step)
             scale = 1.0
-            for _ in range(30):
+            for _ in range(40):
                 if joint:
-                    new_beta, new_b = beta + scale * step[: d.p], b + scale * step[d.p :]
+                    new_beta, new_b = beta + scale * step[:p], b + scale * step[p:]
                 else:
                     new_beta, new_b = beta, b + scale * step
                 new_eta = d.X @ new_beta + d.z(lam * new_b)
                 new_w, new_r, new_loglik = self._state(new_eta)
                 new_pdev = -2.0 * new_loglik + new_b @ new_b
-                if new_pdev <= pdev + 1e-10 * max(1.0, abs(pdev)):
+                if new_pdev <= pdev + 1e-12 * max(1.0, abs(pdev)):
                     break
                 scale /= 2
+            else:
+                break  # no descent along the Newton direction: at the mode to precision
             beta, b, w, r, pdev = new_beta, new_b, new_w, new_r, new_pdev
-            if decrement < tol * max(1.0, abs(pdev)) or scale < 1e-8:
-                converged = decrement < 1e-6 * max(1.0, abs(pdev))
+            if decrement < tol:
+                converged = True
                 break
-        hbb = lam[:, None] * d.ztwz(w) * lam[None, :]
-        hbb[np.diag_indices(d.q)] += 1.0
-        chol = linalg.cholesky(hbb, lower=True)
-        logdet = 2.0 * float(np.log(np.diag(chol)).sum())
+        else:
+            converged = False
+        if not converged:
+            converged = bool(decrement < 1e-6)
+        chol, info = _potrf(self._hbb(lam, w), lower=True, clean=False)
+        logdet = 2.0 * float(np.log(np.diag(chol)).sum()) if info == 0 else np.inf
         self.evaluations += 1
-        return beta, b, pdev + logdet, converged, chol, w
+        return beta, b, pdev + logdet, converged, w
+
+
+def _conditional_cov(design: _Design, theta: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Covariance of beta given theta: the inverse Schur complement of the penalized
+    system [[X'WX, X'WZL], [LZ'WX, LZ'WZL + I]] at the mode (lme4's RX-based vcov)."""
+    lam = theta[design.factor_of_level]
+    hbb = lam[:, None] * design.ztwz(w) * lam[None, :]
+    hbb.flat[:: design.q + 1] += 1.0
+    hxb = design.ztwx(w).T * lam[None, :]
+    hxx = (design.X * w[:, None]).T @ design.X
+    schur = hxx - hxb @ linalg.cho_solve(linalg.cho_factor(hbb, lower=True), hxb.T)
+    return linalg.inv(schur)
+
+
+def _satterthwaite(model, theta, beta, b, free, theta_cov, variance, h=1e-4):
+    """Satterthwaite degrees of freedom of each fixed effect's Wald statistic:
+    df_j = 2 V_j^2 / (g_j' Cov(theta) g_j), V_j the variance of beta_j, g_j the gradient of
+    V_j(theta) (the conditional variance with beta and b at their joint modes for theta,
+    central differences), Cov(theta) the SDs' covariance from the Laplace Hessian. SDs at
+    the boundary add nothing; with every SD there the statistic is a z (df = inf)."""
+    p = len(beta)
+    idx = np.flatnonzero(free)
+    if idx.size == 0:
+        return np.full(p, np.inf)
+    sigma = theta_cov[np.ix_(idx, idx)]
+    if not np.all(np.isfinite(sigma)):
+        return np.full(p, np.nan)
+    grad = np.empty((idx.size, p))
+    for row, k in enumerate(idx):
+        values = []
+        for sign in (1.0, -1.0):
+            th = theta.copy()
+            th[k] += sign * h
+            _, _, _, _, w = model.pirls(th, beta, b, joint=True)
+            values.append(np.diag(_conditional_cov(model.d, th, w)))
+        grad[row] = (values[0] - values[1]) / (2 * h)
+    spread = np.einsum("kj,kl,lj->j", grad, sigma, grad)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = np.where(spread > 0, 2 * np.asarray(variance) ** 2 / spread, np.inf)
+    return df
 
 
 def _fd_derivatives(f, x, h):
@@ -285,7 +344,7 @@ def fit_glmm(
     # Stage 1: theta with (beta, b) at their joint modes.
     def dev1(theta):
         nonlocal stage1_ok
-        beta, b, dev, ok, _, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
+        beta, b, dev, ok, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
         if ok and np.all(np.isfinite(b)):
             state["beta"], state["b"] = beta, b
         return dev
@@ -300,7 +359,7 @@ def fit_glmm(
             options={"eps": 1e-6, "ftol": 1e-12, "gtol": 1e-7, "maxiter": 200},
         )
     theta = np.where(res1.x < BOUNDARY_TOL, 0.0, res1.x)
-    beta, b, _, _, _, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
+    beta, b, _, _, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
     stage1_ok = bool(res1.success)
 
     # Stage 2: Newton on the Laplace deviance over (free theta, beta).
@@ -318,7 +377,7 @@ def fit_glmm(
 
     def dev2(x):
         th, be = unpack(x)
-        _, _, dev, _, _, _ = model.pirls(th, be, anchor["b"], joint=False)
+        _, _, dev, _, _ = model.pirls(th, be, anchor["b"], joint=False)
         return dev
 
     def mode_at(x):
@@ -360,16 +419,10 @@ def fit_glmm(
     theta = np.abs(theta)  # the deviance is even in each theta_k
     newly = (theta < BOUNDARY_TOL) & free
     boundary = boundary | newly
-    _, b, deviance, _, _, w = model.pirls(theta, beta, anchor["b"], joint=False)
+    _, b, deviance, _, w = model.pirls(theta, beta, anchor["b"], joint=False)
 
-    # Conditional covariance: inverse Schur complement of the penalized system.
-    lam = theta[design.factor_of_level]
-    hbb = lam[:, None] * design.ztwz(w) * lam[None, :]
-    hbb[np.diag_indices(q)] += 1.0
-    hxb = design.ztwx(w).T * lam[None, :]
-    hxx = (design.X * w[:, None]).T @ design.X
-    schur = hxx - hxb @ linalg.cho_solve(linalg.cho_factor(hbb, lower=True), hxb.T)
-    cov_conditional = linalg.inv(schur)
+    theta[newly] = 0.0
+    cov_conditional = _conditional_cov(design, theta, w)
     se_conditional = np.sqrt(np.diag(cov_conditional))
 
     n_free = int(free.sum())
@@ -392,12 +445,14 @@ def fit_glmm(
         vcov = "conditional"
         converged = False
         message = message or "Hessian not positive definite; conditional covariance used"
+    df = _satterthwaite(model, theta, beta, b, free, theta_cov, np.diag(cov))
     return GLMMFit(
         names=names,
         beta=beta,
         se=np.sqrt(np.diag(cov)),
         cov=cov,
         se_conditional=se_conditional,
+        df=df,
         factors=factors,
         sd=theta,
         theta_cov=theta_cov,
@@ -411,3 +466,155 @@ def fit_glmm(
         vcov=vcov,
         message=message,
     )
+
+
+# --------------------------------------------------------------------------- per pair
+
+PAIR_TEST_COLUMNS = [
+    "condition_a",
+    "condition_b",
+    "n_votes",
+    "n_participants",
+    "n_images",
+    "log_odds",
+    "se",
+    "statistic",
+    "df",
+    "p",
+    "p_holm",
+    "ci_low",
+    "ci_high",
+    "rate_a",
+    "rate_low",
+    "rate_high",
+    "side_log_odds",
+    "side_se",
+    "sd_participant",
+    "sd_image",
+    "converged",
+    "boundary",
+    "method",
+    "reason",
+]
+
+
+def glmm_pair_tests(
+    main, alpha: float = 0.05, sides_recorded: bool = True, reference: str = "satterthwaite"
+):
+    """Per unordered condition pair: logistic GLMM ``win_a ~ 1 + a_left + (1|participant)
+    + (1|image)`` (``a_left`` = +1/2 when condition_a was shown left, -1/2 otherwise; only
+    when sides are recorded and both sides occur without separating the data).
+
+    The intercept is the log-odds of choosing condition_a for a typical participant and
+    image with sides balanced; the test of "no preference" is its Wald statistic, referred
+    to Student t with Satterthwaite degrees of freedom (``reference="satterthwaite"``,
+    df = inf, i.e. z, when every random-effect SD is estimated at 0) or to the normal
+    (``reference="z"``). p_holm: Holm over the pairs tested. ci_low/ci_high: the
+    (1 - alpha) Wald interval in log-odds; rate_a/rate_low/rate_high: the same on the rate
+    scale (expit). sd_participant/sd_image: random-intercept SDs (log-odds); boundary: an
+    SD estimated at 0. A pair with no finite estimate (all votes one way, fewer than two
+    participants, a failed fit) has NaN and says why in ``reason``; ``reason`` also notes
+    a left-out side term or image factor.
+    """
+    import pandas as pd
+    from scipy import stats
+
+    from analysis.clustered import _pair_frame, _side_term_estimable
+    from analysis.intervals import holm_adjust
+
+    if reference not in ("satterthwaite", "z"):
+        raise ValueError(f"reference must be 'satterthwaite' or 'z', got {reference!r}")
+    frame = _pair_frame(main, sides_recorded)
+    rows = []
+    for (a, b), group in frame.groupby(["condition_a", "condition_b"], sort=True):
+        y = group["win_a"].to_numpy(dtype=float)
+        row = {
+            "condition_a": a,
+            "condition_b": b,
+            "n_votes": len(group),
+            "n_participants": group["participant"].nunique(),
+            "n_images": group["image_id"].nunique(),
+            "converged": False,
+            "boundary": "",
+            "method": "",
+            "reason": "",
+        }
+        notes = []
+        if y.min() == y.max():
+            row["reason"] = "all votes one way: the log-odds has no finite estimate"
+            rows.append(row)
+            continue
+        if row["n_participants"] < 2:
+            row["reason"] = "fewer than 2 participants: no participant variance to test against"
+            rows.append(row)
+            continue
+        columns = [np.ones(len(group))]
+        names = ["(Intercept)"]
+        if sides_recorded:
+            if _side_term_estimable(group["a_left"], y):
+                columns.append(group["a_left"].to_numpy(dtype=float))
+                names.append("a_left")
+            else:
+                notes.append("side term left out (one side only, or it separates the votes)")
+        groups = [group["participant"].to_numpy()]
+        factors = ["participant"]
+        if row["n_images"] >= 2:
+            groups.append(group["image_id"].to_numpy())
+            factors.append("image")
+        else:
+            notes.append("one image: image factor left out, inference is about that image")
+        try:
+            fit = fit_glmm(
+                y, np.column_stack(columns), groups, names=tuple(names), factors=tuple(factors)
+            )
+        except (ValueError, np.linalg.LinAlgError, FloatingPointError) as error:
+            row["reason"] = "; ".join([*notes, f"fit failed: {error}"])
+            rows.append(row)
+            continue
+        est, se = float(fit.beta[0]), float(fit.se[0])
+        df = float(fit.df[0]) if reference == "satterthwaite" else np.inf
+        if not np.isfinite(se) or se <= 0 or np.isnan(df):
+            row["reason"] = "; ".join([*notes, "no standard error: " + (fit.message or "?")])
+            rows.append(row)
+            continue
+        statistic = est / se
+        if np.isfinite(df):
+            p = float(2 * stats.t.sf(abs(statistic), df))
+            crit = float(stats.t.isf(alpha / 2, df))
+            method = "GLMM Laplace, Wald t (Satterthwaite df)"
+        else:
+            p = float(2 * stats.norm.sf(abs(statistic)))
+            crit = float(stats.norm.isf(alpha / 2))
+            method = (
+                "GLMM Laplace, Wald z" if reference == "z" else "GLMM Laplace, Wald z (SDs at 0)"
+            )
+        sds = dict(zip(fit.factors, fit.sd, strict=True))
+        if not fit.converged:
+            notes.append(fit.message or "optimiser did not converge")
+        row.update(
+            log_odds=est,
+            se=se,
+            statistic=statistic,
+            df=df,
+            p=p,
+            ci_low=est - crit * se,
+            ci_high=est + crit * se,
+            rate_a=float(special.expit(est)),
+            rate_low=float(special.expit(est - crit * se)),
+            rate_high=float(special.expit(est + crit * se)),
+            side_log_odds=float(fit.beta[1]) if len(names) > 1 else np.nan,
+            side_se=float(fit.se[1]) if len(names) > 1 else np.nan,
+            sd_participant=float(sds["participant"]),
+            sd_image=float(sds.get("image", np.nan)),
+            converged=fit.converged,
+            boundary=",".join(f for f, at in zip(fit.factors, fit.boundary, strict=True) if at),
+            method=method,
+            reason="; ".join(notes),
+        )
+        rows.append(row)
+    table = pd.DataFrame(rows).reindex(columns=PAIR_TEST_COLUMNS)
+    table["p_holm"] = holm_adjust(table["p"].to_numpy(dtype=float))
+    for column in ("n_votes", "n_participants", "n_images"):
+        table[column] = table[column].astype(np.int64)
+    table["converged"] = table["converged"].astype(bool)
+    return table
