@@ -86,47 +86,57 @@ def rscript_with_lme4() -> bool:
 
 GLMER_SCRIPT = r"""
 suppressMessages(library(lme4))
-args <- commandArgs(trailingOnly = TRUE)
-d <- read.csv(args[1])
-d$participant <- factor(d$participant)
-d$image <- factor(d$image)
-form <- if (args[2] == "side") y ~ 1 + a_left + (1 | participant) + (1 | image) else
-  y ~ 1 + (1 | participant) + (1 | image)
-fit <- glmer(form, data = d, family = binomial)
-vc <- as.data.frame(VarCorr(fit))
-cat("name,estimate,se,se_conditional\n")
-b <- fixef(fit)
-se <- sqrt(diag(as.matrix(vcov(fit))))
-sec <- sqrt(diag(as.matrix(vcov(fit, use.hessian = FALSE))))
-for (i in seq_along(b)) cat(sprintf("%s,%.10g,%.10g,%.10g\n", names(b)[i], b[i], se[i], sec[i]))
-for (g in c("participant", "image")) cat(sprintf("sd_%s,%.10g,NA,NA\n", g, vc$sdcor[vc$grp == g]))
-cat(sprintf("loglik,%.10g,NA,NA\n", as.numeric(logLik(fit))))
-cat(sprintf("singular,%d,NA,NA\n", as.integer(isSingular(fit))))
+cat("dataset,name,estimate,se,se_conditional\n")
+for (arg in commandArgs(trailingOnly = TRUE)) {
+  parts <- strsplit(arg, "=", fixed = TRUE)[[1]]
+  d <- read.csv(parts[2])
+  d$participant <- factor(d$participant)
+  d$image <- factor(d$image)
+  form <- if ("a_left" %in% names(d)) y ~ 1 + a_left + (1 | participant) + (1 | image) else
+    y ~ 1 + (1 | participant) + (1 | image)
+  fit <- glmer(form, data = d, family = binomial)
+  vc <- as.data.frame(VarCorr(fit))
+  b <- fixef(fit)
+  se <- sqrt(diag(as.matrix(vcov(fit))))
+  sec <- sqrt(diag(as.matrix(vcov(fit, use.hessian = FALSE))))
+  out <- function(name, est, s = NA, sc = NA)
+    cat(sprintf("%s,%s,%.10g,%.10g,%.10g\n", parts[1], name, est, s, sc))
+  for (i in seq_along(b)) out(names(b)[i], b[i], se[i], sec[i])
+  for (g in c("participant", "image")) out(paste0("sd_", g), vc$sdcor[vc$grp == g])
+  out("loglik", as.numeric(logLik(fit)))
+  out("singular", as.integer(isSingular(fit)))
+}
 """
 
 
-def glmer_reference(frame: pd.DataFrame, folder: Path, side: bool) -> pd.Series:
-    """glmer(y ~ 1 [+ a_left] + (1|participant) + (1|image), binomial) via Rscript on
-    ``frame`` (columns y, a_left, participant, image). Returns estimate by name
-    ("(Intercept)", "a_left", "sd_participant", "sd_image", "loglik", "singular") and,
-    with suffix "_se" / "_se_conditional", the fixed effects' SEs."""
+def glmer_reference(frames: list[pd.DataFrame], folder: Path) -> list[pd.Series]:
+    """glmer(y ~ 1 [+ a_left] + (1|participant) + (1|image), family = binomial) through
+    Rscript, one fit per frame (columns y, participant, image, and a_left when the model
+    has the side term), all in one R session. For each frame a Series: "(Intercept)",
+    "a_left", "sd_participant", "sd_image", "loglik", "singular", and for the fixed
+    effects "<name>_se" (vcov: Hessian) and "<name>_se_conditional" (use.hessian = FALSE).
+    """
     folder = Path(folder)
-    data = folder / "pair.csv"
     script = folder / "glmer.R"
-    frame.to_csv(data, index=False)
     script.write_text(GLMER_SCRIPT)
+    args = []
+    for index, frame in enumerate(frames):
+        path = folder / f"data{index}.csv"
+        frame.to_csv(path, index=False)
+        args.append(f"{index}={path}")
     done = subprocess.run(
-        ["Rscript", str(script), str(data), "side" if side else "plain"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ["Rscript", str(script), *args], capture_output=True, text=True, timeout=600
     )
     if done.returncode != 0:
         raise RuntimeError(f"Rscript failed: {done.stderr[-2000:]}")
-    table = pd.read_csv(io.StringIO(done.stdout)).set_index("name")
-    out = table["estimate"].astype(float).to_dict()
-    for name in ("(Intercept)", "a_left"):
-        if name in table.index:
-            out[f"{name}_se"] = float(table.loc[name, "se"])
-            out[f"{name}_se_conditional"] = float(table.loc[name, "se_conditional"])
-    return pd.Series(out)
+    table = pd.read_csv(io.StringIO(done.stdout))
+    results = []
+    for index in range(len(frames)):
+        part = table[table["dataset"] == index].set_index("name")
+        out = part["estimate"].astype(float).to_dict()
+        for name in ("(Intercept)", "a_left"):
+            if name in part.index:
+                out[f"{name}_se"] = float(part.loc[name, "se"])
+                out[f"{name}_se_conditional"] = float(part.loc[name, "se_conditional"])
+        results.append(pd.Series(out))
+    return results
