@@ -266,3 +266,63 @@ def test_degenerate_pairs_give_nan_and_a_reason_never_a_crash(study):
     assert sided["side_log_odds"].isna().all() and (sided["log_odds"].abs() < 1).all()
 
     assert glmm_pair_tests(study.iloc[:0]).empty
+
+
+# --------------------------------------------------------------------------- report
+
+
+@pytest.fixture(scope="module")
+def loaded_study(tmp_path_factory):
+    from analysis.io import load_responses
+    from analysis.simulation import simulate_responses
+
+    path = tmp_path_factory.mktemp("study") / "responses.csv"
+    simulate_responses(
+        {"a": 0.0, "b": 0.4, "c": 1.2}, 12, 6, 30, observer_sd=0.3, image_sd=0.2, seed=9
+    ).to_csv(path, index=False)
+    return load_responses(path)
+
+
+@pytest.mark.slow
+def test_report_makes_the_glmm_the_primary_per_pair_test(loaded_study):
+    from analysis.report import AnalysisOptions, render_html, run_analysis
+
+    result = run_analysis(loaded_study, AnalysisOptions(n_boot=30))
+    table = result.tables["pair_tests_glmm"]
+    assert "mixed_model" not in result.tables
+    assert len(table) == 3 and table["p"].notna().all()
+    assert "primary test (table pair_tests_glmm)" in result.summary
+    assert "GLMM with participants and images p_Holm" in result.summary
+    assert "pooled p_Holm" in result.summary
+    ac = table.set_index(["condition_a", "condition_b"]).loc[("a", "c")]
+    assert "a reliable preference" in result.summary and ac["p_holm"] < 0.05
+    assert any(n.startswith("Primary per-pair test (pair_tests_glmm)") for n in result.notes)
+    assert any(n.startswith("Secondary, for comparison only: cluster_glm") for n in result.notes)
+    html = render_html(result, {})
+    assert html.index("Primary per-pair test") < html.index("Secondary clustered checks")
+
+    fallback = run_analysis(loaded_study, AnalysisOptions(n_boot=30, mixed=False))
+    assert "pair_tests_glmm" not in fallback.tables
+    assert "secondary cluster-robust GLM (table cluster_glm)" in fallback.summary
+    assert "cluster-robust GLM with participants and images p_Holm" in fallback.summary
+
+
+@pytest.mark.slow
+def test_pwcmp_pairs_fit_without_sides():
+    """The real pwcmp data (18 observers, 5 scenes, 7 tone mappers, no sides): every pair
+    is fitted and the GLMM's direction agrees with the pooled rate."""
+    from pathlib import Path
+
+    from analysis.io import load_responses
+    from analysis.pairs import preference_table
+
+    loaded = load_responses(Path(__file__).parent / "data" / "pwcmp" / "ex3_tmo_cmp_data.csv")
+    table = glmm_pair_tests(loaded.frame, sides_recorded=loaded.sides_recorded)
+    assert len(table) == 21 and table["side_log_odds"].isna().all()
+    fitted = table["p"].notna()
+    assert fitted.sum() >= 19 and table.loc[fitted, "converged"].all()
+    assert table.loc[~fitted, "reason"].str.len().gt(0).all()
+    pooled = preference_table(loaded.frame).set_index(["condition_a", "condition_b"])
+    rate = pooled.loc[list(zip(table["condition_a"], table["condition_b"], strict=True)), "rate_a"]
+    clear = fitted.to_numpy() & (np.abs(rate.to_numpy() - 0.5) > 0.1)
+    assert (np.sign(table["log_odds"][clear]) == np.sign(rate.to_numpy()[clear] - 0.5)).all()
