@@ -41,6 +41,13 @@ from scipy.linalg.lapack import dpotrs as _potrs
 BOUNDARY_TOL = 1e-4
 # Step of the central finite differences for the Hessian (lme4's deriv12 default).
 FD_STEP = 1e-4
+# When the Hessian is not positive definite, an SD below DROP_SD is set to 0 if that
+# raises the deviance by at most DROP_DEVIANCE (it cannot be told from 0).
+DROP_SD = 0.1
+DROP_DEVIANCE = 1e-3
+# A boundary SD is checked by moving it to this value; if the deviance drops, stage 2 is
+# redone by a bounded search over (theta, beta) from there.
+RELEASE_SD = 0.05
 
 
 @dataclass(frozen=True, eq=False)
@@ -288,6 +295,95 @@ def _fd_derivatives(f, x, h):
     return f0, grad, hess
 
 
+_NOT_PD = "Hessian of the Laplace deviance is not positive definite"
+
+
+def _newton_stage(model: _Model, theta, beta, b, free):
+    """Stage 2: Newton steps with a finite-difference gradient and Hessian on the Laplace
+    deviance over (theta[free], beta), u at its conditional mode for each. Returns
+    (theta, beta, b, Hessian at the end, converged, message); converged means the Newton
+    decrement fell below 1e-5 with a positive definite Hessian (the one returned)."""
+    K = len(theta)
+    n_free = int(free.sum())
+    anchor = {"b": b}
+
+    def unpack(x):
+        th = np.zeros(K)
+        th[free] = x[:n_free]
+        return th, x[n_free:]
+
+    def dev(x):
+        th, be = unpack(x)
+        return model.pirls(th, be, anchor["b"], joint=False)[2]
+
+    x = np.concatenate([theta[free], beta])
+    hess = None
+    converged = False
+    message = ""
+    for _ in range(20):
+        th, be = unpack(x)
+        anchor["b"] = model.pirls(th, be, anchor["b"], joint=False)[1]
+        f0, grad, hess = _fd_derivatives(dev, x, FD_STEP)
+        chol, info = _potrf(hess, lower=True, clean=False)
+        if info != 0:
+            message = _NOT_PD
+            break
+        step = -_potrs(chol, grad, lower=True)[0]
+        decrement = -float(grad @ step)
+        if decrement < 1e-8:
+            converged = True
+            break
+        scale = 1.0
+        while scale > 1e-6:
+            trial = x + scale * step
+            if dev(trial) <= f0:
+                break
+            scale /= 2
+        else:
+            message = "stage 2 line search failed"
+            break
+        x = trial
+        if decrement < 1e-5:  # a tiny step: the Hessian at the start is still accurate
+            converged = True
+            th, be = unpack(x)
+            anchor["b"] = model.pirls(th, be, anchor["b"], joint=False)[1]
+            break
+    else:
+        message = "stage 2 did not converge in 20 Newton steps"
+    th, be = unpack(x)
+    return np.abs(th), be, anchor["b"], hess, converged, message  # D is even in theta
+
+
+def _with(theta: np.ndarray, k: int, value: float) -> np.ndarray:
+    out = theta.copy()
+    out[k] = value
+    return out
+
+
+def _bounded_stage(model: _Model, theta, beta, b):
+    """Fallback for stage 2: L-BFGS-B on the Laplace deviance over (theta >= 0, beta)."""
+    K = len(theta)
+    anchor = {"b": b}
+
+    def dev(x):
+        beta_b = model.pirls(x[:K], x[K:], anchor["b"], joint=False)
+        if np.all(np.isfinite(beta_b[1])):
+            anchor["b"] = beta_b[1]
+        return beta_b[2]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = optimize.minimize(
+            dev,
+            np.concatenate([np.maximum(theta, RELEASE_SD), beta]),
+            method="L-BFGS-B",
+            bounds=[(0.0, None)] * K + [(None, None)] * len(beta),
+            options={"eps": 1e-6, "ftol": 1e-13, "gtol": 1e-8, "maxiter": 500},
+        )
+    theta = np.where(result.x[:K] < BOUNDARY_TOL, 0.0, result.x[:K])
+    return theta, result.x[K:], anchor["b"]
+
+
 def fit_glmm(
     y,
     X,
@@ -339,11 +435,9 @@ def fit_glmm(
     model = _Model(design)
     K, p, q = design.K, design.p, design.q
     state = {"beta": np.zeros(p), "b": np.zeros(q)}
-    stage1_ok = True
 
     # Stage 1: theta with (beta, b) at their joint modes.
     def dev1(theta):
-        nonlocal stage1_ok
         beta, b, dev, ok, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
         if ok and np.all(np.isfinite(b)):
             state["beta"], state["b"] = beta, b
@@ -358,70 +452,39 @@ def fit_glmm(
             bounds=[(0.0, None)] * K,
             options={"eps": 1e-6, "ftol": 1e-12, "gtol": 1e-7, "maxiter": 200},
         )
+    # Stage 1 only gives stage 2 its start (its own convergence is not required).
     theta = np.where(res1.x < BOUNDARY_TOL, 0.0, res1.x)
     beta, b, _, _, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
-    stage1_ok = bool(res1.success)
 
-    # Stage 2: Newton on the Laplace deviance over (free theta, beta).
+    # Stage 2: Newton on the Laplace deviance over (free theta, beta). An SD the deviance
+    # cannot tell from 0 (Hessian not positive definite there) is set to 0 when that
+    # costs no likelihood, and stage 2 runs again without it.
     free = theta > 0
-    boundary = ~free
-    anchor = {"b": b}
-
-    def pack(th, be):
-        return np.concatenate([th[free], be])
-
-    def unpack(x):
-        th = np.zeros(K)
-        th[free] = x[: free.sum()]
-        return th, x[free.sum() :]
-
-    def dev2(x):
-        th, be = unpack(x)
-        _, _, dev, _, _ = model.pirls(th, be, anchor["b"], joint=False)
-        return dev
-
-    def mode_at(x):
-        th, be = unpack(x)
-        return model.pirls(th, be, anchor["b"], joint=False)
-
-    x = pack(theta, beta)
-    converged = False
-    message = ""
-    hess = None
-    for _ in range(20):
-        anchor["b"] = mode_at(x)[1]
-        f0, grad, hess = _fd_derivatives(dev2, x, FD_STEP)
-        try:
-            chol = linalg.cho_factor(hess, lower=True)
-        except linalg.LinAlgError:
-            message = "Hessian of the Laplace deviance is not positive definite"
-            break
-        step = -linalg.cho_solve(chol, grad)
-        decrement = -float(grad @ step)
-        if decrement < 1e-8:
-            converged = True
-            break
-        scale = 1.0
-        while scale > 1e-6:
-            trial = x + scale * step
-            if dev2(trial) <= f0:
+    polished = False
+    for _ in range(K + 3):
+        theta, beta, b, hess, converged, message = _newton_stage(model, theta, beta, b, free)
+        if converged:
+            # a boundary SD must be a minimum there too (stage 1 put it at 0), else the
+            # bounded search moves it off once
+            if polished or not any(
+                model.pirls(_with(theta, k, RELEASE_SD), beta, b, joint=False)[2]
+                < model.pirls(theta, beta, b, joint=False)[2] - 1e-6
+                for k in np.flatnonzero(~free)
+            ):
                 break
-            scale /= 2
-        if scale <= 1e-6:
-            message = "stage 2 line search failed"
+        elif message == _NOT_PD and np.any(free & (theta < DROP_SD)):
+            small = np.flatnonzero(free & (theta < DROP_SD))
+            trial = _with(theta, small[np.argmin(theta[small])], 0.0)
+            before = model.pirls(theta, beta, b, joint=False)[2]
+            if model.pirls(trial, beta, b, joint=False)[2] - before <= DROP_DEVIANCE:
+                theta, free = trial, trial > 0
+                continue
+        if polished:
             break
-        x = trial
-        if decrement < 1e-5:  # the step was tiny: Hessian at x is still accurate
-            converged = True
-            anchor["b"] = mode_at(x)[1]
-            break
-    theta, beta = unpack(x)
-    theta = np.abs(theta)  # the deviance is even in each theta_k
-    newly = (theta < BOUNDARY_TOL) & free
-    boundary = boundary | newly
-    _, b, deviance, _, w = model.pirls(theta, beta, anchor["b"], joint=False)
-
-    theta[newly] = 0.0
+        theta, beta, b = _bounded_stage(model, theta, beta, b)
+        free, polished = theta > 0, True
+    boundary = ~free
+    _, b, deviance, _, w = model.pirls(theta, beta, b, joint=False)
     cov_conditional = _conditional_cov(design, theta, w)
     se_conditional = np.sqrt(np.diag(cov_conditional))
 
@@ -429,22 +492,16 @@ def fit_glmm(
     theta_cov = np.full((K, K), np.nan)
     vcov = "hessian"
     cov = None
-    if hess is not None and not message:
-        try:
-            inverse = linalg.inv(hess)
-            cov_full = inverse + inverse.T  # = 2 inv(H), symmetrised
-            eig = np.linalg.eigvalsh(hess)
-            if eig.min() > 0:
-                cov = cov_full[n_free:, n_free:]
-                idx = np.flatnonzero(free)
-                theta_cov[np.ix_(idx, idx)] = cov_full[:n_free, :n_free]
-        except linalg.LinAlgError:
-            cov = None
-    if cov is None:
+    if converged:
+        inverse = linalg.inv(hess)
+        cov_full = inverse + inverse.T  # = 2 inv(H), symmetrised
+        cov = cov_full[n_free:, n_free:]
+        idx = np.flatnonzero(free)
+        theta_cov[np.ix_(idx, idx)] = cov_full[:n_free, :n_free]
+    else:
         cov = cov_conditional
         vcov = "conditional"
-        converged = False
-        message = message or "Hessian not positive definite; conditional covariance used"
+        message = (message or "stage 2 did not converge") + "; conditional covariance used"
     df = _satterthwaite(model, theta, beta, b, free, theta_cov, np.diag(cov))
     return GLMMFit(
         names=names,
@@ -457,7 +514,7 @@ def fit_glmm(
         sd=theta,
         theta_cov=theta_cov,
         deviance=float(deviance),
-        converged=bool(converged and stage1_ok),
+        converged=bool(converged),
         boundary=tuple(bool(v) for v in boundary),
         iterations=model.evaluations,
         n_obs=int(trials.sum()),
