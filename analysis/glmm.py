@@ -81,6 +81,7 @@ class GLMMFit:
     n_cells: int
     n_levels: tuple[int, ...]
     vcov: str
+    method: str = "ML"
     message: str = ""
 
     @property
@@ -166,12 +167,17 @@ class _Model:
         hbb.flat[:: self.d.q + 1] += 1.0
         return hbb
 
-    def pirls(self, theta, beta, b, joint: bool, tol: float = 1e-9, max_iter: int = 60):
+    def pirls(
+        self, theta, beta, b, joint: bool, reml: bool = False, tol: float = 1e-9,
+        max_iter: int = 60,
+    ):
         """Conditional mode of b (and of beta when ``joint``) for given theta: Newton steps
         with step halving on the penalized deviance, stopped after the step whose Newton
         decrement was below ``tol`` (the next would change the deviance by ~tol^2).
 
-        Returns (beta, b, laplace_deviance, converged, w)."""
+        Returns (beta, b, laplace_deviance, converged, w); with ``reml`` (and ``joint``)
+        the deviance is the restricted one: beta integrated out too (+ log det of the
+        Schur complement of the penalized system, lme4's log|RX|^2)."""
         d = self.d
         p = d.p
         lam = theta[d.factor_of_level]
@@ -225,6 +231,12 @@ class _Model:
             converged = bool(decrement < 1e-6)
         chol, info = _potrf(self._hbb(lam, w), lower=True, clean=False)
         logdet = 2.0 * float(np.log(np.diag(chol)).sum()) if info == 0 else np.inf
+        if reml and info == 0:
+            hxb = d.ztwx(w) * lam[:, None]  # Lambda Z'WX
+            half = linalg.solve_triangular(chol, hxb, lower=True, check_finite=False)
+            schur = (d.X * w[:, None]).T @ d.X - half.T @ half
+            rx, info = _potrf(schur, lower=True, clean=False)
+            logdet += 2.0 * float(np.log(np.diag(rx)).sum()) if info == 0 else np.inf
         self.evaluations += 1
         return beta, b, pdev + logdet, converged, w
 
@@ -298,11 +310,44 @@ def _fd_derivatives(f, x, h):
 _NOT_PD = "Hessian of the Laplace deviance is not positive definite"
 
 
+def _newton(f, x, recenter, max_steps: int = 20):
+    """Newton steps with a central finite-difference gradient and Hessian of ``f`` and
+    step halving; ``recenter(x)`` is called before each Hessian (it moves PIRLS's warm
+    start there). Returns (x, Hessian, converged, message); converged means the Newton
+    decrement fell below 1e-5 with a positive definite Hessian (the one returned, taken
+    at most one tiny step away from x)."""
+    if x.size == 0:  # nothing to optimise (REML with every SD at 0)
+        recenter(x)
+        return x, np.zeros((0, 0)), True, ""
+    hess = None
+    for _ in range(max_steps):
+        recenter(x)
+        f0, grad, hess = _fd_derivatives(f, x, FD_STEP)
+        chol, info = _potrf(hess, lower=True, clean=False)
+        if info != 0:
+            return x, hess, False, _NOT_PD
+        step = -_potrs(chol, grad, lower=True)[0]
+        decrement = -float(grad @ step)
+        if decrement < 1e-8:
+            return x, hess, True, ""
+        scale = 1.0
+        while scale > 1e-6:
+            trial = x + scale * step
+            if f(trial) <= f0:
+                break
+            scale /= 2
+        else:
+            return x, hess, False, "line search failed"
+        x = trial
+        if decrement < 1e-5:  # a tiny step: the Hessian at the start is still accurate
+            recenter(x)
+            return x, hess, True, ""
+    return x, hess, False, f"no convergence in {max_steps} Newton steps"
+
+
 def _newton_stage(model: _Model, theta, beta, b, free):
-    """Stage 2: Newton steps with a finite-difference gradient and Hessian on the Laplace
-    deviance over (theta[free], beta), u at its conditional mode for each. Returns
-    (theta, beta, b, Hessian at the end, converged, message); converged means the Newton
-    decrement fell below 1e-5 with a positive definite Hessian (the one returned)."""
+    """Stage 2 (ML): Newton on the Laplace deviance over (theta[free], beta), b at its
+    conditional mode for each. Returns (theta, beta, b, Hessian, converged, message)."""
     K = len(theta)
     n_free = int(free.sum())
     anchor = {"b": b}
@@ -316,42 +361,36 @@ def _newton_stage(model: _Model, theta, beta, b, free):
         th, be = unpack(x)
         return model.pirls(th, be, anchor["b"], joint=False)[2]
 
-    x = np.concatenate([theta[free], beta])
-    hess = None
-    converged = False
-    message = ""
-    for _ in range(20):
+    def recenter(x):
         th, be = unpack(x)
         anchor["b"] = model.pirls(th, be, anchor["b"], joint=False)[1]
-        f0, grad, hess = _fd_derivatives(dev, x, FD_STEP)
-        chol, info = _potrf(hess, lower=True, clean=False)
-        if info != 0:
-            message = _NOT_PD
-            break
-        step = -_potrs(chol, grad, lower=True)[0]
-        decrement = -float(grad @ step)
-        if decrement < 1e-8:
-            converged = True
-            break
-        scale = 1.0
-        while scale > 1e-6:
-            trial = x + scale * step
-            if dev(trial) <= f0:
-                break
-            scale /= 2
-        else:
-            message = "stage 2 line search failed"
-            break
-        x = trial
-        if decrement < 1e-5:  # a tiny step: the Hessian at the start is still accurate
-            converged = True
-            th, be = unpack(x)
-            anchor["b"] = model.pirls(th, be, anchor["b"], joint=False)[1]
-            break
-    else:
-        message = "stage 2 did not converge in 20 Newton steps"
+
+    x, hess, converged, message = _newton(dev, np.concatenate([theta[free], beta]), recenter)
     th, be = unpack(x)
     return np.abs(th), be, anchor["b"], hess, converged, message  # D is even in theta
+
+
+def _reml_stage(model: _Model, theta, beta, b, free):
+    """REML: Newton on the restricted Laplace deviance over theta[free], (beta, b) at
+    their joint modes. Returns (theta, beta, b, Hessian over theta[free], converged,
+    message)."""
+    K = len(theta)
+    anchor = {"beta": beta, "b": b}
+
+    def unpack(x):
+        th = np.zeros(K)
+        th[free] = x
+        return th
+
+    def dev(x):
+        return model.pirls(unpack(x), anchor["beta"], anchor["b"], joint=True, reml=True)[2]
+
+    def recenter(x):
+        out = model.pirls(unpack(x), anchor["beta"], anchor["b"], joint=True)
+        anchor["beta"], anchor["b"] = out[0], out[1]
+
+    x, hess, converged, message = _newton(dev, theta[free], recenter)
+    return np.abs(unpack(x)), anchor["beta"], anchor["b"], hess, converged, message
 
 
 def _with(theta: np.ndarray, k: int, value: float) -> np.ndarray:
@@ -393,6 +432,7 @@ def fit_glmm(
     names: tuple[str, ...] | None = None,
     factors: tuple[str, ...] | None = None,
     theta_start: float = 1.0,
+    reml: bool = False,
 ) -> GLMMFit:
     """Fit a logistic GLMM with crossed random intercepts by maximum Laplace likelihood.
 
@@ -400,6 +440,10 @@ def fit_glmm(
     X: (n, p) fixed-effect design (include the intercept column); groups: (n, K) integer
     codes or a sequence of K label arrays, one per grouping factor, each with at least two
     levels; names/factors: labels of X's columns and of the factors.
+    reml: estimate the SDs by restricted (REML) Laplace likelihood instead: beta is
+    integrated out as well (flat prior), which removes most of ML's downward bias of the
+    SDs with few levels; beta is then its joint conditional mode and ``cov`` the
+    conditional covariance (as lme4's for linear mixed models; glmer has no REML).
     Raises ValueError on inputs that have no finite maximum (no variation in y, fewer
     rows than parameters, a factor with one level).
     """
@@ -436,9 +480,10 @@ def fit_glmm(
     K, p, q = design.K, design.p, design.q
     state = {"beta": np.zeros(p), "b": np.zeros(q)}
 
-    # Stage 1: theta with (beta, b) at their joint modes.
+    # Stage 1: theta with (beta, b) at their joint modes (the start of stage 2; for REML
+    # the restricted deviance, whose optimum stage 2 then polishes).
     def dev1(theta):
-        beta, b, dev, ok, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
+        beta, b, dev, ok, _ = model.pirls(theta, state["beta"], state["b"], joint=True, reml=reml)
         if ok and np.all(np.isfinite(b)):
             state["beta"], state["b"] = beta, b
         return dev
@@ -452,17 +497,17 @@ def fit_glmm(
             bounds=[(0.0, None)] * K,
             options={"eps": 1e-6, "ftol": 1e-12, "gtol": 1e-7, "maxiter": 200},
         )
-    # Stage 1 only gives stage 2 its start (its own convergence is not required).
     theta = np.where(res1.x < BOUNDARY_TOL, 0.0, res1.x)
     beta, b, _, _, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
 
-    # Stage 2: Newton on the Laplace deviance over (free theta, beta). An SD the deviance
-    # cannot tell from 0 (Hessian not positive definite there) is set to 0 when that
-    # costs no likelihood, and stage 2 runs again without it.
+    # Stage 2: Newton on the Laplace deviance over (free theta, beta) (ML), or on the
+    # restricted deviance over free theta (REML). An SD the deviance cannot tell from 0
+    # (Hessian not positive definite there) is set to 0 when that costs no likelihood.
+    stage = _reml_stage if reml else _newton_stage
     free = theta > 0
-    polished = False
+    polished = reml  # the bounded fallback is for ML (REML's stage 1 is that search)
     for _ in range(K + 3):
-        theta, beta, b, hess, converged, message = _newton_stage(model, theta, beta, b, free)
+        theta, beta, b, hess, converged, message = stage(model, theta, beta, b, free)
         if converged:
             # a boundary SD must be a minimum there too (stage 1 put it at 0), else the
             # bounded search moves it off once
@@ -475,8 +520,8 @@ def fit_glmm(
         elif message == _NOT_PD and np.any(free & (theta < DROP_SD)):
             small = np.flatnonzero(free & (theta < DROP_SD))
             trial = _with(theta, small[np.argmin(theta[small])], 0.0)
-            before = model.pirls(theta, beta, b, joint=False)[2]
-            if model.pirls(trial, beta, b, joint=False)[2] - before <= DROP_DEVIANCE:
+            before = model.pirls(theta, beta, b, joint=reml, reml=reml)[2]
+            if model.pirls(trial, beta, b, joint=reml, reml=reml)[2] - before <= DROP_DEVIANCE:
                 theta, free = trial, trial > 0
                 continue
         if polished:
@@ -484,24 +529,27 @@ def fit_glmm(
         theta, beta, b = _bounded_stage(model, theta, beta, b)
         free, polished = theta > 0, True
     boundary = ~free
-    _, b, deviance, _, w = model.pirls(theta, beta, b, joint=False)
+    beta, b, deviance, _, w = model.pirls(theta, beta, b, joint=reml, reml=reml)
     cov_conditional = _conditional_cov(design, theta, w)
     se_conditional = np.sqrt(np.diag(cov_conditional))
 
     n_free = int(free.sum())
     theta_cov = np.full((K, K), np.nan)
-    vcov = "hessian"
-    cov = None
-    if converged:
+    idx = np.flatnonzero(free)
+    if reml:
+        # REML: beta's covariance is the conditional one (as lme4's for linear models)
+        cov, vcov = cov_conditional, "conditional (REML)"
+        if converged and n_free:
+            theta_cov[np.ix_(idx, idx)] = 2 * linalg.inv(hess)
+    elif converged:
         inverse = linalg.inv(hess)
         cov_full = inverse + inverse.T  # = 2 inv(H), symmetrised
-        cov = cov_full[n_free:, n_free:]
-        idx = np.flatnonzero(free)
+        cov, vcov = cov_full[n_free:, n_free:], "hessian"
         theta_cov[np.ix_(idx, idx)] = cov_full[:n_free, :n_free]
     else:
-        cov = cov_conditional
-        vcov = "conditional"
-        message = (message or "stage 2 did not converge") + "; conditional covariance used"
+        cov, vcov = cov_conditional, "conditional"
+    if not converged:
+        message = (message or "stage 2 did not converge") + "; SDs' covariance unknown"
     df = _satterthwaite(model, theta, beta, b, free, theta_cov, np.diag(cov))
     return GLMMFit(
         names=names,
@@ -521,6 +569,7 @@ def fit_glmm(
         n_cells=len(design.k),
         n_levels=tuple(int(v) for v in n_levels),
         vcov=vcov,
+        method="REML" if reml else "ML",
         message=message,
     )
 

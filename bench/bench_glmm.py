@@ -50,7 +50,7 @@ SCENARIOS = {
 }
 
 
-def fit_pairs(votes: pd.DataFrame, lrt: bool) -> list[dict]:
+def fit_pairs(votes: pd.DataFrame, lrt: bool, reml: bool = False) -> list[dict]:
     from analysis.clustered import _pair_frame, _side_term_estimable
     from analysis.glmm import fit_glmm
 
@@ -83,6 +83,18 @@ def fit_pairs(votes: pd.DataFrame, lrt: bool) -> list[dict]:
             boundary_image=fit.boundary[1],
             converged=fit.converged,
         )
+        if reml:
+            start = time.process_time()
+            restricted = fit_glmm(y, X, groups, reml=True)
+            record["cpu_reml_s"] = time.process_time() - start
+            record.update(
+                est_reml=restricted.beta[0],
+                se_reml=restricted.se[0],
+                df_reml=restricted.df[0],
+                sd_participant_reml=restricted.sd[0],
+                sd_image_reml=restricted.sd[1],
+                converged_reml=restricted.converged,
+            )
         if lrt:
             if X.shape[1] > 1:
                 null = fit_glmm(y, X[:, 1:], groups)
@@ -107,6 +119,14 @@ def p_values(table: pd.DataFrame) -> dict[str, np.ndarray]:
     out["Wald t, G-1 df"] = np.where(
         np.isfinite(g), 2 * stats.t.sf(z, np.where(np.isfinite(g), g - 1, 1)), out["Wald z"]
     )
+    if "est_reml" in table:
+        zr = (table["est_reml"] / table["se_reml"]).abs().to_numpy()
+        dfr = table["df_reml"].to_numpy(dtype=float)
+        out["REML Wald z"] = 2 * stats.norm.sf(zr)
+        out["REML Wald t, Satterthwaite df"] = np.where(
+            np.isfinite(dfr), 2 * stats.t.sf(zr, np.where(np.isfinite(dfr), dfr, 1)),
+            out["REML Wald z"],
+        )
     if "lrt" in table and table["lrt"].notna().any():
         out["LRT chi2(1)"] = stats.chi2.sf(table["lrt"].to_numpy(dtype=float), 1)
     return out
@@ -165,6 +185,7 @@ def main() -> None:
     parser.add_argument("--csv", help="write (or with --summarize read) the per-pair table")
     parser.add_argument("--summarize", action="store_true")
     parser.add_argument("--lrt", action="store_true", help="also fit the null model (slower)")
+    parser.add_argument("--reml", action="store_true", help="also fit by REML (slower)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.summarize:
@@ -180,7 +201,7 @@ def main() -> None:
                 votes = simulate_crossed(
                     qualities, n_p, n_i, trials, participant_sd=sd_p, image_sd=sd_i, seed=seed
                 )
-                for record in fit_pairs(votes, args.lrt):
+                for record in fit_pairs(votes, args.lrt, args.reml):
                     record.update(scenario=name, dataset=d)
                     record["true_diff"] = (
                         qualities[record["condition_a"]] - qualities[record["condition_b"]]
