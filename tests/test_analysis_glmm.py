@@ -213,7 +213,7 @@ def test_pair_table_is_tidy_and_consistent(study):
         ["b", "c"],
     ]
     assert table["reason"].eq("").all() and table["converged"].all()
-    assert table["method"].str.startswith("GLMM Laplace, Wald").all()
+    assert table["method"].str.startswith("GLMM REML-Laplace, Wald").all()
     np.testing.assert_allclose(table["p_holm"], holm_adjust(table["p"].to_numpy()))
     np.testing.assert_allclose(table["rate_low"], special.expit(table["ci_low"]))
     np.testing.assert_allclose(table["rate_a"], special.expit(table["log_odds"]))
@@ -223,9 +223,29 @@ def test_pair_table_is_tidy_and_consistent(study):
     ac = table.set_index(["condition_a", "condition_b"]).loc[("a", "c")]
     assert ac["log_odds"] < 0 and ac["rate_high"] < 0.5 and ac["p"] < 0.001  # c is better
     assert (table["n_votes"].sum(), table["n_participants"].max()) == (len(study), 16)
-    z = glmm_pair_tests(study, sides_recorded=True, reference="z")
-    assert z["method"].eq("GLMM Laplace, Wald z").all() and np.isinf(z["df"]).all()
-    assert (z["p"] <= table["p"] + 1e-12).all()  # t is never less conservative than z
+    # REML: SDs at least ML's (less downward bias), so the SE too; estimates agree
+    ml = glmm_pair_tests(study, sides_recorded=True, test="ml")
+    assert ml["method"].str.startswith("GLMM ML-Laplace").all()
+    np.testing.assert_allclose(ml["log_odds"], table["log_odds_ml"])
+    np.testing.assert_allclose(ml["se"], table["se_ml"])
+    assert (table["se"] >= 0.97 * table["se_ml"]).all()
+    assert ((table["log_odds"] - table["log_odds_ml"]).abs() < 0.1 * table["se"]).all()
+    z = glmm_pair_tests(study, sides_recorded=True, test="ml-z")
+    assert z["method"].eq("GLMM ML-Laplace, Wald z").all() and np.isinf(z["df"]).all()
+    assert (z["p"] <= ml["p"] + 1e-12).all()  # t is never less conservative than z
+    with pytest.raises(ValueError, match="test must be one of"):
+        glmm_pair_tests(study, test="wald")
+
+
+def test_pairs_too_large_for_the_dense_fit_get_the_cluster_robust_glm(study):
+    from analysis.clustered import cluster_robust_glm
+
+    table = glmm_pair_tests(study, max_levels=10)
+    glm = cluster_robust_glm(study, sides_recorded=True)
+    assert table["method"].str.startswith("cluster-robust GLM, two-way").all()
+    assert table["reason"].str.contains("GLMM skipped: 24 participants \\+ images").all()
+    np.testing.assert_allclose(table["p"], glm["p_value"])
+    np.testing.assert_allclose(table["log_odds"], glm["log_odds"])
 
 
 def test_pair_without_sides_fits_the_intercept_only(study):
