@@ -13,8 +13,8 @@ approximation of the deviance there is
     D(theta, beta) = -2 log p(y | beta, b*) + |b*|^2 + log det(Lambda Z'WZ Lambda + I),
 
 ``W = diag(m mu (1 - mu))``. The fit has lme4's two stages: (1) ``theta`` by a bounded
-quasi-Newton search (L-BFGS-B, ``theta >= 0``) with ``(beta, b)`` at their joint
-conditional modes (lme4's ``nAGQ = 0`` objective); (2) Newton steps on ``D(theta, beta)``
+derivative-free search (scipy's Nelder-Mead, ``theta >= 0``, as lme4's bobyqa) with
+``(beta, b)`` at their joint conditional modes (lme4's ``nAGQ = 0`` objective); (2) Newton steps on ``D(theta, beta)``
 with a finite-difference gradient and Hessian (lme4's ``nAGQ = 1`` default). The
 covariance of ``beta`` is the inverse of half that Hessian (the beta block), as
 ``vcov(glmer_fit)`` in lme4 >= 1.1; the cheaper conditional covariance (the inverse Schur
@@ -33,7 +33,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import linalg, optimize, special
+from scipy import optimize, special
 from scipy.linalg.lapack import dpotrf as _potrf
 from scipy.linalg.lapack import dpotrs as _potrs
 
@@ -233,12 +233,28 @@ class _Model:
         logdet = 2.0 * float(np.log(np.diag(chol)).sum()) if info == 0 else np.inf
         if reml and info == 0:
             hxb = d.ztwx(w) * lam[:, None]  # Lambda Z'WX
-            half = linalg.solve_triangular(chol, hxb, lower=True, check_finite=False)
-            schur = (d.X * w[:, None]).T @ d.X - half.T @ half
+            schur = (d.X * w[:, None]).T @ d.X - hxb.T @ _solve_columns(chol, hxb)
             rx, info = _potrf(schur, lower=True, clean=False)
             logdet += 2.0 * float(np.log(np.diag(rx)).sum()) if info == 0 else np.inf
         self.evaluations += 1
         return beta, b, pdev + logdet, converged, w
+
+
+# Small dense systems are solved one right-hand side at a time with LAPACK's potrs: the
+# multi-column BLAS-3 routines (trsm, the inverse) start OpenBLAS's thread pool, which
+# costs ~10x on matrices this small.
+def _solve_columns(chol: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """A^{-1} rhs column by column, from A's lower Cholesky factor (potrf output)."""
+    return np.column_stack([_potrs(chol, rhs[:, j], lower=True)[0] for j in range(rhs.shape[1])])
+
+
+def _spd_inverse(a: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite matrix (LinAlgError if it is not)."""
+    chol, info = _potrf(a, lower=True, clean=False)
+    if info != 0:
+        raise np.linalg.LinAlgError("matrix not positive definite")
+    inverse = _solve_columns(chol, np.eye(len(a)))
+    return (inverse + inverse.T) / 2
 
 
 def _conditional_cov(design: _Design, theta: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -249,8 +265,11 @@ def _conditional_cov(design: _Design, theta: np.ndarray, w: np.ndarray) -> np.nd
     hbb.flat[:: design.q + 1] += 1.0
     hxb = design.ztwx(w).T * lam[None, :]
     hxx = (design.X * w[:, None]).T @ design.X
-    schur = hxx - hxb @ linalg.cho_solve(linalg.cho_factor(hbb, lower=True), hxb.T)
-    return linalg.inv(schur)
+    chol, info = _potrf(hbb, lower=True, clean=False)
+    if info != 0:
+        raise np.linalg.LinAlgError("penalized system not positive definite")
+    schur = hxx - hxb @ _solve_columns(chol, hxb.T)
+    return _spd_inverse(schur)
 
 
 def _satterthwaite(model, theta, beta, b, free, theta_cov, variance, h=1e-4):
@@ -399,28 +418,61 @@ def _with(theta: np.ndarray, k: int, value: float) -> np.ndarray:
     return out
 
 
+def _stage1(model: _Model, theta, beta, b, reml: bool):
+    """Stage 1: the SDs minimising the Laplace deviance with (beta, b) at their joint
+    conditional modes (lme4's nAGQ = 0), or the restricted deviance with ``reml``; bounded
+    Nelder-Mead from ``theta`` (derivative free, and free of BLAS thread start-up, which
+    dominates L-BFGS-B's cost on systems this small). Returns (theta, beta, b)."""
+    state = {"beta": beta, "b": b}
+
+    def dev(th):
+        beta_, b_, value, ok, _ = model.pirls(th, state["beta"], state["b"], joint=True, reml=reml)
+        if ok and np.all(np.isfinite(b_)):
+            state["beta"], state["b"] = beta_, b_
+        return value
+
+    result = _nelder_mead(dev, theta, len(theta))
+    theta = np.where(result < BOUNDARY_TOL, 0.0, result)
+    beta, b, _, _, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
+    return theta, beta, b
+
+
 def _bounded_stage(model: _Model, theta, beta, b):
-    """Fallback for stage 2: L-BFGS-B on the Laplace deviance over (theta >= 0, beta)."""
+    """Fallback for ML stage 2: bounded Nelder-Mead on the Laplace deviance over
+    (theta >= 0, beta), from theta moved at least RELEASE_SD off 0."""
     K = len(theta)
     anchor = {"b": b}
 
     def dev(x):
-        beta_b = model.pirls(x[:K], x[K:], anchor["b"], joint=False)
-        if np.all(np.isfinite(beta_b[1])):
-            anchor["b"] = beta_b[1]
-        return beta_b[2]
+        out = model.pirls(x[:K], x[K:], anchor["b"], joint=False)
+        if np.all(np.isfinite(out[1])):
+            anchor["b"] = out[1]
+        return out[2]
 
+    x = _nelder_mead(dev, np.concatenate([np.maximum(theta, RELEASE_SD), beta]), K)
+    theta = np.where(x[:K] < BOUNDARY_TOL, 0.0, x[:K])
+    return theta, x[K:], anchor["b"]
+
+
+def _nelder_mead(f, x0, n_bounded: int) -> np.ndarray:
+    """Minimise f from x0 with its first ``n_bounded`` coordinates >= 0."""
+    bounds = [(0.0, None)] * n_bounded + [(None, None)] * (len(x0) - n_bounded)
+    simplex = [x0] + [x0 + np.eye(len(x0))[i] * 0.25 for i in range(len(x0))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = optimize.minimize(
-            dev,
-            np.concatenate([np.maximum(theta, RELEASE_SD), beta]),
-            method="L-BFGS-B",
-            bounds=[(0.0, None)] * K + [(None, None)] * len(beta),
-            options={"eps": 1e-6, "ftol": 1e-13, "gtol": 1e-8, "maxiter": 500},
+            f,
+            x0,
+            method="Nelder-Mead",
+            bounds=bounds,
+            options={
+                "initial_simplex": np.array(simplex),
+                "xatol": 1e-5,
+                "fatol": 1e-9,
+                "maxfev": 400 * len(x0),
+            },
         )
-    theta = np.where(result.x[:K] < BOUNDARY_TOL, 0.0, result.x[:K])
-    return theta, result.x[K:], anchor["b"]
+    return result.x
 
 
 def fit_glmm(
@@ -479,55 +531,43 @@ def fit_glmm(
     design = _Design(*_collapse(y, trials, X, codes), n_levels)
     model = _Model(design)
     K, p, q = design.K, design.p, design.q
-    state = {"beta": np.zeros(p), "b": np.zeros(q)}
-
-    # Stage 1: theta with (beta, b) at their joint modes (the start of stage 2; for REML
+    # Stage 1: theta with (beta, b) at their joint modes, the start of stage 2 (for REML
     # the restricted deviance, whose optimum stage 2 then polishes).
-    def dev1(theta):
-        beta, b, dev, ok, _ = model.pirls(theta, state["beta"], state["b"], joint=True, reml=reml)
-        if ok and np.all(np.isfinite(b)):
-            state["beta"], state["b"] = beta, b
-        return dev
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res1 = optimize.minimize(
-            dev1,
-            np.full(K, theta_start),
-            method="L-BFGS-B",
-            bounds=[(0.0, None)] * K,
-            options={"eps": 1e-6, "ftol": 1e-12, "gtol": 1e-7, "maxiter": 200},
-        )
-    theta = np.where(res1.x < BOUNDARY_TOL, 0.0, res1.x)
-    beta, b, _, _, _ = model.pirls(theta, state["beta"], state["b"], joint=True)
+    theta, beta, b = _stage1(model, np.full(K, theta_start), np.zeros(p), np.zeros(q), reml)
 
     # Stage 2: Newton on the Laplace deviance over (free theta, beta) (ML), or on the
     # restricted deviance over free theta (REML). An SD the deviance cannot tell from 0
     # (Hessian not positive definite there) is set to 0 when that costs no likelihood.
     stage = _reml_stage if reml else _newton_stage
+
+    def criterion(th, be, b_):
+        return model.pirls(th, be, b_, joint=reml, reml=reml)[2]
+
     free = theta > 0
-    polished = reml  # the bounded fallback is for ML (REML's stage 1 is that search)
+    polished = False
     for _ in range(K + 3):
         theta, beta, b, hess, converged, message = stage(model, theta, beta, b, free)
         if converged:
             # a boundary SD must be a minimum there too (stage 1 put it at 0), else the
             # bounded search moves it off once
+            at = criterion(theta, beta, b)
             if polished or not any(
-                model.pirls(_with(theta, k, RELEASE_SD), beta, b, joint=False)[2]
-                < model.pirls(theta, beta, b, joint=False)[2] - 1e-6
+                criterion(_with(theta, k, RELEASE_SD), beta, b) < at - 1e-6
                 for k in np.flatnonzero(~free)
             ):
                 break
         elif message == _NOT_PD and np.any(free & (theta < DROP_SD)):
             small = np.flatnonzero(free & (theta < DROP_SD))
             trial = _with(theta, small[np.argmin(theta[small])], 0.0)
-            before = model.pirls(theta, beta, b, joint=reml, reml=reml)[2]
-            if model.pirls(trial, beta, b, joint=reml, reml=reml)[2] - before <= DROP_DEVIANCE:
+            if criterion(trial, beta, b) - criterion(theta, beta, b) <= DROP_DEVIANCE:
                 theta, free = trial, trial > 0
                 continue
         if polished:
             break
-        theta, beta, b = _bounded_stage(model, theta, beta, b)
+        if reml:
+            theta, beta, b = _stage1(model, np.maximum(theta, RELEASE_SD), beta, b, True)
+        else:
+            theta, beta, b = _bounded_stage(model, theta, beta, b)
         free, polished = theta > 0, True
     boundary = ~free
     beta, b, deviance, _, w = model.pirls(theta, beta, b, joint=reml, reml=reml)
@@ -542,7 +582,7 @@ def fit_glmm(
         # at the REML variances of a linear mixed model), its covariance from the Hessian
         # over beta there
         if converged and n_free:
-            theta_cov[np.ix_(idx, idx)] = 2 * linalg.inv(hess)
+            theta_cov[np.ix_(idx, idx)] = 2 * _spd_inverse(hess)
         fixed = np.zeros(K, dtype=bool)
         _, beta, b, hess_beta, beta_ok, beta_message = _newton_stage(
             model, theta, beta, b, fixed
@@ -551,13 +591,13 @@ def fit_glmm(
         cov_conditional = _conditional_cov(design, theta, w)
         se_conditional = np.sqrt(np.diag(cov_conditional))
         if beta_ok:
-            inverse = linalg.inv(hess_beta)
+            inverse = _spd_inverse(hess_beta)
             cov, vcov = inverse + inverse.T, "hessian over beta at the REML SDs"
         else:
             cov, vcov = cov_conditional, "conditional (REML)"
             converged, message = False, message or beta_message
     elif converged:
-        inverse = linalg.inv(hess)
+        inverse = _spd_inverse(hess)
         cov_full = inverse + inverse.T  # = 2 inv(H), symmetrised
         cov, vcov = cov_full[n_free:, n_free:], "hessian"
         theta_cov[np.ix_(idx, idx)] = cov_full[:n_free, :n_free]

@@ -89,8 +89,8 @@ def _p(x: float) -> str:
 
 def _methods(table: pd.DataFrame) -> str:
     """The tests named in a pair_tests_glmm table's method column, without the model."""
-    names = [m.removeprefix("GLMM Laplace, ") for m in table["method"].dropna().unique() if m]
-    return " or ".join(names) if names else "no pair could be tested"
+    names = [m.removeprefix("GLMM ") for m in table["method"].dropna().unique() if m]
+    return "; ".join(names) if names else "no pair could be tested"
 
 
 def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alpha: float) -> str:
@@ -110,8 +110,8 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
         f"({int(pairs['n'].sum())} main votes analysed).",
         (
             "Verdicts below come from the primary test (table pair_tests_glmm): a logistic "
-            "mixed model with participants and images as crossed random effects (Laplace "
-            f"fit; {_methods(tests)}), Holm over all pairs. The first p_Holm in each line "
+            "mixed model with participants and images as crossed random effects "
+            f"({_methods(tests)}), Holm over all pairs. The first p_Holm in each line "
             "pools the votes as if independent (descriptive only)."
             if primary
             else "The mixed model was not fitted (--no-mixed): verdicts below come from the "
