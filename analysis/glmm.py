@@ -691,6 +691,7 @@ def glmm_pair_tests(
     sides_recorded: bool = True,
     test: str = "reml",
     max_levels: int = MAX_LEVELS,
+    with_ml: bool = True,
 ):
     """Per unordered condition pair: logistic GLMM ``win_a ~ 1 + a_left + (1|participant)
     + (1|image)`` (``a_left`` = +1/2 when condition_a was shown left, -1/2 otherwise; only
@@ -710,7 +711,8 @@ def glmm_pair_tests(
     estimate (all votes one way, fewer than two participants, a failed fit) has NaN and
     says why in ``reason``, which also notes a left-out side term or image factor. A pair
     with more than ``max_levels`` participants + images gets the two-way cluster-robust
-    GLM (``analysis.clustered``) instead, named in ``method``.
+    GLM (``analysis.clustered``) instead, named in ``method``. ``with_ml=False`` skips the
+    ML fit that only fills log_odds_ml/se_ml when ``test="reml"`` (NaN then).
     """
     import pandas as pd
 
@@ -733,7 +735,7 @@ def glmm_pair_tests(
             "method": "",
             "reason": "",
         }
-        row.update(_pair_row(group, alpha, sides_recorded, test, max_levels, row))
+        row.update(_pair_row(group, alpha, sides_recorded, test, max_levels, with_ml, row))
         rows.append(row)
     table = pd.DataFrame(rows).reindex(columns=PAIR_TEST_COLUMNS)
     table["p_holm"] = holm_adjust(table["p"].to_numpy(dtype=float))
@@ -745,7 +747,7 @@ def glmm_pair_tests(
     return table
 
 
-def _pair_row(group, alpha, sides_recorded, test, max_levels, row) -> dict:
+def _pair_row(group, alpha, sides_recorded, test, max_levels, with_ml, row) -> dict:
     """The fitted columns of one pair (or a reason)."""
     from scipy import stats
 
@@ -777,7 +779,7 @@ def _pair_row(group, alpha, sides_recorded, test, max_levels, row) -> dict:
         return _cluster_row(y, X, group, alpha, notes, row)
     try:
         kwargs = {"names": tuple(names), "factors": tuple(factors)}
-        ml = fit_glmm(y, X, groups, **kwargs)
+        ml = fit_glmm(y, X, groups, **kwargs) if test != "reml" or with_ml else None
         fit = fit_glmm(y, X, groups, reml=True, **kwargs) if test == "reml" else ml
     except (ValueError, np.linalg.LinAlgError, FloatingPointError) as error:
         return {"reason": "; ".join([*notes, f"fit failed: {error}"])}
@@ -813,8 +815,8 @@ def _pair_row(group, alpha, sides_recorded, test, max_levels, row) -> dict:
         "side_se": float(fit.se[1]) if len(names) > 1 else np.nan,
         "sd_participant": float(sds["participant"]),
         "sd_image": float(sds.get("image", np.nan)),
-        "log_odds_ml": float(ml.beta[0]),
-        "se_ml": float(ml.se[0]),
+        "log_odds_ml": float(ml.beta[0]) if ml is not None else np.nan,
+        "se_ml": float(ml.se[0]) if ml is not None else np.nan,
         "converged": fit.converged,
         "boundary": ",".join(f for f, at in zip(fit.factors, fit.boundary, strict=True) if at),
         "method": method,
