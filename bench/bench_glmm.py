@@ -119,17 +119,30 @@ def p_values(table: pd.DataFrame) -> dict[str, np.ndarray]:
     out["Wald t, G-1 df"] = np.where(
         np.isfinite(g), 2 * stats.t.sf(z, np.where(np.isfinite(g), g - 1, 1)), out["Wald z"]
     )
+    floored = np.where(np.isnan(df), g - 1, np.maximum(df, g - 1))
+    out["Wald t, Satterthwaite df >= G-1"] = _t_or_z(z, floored)
     if "est_reml" in table:
         zr = (table["est_reml"] / table["se_reml"]).abs().to_numpy()
         dfr = table["df_reml"].to_numpy(dtype=float)
         out["REML Wald z"] = 2 * stats.norm.sf(zr)
-        out["REML Wald t, Satterthwaite df"] = np.where(
-            np.isfinite(dfr), 2 * stats.t.sf(zr, np.where(np.isfinite(dfr), dfr, 1)),
-            out["REML Wald z"],
+        out["REML Wald t, Satterthwaite df"] = _t_or_z(zr, dfr)
+        gr = np.minimum(
+            np.where(table["sd_participant_reml"] == 0, np.inf, table["n_participants"]),
+            np.where(table["sd_image_reml"] == 0, np.inf, table["n_images"]),
         )
+        out["REML Wald t, G-1 df"] = _t_or_z(zr, gr - 1)
+        floored = np.where(np.isnan(dfr), gr - 1, np.maximum(dfr, gr - 1))
+        out["REML Wald t, Satterthwaite df >= G-1 (default)"] = _t_or_z(zr, floored)
     if "lrt" in table and table["lrt"].notna().any():
         out["LRT chi2(1)"] = stats.chi2.sf(table["lrt"].to_numpy(dtype=float), 1)
     return out
+
+
+def _t_or_z(z: np.ndarray, df: np.ndarray) -> np.ndarray:
+    """Two-sided p of |z| from Student t with df (the normal where df is inf)."""
+    df = np.asarray(df, dtype=float)
+    finite = np.isfinite(df)
+    return np.where(finite, 2 * stats.t.sf(z, np.where(finite, df, 1)), 2 * stats.norm.sf(z))
 
 
 def holm_any(p: np.ndarray, alpha: float) -> bool:
