@@ -91,16 +91,18 @@ def test_fixed_effects_and_standard_errors_match_glmer(lme4_fits, case):
     frame, fit, ref = lme4_fits[case]
     assert fit.converged and fit.vcov == "hessian"
     for j, name in enumerate(fit.names):
-        # estimates: within 2 % of glmer's SE; SEs (vcov from the Hessian, and the
-        # conditional one): within 2 % of glmer's (the issue asks for 10 %)
+        # estimates within 2 % of glmer's SE (seen: 0.4 %); SEs from the finite-difference
+        # Hessian (glmer's default vcov) within 3 % (seen: 1.4 %, the side term next to
+        # a near-zero SD), conditional SEs within 0.5 % (seen: 0.02 %); the issue asks
+        # for 10 %
         assert fit.beta[j] == pytest.approx(ref[name], abs=0.02 * ref[f"{name}_se"]), name
-        assert fit.se[j] == pytest.approx(ref[f"{name}_se"], rel=0.02), name
+        assert fit.se[j] == pytest.approx(ref[f"{name}_se"], rel=0.03), name
         assert fit.se_conditional[j] == pytest.approx(
-            ref[f"{name}_se_conditional"], rel=0.02
+            ref[f"{name}_se_conditional"], rel=0.005
         ), name
     # random-effect SDs close; our Laplace likelihood is at least glmer's (same maximum)
-    assert fit.sd[0] == pytest.approx(ref["sd_participant"], abs=0.02)
-    assert fit.sd[1] == pytest.approx(ref["sd_image"], abs=0.02)
+    assert fit.sd[0] == pytest.approx(ref["sd_participant"], abs=0.005)
+    assert fit.sd[1] == pytest.approx(ref["sd_image"], abs=0.005)
     assert fit.loglik >= ref["loglik"] - 1e-3
     assert fit.loglik == pytest.approx(ref["loglik"], abs=0.05)
     if ref["singular"]:
