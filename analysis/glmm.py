@@ -13,14 +13,19 @@ approximation of the deviance there is
     D(theta, beta) = -2 log p(y | beta, b*) + |b*|^2 + log det(Lambda Z'WZ Lambda + I),
 
 ``W = diag(m mu (1 - mu))``. The fit has lme4's two stages: (1) ``theta`` by a bounded
-derivative-free search (scipy's Nelder-Mead, ``theta >= 0``, as lme4's bobyqa) with
-``(beta, b)`` at their joint conditional modes (lme4's ``nAGQ = 0`` objective); (2) Newton steps on ``D(theta, beta)``
-with a finite-difference gradient and Hessian (lme4's ``nAGQ = 1`` default). The
-covariance of ``beta`` is the inverse of half that Hessian (the beta block), as
-``vcov(glmer_fit)`` in lme4 >= 1.1; the cheaper conditional covariance (the inverse Schur
-complement of the penalized system at the mode, lme4's ``use.hessian = FALSE``) is also
-returned. A factor whose SD ends at 0 (below ``BOUNDARY_TOL``) is a boundary (singular)
-fit: it is held at 0 in stage 2 and flagged.
+derivative-free search (scipy's Nelder-Mead, ``theta >= 0``; lme4 uses bobyqa) with
+``(beta, b)`` at their joint conditional modes (lme4's ``nAGQ = 0`` objective); (2)
+Newton steps on ``D(theta, beta)`` with a finite-difference gradient and Hessian (lme4's
+``nAGQ = 1`` default). The covariance of ``beta`` is the inverse of half that Hessian
+(the beta block), as ``vcov(glmer_fit)`` in lme4 >= 1.1; the cheaper conditional
+covariance (the inverse Schur complement of the penalized system at the mode, lme4's
+``use.hessian = FALSE``) is also returned. A factor whose SD ends at 0 (below
+``BOUNDARY_TOL``) is a boundary (singular) fit: it is held at 0 in stage 2 and flagged.
+
+``fit_glmm(..., reml=True)`` estimates the SDs by restricted Laplace likelihood instead
+(beta integrated out as well), and ``GLMMFit.df`` holds Satterthwaite degrees of freedom
+for each fixed effect's Wald t. ``glmm_pair_tests`` turns this into the report's primary
+per-pair test (see ``PAIR_TEST_METHOD`` and docs/analysis.md for why that test).
 
 Dense linear algebra on the small ``(p + q)`` penalized system; the data are first
 collapsed to cells of identical (levels, covariates) so cost scales with the cells, not the
@@ -55,13 +60,15 @@ class GLMMFit:
     """A fitted logistic GLMM (see module docstring).
 
     beta, se, cov: fixed effects, their standard errors and covariance (``vcov`` says which
-    covariance: "hessian" or "conditional"); se_conditional: SEs from the conditional
-    covariance; sd: random-intercept SD per grouping factor (``factors``); theta_cov:
-    covariance of the SDs from the same Hessian (NaN rows for boundary SDs); deviance: the
-    Laplace deviance (-2 log-likelihood), loglik = -deviance / 2; converged: both stages
-    converged and the Hessian is positive definite; boundary: per factor, SD at 0;
-    iterations: deviance evaluations in all; n_obs (trials), n_cells (distinct rows),
-    n_levels per factor.
+    covariance); se_conditional: SEs from the conditional covariance; df: Satterthwaite
+    degrees of freedom of each fixed effect's Wald t (inf when every SD is 0, NaN when the
+    SDs' covariance is unknown); sd: random-intercept SD per grouping factor
+    (``factors``); theta_cov: covariance of the SDs from the Hessian (NaN for boundary
+    SDs); deviance: the Laplace deviance (-2 log-likelihood; with ``method`` "REML" the
+    restricted one), loglik = -deviance / 2; converged: stage 2 converged with a positive
+    definite Hessian; boundary: per factor, SD at 0; iterations: deviance evaluations in
+    all; n_obs (trials), n_cells (distinct rows), n_levels per factor; message: why not
+    converged.
     """
 
     names: tuple[str, ...]
