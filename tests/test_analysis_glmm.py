@@ -322,11 +322,14 @@ def test_report_makes_the_glmm_the_primary_per_pair_test(loaded_study):
     assert any(n.startswith("Secondary, for comparison only: cluster_glm") for n in result.notes)
     html = render_html(result, {})
     assert html.index("Primary per-pair test") < html.index("Secondary clustered checks")
+    assert "* GLMM Holm p < 0.05" in result.figures["preference_matrix"].axes[0].get_title()
 
     fallback = run_analysis(loaded_study, AnalysisOptions(n_boot=30, mixed=False))
     assert "pair_tests_glmm" not in fallback.tables
     assert "secondary cluster-robust GLM (table cluster_glm)" in fallback.summary
     assert "cluster-robust GLM with participants and images p_Holm" in fallback.summary
+    title = fallback.figures["preference_matrix"].axes[0].get_title()
+    assert "* cluster-robust GLM Holm p" in title
 
 
 @pytest.mark.slow
