@@ -401,3 +401,22 @@ def test_pair_test_holds_its_level_with_few_clusters_and_keeps_power():
     power = _null_and_power_runs(20, {**equal, "e": 1.0}, 20, 10, 95_000)
     found = power.loc[~power["null"], "p"].le(0.05).mean()
     assert found >= POWER_FLOOR, found
+
+
+@pytest.mark.slow
+def test_bench_glmm_runs_and_prints_the_calibration_table(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    csv = tmp_path / "pairs.csv"
+    done = subprocess.run(
+        [sys.executable, "bench/bench_glmm.py", "--datasets", "1", "--scenarios",
+         "few-none,few-power", "--reml", "--csv", str(csv)],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| few-none | REML Wald t, Satterthwaite df >= G-1 (default) | 10 |" in done.stdout
+    assert "power_0.05" in done.stdout and "CPU per pair fit" in done.stdout
+    assert len(pd.read_csv(csv)) == 20
