@@ -645,11 +645,13 @@ PAIR_TEST_METHOD = (
     "participant and image; rate_a / rate_low / rate_high are it and its interval on the "
     "rate scale. Test of no preference: Wald t of the intercept with the random-effect SDs "
     "estimated by restricted (REML) Laplace likelihood and Satterthwaite degrees of "
-    "freedom (z when both SDs are estimated at 0); Holm over the pairs. It held its level "
-    "in simulations with 5 to 10 images and 10 to 20 participants, where the Wald z and "
-    "lme4-style ML-based tests did not (docs/analysis.md). log_odds_ml / se_ml: the "
-    "maximum-likelihood Laplace fit, which is lme4's glmer (agreement within 2 % in the "
-    "tests). A pair without a finite estimate has NaN and a reason."
+    "freedom, at least G - 1 for the factor with the fewest levels (z when both SDs are "
+    "estimated at 0); Holm over the pairs. It held its level in simulations with 10 to 20 "
+    "participants and 5 to 10 images, where the Wald z and the likelihood-ratio test of "
+    "the glmer fit did not; it is conservative with few participants or images "
+    "(docs/analysis.md). log_odds_ml / se_ml: the maximum-likelihood Laplace fit, i.e. "
+    "lme4's glmer (estimates and SEs within 3 % of glmer's in the tests). A pair without "
+    "a finite estimate has NaN and a reason."
 )
 
 PAIR_TEST_COLUMNS = [
