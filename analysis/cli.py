@@ -66,7 +66,8 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
     "--mixed/--no-mixed",
     default=True,
     show_default=True,
-    help="Fit the crossed random-effects model (slow on big studies).",
+    help="Fit the per-pair crossed random-effects GLMM, the primary test (--no-mixed: the "
+    "secondary cluster-robust GLM gives the verdicts).",
 )
 @click.option("--min-catch-accuracy", type=click.FloatRange(0, 1), default=0.8, show_default=True)
 @click.option("--min-repeat-consistency", type=click.FloatRange(0, 1), default=None)
