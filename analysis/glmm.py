@@ -175,7 +175,13 @@ class _Model:
         return hbb
 
     def pirls(
-        self, theta, beta, b, joint: bool, reml: bool = False, tol: float = 1e-9,
+        self,
+        theta,
+        beta,
+        b,
+        joint: bool,
+        reml: bool = False,
+        tol: float = 1e-9,
         max_iter: int = 60,
     ):
         """Conditional mode of b (and of beta when ``joint``) for given theta: Newton steps
@@ -527,7 +533,9 @@ def fit_glmm(
         n_levels.append(int(inverse.max()) + 1 if n else 0)
     codes = np.column_stack(codes).astype(np.int64)
     names = tuple(names) if names is not None else tuple(f"x{j}" for j in range(X.shape[1]))
-    factors = tuple(factors) if factors is not None else tuple(f"g{j}" for j in range(len(n_levels)))
+    factors = (
+        tuple(factors) if factors is not None else tuple(f"g{j}" for j in range(len(n_levels)))
+    )
     if min(n_levels) < 2:
         raise ValueError("every grouping factor needs at least two levels")
     if n <= X.shape[1] or np.all(y == 0) or np.all(y == trials):
@@ -591,9 +599,7 @@ def fit_glmm(
         if converged and n_free:
             theta_cov[np.ix_(idx, idx)] = 2 * _spd_inverse(hess)
         fixed = np.zeros(K, dtype=bool)
-        _, beta, b, hess_beta, beta_ok, beta_message = _newton_stage(
-            model, theta, beta, b, fixed
-        )
+        _, beta, b, hess_beta, beta_ok, beta_message = _newton_stage(model, theta, beta, b, fixed)
         w = model.pirls(theta, beta, b, joint=False)[4]
         cov_conditional = _conditional_cov(design, theta, w)
         se_conditional = np.sqrt(np.diag(cov_conditional))

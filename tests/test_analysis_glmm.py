@@ -79,7 +79,9 @@ LME4_CASES = [
 @pytest.fixture(scope="module")
 def lme4_fits(tmp_path_factory):
     require_component(
-        rscript_with_lme4(), "R with lme4 (Rscript -e 'library(lme4)')", "apt-get install r-cran-lme4"
+        rscript_with_lme4(),
+        "R with lme4 (Rscript -e 'library(lme4)')",
+        "apt-get install r-cran-lme4",
     )
     frames = [crossed_pair(*case) for case in LME4_CASES]
     references = glmer_reference(frames, tmp_path_factory.mktemp("lme4"))
@@ -97,9 +99,9 @@ def test_fixed_effects_and_standard_errors_match_glmer(lme4_fits, case):
         # for 10 %
         assert fit.beta[j] == pytest.approx(ref[name], abs=0.02 * ref[f"{name}_se"]), name
         assert fit.se[j] == pytest.approx(ref[f"{name}_se"], rel=0.03), name
-        assert fit.se_conditional[j] == pytest.approx(
-            ref[f"{name}_se_conditional"], rel=0.005
-        ), name
+        assert fit.se_conditional[j] == pytest.approx(ref[f"{name}_se_conditional"], rel=0.005), (
+            name
+        )
     # random-effect SDs close; our Laplace likelihood is at least glmer's (same maximum)
     assert fit.sd[0] == pytest.approx(ref["sd_participant"], abs=0.005)
     assert fit.sd[1] == pytest.approx(ref["sd_image"], abs=0.005)
@@ -365,7 +367,12 @@ def _null_and_power_runs(n_datasets, qualities, n_participants, n_images, seed0)
     runs = []
     for d in range(n_datasets):
         votes = simulate_crossed(
-            qualities, n_participants, n_images, 60, participant_sd=0.5, image_sd=0.4,
+            qualities,
+            n_participants,
+            n_images,
+            60,
+            participant_sd=0.5,
+            image_sd=0.4,
             seed=seed0 + d,
         )
         table = glmm_pair_tests(votes, with_ml=False)  # the test, without the ML columns
@@ -413,9 +420,21 @@ def test_bench_glmm_runs_and_prints_the_calibration_table(tmp_path):
     root = Path(__file__).resolve().parents[1]
     csv = tmp_path / "pairs.csv"
     done = subprocess.run(
-        [sys.executable, "bench/bench_glmm.py", "--datasets", "1", "--scenarios",
-         "few-none,few-power", "--reml", "--csv", str(csv)],
-        cwd=root, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "bench/bench_glmm.py",
+            "--datasets",
+            "1",
+            "--scenarios",
+            "few-none,few-power",
+            "--reml",
+            "--csv",
+            str(csv),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| few-none | REML Wald t, Satterthwaite df >= G-1 (default) | 10 |" in done.stdout
