@@ -43,7 +43,8 @@ $(DEV_STAMP): | $(VENV)/bin/python
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@ $(RUN_STAMP)
 
-# Debian packages the tests need: chromium (browser tests) and postgresql (database tests).
+# Debian packages the tests need: chromium (browser tests), postgresql (database tests)
+# and r-cran-lme4 (R lme4, the reference for the GLMM tests).
 system-deps:
 	@bash .ci/system-deps
 

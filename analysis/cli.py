@@ -102,7 +102,8 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
     "--mixed/--no-mixed",
     default=True,
     show_default=True,
-    help="Fit the crossed random-effects model (slow on big studies).",
+    help="Fit the per-pair crossed random-effects GLMM, the primary test (--no-mixed: the "
+    "secondary cluster-robust GLM gives the verdicts).",
 )
 @click.option("--min-catch-accuracy", type=RuleValue(0, 1), default=None,
               help=RULES_HELP.format(default=0.8))

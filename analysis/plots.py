@@ -37,11 +37,15 @@ def preference_matrix(table: pd.DataFrame) -> tuple[list[str], np.ndarray, np.nd
     return names, rate, low, high
 
 
-def preference_matrix_figure(table: pd.DataFrame, alpha: float = 0.05) -> Figure:
+def preference_matrix_figure(
+    table: pd.DataFrame, alpha: float = 0.05, mark_label: str = "Holm p"
+) -> Figure:
     """Heatmap of P(row preferred over column) with its Wilson interval in each cell.
 
-    ``table`` is ``analysis.preference_table(...)``. Cells whose Holm-adjusted p-value is
-    below ``alpha`` are marked with an asterisk; grey cells were never compared.
+    ``table`` is ``analysis.preference_table(...)``. Cells whose Holm-adjusted p-value
+    (column p_holm; the caller may put another test's there and name it in
+    ``mark_label``) is below ``alpha`` are marked with an asterisk; grey cells were never
+    compared.
     """
     names, rate, low, high = preference_matrix(table)
     size = max(len(names), 1)
@@ -73,7 +77,8 @@ def preference_matrix_figure(table: pd.DataFrame, alpha: float = 0.05) -> Figure
     ax.set_xlabel("column condition")
     ax.set_ylabel("row condition")
     ax.set_title(
-        f"P(row preferred over column)\n[Wilson interval]; * Holm p < {alpha:g}", fontsize=10
+        f"P(row preferred over column)\n[Wilson interval]; * {mark_label} < {alpha:g}",
+        fontsize=10,
     )
     ax.set_facecolor("#dddddd")
     fig.colorbar(image, ax=ax, label="preference rate", shrink=0.8)
