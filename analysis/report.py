@@ -411,8 +411,8 @@ def _png(fig: Figure, provenance_line: str) -> bytes:
 def write_outputs(result: AnalysisResult, out_dir: str | Path) -> dict[str, str]:
     """Write everything under ``out_dir``; returns {relative path: sha256}.
 
-    tables/<name>.csv (first line: a '#' comment with the provenance JSON; read with
-    ``pd.read_csv(path, skiprows=1)``), .parquet (provenance in the schema metadata),
+    tables/<name>.csv (a plain CSV: ``pd.read_csv(path)``; its provenance in the sidecar
+    ``<name>.csv.provenance.json``), .parquet (provenance in the schema metadata),
     .json ({"provenance", "rows"}), .tex (provenance as % comment); figures/<name>.png
     (provenance in the PNG Description); report.html (self-contained), summary.txt,
     provenance.json (options, inputs, and every file's hash).
@@ -431,7 +431,8 @@ def write_outputs(result: AnalysisResult, out_dir: str | Path) -> dict[str, str]
             if clean[column].dtype == object or str(clean[column].dtype).startswith("str"):
                 clean[column] = clean[column].astype(object).where(clean[column].notna(), None)
                 clean[column] = clean[column].map(lambda v: v if v is None else str(v))
-        written[f"tables/{name}.csv"] = ("# " + line + "\n" + clean.to_csv(index=False)).encode()
+        written[f"tables/{name}.csv"] = clean.to_csv(index=False).encode()
+        written[f"tables/{name}.csv.provenance.json"] = (line + "\n").encode()
         arrow = pa.Table.from_pandas(clean, preserve_index=False)
         arrow = arrow.replace_schema_metadata(
             {**(arrow.schema.metadata or {}), b"pstudy_provenance": line.encode()}

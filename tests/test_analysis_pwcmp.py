@@ -205,9 +205,9 @@ def test_analyze_scale_prior_pwcmp_says_which_prior(tmp_path, reference):
         ],
     )
     assert result.exit_code == 0, result.output
-    scale = pd.read_csv(out / "tables" / "scale_jod.csv", skiprows=1)
+    scale = pd.read_csv(out / "tables" / "scale_jod.csv")
     assert (scale["prior"] == "pwcmp").all()
-    by_image = pd.read_csv(out / "tables" / "scale_jod_by_image.csv", skiprows=1)
+    by_image = pd.read_csv(out / "tables" / "scale_jod_by_image.csv")
     assert _compare(by_image, reference)["diff"].abs().max() < TOLERANCE
     assert (by_image["components"] == 1).all()
     report = (out / "report.html").read_text()

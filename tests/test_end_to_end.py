@@ -67,7 +67,7 @@ def port_answers(port: int) -> bool:
 
 def read_table(report: Path, name: str) -> pd.DataFrame:
     """One report table (its CSV starts with a '#' provenance line)."""
-    return pd.read_csv(report / "tables" / f"{name}.csv", skiprows=1)
+    return pd.read_csv(report / "tables" / f"{name}.csv")
 
 
 def main_votes_from_database(url: str, slug: str) -> pd.DataFrame:
