@@ -188,8 +188,11 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
         "Holm (family-wise) and Benjamini–Hochberg (FDR) adjust over all condition pairs.",
         f"Scales: Thurstone Case V in JOD with a N(0, {scaling.THURSTONE_PRIOR_SD:g}^2) prior; "
         "Bradley–Terry in logits by maximum likelihood (ridge alpha "
-        f"{scaling.AUTO_ALPHA:g} only when the win graph is not strongly connected); "
-        f"{options.n_boot} observer-bootstrap replicates.",
+        f"{scaling.AUTO_ALPHA:g} only when the win graph is not strongly connected). "
+        "Scale intervals and significance matrices (Holm) count participants and images as "
+        f"random: {options.n_boot} bootstrap replicates each over participants, images and "
+        "(participant, image) cells, combined as V_participants + V_images - V_cells (never "
+        "below V_cells), Student t with Satterthwaite degrees of freedom (column interval).",
         "Observer outlier score: (Q1 - L) / IQR of each observer's leave-one-out mean "
         "log-likelihood; >= 1.5 is worth a look.",
     ]
