@@ -44,17 +44,22 @@ def condition_names(responses: pd.DataFrame) -> list[str]:
     return sorted(set(left.unique()) | set(right.unique()))
 
 
+def _winner_loser(responses: pd.DataFrame, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Index in ``names`` of each row's chosen and not-chosen condition."""
+    left_s = responses["condition_left"].astype(str)
+    right_s = responses["condition_right"].astype(str)
+    left = pd.Categorical(left_s, categories=names).codes.astype(np.int64)
+    right = pd.Categorical(right_s, categories=names).codes.astype(np.int64)
+    if (left < 0).any() or (right < 0).any():
+        raise ValueError("responses compare a condition that is not in names")
+    chosen_left = (responses["chosen_condition"].astype(str) == left_s).to_numpy()
+    return np.where(chosen_left, left, right), np.where(chosen_left, right, left)
+
+
 def win_matrix(responses: pd.DataFrame, names: list[str] | None = None) -> np.ndarray:
     """K x K counts: ``wins[i, j]`` = trials where names[i] was chosen over names[j]."""
     names = names or condition_names(responses)
-    index = {name: i for i, name in enumerate(names)}
-    left = responses["condition_left"].astype(str).map(index).to_numpy()
-    right = responses["condition_right"].astype(str).map(index).to_numpy()
-    chosen_left = (
-        responses["chosen_condition"].astype(str) == responses["condition_left"].astype(str)
-    ).to_numpy()
-    winner = np.where(chosen_left, left, right)
-    loser = np.where(chosen_left, right, left)
+    winner, loser = _winner_loser(responses, names)
     size = len(names)
     return (
         np.bincount(winner * size + loser, minlength=size * size).reshape(size, size).astype(float)
@@ -65,15 +70,8 @@ def participant_win_tensor(
     responses: pd.DataFrame, names: list[str]
 ) -> tuple[list[str], np.ndarray]:
     """(participants, P x K x K counts per participant) for observer bootstraps."""
-    index = {name: i for i, name in enumerate(names)}
     codes, participants = pd.factorize(responses["participant"].astype(str), sort=True)
-    left = responses["condition_left"].astype(str).map(index).to_numpy()
-    right = responses["condition_right"].astype(str).map(index).to_numpy()
-    chosen_left = (
-        responses["chosen_condition"].astype(str) == responses["condition_left"].astype(str)
-    ).to_numpy()
-    winner = np.where(chosen_left, left, right)
-    loser = np.where(chosen_left, right, left)
+    winner, loser = _winner_loser(responses, names)
     size = len(names)
     flat = (codes * size + winner) * size + loser
     counts = np.bincount(flat, minlength=len(participants) * size * size)
@@ -294,14 +292,7 @@ def cell_counts(responses: pd.DataFrame, names: list[str]) -> CellCounts:
     """Aggregate the votes of ``responses`` per (participant, image) cell; a missing
     ``image_id`` column counts as one image."""
     size = len(names)
-    index = {name: i for i, name in enumerate(names)}
-    left = responses["condition_left"].astype(str).map(index).to_numpy()
-    right = responses["condition_right"].astype(str).map(index).to_numpy()
-    chosen_left = (
-        responses["chosen_condition"].astype(str) == responses["condition_left"].astype(str)
-    ).to_numpy()
-    winner = np.where(chosen_left, left, right)
-    loser = np.where(chosen_left, right, left)
+    winner, loser = _winner_loser(responses, names)
     p_codes, participants = pd.factorize(responses["participant"].astype(str), sort=True)
     if "image_id" in responses.columns:
         i_codes, images = pd.factorize(responses["image_id"].astype(str), sort=True)
