@@ -44,15 +44,20 @@ def condition_names(responses: pd.DataFrame) -> list[str]:
     return sorted(set(left.unique()) | set(right.unique()))
 
 
+def _codes(values: pd.Series, names: list[str]) -> np.ndarray:
+    """Index in ``names`` of each value (compared as strings); -1 where absent."""
+    codes, uniques = pd.factorize(values)
+    lookup = pd.Index(names).get_indexer(pd.Index(uniques).astype(str))
+    return np.where(codes >= 0, lookup[codes], -1).astype(np.int64)
+
+
 def _winner_loser(responses: pd.DataFrame, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Index in ``names`` of each row's chosen and not-chosen condition."""
-    left_s = responses["condition_left"].astype(str)
-    right_s = responses["condition_right"].astype(str)
-    left = pd.Categorical(left_s, categories=names).codes.astype(np.int64)
-    right = pd.Categorical(right_s, categories=names).codes.astype(np.int64)
+    left = _codes(responses["condition_left"], names)
+    right = _codes(responses["condition_right"], names)
     if (left < 0).any() or (right < 0).any():
         raise ValueError("responses compare a condition that is not in names")
-    chosen_left = (responses["chosen_condition"].astype(str) == left_s).to_numpy()
+    chosen_left = _codes(responses["chosen_condition"], names) == left
     return np.where(chosen_left, left, right), np.where(chosen_left, right, left)
 
 
