@@ -13,10 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "bench_inference.py"
+FWE_BOUND = 0.10
 
 
 def load_harness():
@@ -79,9 +81,10 @@ def test_harness_script_runs(tmp_path):
 @pytest.mark.slow
 def test_scale_intervals_and_significance_matrix_keep_their_promises(harness):
     """60 studies per cell (two cores: ~1 minute). Bounds, with the old values:
-    coverage >= .88 with image effects (old observer bootstrap .67); <= .99 without
-    random effects (naive pigeonhole bootstrap ~.99+); Holm FWE <= .12 under the null
-    with both effects (old .23; P(>= 8 of 60 | .05) = .03)."""
+    coverage >= .88 with image effects (old observer bootstrap .81 here, .67 in the
+    issue's simulation); <= .99 without random effects (naive pigeonhole bootstrap
+    ~.99+); Holm FWE over the 180 null studies <= .10 (old: .10-.37 per scenario;
+    .05 + 3 MC errors at the nominal rate)."""
     studies = 60
     table, records = harness.run_harness(
         studies,
@@ -102,15 +105,19 @@ def test_scale_intervals_and_significance_matrix_keep_their_promises(harness):
                 assert 0.88 <= none <= 0.99, (output, truth, none)
                 both = _value(table, output, "both", truth, "coverage")
                 assert both >= 0.88, (output, truth, both)
-        for scenario in ("none", "image", "both"):
-            fwe = _value(table, f"significance_{unit}: Holm", scenario, "null", "FWE")
-            assert fwe <= 0.12, (unit, scenario, fwe)
+        fwe = np.mean(
+            [
+                _value(table, f"significance_{unit}: Holm", scenario, "null", "FWE")
+                for scenario in ("none", "image", "both")
+            ]
+        )
+        assert fwe <= FWE_BOUND, (unit, fwe)
 
 
 @pytest.mark.slow
 def test_the_bounds_catch_the_old_observer_only_bootstrap(harness):
-    """The same bound applied to the participants-only interval (the old method) fails:
-    image-to-image variance is missing."""
+    """The same bounds applied to the participants-only interval (the old method) fail:
+    image-to-image variance is missing (coverage .81, Holm FWE .37 here)."""
     table, _ = harness.run_harness(
         60,
         seed=7,
@@ -123,3 +130,5 @@ def test_the_bounds_catch_the_old_observer_only_bootstrap(harness):
     old = _value(table, "scale_jod: condition intervals [participants]", "image", "null",
                  "coverage")
     assert old < 0.88, old
+    fwe = _value(table, "significance_jod: Holm [participants]", "image", "null", "FWE")
+    assert fwe > FWE_BOUND, fwe
