@@ -203,9 +203,7 @@ def population_scale(
     names = list(qualities)
     size = len(names)
     ordered = [(a, b) for a in names for b in names if a != b]
-    rates = true_pair_rates(
-        qualities, ordered, model, observer_sd=observer_sd, image_sd=image_sd
-    )
+    rates = true_pair_rates(qualities, ordered, model, observer_sd=observer_sd, image_sd=image_sd)
     wins = np.zeros((size, size))
     index = {name: i for i, name in enumerate(names)}
     for (a, b), rate in zip(ordered, rates, strict=True):

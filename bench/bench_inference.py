@@ -139,7 +139,9 @@ DESCRIPTIVE = "descriptive (ignores clustering)"
 
 
 def _pairs(table: pd.DataFrame) -> list[tuple[str, str]]:
-    return list(zip(table["condition_a"].astype(str), table["condition_b"].astype(str), strict=True))
+    return list(
+        zip(table["condition_a"].astype(str), table["condition_b"].astype(str), strict=True)
+    )
 
 
 def _covers(low, high, truth) -> np.ndarray:
@@ -170,7 +172,11 @@ def scale_producer(model: str, interval: str) -> Callable[[Study], list[Measure]
         from analysis.scaling import scale_conditions
 
         result = scale_conditions(
-            study.main, model, n_boot=study.n_boot, level=LEVEL, seed=study.seed,
+            study.main,
+            model,
+            n_boot=study.n_boot,
+            level=LEVEL,
+            seed=study.seed,
             interval=interval,
         )
         names = result.scale["condition"].astype(str).tolist()
@@ -374,8 +380,16 @@ def make_study(task: Task) -> Study:
         model=task.model,
     )
     return Study(
-        task.scenario, task.truth, task.index, task.seed, task.model, task.n_boot,
-        qualities, observer_sd, image_sd, main,
+        task.scenario,
+        task.truth,
+        task.index,
+        task.seed,
+        task.model,
+        task.n_boot,
+        qualities,
+        observer_sd,
+        image_sd,
+        main,
     )
 
 
@@ -393,15 +407,30 @@ def run_task(task: Task) -> list[dict]:
                 measures = producers[name](study)
         except Exception as error:  # counted, shown in the table's errors column
             records.append(
-                {"producer": name, "output": f"{name} (error)", "role": "", "error": repr(error),
-                 "scenario": task.scenario, "truth": task.truth, "study": task.index}
+                {
+                    "producer": name,
+                    "output": f"{name} (error)",
+                    "role": "",
+                    "error": repr(error),
+                    "scenario": task.scenario,
+                    "truth": task.truth,
+                    "study": task.index,
+                }
             )
             continue
         for m in measures:
             record = {
-                "producer": name, "output": m.output, "role": m.role, "error": None,
-                "scenario": task.scenario, "truth": task.truth, "study": task.index,
-                "coverage": np.nan, "fwe": np.nan, "power_hits": 0, "power_n": 0,
+                "producer": name,
+                "output": m.output,
+                "role": m.role,
+                "error": None,
+                "scenario": task.scenario,
+                "truth": task.truth,
+                "study": task.index,
+                "coverage": np.nan,
+                "fwe": np.nan,
+                "power_hits": 0,
+                "power_n": 0,
             }
             if m.covered is not None:
                 record["coverage"] = float(np.mean(m.covered)) if len(m.covered) else np.nan
@@ -436,8 +465,17 @@ def run_harness(
     if unknown:
         raise ValueError(f"unknown output(s) {unknown}; available: {', '.join(available)}")
     tasks = [
-        Task(s, t, i, study_seed(seed, s, t, i), model, n_boot, producers, tuple(intervals),
-             with_mixed)
+        Task(
+            s,
+            t,
+            i,
+            study_seed(seed, s, t, i),
+            model,
+            n_boot,
+            producers,
+            tuple(intervals),
+            with_mixed,
+        )
         for s in scenarios
         for t in truths
         for i in range(studies)
@@ -473,46 +511,79 @@ def summarise(frame: pd.DataFrame, studies: int) -> pd.DataFrame:
     fwe_mc = float(np.sqrt(ALPHA * (1 - ALPHA) / studies))
     errors = frame[frame["error"].notna()] if "error" in frame else frame.iloc[:0]
     ok = frame[frame["error"].isna()] if "error" in frame else frame
-    for (output, scenario, truth), group in ok.groupby(
-        ["output", "scenario", "truth"], sort=False
-    ):
+    for (output, scenario, truth), group in ok.groupby(["output", "scenario", "truth"], sort=False):
         role = group["role"].iloc[0]
         producer = group["producer"].iloc[0]
-        n_errors = int(
-            ((errors["producer"] == producer) & (errors["scenario"] == scenario)
-             & (errors["truth"] == truth)).sum()
-        ) if len(errors) else 0
-        base = {"output": output, "role": role, "scenario": scenario, "truth": truth,
-                "studies": len(group), "errors": n_errors}
+        n_errors = (
+            int(
+                (
+                    (errors["producer"] == producer)
+                    & (errors["scenario"] == scenario)
+                    & (errors["truth"] == truth)
+                ).sum()
+            )
+            if len(errors)
+            else 0
+        )
+        base = {
+            "output": output,
+            "role": role,
+            "scenario": scenario,
+            "truth": truth,
+            "studies": len(group),
+            "errors": n_errors,
+        }
         cov = group["coverage"].dropna()
         if len(cov):
             value = float(cov.mean())
             mc = float(cov.std(ddof=1) / np.sqrt(len(cov))) if len(cov) > 1 else np.nan
             low, high = COVERAGE_BAND
-            rows.append({**base, "measure": "coverage", "value": value, "mc_error": mc,
-                         "nominal": LEVEL, "result": "PASS" if low <= value <= high else "FAIL"})
+            rows.append(
+                {
+                    **base,
+                    "measure": "coverage",
+                    "value": value,
+                    "mc_error": mc,
+                    "nominal": LEVEL,
+                    "result": "PASS" if low <= value <= high else "FAIL",
+                }
+            )
         fwe = group["fwe"].dropna()
         if len(fwe):
             value = float(fwe.mean())
             mc = float(np.sqrt(value * (1 - value) / len(fwe)))
             bound = ALPHA + 2 * float(np.sqrt(ALPHA * (1 - ALPHA) / len(fwe)))
-            rows.append({**base, "measure": "FWE", "value": value, "mc_error": mc,
-                         "nominal": ALPHA, "result": "PASS" if value <= bound else "FAIL"})
+            rows.append(
+                {
+                    **base,
+                    "measure": "FWE",
+                    "value": value,
+                    "mc_error": mc,
+                    "nominal": ALPHA,
+                    "result": "PASS" if value <= bound else "FAIL",
+                }
+            )
         power_n = int(group["power_n"].sum())
         if power_n and group["fwe"].isna().all():
             value = float(group["power_hits"].sum() / power_n)
             per_study = group["power_hits"] / group["power_n"].where(group["power_n"] > 0)
             mc = float(per_study.std(ddof=1) / np.sqrt(len(per_study)))
-            rows.append({**base, "measure": "power", "value": value, "mc_error": mc,
-                         "nominal": np.nan, "result": "(info)"})
+            rows.append(
+                {
+                    **base,
+                    "measure": "power",
+                    "value": value,
+                    "mc_error": mc,
+                    "nominal": np.nan,
+                    "result": "(info)",
+                }
+            )
     table = pd.DataFrame(rows)
     if not table.empty:
         scenario_order = {s: i for i, s in enumerate(SCENARIOS)}
         table["_s"] = table["scenario"].map(scenario_order)
         table["_t"] = table["truth"].map({t: i for i, t in enumerate(TRUTHS)})
-        table = table.sort_values(["output", "_t", "_s"], kind="stable").drop(
-            columns=["_s", "_t"]
-        )
+        table = table.sort_values(["output", "_t", "_s"], kind="stable").drop(columns=["_s", "_t"])
     table.attrs["fwe_mc_at_nominal"] = fwe_mc
     return table.reset_index(drop=True)
 
@@ -593,10 +664,17 @@ def main(argv: list[str] | None = None) -> int:
         help="scale interval methods to measure (two-way = the report's; also "
         "two-way-sandwich, participants = the old observer bootstrap)",
     )
-    parser.add_argument("--model", choices=("thurstone", "bt"), default="thurstone",
-                        help="simulation model; qualities in JOD or logits")
-    parser.add_argument("--with-mixed", action="store_true",
-                        help="also the VB mixed model (slow: seconds per study)")
+    parser.add_argument(
+        "--model",
+        choices=("thurstone", "bt"),
+        default="thurstone",
+        help="simulation model; qualities in JOD or logits",
+    )
+    parser.add_argument(
+        "--with-mixed",
+        action="store_true",
+        help="also the VB mixed model (slow: seconds per study)",
+    )
     parser.add_argument("--outputs", nargs="*", default=None, help="producers to run")
     parser.add_argument("--quick", action="store_true", help="20 studies, 100 replicates")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
@@ -612,9 +690,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unknown scenario/truth {bad}")
     intervals = tuple(i.strip() for i in args.intervals.split(",") if i.strip())
-    print(f"# inference calibration: {studies} studies per scenario x truth, "
-          f"{PARTICIPANTS} participants x {IMAGES} images x {TRIALS} trials, "
-          f"{len(CONDITIONS)} conditions, {args.model} data, n_boot {n_boot}, seed {args.seed}")
+    print(
+        f"# inference calibration: {studies} studies per scenario x truth, "
+        f"{PARTICIPANTS} participants x {IMAGES} images x {TRIALS} trials, "
+        f"{len(CONDITIONS)} conditions, {args.model} data, n_boot {n_boot}, seed {args.seed}"
+    )
     print(f"machine: {machine()}; jobs {args.jobs}")
     start = time.perf_counter()
     table, _ = run_harness(
@@ -636,9 +716,11 @@ def main(argv: list[str] | None = None) -> int:
         table.to_csv(args.csv, index=False)
     inferential = table[table["role"] == INFERENTIAL]
     failed = inferential[inferential["result"] == "FAIL"]
-    print(f"\n{len(table)} results in {elapsed:.0f} s; inferential results failing: "
-          f"{len(failed)}" + (" (" + ", ".join(sorted(set(failed["output"]))) + ")"
-                              if len(failed) else ""))
+    print(
+        f"\n{len(table)} results in {elapsed:.0f} s; inferential results failing: "
+        f"{len(failed)}"
+        + (" (" + ", ".join(sorted(set(failed["output"]))) + ")" if len(failed) else "")
+    )
     if importlib.util.find_spec("analysis.glmm") is None:
         print("analysis.glmm not found: the GLMM per-pair test is not measured.")
     return 0

@@ -47,8 +47,14 @@ def _value(table, output, scenario, truth, measure):
 
 def test_harness_registry_and_table_shape(harness):
     producers = harness.registry(["two-way"])
-    assert {"scale_jod", "scale_bt", "pairs", "cluster_glm", "cluster_bootstrap",
-            "per_participant_tests"} <= set(producers)
+    assert {
+        "scale_jod",
+        "scale_bt",
+        "pairs",
+        "cluster_glm",
+        "cluster_bootstrap",
+        "per_participant_tests",
+    } <= set(producers)
     assert ("glmm" in producers) == (importlib.util.find_spec("analysis.glmm") is not None)
     table, records = harness.run_harness(
         2,
@@ -68,10 +74,30 @@ def test_harness_registry_and_table_shape(harness):
 
 def test_harness_script_runs(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--studies", "2", "--scenarios", "image", "--truths",
-         "null", "--n-boot", "20", "--outputs", "scale_bt", "pairs", "--jobs", "1",
-         "--no-progress", "--csv", str(tmp_path / "t.csv")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--studies",
+            "2",
+            "--scenarios",
+            "image",
+            "--truths",
+            "null",
+            "--n-boot",
+            "20",
+            "--outputs",
+            "scale_bt",
+            "pairs",
+            "--jobs",
+            "1",
+            "--no-progress",
+            "--csv",
+            str(tmp_path / "t.csv"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| scale_bt: condition intervals | null | coverage (0.95) |" in out.stdout
@@ -96,8 +122,11 @@ def test_scale_intervals_and_significance_matrix_keep_their_promises(harness):
     assert records["error"].isna().all(), records["error"].dropna().tolist()
     for unit in ("jod", "bt"):
         for kind in ("condition intervals", "difference intervals"):
-            output = (f"scale_{unit}: {kind}" if kind.startswith("condition")
-                      else f"significance_{unit}: {kind}")
+            output = (
+                f"scale_{unit}: {kind}"
+                if kind.startswith("condition")
+                else f"significance_{unit}: {kind}"
+            )
             for truth in ("null", "effects"):
                 image = _value(table, output, "image", truth, "coverage")
                 assert image >= 0.88, (output, truth, image)
@@ -127,8 +156,9 @@ def test_the_bounds_catch_the_old_observer_only_bootstrap(harness):
         intervals=("participants",),
         outputs=("scale_jod[participants]",),
     )
-    old = _value(table, "scale_jod: condition intervals [participants]", "image", "null",
-                 "coverage")
+    old = _value(
+        table, "scale_jod: condition intervals [participants]", "image", "null", "coverage"
+    )
     assert old < 0.88, old
     fwe = _value(table, "significance_jod: Holm [participants]", "image", "null", "FWE")
     assert fwe > FWE_BOUND, fwe
