@@ -101,14 +101,19 @@ def scale_figure(scale: pd.DataFrame, unit: str = "JOD") -> Figure:
     est = data["estimate"].to_numpy(dtype=float)
     lo = data["ci_low"].to_numpy(dtype=float)
     hi = data["ci_high"].to_numpy(dtype=float)
-    # Interval and estimate drawn separately: a percentile bootstrap interval of a tiny
-    # or lopsided study need not contain the point estimate.
+    # Interval and estimate drawn separately (a percentile interval, if one is passed,
+    # need not contain the point estimate).
     ax.hlines(y, lo, hi, color="#1f4e79", lw=1.5)
     ax.plot(lo, y, "|", hi, y, "|", color="#1f4e79", ms=8)
     ax.plot(est, y, "o", color="#1f4e79")
     ax.set_yticks(y, data["condition"].astype(str).tolist())
     ax.axvline(0.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel(f"quality scale ({unit}), 95% bootstrap CI over observers")
+    how = (
+        "participants and images random"
+        if "interval" in data and data["interval"].astype(str).str.startswith("two-way").all()
+        else "see the interval column"
+    )
+    ax.set_xlabel(f"quality scale ({unit}), 95% CI ({how})")
     ax.grid(axis="x", alpha=0.3)
     return fig
 

@@ -49,10 +49,16 @@ from scipy import optimize, special
 from scipy.sparse.csgraph import connected_components
 
 from analysis.scaling import (
+    MIN_IMAGES,
+    CellCounts,
     ScaleResult,
+    ScaleVariance,
+    _bootstrap_counts,
+    _t_interval,
+    anchor_contrasts,
     anchor_scale,
+    cell_counts,
     condition_names,
-    participant_win_tensor,
     significance_matrix,
     strongly_connected,
     win_matrix,
@@ -248,6 +254,41 @@ def pw_scale_groups(
     return pd.DataFrame(rows)
 
 
+def pwcmp_variance(cells: CellCounts, prior: str, n_boot: int, seed: int
+                   ) -> tuple[ScaleVariance, dict[str, np.ndarray]]:
+    """The two-way clustered variance of ``scaling.scale_variance`` for the pwcmp model:
+    one-way cluster bootstraps over participants, images and (participant, image) cells,
+    each replicate fitted by :func:`pw_scale`, combined as participants + images - cells
+    (participants only with fewer than ``MIN_IMAGES`` images)."""
+    two_way = len(cells.images) >= MIN_IMAGES
+    levels = ("participant", "image", "cell") if two_way else ("participant",)
+    size = len(cells.names)
+    rng = np.random.default_rng(seed)
+    components, replicates = {}, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DisconnectedComparisonsWarning)
+        for level in levels:
+            matrix = cells.by(level)
+            groups = matrix.shape[0]
+            wins = _bootstrap_counts(matrix, n_boot, rng).reshape(n_boot, size, size)
+            fits = np.array([pw_scale(w, prior) for w in wins])
+            fits -= fits.mean(axis=1, keepdims=True)
+            cov = np.cov(fits, rowvar=False) if n_boot > 1 else np.full((size, size), np.nan)
+            components[level] = cov * groups / (groups - 1) if groups > 1 else cov * np.nan
+            replicates[level] = fits
+    clusters = {"participant": len(cells.participants), "image": len(cells.images),
+                "cell": cells.counts.shape[0]}
+    if two_way:
+        method = f"two-way cluster bootstrap (participants + images - cells, {n_boot} each), t"
+    else:
+        method = (f"participant cluster bootstrap ({n_boot}), t; fewer than {MIN_IMAGES} "
+                  "images: image variance not included")
+    variance = ScaleVariance(method=method, combine="two-way" if two_way else "participants",
+                             components=components,
+                             clusters={level: clusters[level] for level in levels})
+    return variance, replicates
+
+
 def scale_conditions_pwcmp(
     responses: pd.DataFrame,
     *,
@@ -259,39 +300,44 @@ def scale_conditions_pwcmp(
     prior: str = "pwcmp",
 ) -> ScaleResult:
     """``scaling.scale_conditions(responses, "thurstone", prior="pwcmp")``: the pwcmp
-    model (pw_scale, mean zero or ``anchor`` at 0) with the same observer bootstrap,
-    percentile intervals and significance matrix as our own Thurstone scale."""
+    model (pw_scale, mean zero or ``anchor`` at 0) with the same clustered intervals and
+    significance matrix as our own Thurstone scale (:func:`pwcmp_variance`). ``progress``
+    is accepted for compatibility."""
+    del progress
     names = condition_names(responses)
     if len(names) < 2:
         raise ValueError("scaling needs at least two conditions")
-    wins = win_matrix(responses, names)
-    estimate = anchor_scale(pw_scale(wins, prior), names, anchor)
-    participants, tensor = participant_win_tensor(responses, names)
-    rng = np.random.default_rng(seed)
-    replicates = np.empty((n_boot, len(names)))
-    iterator = range(n_boot)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="bootstrap pwcmp", unit="fit", leave=False)
+    cells = cell_counts(responses, names)
+    wins = cells.total()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DisconnectedComparisonsWarning)
-        for b in iterator:
-            weights = np.bincount(
-                rng.integers(0, len(participants), len(participants)),
-                minlength=len(participants),
-            ).astype(float)
-            replicates[b] = pw_scale(np.tensordot(weights, tensor, axes=1), prior)
-    replicates = anchor_scale(replicates, names, anchor)
-    tail = (1 - level) / 2
-    nan = np.full(len(names), np.nan)
+        fitted = pw_scale(wins, prior)
+    fitted = fitted - fitted.mean()
+    contrasts = anchor_contrasts(names, anchor)
+    estimate = contrasts @ fitted
+    size = len(names)
+    if n_boot > 1:
+        variance, replicates = pwcmp_variance(cells, prior, n_boot, seed)
+        var, df = variance.contrast(contrasts)
+        se, low, high, _, _ = _t_interval(estimate, var, df, level)
+        method = variance.method
+        significance = significance_matrix(names, fitted, level=level, variance=variance)
+    else:
+        variance, replicates = None, {}
+        se = low = high = df = np.full(size, np.nan)
+        method = "not computed (n_boot < 2)"
+        significance = significance_matrix(names, fitted, np.empty((0, size)), level)
+    significance.insert(significance.columns.get_loc("se"), "unit", "JOD")
     scale = pd.DataFrame(
         {
             "condition": names,
             "estimate": estimate,
-            "se": replicates.std(axis=0, ddof=1) if n_boot > 1 else nan,
-            "ci_low": np.quantile(replicates, tail, axis=0) if n_boot else nan,
-            "ci_high": np.quantile(replicates, 1 - tail, axis=0) if n_boot else nan,
+            "se": se,
+            "df": df,
+            "ci_low": low,
+            "ci_high": high,
+            "unit": "JOD",
+            "interval": method,
             "wins": wins.sum(axis=1).astype(np.int64),
             "comparisons": (wins.sum(axis=1) + wins.sum(axis=0)).astype(np.int64),
         }
@@ -304,7 +350,8 @@ def scale_conditions_pwcmp(
         strongly_connected=strongly_connected(wins),
         n_boot=n_boot,
         scale=scale,
-        significance=significance_matrix(names, estimate, replicates, level),
-        replicates=replicates,
+        significance=significance,
+        variance=variance,
+        replicates={lvl: anchor_scale(r, names, anchor) for lvl, r in replicates.items()},
         prior=prior,
     )

@@ -266,8 +266,11 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
         "simulations the first two exceeded their nominal level (docs/analysis.md).",
         "Holm (family-wise) and Benjamini–Hochberg (FDR) adjust over all condition pairs.",
         jod_note + "Bradley–Terry in logits by maximum likelihood (ridge alpha "
-        f"{scaling.AUTO_ALPHA:g} only when the win graph is not strongly connected); "
-        f"{options.n_boot} observer-bootstrap replicates.",
+        f"{scaling.AUTO_ALPHA:g} only when the win graph is not strongly connected). "
+        "Scale intervals and significance matrices (Holm) count participants and images as "
+        f"random: {options.n_boot} bootstrap replicates each over participants, images and "
+        "(participant, image) cells, combined as V_participants + V_images - V_cells (never "
+        "below V_cells), Student t with Satterthwaite degrees of freedom (column interval).",
         "Observer outlier score: (Q1 - L) / IQR of each observer's leave-one-out mean "
         "log-likelihood; >= 1.5 is worth a look.",
     ]

@@ -30,11 +30,16 @@ def simulate_responses(
     """Simulate main trials of a 2AFC study; returns contract-2 columns.
 
     ``qualities``: condition -> true quality in JOD (``model="thurstone"``: P(i over j) =
-    Phi((q_i - q_j + u) / 1.4826)) or in logits (``model="bt"``: logistic(q_i - q_j + u)),
-    where u is the sum of a per-participant and a per-image random shift of the pair's
-    difference (sd ``observer_sd``, ``image_sd``, same unit, multiplied by a random sign per
-    pair so the mean preference is unchanged) and ``left_bias`` (added for the left side).
-    Pairs are drawn uniformly; the side is random.
+    Phi((q_i - q_j + u) / 1.4826)) or in logits (``model="bt"``: logistic(q_i - q_j + u)).
+    Random effects (crossed design): each participant p has its own shift of each
+    condition's quality, a_pc ~ N(0, observer_sd^2 / 2), and each image m its own shift
+    b_mc ~ N(0, image_sd^2 / 2), all independent, so for every pair (i, j) the random part
+    u = (a_pi - a_pj) + (b_mi - b_mj) of the difference has SD ``observer_sd`` across
+    participants and ``image_sd`` across images (same unit as the qualities).
+    ``left_bias`` is added for the left side. Pairs are drawn uniformly; the side is random.
+    Because u is random, the population (marginal) preference is pulled towards 1/2; see
+    ``population_pair_rates`` and ``population_scale`` for the values a pooled analysis
+    estimates.
     """
     from scipy import stats
 
@@ -49,17 +54,14 @@ def simulate_responses(
     image = rng.integers(0, n_images, total)
     first = rng.integers(0, len(names), total)
     second = (first + rng.integers(1, len(names), total)) % len(names)
-    obs_effect = rng.normal(0.0, observer_sd, n_participants) if observer_sd > 0 else None
-    img_effect = rng.normal(0.0, image_sd, n_images) if image_sd > 0 else None
+    size = len(names)
     diff = q[first] - q[second]
-    if obs_effect is not None or img_effect is not None:
-        shift = np.zeros(total)
-        if obs_effect is not None:
-            shift += obs_effect[participant]
-        if img_effect is not None:
-            shift += img_effect[image]
-        sign = np.where(first < second, 1.0, -1.0)
-        diff = diff + sign * shift
+    if observer_sd > 0:  # per (participant, condition): SD of a pair's difference = observer_sd
+        shift = rng.normal(0.0, observer_sd / np.sqrt(2.0), (n_participants, size))
+        diff = diff + shift[participant, first] - shift[participant, second]
+    if image_sd > 0:  # per (image, condition): SD of a pair's difference = image_sd
+        shift = rng.normal(0.0, image_sd / np.sqrt(2.0), (n_images, size))
+        diff = diff + shift[image, first] - shift[image, second]
     diff = diff + left_bias  # first is shown on the left
     if model == "thurstone":
         p_first = stats.norm.cdf(diff / JOD_SIGMA)
@@ -146,12 +148,64 @@ def add_catch_trials(
 
 
 def true_pair_rates(
-    qualities: Mapping[str, float], pairs: Sequence[tuple[str, str]], model: str = "thurstone"
+    qualities: Mapping[str, float],
+    pairs: Sequence[tuple[str, str]],
+    model: str = "thurstone",
+    *,
+    observer_sd: float = 0.0,
+    image_sd: float = 0.0,
 ) -> np.ndarray:
-    """P(a chosen over b) for each (a, b) under the simulation model without random effects."""
-    from scipy import stats
+    """P(a chosen over b) for each (a, b) under the simulation model, no side bias.
+
+    With ``observer_sd = image_sd = 0`` (default) the rate of every participant on every
+    image. Otherwise the population (marginal) rate E_u[P(a over b | u)] over the random
+    part u ~ N(0, observer_sd^2 + image_sd^2) of the difference (see
+    ``simulate_responses``): exactly Phi(d / sqrt(1.4826^2 + tau^2)) for Thurstone,
+    Gauss–Hermite quadrature (80 nodes) for Bradley–Terry. This is what pooled rates and
+    marginal (GEE-type, e.g. cluster-robust GLM) estimates converge to.
+    """
+    from scipy import special, stats
 
     diff = np.array([qualities[a] - qualities[b] for a, b in pairs], dtype=float)
+    tau2 = float(observer_sd) ** 2 + float(image_sd) ** 2
     if model == "thurstone":
-        return stats.norm.cdf(diff / JOD_SIGMA)
-    return 1.0 / (1.0 + np.exp(-diff))
+        return stats.norm.cdf(diff / np.sqrt(JOD_SIGMA**2 + tau2))
+    if model != "bt":
+        raise ValueError(f"model must be 'thurstone' or 'bt', got {model!r}")
+    if tau2 == 0:
+        return special.expit(diff)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)  # weight exp(-x^2 / 2)
+    weights = weights / weights.sum()
+    return special.expit(diff[:, None] + np.sqrt(tau2) * nodes[None, :]) @ weights
+
+
+def population_scale(
+    qualities: Mapping[str, float],
+    fit_model: str = "thurstone",
+    model: str = "thurstone",
+    *,
+    observer_sd: float = 0.0,
+    image_sd: float = 0.0,
+) -> np.ndarray:
+    """The scale (mean zero, in the order of ``qualities``) that a pooled ``fit_model``
+    scale of an infinitely large study simulated by ``simulate_responses`` converges to:
+    the maximum-likelihood fit of ``fit_model`` ("thurstone": JOD, "bt": logits) to the
+    population rates ``true_pair_rates`` of every pair, all pairs equally often (the
+    simulation draws pairs uniformly).
+
+    Random effects pull preferences towards 1/2, so with them this is not ``qualities``:
+    for Thurstone data and a Thurstone fit it is exactly the centred qualities times
+    1.4826 / sqrt(1.4826^2 + observer_sd^2 + image_sd^2). It is the estimand the scale
+    intervals of ``analysis.scaling`` are checked against (``bench/bench_inference.py``).
+    """
+    from analysis.scaling import fit_scale
+
+    names = list(qualities)
+    size = len(names)
+    ordered = [(a, b) for a in names for b in names if a != b]
+    rates = true_pair_rates(qualities, ordered, model, observer_sd=observer_sd, image_sd=image_sd)
+    wins = np.zeros((size, size))
+    index = {name: i for i, name in enumerate(names)}
+    for (a, b), rate in zip(ordered, rates, strict=True):
+        wins[index[a], index[b]] = 1000.0 * rate
+    return fit_scale(wins, fit_model, 0.0, tol=1e-12)
