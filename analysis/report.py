@@ -131,25 +131,22 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
         ),
     ]
     test_name = "GLMM" if primary else "cluster-robust GLM"
+    low_col, high_col = ("rate_low", "rate_high") if primary else ("ci_low", "ci_high")
     for row in pairs.sort_values("p_holm").itertuples(index=False):
-        if row.rate_a >= 0.5:
-            win, lose, rate, low, high = (
-                row.condition_a,
-                row.condition_b,
-                row.rate_a,
-                row.wilson_low,
-                row.wilson_high,
-            )
-        else:
-            win, lose, rate, low, high = (
-                row.condition_b,
-                row.condition_a,
-                1 - row.rate_a,
-                1 - row.wilson_high,
-                1 - row.wilson_low,
-            )
         key = (row.condition_a, row.condition_b)
-        clustered_p = tests.loc[key, "p_holm"] if key in tests.index else np.nan
+        tested = tests.loc[key] if key in tests.index else None
+        clustered_p = tested["p_holm"] if tested is not None else np.nan
+        # the estimate and interval of the test that gives the verdict (same model, same
+        # clusters), oriented towards the preferred condition
+        rate = tested["rate_a"] if tested is not None else np.nan
+        low = tested[low_col] if tested is not None else np.nan
+        high = tested[high_col] if tested is not None else np.nan
+        a_wins = (rate >= 0.5) if np.isfinite(rate) else (row.rate_a >= 0.5)
+        win, lose = (row.condition_a, row.condition_b) if a_wins else (row.condition_b,
+                                                                      row.condition_a)
+        pooled = row.rate_a if a_wins else 1 - row.rate_a
+        if not a_wins:
+            rate, low, high = 1 - rate, 1 - high, 1 - low
         if not np.isfinite(clustered_p):
             if primary:
                 reason = tests.loc[key, "reason"] if key in tests.index else ""
@@ -161,15 +158,18 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
                     if isinstance(cov, str)
                     else "all votes one way"
                 )
-            verdict = f"clustered test not available ({why})"
-        elif clustered_p < alpha:
-            verdict = "a reliable preference"
-        else:
-            verdict = "not a reliable difference"
+            lines.append(
+                f"{win} was chosen over {lose} in {_pct(pooled)} of {row.n} trials (pooled, "
+                f"descriptive; p_Holm {_p(row.p_holm)}): clustered test not available ({why})."
+            )
+            continue
+        verdict = ("a reliable preference" if clustered_p < alpha
+                   else "not a reliable difference")
         lines.append(
-            f"Observers preferred {win} over {lose} in {_pct(rate)} of {row.n} trials "
-            f"({level} CI {_pct(low)}–{_pct(high)}, pooled p_Holm {_p(row.p_holm)}; "
-            f"{test_name} with participants and images p_Holm {_p(clustered_p)}): {verdict}."
+            f"{win} over {lose}: {test_name} with participants and images "
+            f"{_pct(rate)} for a typical participant and image ({level} CI {_pct(low)}–"
+            f"{_pct(high)}, p_Holm {_p(clustered_p)}): {verdict}. (Pooled: {_pct(pooled)} of "
+            f"{row.n} trials, p_Holm {_p(row.p_holm)}, descriptive.)"
         )
     scale = tables["scale_jod"].sort_values("estimate", ascending=False)
     ranking = ", ".join(f"{r.condition} ({r.estimate:+.2f})" for r in scale.itertuples())

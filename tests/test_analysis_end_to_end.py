@@ -102,7 +102,19 @@ def test_every_output_records_input_hash_and_options(pwcmp_run):
     assert html.count("data:image/png;base64,") == 4
     assert "http://" not in html and "https://" not in html and "<link" not in html
     summary = (pwcmp_run / "summary.txt").read_text()
-    assert "Observers preferred" in summary and "position bias was not assessed" in summary
+    assert "position bias was not assessed" in summary
+    # each verdict quotes the interval of the test that gives it (--no-mixed: cluster GLM)
+    from analysis.report import _pct
+
+    glm = _csv(pwcmp_run / "tables" / "cluster_glm.csv")
+    tested = glm[np.isfinite(glm["p_holm"])].iloc[0]
+    a_wins = tested["rate_a"] >= 0.5
+    low, high = ((tested["ci_low"], tested["ci_high"]) if a_wins
+                 else (1 - tested["ci_high"], 1 - tested["ci_low"]))
+    win, lose = ((tested["condition_a"], tested["condition_b"]) if a_wins
+                 else (tested["condition_b"], tested["condition_a"]))
+    assert (f"{win} over {lose}: cluster-robust GLM with participants and images" in summary)
+    assert f"CI {_pct(low)}–{_pct(high)}" in summary
 
 
 def test_cli_errors_are_clean_messages(tmp_path):
