@@ -54,13 +54,9 @@ from analysis.scaling import (
     ScaleResult,
     ScaleVariance,
     _bootstrap_counts,
-    _t_interval,
-    anchor_contrasts,
-    anchor_scale,
     cell_counts,
     condition_names,
-    significance_matrix,
-    strongly_connected,
+    scale_result,
     win_matrix,
 )
 from analysis.simulation import JOD_SIGMA
@@ -313,45 +309,8 @@ def scale_conditions_pwcmp(
         warnings.simplefilter("ignore", DisconnectedComparisonsWarning)
         fitted = pw_scale(wins, prior)
     fitted = fitted - fitted.mean()
-    contrasts = anchor_contrasts(names, anchor)
-    estimate = contrasts @ fitted
-    size = len(names)
-    if n_boot > 1:
-        variance, replicates = pwcmp_variance(cells, prior, n_boot, seed)
-        var, df = variance.contrast(contrasts)
-        se, low, high, _, _ = _t_interval(estimate, var, df, level)
-        method = variance.method
-        significance = significance_matrix(names, fitted, level=level, variance=variance)
-    else:
-        variance, replicates = None, {}
-        se = low = high = df = np.full(size, np.nan)
-        method = "not computed (n_boot < 2)"
-        significance = significance_matrix(names, fitted, np.empty((0, size)), level)
-    significance.insert(significance.columns.get_loc("se"), "unit", "JOD")
-    scale = pd.DataFrame(
-        {
-            "condition": names,
-            "estimate": estimate,
-            "se": se,
-            "df": df,
-            "ci_low": low,
-            "ci_high": high,
-            "unit": "JOD",
-            "interval": method,
-            "wins": wins.sum(axis=1).astype(np.int64),
-            "comparisons": (wins.sum(axis=1) + wins.sum(axis=0)).astype(np.int64),
-        }
-    )
-    return ScaleResult(
-        model="thurstone",
-        unit="JOD",
-        anchor=anchor,
-        alpha=0.0,
-        strongly_connected=strongly_connected(wins),
-        n_boot=n_boot,
-        scale=scale,
-        significance=significance,
-        variance=variance,
-        replicates={lvl: anchor_scale(r, names, anchor) for lvl, r in replicates.items()},
-        prior=prior,
-    )
+    variance, replicates = (pwcmp_variance(cells, prior, n_boot, seed) if n_boot > 1
+                            else (None, {}))
+    return scale_result(names, fitted, wins, model="thurstone", anchor=anchor, alpha=0.0,
+                        n_boot=n_boot, level=level, variance=variance, replicates=replicates,
+                        prior=prior)

@@ -629,25 +629,50 @@ def scale_conditions(
     prior = prior or ("gaussian" if model == "thurstone" else "none")
     cells = cell_counts(responses, names)
     wins = cells.total()
-    connected = strongly_connected(wins)
     use_alpha = _default_alpha(model, prior, wins) if alpha is None else float(alpha)
     fitted = fit_scale(wins, model, use_alpha)
     fitted = fitted - fitted.mean()
-    contrasts = anchor_contrasts(names, anchor)
-    estimate = contrasts @ fitted
-    size = len(names)
     if n_boot > 0 or interval == "two-way-sandwich":
         variance, replicates = scale_variance(
             cells, fitted, model, use_alpha, interval=interval, n_boot=n_boot, seed=seed
         )
+    else:
+        variance, replicates = None, {}
+    return scale_result(names, fitted, wins, model=model, anchor=anchor, alpha=use_alpha,
+                        n_boot=n_boot, level=level, variance=variance, replicates=replicates,
+                        prior=prior)
+
+
+def scale_result(
+    names: list[str],
+    fitted: np.ndarray,
+    wins: np.ndarray,
+    *,
+    model: str,
+    anchor: str | None,
+    alpha: float,
+    n_boot: int,
+    level: float,
+    variance: ScaleVariance | None,
+    replicates: dict[str, np.ndarray],
+    prior: str | None,
+) -> ScaleResult:
+    """The tidy scale and significance tables of a fitted (mean-zero) scale ``fitted``
+    with its clustered ``variance`` (None: intervals not computed, NaN)."""
+    contrasts = anchor_contrasts(names, anchor)
+    estimate = contrasts @ fitted
+    size = len(names)
+    if variance is not None:
         var, df = variance.contrast(contrasts)
         se, low, high, _, _ = _t_interval(estimate, var, df, level)
         method = variance.method
+        significance = significance_matrix(names, fitted, level=level, variance=variance)
     else:
-        variance, replicates = None, {}
         se = low = high = df = np.full(size, np.nan)
         method = "not computed (n_boot = 0)"
+        significance = significance_matrix(names, fitted, np.empty((0, size)), level)
     unit = "JOD" if model == "thurstone" else "logit"
+    significance.insert(significance.columns.get_loc("se"), "unit", unit)
     scale = pd.DataFrame(
         {
             "condition": names,
@@ -662,17 +687,12 @@ def scale_conditions(
             "comparisons": (wins.sum(axis=1) + wins.sum(axis=0)).astype(np.int64),
         }
     )
-    if variance is not None:
-        significance = significance_matrix(names, fitted, level=level, variance=variance)
-    else:
-        significance = significance_matrix(names, fitted, np.empty((0, size)), level)
-    significance.insert(significance.columns.get_loc("se"), "unit", unit)
     return ScaleResult(
         model=model,
         unit=unit,
         anchor=anchor,
-        alpha=use_alpha,
-        strongly_connected=connected,
+        alpha=alpha,
+        strongly_connected=strongly_connected(wins),
         n_boot=n_boot,
         scale=scale,
         significance=significance,
