@@ -265,4 +265,4 @@ def test_study_create_warns_about_flagged_conditions(broken_set, tmp_path):
                 "--database-url", url],
     )
     assert healthy.exit_code == 0, healthy.output
-    assert "warning" not in healthy.output
+    assert "generation guard" not in healthy.output
