@@ -75,7 +75,7 @@ def _http_error(error: HTTPException):
 
 
 class _DuplicateKey(ValueError):
-    pass
+    """A JSON object names one key twice (neither value may win silently)."""
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
