@@ -136,6 +136,24 @@ def any_database_url(request, tmp_path) -> str:
     return request.getfixturevalue("postgres_url")
 
 
+@pytest.fixture
+def db_app(any_database_url):
+    """A migrated app (Alembic, up to head) on SQLite (file, WAL) or a fresh PostgreSQL
+    database, without the participant rate limit."""
+    from flask_migrate import upgrade
+
+    from study_app import create_app
+    from study_app.extensions import db
+
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": any_database_url,
+                      "PARTICIPANT_RATE_LIMIT": (10**6, 60.0)})
+    with app.app_context():
+        upgrade()
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
 # --------------------------------------------------------------------------- Chromium
 
 

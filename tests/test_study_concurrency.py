@@ -18,20 +18,6 @@ from tests.study_support import make_study, vote_body, write_stimulus_set
 THREADS = 12
 
 
-@pytest.fixture
-def db_app(any_database_url):
-    """A migrated app on SQLite (file, WAL) or on a fresh PostgreSQL database."""
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": any_database_url,
-                      "PARTICIPANT_RATE_LIMIT": (10**6, 60.0)})
-    from flask_migrate import upgrade
-
-    with app.app_context():
-        upgrade()
-    yield app
-    with app.app_context():
-        db.engine.dispose()
-
-
 def _in_threads(n: int, fn) -> list:
     barrier = threading.Barrier(n)
     results: list = [None] * n

@@ -12,28 +12,12 @@ import time
 from collections import Counter
 from datetime import datetime
 
-import pytest
 from sqlalchemy import create_engine, func, select, text
 
-from study_app import create_app
 from study_app.extensions import db
 from study_app.models import Item, Participant, Trial, Vote
 from tests.study_support import Participant as ApiParticipant
 from tests.study_support import make_study, vote_body, write_stimulus_set
-
-
-@pytest.fixture
-def db_app(any_database_url):
-    """A migrated app on SQLite (file, WAL) or on a fresh PostgreSQL database."""
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": any_database_url,
-                      "PARTICIPANT_RATE_LIMIT": (10**6, 60.0)})
-    from flask_migrate import upgrade
-
-    with app.app_context():
-        upgrade()
-    yield app
-    with app.app_context():
-        db.engine.dispose()
 
 
 def _expires(trial: dict) -> float:
@@ -66,17 +50,24 @@ class _HeldLock:
             self.engine.dispose()
 
 
-def test_a_vote_that_waits_for_the_lock_past_its_lease_is_refused(db_app, any_database_url,
-                                                                  tmp_path):
-    slug = make_study(db_app, write_stimulus_set(tmp_path / "set", n_images=2,
-                                                 conditions=("a", "b")),
+def _one_short_lease(app, url: str, tmp_path) -> tuple:
+    """A study with 1 s leases and K = 1, one participant holding one trial, and another
+    writer holding that trial's item: ``(slug, participant, trial, held lock, item id)``."""
+    slug = make_study(app, write_stimulus_set(tmp_path / "set", n_images=2,
+                                              conditions=("a", "b")),
                       votes_per_item=1, trials_per_participant=2, catch_trials=0,
                       repeat_trials=0, batch_size=1, lease_seconds=1)
-    participant = ApiParticipant(db_app.test_client(), slug)
+    participant = ApiParticipant(app.test_client(), slug)
     trial = participant.next().get_json()["trials"][0]
-    with db_app.app_context():
+    with app.app_context():
         item_id = db.session.scalar(select(Trial.item_id).where(Trial.token == trial["token"]))
-    held = _HeldLock(any_database_url, item_id)
+    return slug, participant, trial, _HeldLock(url, item_id), item_id
+
+
+def test_a_vote_that_waits_for_the_lock_past_its_lease_is_refused(db_app, any_database_url,
+                                                                  tmp_path):
+    slug, participant, trial, held, item_id = _one_short_lease(db_app, any_database_url,
+                                                               tmp_path)
     answer: dict = {}
 
     def send() -> None:  # sent well before expiry, but it must wait for the lock
@@ -110,15 +101,8 @@ def test_a_renewal_that_waits_for_the_lock_past_the_lease_does_not_revive_it(
     """Asking for the next trials renews open leases; one that ran out while the request
     waited for the item (held by another participant's lease, which may have judged it
     expired and leased the item again) stays expired."""
-    slug = make_study(db_app, write_stimulus_set(tmp_path / "set", n_images=2,
-                                                 conditions=("a", "b")),
-                      votes_per_item=1, trials_per_participant=2, catch_trials=0,
-                      repeat_trials=0, batch_size=1, lease_seconds=1)
-    participant = ApiParticipant(db_app.test_client(), slug)
-    trial = participant.next().get_json()["trials"][0]
-    with db_app.app_context():
-        item_id = db.session.scalar(select(Trial.item_id).where(Trial.token == trial["token"]))
-    held = _HeldLock(any_database_url, item_id)
+    _slug, participant, trial, held, _item = _one_short_lease(db_app, any_database_url,
+                                                              tmp_path)
     answer: dict = {}
 
     def ask() -> None:

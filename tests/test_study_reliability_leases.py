@@ -139,18 +139,11 @@ def short_lease_study(database_url: str, tmp_path) -> tuple:
     return app, slug
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'leases.sqlite3'}"
-    return request.getfixturevalue("postgres_url")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_short_leases_and_killed_workers_never_exceed_k(database_url, tmp_path):
-    app, slug = short_lease_study(database_url, tmp_path)
-    server, base = start_gunicorn(database_url, tmp_path)
+def test_short_leases_and_killed_workers_never_exceed_k(any_database_url, tmp_path):
+    app, slug = short_lease_study(any_database_url, tmp_path)
+    server, base = start_gunicorn(any_database_url, tmp_path)
     killed: list[int] = []
     stop = threading.Event()
 
