@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
-from analysis.intervals import binomial_test_half, holm_adjust, wilson_interval
+from analysis.clustered import two_way_rate
+from analysis.intervals import binomial_test_half, holm_adjust
 from analysis.pairs import ordered_pairs
 
 
 def position_bias(main: pd.DataFrame, alpha: float = 0.05) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(overall, per_participant) left-choice rates with Wilson intervals and exact
-    binomial tests against 1/2 (per participant: Holm over participants)."""
+    """(overall, per_participant) left-choice rates.
+
+    Overall: the rate with the two-way interval and t test against 1/2 of
+    ``analysis.clustered.two_way_rate`` (participants differ in their side habits, so
+    the votes are not independent; columns ci_low, ci_high, p_value, interval).
+    Per participant: exact binomial test against 1/2 of that participant's votes, Holm
+    over participants."""
     left = (main["choice"] == "left").to_numpy()
     k, n = int(left.sum()), len(left)
-    low, high = wilson_interval(k, n, alpha)
+    result = two_way_rate(left, main["participant"], main["image_id"], 1 - alpha)
     overall = pd.DataFrame(
         [
             {
                 "n": n,
                 "left_choices": k,
-                "left_rate": k / n if n else np.nan,
-                "wilson_low": float(low),
-                "wilson_high": float(high),
-                "p_value": float(binomial_test_half(k, n)),
+                "left_rate": result["rate"],
+                "ci_low": result["ci_low"],
+                "ci_high": result["ci_high"],
+                "df": result["df"],
+                "p_value": result["p_value"],
+                "interval": result["interval"],
             }
         ]
     )

@@ -15,8 +15,9 @@ import pandas as pd
 import scipy.sparse as sparse
 from scipy import special, stats
 
-from analysis.intervals import holm_adjust
+from analysis.intervals import bh_adjust, holm_adjust
 from analysis.pairs import ordered_pairs
+from analysis.scaling import MIN_IMAGES, ScaleVariance, t_interval
 
 MIXED_LIMITS = (
     "variational-Bayes posterior (statsmodels BinomialBayesMixedGLM.fit_vb) of a logistic "
@@ -49,6 +50,96 @@ def _pair_frame(main: pd.DataFrame, sides_recorded: bool) -> pd.DataFrame:
     a_left = main["condition_left"].astype(str).to_numpy() == frame["condition_a"].to_numpy()
     frame["a_left"] = np.where(a_left, 0.5, -0.5) if sides_recorded else 0.0
     return frame
+
+
+TWO_WAY_RATE_METHOD = (
+    "two-way cluster-robust variance V_participants + V_images - V_cells "
+    "(never below V_cells), Student t with Satterthwaite df"
+)
+
+
+def two_way_rate(
+    y: np.ndarray, participants: np.ndarray, images: np.ndarray, level: float = 0.95
+) -> dict:
+    """A rate (mean of 0/1 votes ``y``) with an interval and a test against 1/2 that count
+    participants and images as random.
+
+    Two-way cluster-robust variance (Cameron, Gelbach & Miller 2011), combined and floored
+    exactly as the scale intervals are (``analysis.scaling.ScaleVariance``): V =
+    V_participants + V_images - V_cells, never below V_cells, each one-way part the
+    sandwich sum_g (sum of y - rate in cluster g)^2 / n^2 times G / (G - 1); Student t
+    with Satterthwaite degrees of freedom. With fewer than ``MIN_IMAGES`` images:
+    participants only (G - 1 df). Returns rate, se, df, ci_low, ci_high (clipped to
+    [0, 1]), p_value (NaN when the variance is 0 or not estimable) and interval (the
+    method in words)."""
+    y = np.asarray(y, dtype=float)
+    n = len(y)
+    rate = float(y.mean()) if n else np.nan
+    residual = y - rate
+    participants = pd.factorize(pd.Series(participants).astype(str))[0]
+    images = pd.factorize(pd.Series(images).astype(str))[0]
+    cells = participants.astype(np.int64) * (images.max(initial=0) + 1) + images
+    parts, clusters = {}, {}
+    for name, codes in (("participant", participants), ("image", images), ("cell", cells)):
+        codes = pd.factorize(codes)[0]
+        sums = np.bincount(codes, residual) if n else np.zeros(0)
+        groups = len(sums)
+        var = np.sum(sums**2) / n**2 * groups / (groups - 1) if groups > 1 else np.nan
+        parts[name], clusters[name] = np.array([[var]]), groups
+    two_way = clusters["image"] >= MIN_IMAGES
+    variance = ScaleVariance(
+        method="two-way rate",
+        combine="two-way" if two_way else "participants",
+        components=parts,
+        clusters=clusters,
+    )
+    var, df = variance.contrast(np.ones((1, 1)))
+    if np.isfinite(var[0]) and var[0] > 0:
+        se, low, high, _, p = (float(v[0]) for v in t_interval(rate - 0.5, var, df, level))
+        low, high = float(np.clip(low + 0.5, 0, 1)), float(np.clip(high + 0.5, 0, 1))
+    else:
+        se = low = high = p = np.nan
+    return {
+        "rate": rate,
+        "se": se,
+        "df": float(df[0]),
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": p,
+        "interval": TWO_WAY_RATE_METHOD
+        if two_way
+        else (
+            "participant cluster-robust variance, t (G - 1 df); fewer than "
+            f"{MIN_IMAGES} images: image variance not included"
+        ),
+    }
+
+
+def two_way_rate_tests(main: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Per pair: the pooled rate of choosing condition_a (rate_a = wins_a / n) with the
+    interval and test of ``two_way_rate`` (participants and images random); Holm and
+    Benjamini–Hochberg over all pairs. Columns: condition_a, condition_b, n, wins_a,
+    rate_a, se, df, ci_low, ci_high, p_value, p_holm, p_bh, interval."""
+    frame = _pair_frame(main, sides_recorded=False)
+    rows = []
+    for (a, b), group in frame.groupby(["condition_a", "condition_b"], sort=True):
+        y = group["win_a"].to_numpy(dtype=float)
+        result = two_way_rate(y, group["participant"], group["image_id"], 1 - alpha)
+        rows.append(
+            {
+                "condition_a": a,
+                "condition_b": b,
+                "n": len(y),
+                "wins_a": int(y.sum()),
+                "rate_a": result.pop("rate"),
+                **result,
+            }
+        )
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["p_holm"] = holm_adjust(table["p_value"].to_numpy())
+        table["p_bh"] = bh_adjust(table["p_value"].to_numpy())
+    return table
 
 
 def per_participant_tests(main: pd.DataFrame) -> pd.DataFrame:
@@ -115,8 +206,14 @@ def cluster_robust_glm(
         else:
             fit, row["cov"], n_clusters = _cluster_robust_fit(y, exog, groups)
             if fit is None:
-                row.update(log_odds=np.nan, se=np.nan, p_value=np.nan, rate_a=float(y.mean()),
-                           ci_low=np.nan, ci_high=np.nan)
+                row.update(
+                    log_odds=np.nan,
+                    se=np.nan,
+                    p_value=np.nan,
+                    rate_a=float(y.mean()),
+                    ci_low=np.nan,
+                    ci_high=np.nan,
+                )
                 rows.append(row)
                 continue
             # Few clusters: Student t with G - 1 degrees of freedom (G = the fewest
@@ -185,6 +282,7 @@ def _cluster_robust_fit(y: np.ndarray, exog: np.ndarray, groups: np.ndarray):
     if result is None:
         return None, "not estimated: cluster-robust variance was not positive", 0
     return result, f"cluster (participant); {reason}", n_participants
+
 
 def mixed_logistic(
     main: pd.DataFrame,

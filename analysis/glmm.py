@@ -61,8 +61,9 @@ class GLMMFit:
 
     beta, se, cov: fixed effects, their standard errors and covariance (``vcov`` says which
     covariance); se_conditional: SEs from the conditional covariance; df: Satterthwaite
-    degrees of freedom of each fixed effect's Wald t (inf when every SD is 0, NaN when the
-    SDs' covariance is unknown); sd: random-intercept SD per grouping factor
+    degrees of freedom of each fixed effect's Wald t from the SDs' Hessian covariance (inf
+    when every SD is 0, NaN when the SDs' covariance is unknown); df_components: from the
+    factors' shares of the variance, each with G - 1 df (``_satterthwaite``); sd: random-intercept SD per grouping factor
     (``factors``); theta_cov: covariance of the SDs from the Hessian (NaN for boundary
     SDs); deviance: the Laplace deviance (-2 log-likelihood; with ``method`` "REML" the
     restricted one), loglik = -deviance / 2; converged: stage 2 converged with a positive
@@ -77,6 +78,7 @@ class GLMMFit:
     cov: np.ndarray
     se_conditional: np.ndarray
     df: np.ndarray
+    df_components: np.ndarray
     factors: tuple[str, ...]
     sd: np.ndarray
     theta_cov: np.ndarray
@@ -285,20 +287,11 @@ def _conditional_cov(design: _Design, theta: np.ndarray, w: np.ndarray) -> np.nd
     return _spd_inverse(schur)
 
 
-def _satterthwaite(model, theta, beta, b, free, theta_cov, variance, h=1e-4):
-    """Satterthwaite degrees of freedom of each fixed effect's Wald statistic:
-    df_j = 2 V_j^2 / (g_j' Cov(theta) g_j), V_j the variance of beta_j, g_j the gradient of
-    V_j(theta) (the conditional variance with beta and b at their joint modes for theta,
-    central differences), Cov(theta) the SDs' covariance from the Laplace Hessian. SDs at
-    the boundary add nothing; with every SD there the statistic is a z (df = inf)."""
-    p = len(beta)
-    idx = np.flatnonzero(free)
-    if idx.size == 0:
-        return np.full(p, np.inf)
-    sigma = theta_cov[np.ix_(idx, idx)]
-    if not np.all(np.isfinite(sigma)):
-        return np.full(p, np.nan)
-    grad = np.empty((idx.size, p))
+def _variance_gradient(model, theta, beta, b, idx, h=1e-4) -> np.ndarray:
+    """d var(beta_j) / d theta_k for the SDs ``idx`` (rows) and every fixed effect j
+    (columns): the conditional variance with beta and b at their joint modes for theta,
+    central differences."""
+    grad = np.empty((idx.size, len(beta)))
     for row, k in enumerate(idx):
         values = []
         for sign in (1.0, -1.0):
@@ -307,10 +300,38 @@ def _satterthwaite(model, theta, beta, b, free, theta_cov, variance, h=1e-4):
             _, _, _, _, w = model.pirls(th, beta, b, joint=True)
             values.append(np.diag(_conditional_cov(model.d, th, w)))
         grad[row] = (values[0] - values[1]) / (2 * h)
+    return grad
+
+
+def _satterthwaite(model, theta, beta, b, free, theta_cov, variance):
+    """Satterthwaite degrees of freedom of each fixed effect's Wald statistic, two ways.
+
+    Hessian: df_j = 2 V_j^2 / (g_j' Cov(theta) g_j), V_j the variance of beta_j, g_j the
+    gradient of V_j(theta) (``_variance_gradient``), Cov(theta) the SDs' covariance from
+    the Laplace Hessian. Components: the binomial part of V_j is known, and factor k adds
+    c_kj = theta_k g_kj / 2 (V is about linear in theta_k^2), a variance estimated from
+    G_k levels (G_k - 1 df), so df_j = V_j^2 / sum_k c_kj^2 / (G_k - 1) — the same rule
+    as the two-way scale and rate intervals; it is at least the smallest G_k - 1 and
+    grows without bound as the SDs shrink. SDs at the boundary add nothing; with every
+    SD there the statistic is a z (df = inf). Returns (hessian df, component df)."""
+    p = len(beta)
+    idx = np.flatnonzero(free)
+    if idx.size == 0:
+        return np.full(p, np.inf), np.full(p, np.inf)
+    grad = _variance_gradient(model, theta, beta, b, idx)
+    variance = np.asarray(variance)
+    share = theta[idx][:, None] * grad / 2
+    levels = model.d.n_levels[idx][:, None] - 1.0
+    spread_share = np.sum(share**2 / np.maximum(levels, 1.0), axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df_share = np.where(spread_share > 0, variance**2 / spread_share, np.inf)
+    sigma = theta_cov[np.ix_(idx, idx)]
+    if not np.all(np.isfinite(sigma)):
+        return np.full(p, np.nan), df_share
     spread = np.einsum("kj,kl,lj->j", grad, sigma, grad)
     with np.errstate(divide="ignore", invalid="ignore"):
-        df = np.where(spread > 0, 2 * np.asarray(variance) ** 2 / spread, np.inf)
-    return df
+        df = np.where(spread > 0, 2 * variance**2 / spread, np.inf)
+    return df, df_share
 
 
 def _fd_derivatives(f, x, h):
@@ -618,7 +639,7 @@ def fit_glmm(
         cov, vcov = cov_conditional, "conditional"
     if not converged:
         message = (message or "stage 2 did not converge") + "; SDs' covariance unknown"
-    df = _satterthwaite(model, theta, beta, b, free, theta_cov, np.diag(cov))
+    df, df_components = _satterthwaite(model, theta, beta, b, free, theta_cov, np.diag(cov))
     return GLMMFit(
         names=names,
         beta=beta,
@@ -626,6 +647,7 @@ def fit_glmm(
         cov=cov,
         se_conditional=se_conditional,
         df=df,
+        df_components=df_components,
         factors=factors,
         sd=theta,
         theta_cov=theta_cov,
@@ -670,6 +692,7 @@ PAIR_TEST_COLUMNS = [
     "se",
     "statistic",
     "df",
+    "df_components",
     "p",
     "p_holm",
     "ci_low",
@@ -820,6 +843,7 @@ def _pair_row(group, alpha, sides_recorded, test, max_levels, with_ml, row) -> d
         "se": se,
         "statistic": statistic,
         "df": df,
+        "df_components": float(fit.df_components[0]),
         "p": p,
         "ci_low": est - crit * se,
         "ci_high": est + crit * se,

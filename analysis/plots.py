@@ -22,7 +22,12 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def preference_matrix(table: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Square arrays from a preference table: names, rate[i, j] = P(i chosen over j),
-    low/high interval bounds (Wilson) for that rate; NaN where a pair was never shown."""
+    low/high interval bounds for that rate (columns ci_low/ci_high when the table has
+    them, e.g. the two-way intervals of the report; else the Wilson interval); NaN where
+    a pair was never shown."""
+    low_col, high_col = (
+        ("ci_low", "ci_high") if "ci_low" in table else ("wilson_low", "wilson_high")
+    )
     names = sorted(set(table["condition_a"].astype(str)) | set(table["condition_b"].astype(str)))
     index = {name: i for i, name in enumerate(names)}
     size = len(names)
@@ -32,17 +37,19 @@ def preference_matrix(table: pd.DataFrame) -> tuple[list[str], np.ndarray, np.nd
     for row in table.itertuples(index=False):
         i, j = index[str(row.condition_a)], index[str(row.condition_b)]
         rate[i, j], rate[j, i] = row.rate_a, 1 - row.rate_a
-        low[i, j], high[i, j] = row.wilson_low, row.wilson_high
-        low[j, i], high[j, i] = 1 - row.wilson_high, 1 - row.wilson_low
+        row_low, row_high = getattr(row, low_col), getattr(row, high_col)
+        low[i, j], high[i, j] = row_low, row_high
+        low[j, i], high[j, i] = 1 - row_high, 1 - row_low
     return names, rate, low, high
 
 
 def preference_matrix_figure(
     table: pd.DataFrame, alpha: float = 0.05, mark_label: str = "Holm p"
 ) -> Figure:
-    """Heatmap of P(row preferred over column) with its Wilson interval in each cell.
+    """Heatmap of P(row preferred over column) with its interval in each cell.
 
-    ``table`` is ``analysis.preference_table(...)``. Cells whose Holm-adjusted p-value
+    ``table`` is ``analysis.preference_table(...)`` (Wilson intervals) or
+    ``analysis.clustered.two_way_rate_tests(...)`` (two-way intervals). Cells whose Holm-adjusted p-value
     (column p_holm; the caller may put another test's there and name it in
     ``mark_label``) is below ``alpha`` are marked with an asterisk; grey cells were never
     compared.

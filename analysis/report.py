@@ -111,7 +111,7 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
     excluded = int(parts["excluded"].sum())
     pairs = tables["pairs"]
     primary = "pair_tests_glmm" in tables
-    tests = tables["pair_tests_glmm" if primary else "cluster_glm"].set_index(
+    tests = tables["pair_tests_glmm" if primary else "pairs"].set_index(
         ["condition_a", "condition_b"]
     )
     level = _pct(1 - alpha)
@@ -122,15 +122,16 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
         (
             "Verdicts below come from the primary test (table pair_tests_glmm): a logistic "
             "mixed model with participants and images as crossed random effects "
-            f"({_methods(tests)}), Holm over all pairs. The first p_Holm in each line "
-            "pools the votes as if independent (descriptive only)."
+            f"({_methods(tests)}), Holm over all pairs. Each line also gives the share of "
+            "all votes (table pairs) with its two-way interval and test (participants and "
+            "images random)."
             if primary
             else "The mixed model was not fitted (--no-mixed): verdicts below come from the "
-            "secondary cluster-robust GLM (table cluster_glm), which rejects too often with "
-            "few participants or images. The first p_Holm pools the votes (descriptive only)."
+            "share of votes with its two-way cluster-robust interval and t test "
+            "(table pairs; participants and images random), Holm over all pairs."
         ),
     ]
-    test_name = "GLMM" if primary else "cluster-robust GLM"
+    test_name = "GLMM" if primary else "share of votes, two-way test"
     low_col, high_col = ("rate_low", "rate_high") if primary else ("ci_low", "ci_high")
     for row in pairs.sort_values("p_holm").itertuples(index=False):
         key = (row.condition_a, row.condition_b)
@@ -142,9 +143,13 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
         low = tested[low_col] if tested is not None else np.nan
         high = tested[high_col] if tested is not None else np.nan
         a_wins = (rate >= 0.5) if np.isfinite(rate) else (row.rate_a >= 0.5)
-        win, lose = (row.condition_a, row.condition_b) if a_wins else (row.condition_b,
-                                                                      row.condition_a)
+        win, lose = (
+            (row.condition_a, row.condition_b) if a_wins else (row.condition_b, row.condition_a)
+        )
         pooled = row.rate_a if a_wins else 1 - row.rate_a
+        pooled_low, pooled_high = (
+            (row.ci_low, row.ci_high) if a_wins else (1 - row.ci_high, 1 - row.ci_low)
+        )
         if not a_wins:
             rate, low, high = 1 - rate, 1 - high, 1 - low
         if not np.isfinite(clustered_p):
@@ -152,24 +157,24 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
                 reason = tests.loc[key, "reason"] if key in tests.index else ""
                 why = reason if isinstance(reason, str) and reason else "no estimate"
             else:
-                cov = tests.loc[key, "cov"] if key in tests.index and "cov" in tests else np.nan
-                why = (
-                    cov.removeprefix("not estimated: ")
-                    if isinstance(cov, str)
-                    else "all votes one way"
-                )
+                why = "no spread between participants and images, e.g. all votes one way"
             lines.append(
-                f"{win} was chosen over {lose} in {_pct(pooled)} of {row.n} trials (pooled, "
-                f"descriptive; p_Holm {_p(row.p_holm)}): clustered test not available ({why})."
+                f"{win} was chosen over {lose} in {_pct(pooled)} of {row.n} trials: clustered "
+                f"test not available ({why})."
             )
             continue
-        verdict = ("a reliable preference" if clustered_p < alpha
-                   else "not a reliable difference")
+        verdict = "a reliable preference" if clustered_p < alpha else "not a reliable difference"
+        typical = " for a typical participant and image" if primary else " of all votes"
+        also = (
+            f" (Share of all votes: {_pct(pooled)} of {row.n} trials, {level} CI "
+            f"{_pct(pooled_low)}–{_pct(pooled_high)}, two-way test p_Holm {_p(row.p_holm)}.)"
+            if primary
+            else ""
+        )
         lines.append(
-            f"{win} over {lose}: {test_name} with participants and images "
-            f"{_pct(rate)} for a typical participant and image ({level} CI {_pct(low)}–"
-            f"{_pct(high)}, p_Holm {_p(clustered_p)}): {verdict}. (Pooled: {_pct(pooled)} of "
-            f"{row.n} trials, p_Holm {_p(row.p_holm)}, descriptive.)"
+            f"{win} over {lose}: {test_name} with participants and images random, "
+            f"{_pct(rate)}{typical} ({level} CI {_pct(low)}–{_pct(high)}, p_Holm "
+            f"{_p(clustered_p)}): {verdict}.{also}"
         )
     scale = tables["scale_jod"].sort_values("estimate", ascending=False)
     ranking = ", ".join(f"{r.condition} ({r.estimate:+.2f})" for r in scale.itertuples())
@@ -206,17 +211,34 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
     return "\n".join(lines) + "\n"
 
 
+def pair_table(main: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """The report's per-pair table: votes, wins and share of votes for condition_a with
+    Cohen's h (``preference_table``), and the two-way interval and test of that share
+    (``clustered.two_way_rate_tests``: se, df, ci_low, ci_high, p_value, p_holm, p_bh,
+    interval). The pooled Wilson/Clopper–Pearson intervals and exact binomial tests are
+    left out: they treat votes as independent and miss their level when participants or
+    images differ (docs/analysis.md)."""
+    counts = preference_table(main, alpha)[
+        ["condition_a", "condition_b", "n", "wins_a", "rate_a", "cohens_h"]
+    ]
+    tested = clustered.two_way_rate_tests(main, alpha)
+    if tested.empty:
+        return counts
+    tested = tested.drop(columns=["n", "wins_a", "rate_a"])
+    return counts.merge(tested, on=["condition_a", "condition_b"], how="left")
+
+
 def _marked_pairs(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """The pairs table with p_holm taken from the primary test (GLMM), or the secondary
-    cluster-robust GLM without it, so the figure's asterisks follow the verdicts."""
-    source = tables.get("pair_tests_glmm", tables["cluster_glm"])
+    """The pairs table with p_holm taken from the primary test (GLMM), or its own two-way
+    test without it, so the figure's asterisks follow the verdicts."""
+    source = tables.get("pair_tests_glmm", tables["pairs"])
     tested = source.set_index(["condition_a", "condition_b"])["p_holm"]
     keys = pd.MultiIndex.from_frame(tables["pairs"][["condition_a", "condition_b"]])
     return tables["pairs"].assign(p_holm=tested.reindex(keys).to_numpy())
 
 
 def _mark_label(tables: dict[str, pd.DataFrame]) -> str:
-    return "GLMM Holm p" if "pair_tests_glmm" in tables else "cluster-robust GLM Holm p"
+    return "GLMM Holm p" if "pair_tests_glmm" in tables else "two-way test Holm p"
 
 
 def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None) -> AnalysisResult:
@@ -252,18 +274,16 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
             f"{scaling.THURSTONE_PRIOR_SD:g}^2) prior; "
         )
     notes = [
-        "Pooled per-pair p-values (table pairs) treat votes as independent; they are not "
-        "(same participant, same image) and are descriptive only.",
+        "Table pairs: the share of all votes for condition_a, with an interval and a t test "
+        "against 50 % that count participants and images as random ("
+        + clustered.TWO_WAY_RATE_METHOD
+        + "); it estimates the population preference rate.",
         (
             "Primary per-pair test (pair_tests_glmm): " + glmm.PAIR_TEST_METHOD
             if options.mixed
-            else "The per-pair GLMM was not fitted (--no-mixed); verdicts use the "
-            "cluster-robust GLM, a secondary test that rejects too often with few clusters."
+            else "The per-pair GLMM was not fitted (--no-mixed); verdicts use the two-way "
+            "test of table pairs."
         ),
-        "Secondary, for comparison only: cluster_glm (logistic GLM, two-way cluster-robust "
-        "covariance, t with G - 1 df), per_participant_tests (t-test / Wilcoxon on "
-        "per-participant rates) and cluster_bootstrap (intervals of the pooled rate). In "
-        "simulations the first two exceeded their nominal level (docs/analysis.md).",
         "Holm (family-wise) and Benjamini–Hochberg (FDR) adjust over all condition pairs.",
         jod_note + "Bradley–Terry in logits by maximum likelihood (ridge alpha "
         f"{scaling.AUTO_ALPHA:g} only when the win graph is not strongly connected). "
@@ -282,18 +302,11 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
         "participants": qc.participants,
         "exclusion_log": qc.log,
         "exclusion_rules": exclusion_rules_table(qc, options.qc_sources),
-        "pairs": preference_table(main, options.alpha),
-        "pairs_everyone": preference_table(qc.everyone, options.alpha),
-        "per_participant_tests": clustered.per_participant_tests(main),
-        "cluster_glm": clustered.cluster_robust_glm(main, loaded.sides_recorded, options.alpha),
-        "cluster_bootstrap": clustered.cluster_bootstrap_rates(
-            main, options.n_boot, 1 - options.alpha, options.seed
-        ),
+        "pairs": pair_table(main, options.alpha),
+        "pairs_everyone": pair_table(qc.everyone, options.alpha),
     }
     if options.mixed:
-        tables["pair_tests_glmm"] = glmm.glmm_pair_tests(
-            main, options.alpha, loaded.sides_recorded
-        )
+        tables["pair_tests_glmm"] = glmm.glmm_pair_tests(main, options.alpha, loaded.sides_recorded)
     level = 1 - options.alpha
     jod = scaling.scale_conditions(
         main,
@@ -470,12 +483,8 @@ def write_outputs(result: AnalysisResult, out_dir: str | Path) -> dict[str, str]
 
 SECTIONS = [
     ("Quality control", ["participants", "exclusion_log"]),
-    ("Per pair (descriptive; votes pooled)", ["pairs", "pairs_everyone"]),
     ("Primary per-pair test: crossed random-effects GLMM", ["pair_tests_glmm"]),
-    (
-        "Secondary clustered checks (not the primary test; see Methods and limits)",
-        ["cluster_glm", "per_participant_tests", "cluster_bootstrap"],
-    ),
+    ("Share of votes per pair (participants and images random)", ["pairs", "pairs_everyone"]),
     (
         "Scales",
         [

@@ -529,7 +529,9 @@ def _default_alpha(model: str, prior: str, wins: np.ndarray) -> float:
     raise ValueError(f"prior must be 'gaussian' or 'none', got {prior!r}")
 
 
-def _t_interval(estimate, var, df, level):
+def t_interval(estimate, var, df, level):
+    """Student-t interval and two-sided test of ``estimate`` against 0 with variance
+    ``var`` and ``df`` degrees of freedom (arrays). Returns (se, low, high, t, p)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         se = np.where(var > 0, np.sqrt(np.where(var > 0, var, 0.0)), np.where(var == 0, 0, np.nan))
         crit = stats.t.isf((1 - level) / 2, df)
@@ -566,7 +568,7 @@ def significance_matrix(
         var = np.einsum("mk,kl,ml->m", rows, cov, rows)
         df = np.full(len(pairs), np.inf)
         method = f"bootstrap ({reps.shape[0]}) covariance, normal"
-    se, low, high, stat, p = _t_interval(diff, var, df, level)
+    se, low, high, stat, p = t_interval(diff, var, df, level)
     table = pd.DataFrame(
         {
             "condition_a": [names[i] for i, _ in pairs],
@@ -664,7 +666,7 @@ def scale_result(
     size = len(names)
     if variance is not None:
         var, df = variance.contrast(contrasts)
-        se, low, high, _, _ = _t_interval(estimate, var, df, level)
+        se, low, high, _, _ = t_interval(estimate, var, df, level)
         method = variance.method
         significance = significance_matrix(names, fitted, level=level, variance=variance)
     else:

@@ -4,8 +4,11 @@
 
 Study: 7 conditions, 500 images, 2,000 participants (500 votes each), observer and image
 random effects, left bias. Times (wall clock) and peak memory (max RSS of a child
-process that does only that step) are printed side by side with ratios. The crossed
-random-effects model is timed separately on a few pairs (it is optional: --no-mixed).
+process that does only that step) are printed side by side with ratios. The analysis is
+the report's default (``pstudy analyze``: the per-pair GLMM included; at this size each
+pair has more than ``analysis.glmm.MAX_LEVELS`` participants + images and gets the
+two-way cluster-robust GLM instead, named in its method column); ``--no-mixed`` times it
+without the GLMM.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ CONDITIONS = {
 }
 
 
-def child_full(path: str, out: str, n_boot: int) -> None:
-    """Load + validate + every analysis layer (no mixed model) + write all outputs."""
+def child_full(path: str, out: str, n_boot: int, mixed: bool) -> None:
+    """Load + validate + every analysis layer + write all outputs."""
     from analysis.io import load_responses
     from analysis.report import AnalysisOptions, run_analysis, write_outputs
 
@@ -47,7 +50,7 @@ def child_full(path: str, out: str, n_boot: int) -> None:
     loaded = load_responses(path)
     times["load_validate_s"] = time.perf_counter() - start
     t = time.perf_counter()
-    result = run_analysis(loaded, AnalysisOptions(n_boot=n_boot, mixed=False))
+    result = run_analysis(loaded, AnalysisOptions(n_boot=n_boot, mixed=mixed))
     times["analysis_s"] = time.perf_counter() - t
     t = time.perf_counter()
     write_outputs(result, out)
@@ -55,26 +58,6 @@ def child_full(path: str, out: str, n_boot: int) -> None:
     times["total_s"] = time.perf_counter() - start
     times["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(times))
-
-
-def child_mixed(path: str, pairs: int) -> None:
-    """The crossed random-effects model on the first few pairs (default caps)."""
-    import pandas as pd
-
-    from analysis.clustered import mixed_logistic
-    from analysis.pairs import ordered_pairs
-
-    frame = pd.read_parquet(path)
-    op = ordered_pairs(frame)
-    keys = sorted(set(zip(op["condition_a"], op["condition_b"], strict=True)))[:pairs]
-    keep = (
-        pd.Series(list(zip(op["condition_a"], op["condition_b"], strict=True)))
-        .isin(keys)
-        .to_numpy()
-    )
-    t = time.perf_counter()
-    table = mixed_logistic(frame[keep])
-    print(json.dumps({"mixed_s_per_pair": (time.perf_counter() - t) / len(table)}))
 
 
 def run_child(args: list[str]) -> dict:
@@ -131,14 +114,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--votes", type=int, default=1_000_000)
     parser.add_argument("--n-boot", type=int, default=500)
+    parser.add_argument("--no-mixed", action="store_true", help="without the per-pair GLMM")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, *rest = args.child
-        if kind == "full":
-            child_full(rest[0], rest[1], int(rest[2]))
-        else:
-            child_mixed(rest[0], int(rest[1]))
+        _, path, out, n_boot, mixed = args.child
+        child_full(path, out, int(n_boot), mixed == "mixed")
         return
     from analysis.simulation import simulate_responses
 
@@ -156,17 +137,14 @@ def main() -> None:
             f"simulated {len(frame):,} votes ({data_mib:.0f} MiB in pandas, "
             f"{path.stat().st_size / 2**20:.0f} MiB parquet) in {time.perf_counter() - t:.1f} s"
         )
-        full = run_child(["--child", "full", str(path), str(Path(tmp) / "out"), str(args.n_boot)])
-        print(f"full analysis, n_boot={args.n_boot}, no mixed model:")
+        mixed = "no-mixed" if args.no_mixed else "mixed"
+        full = run_child(
+            ["--child", "full", str(path), str(Path(tmp) / "out"), str(args.n_boot), mixed]
+        )
+        print(f"full analysis (pstudy analyze), n_boot={args.n_boot}, {mixed}:")
         for key, value in full.items():
             print(f"  {key:>16}: {value:8.1f}")
         print(f"  peak memory / data in pandas: {full['peak_rss_mib'] / data_mib:.1f}x")
-        mixed = run_child(["--child", "mixed", str(path), "2"])
-        print(
-            f"crossed random-effects model (30 participants x 20 images per pair): "
-            f"{mixed['mixed_s_per_pair']:.1f} s per pair, x21 pairs = "
-            f"{21 * mixed['mixed_s_per_pair']:.0f} s"
-        )
         bt = bt_vs_choix(frame)
         print("Bradley–Terry fit (7 conditions):")
         print(

@@ -93,6 +93,7 @@ def fit_pairs(votes: pd.DataFrame, lrt: bool, reml: bool = False) -> list[dict]:
                 est_reml=restricted.beta[0],
                 se_reml=restricted.se[0],
                 df_reml=restricted.df[0],
+                df_components_reml=restricted.df_components[0],
                 sd_participant_reml=restricted.sd[0],
                 sd_image_reml=restricted.sd[1],
                 converged_reml=restricted.converged,
@@ -135,6 +136,9 @@ def p_values(table: pd.DataFrame) -> dict[str, np.ndarray]:
         out["REML Wald t, G-1 df"] = _t_or_z(zr, gr - 1)
         floored = np.where(np.isnan(dfr), gr - 1, np.maximum(dfr, gr - 1))
         out["REML Wald t, Satterthwaite df >= G-1 (default)"] = _t_or_z(zr, floored)
+        out["REML Wald t, component df"] = _t_or_z(
+            zr, table["df_components_reml"].to_numpy(dtype=float)
+        )
     if "lrt" in table and table["lrt"].notna().any():
         out["LRT chi2(1)"] = stats.chi2.sf(table["lrt"].to_numpy(dtype=float), 1)
     return out

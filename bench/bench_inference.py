@@ -209,24 +209,42 @@ def scale_producer(model: str, interval: str) -> Callable[[Study], list[Measure]
     return produce
 
 
+def _rate_measures(study, table, interval, test, low, high, role) -> list[Measure]:
+    """Coverage of a per-pair rate interval (columns ``low``/``high``) and the Holm FWE
+    of its test (column p_holm)."""
+    pairs = _pairs(table)
+    return [
+        Measure(interval, role, covered=_covers(table[low], table[high], study.rate_truth(pairs))),
+        Measure(test, role, rejected=_rejects(table["p_holm"]), true_null=study.true_null(pairs)),
+    ]
+
+
 def pooled_producer(study: Study) -> list[Measure]:
     from analysis.pairs import preference_table
 
-    table = preference_table(study.main, ALPHA)
-    pairs = _pairs(table)
-    return [
-        Measure(
-            "pairs: pooled Wilson rate interval",
-            DESCRIPTIVE,
-            covered=_covers(table["wilson_low"], table["wilson_high"], study.rate_truth(pairs)),
-        ),
-        Measure(
-            "pairs: pooled exact binomial, Holm",
-            DESCRIPTIVE,
-            rejected=_rejects(table["p_holm"]),
-            true_null=study.true_null(pairs),
-        ),
-    ]
+    return _rate_measures(
+        study,
+        preference_table(study.main, ALPHA),
+        "pairs: pooled Wilson rate interval",
+        "pairs: pooled exact binomial, Holm",
+        "wilson_low",
+        "wilson_high",
+        DESCRIPTIVE,
+    )
+
+
+def two_way_rate_producer(study: Study) -> list[Measure]:
+    from analysis.clustered import two_way_rate_tests
+
+    return _rate_measures(
+        study,
+        two_way_rate_tests(study.main, ALPHA),
+        "pairs: rate interval (two-way robust, Satterthwaite t)",
+        "pairs: two-way rate test, Holm",
+        "ci_low",
+        "ci_high",
+        INFERENTIAL,
+    )
 
 
 def cluster_glm_producer(study: Study) -> list[Measure]:
@@ -319,6 +337,35 @@ def glmm_producer(study: Study) -> list[Measure]:
                 covered=_covers(table["ci_low"], table["ci_high"], truth),
             )
         )
+    if "df_components" in table:  # the alternative df rule, side by side
+        from scipy import stats
+
+        from analysis.intervals import holm_adjust
+
+        df = table["df_components"].to_numpy(dtype=float)
+        z = (table["log_odds"] / table["se"]).to_numpy(dtype=float)
+        with np.errstate(invalid="ignore"):
+            p = np.where(
+                np.isfinite(df), 2 * stats.t.sf(np.abs(z), df), 2 * stats.norm.sf(np.abs(z))
+            )
+            crit = np.where(np.isfinite(df), stats.t.isf(ALPHA / 2, df), stats.norm.isf(ALPHA / 2))
+        out.append(
+            Measure(
+                "glmm (Laplace): Holm [component df]",
+                "alternative df rule",
+                rejected=_rejects(holm_adjust(p)),
+                true_null=study.true_null(pairs),
+            )
+        )
+        if truth is not None:
+            est, se = table["log_odds"].to_numpy(float), table["se"].to_numpy(float)
+            out.append(
+                Measure(
+                    "glmm (Laplace): log-odds interval [component df]",
+                    "alternative df rule",
+                    covered=_covers(est - crit * se, est + crit * se, truth),
+                )
+            )
     return out
 
 
@@ -329,7 +376,8 @@ def registry(intervals: list[str], with_mixed: bool = False) -> dict[str, Callab
         suffix = "" if interval == "two-way" else f"[{interval}]"
         out[f"scale_jod{suffix}"] = scale_producer("thurstone", interval)
         out[f"scale_bt{suffix}"] = scale_producer("bt", interval)
-    out["pairs"] = pooled_producer
+    out["pairs"] = two_way_rate_producer
+    out["pooled"] = pooled_producer
     out["cluster_glm"] = cluster_glm_producer
     out["cluster_bootstrap"] = cluster_bootstrap_producer
     out["per_participant_tests"] = per_participant_producer

@@ -368,23 +368,21 @@ def exclusion_summary(responses) -> dict[str, Any]:
 
 
 def preference_rows(responses) -> list[dict[str, Any]]:
-    """``analysis.preference_table`` over the included participants' main trials."""
-    from analysis import preference_table
+    """The report's per-pair table (``analysis.report.pair_table``: share of votes with
+    the two-way interval and test, participants and images random) over the included
+    participants' main trials; NaN (not estimable yet) becomes None."""
+    from analysis.report import pair_table
 
-    table = preference_table(_included(responses))
-    columns = [
-        "condition_a",
-        "condition_b",
-        "n",
-        "wins_a",
-        "rate_a",
-        "wilson_low",
-        "wilson_high",
-        "p_value",
-        "p_holm",
-    ]
+    table = pair_table(_included(responses))
+    columns = ["condition_a", "condition_b", "n", "wins_a", "rate_a", "ci_low", "ci_high",
+               "p_value", "p_holm"]
+
+    def plain(value):
+        value = value.item() if hasattr(value, "item") else value
+        return None if isinstance(value, float) and value != value else value
+
     return [
-        {c: (row[c].item() if hasattr(row[c], "item") else row[c]) for c in columns}
+        {c: plain(row[c]) if c in row else None for c in columns}
         for _, row in table.iterrows()
     ]
 
@@ -609,12 +607,12 @@ def dashboard_json(slug: str):
 @bp.get("/studies/<slug>/preference.png")
 def preference_plot(slug: str):
     """The preference matrix with intervals, drawn by ``analysis.plots``."""
-    from analysis import preference_table
     from analysis.plots import figure_png, preference_matrix_figure
+    from analysis.report import pair_table
 
     study = _study_or_404(slug)
     begin_snapshot()
-    table = preference_table(_included(study_responses(db.session.get(Study, study.id))))
+    table = pair_table(_included(study_responses(db.session.get(Study, study.id))))
     figure = preference_matrix_figure(table)
     response = Response(figure_png(figure), mimetype="image/png")
     response.headers["Cache-Control"] = "no-store"

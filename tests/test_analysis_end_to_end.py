@@ -95,7 +95,7 @@ def test_every_output_records_input_hash_and_options(pwcmp_run):
             assert digest in pq.read_schema(path).metadata[b"pstudy_provenance"].decode()
         elif path.suffix == ".png":
             assert digest in Image.open(path).text["Description"]
-    for name in ("pairs", "scale_jod", "significance_jod", "cluster_glm", "planning"):
+    for name in ("pairs", "scale_jod", "significance_jod", "planning"):
         for suffix in ("csv", "parquet", "json", "tex"):
             assert (pwcmp_run / "tables" / f"{name}.{suffix}").is_file()
     html = (pwcmp_run / "report.html").read_text()
@@ -103,17 +103,22 @@ def test_every_output_records_input_hash_and_options(pwcmp_run):
     assert "http://" not in html and "https://" not in html and "<link" not in html
     summary = (pwcmp_run / "summary.txt").read_text()
     assert "position bias was not assessed" in summary
-    # each verdict quotes the interval of the test that gives it (--no-mixed: cluster GLM)
+    # the secondary outputs that miss their level in the calibration are not reported
+    for name in ("cluster_glm", "cluster_bootstrap", "per_participant_tests"):
+        assert not (pwcmp_run / "tables" / f"{name}.csv").exists()
+    # each verdict quotes the interval of the test that gives it (--no-mixed: the two-way
+    # test of the share of votes, table pairs)
     from analysis.report import _pct
 
-    glm = _csv(pwcmp_run / "tables" / "cluster_glm.csv")
-    tested = glm[np.isfinite(glm["p_holm"])].iloc[0]
+    pairs = _csv(pwcmp_run / "tables" / "pairs.csv")
+    assert not {"wilson_low", "cp_low"} & set(pairs.columns)
+    tested = pairs[np.isfinite(pairs["p_holm"])].iloc[0]
     a_wins = tested["rate_a"] >= 0.5
     low, high = ((tested["ci_low"], tested["ci_high"]) if a_wins
                  else (1 - tested["ci_high"], 1 - tested["ci_low"]))
     win, lose = ((tested["condition_a"], tested["condition_b"]) if a_wins
                  else (tested["condition_b"], tested["condition_a"]))
-    assert (f"{win} over {lose}: cluster-robust GLM with participants and images" in summary)
+    assert f"{win} over {lose}: share of votes, two-way test with participants and images" in summary
     assert f"CI {_pct(low)}–{_pct(high)}" in summary
 
 

@@ -317,7 +317,7 @@ def test_report_makes_the_glmm_the_primary_per_pair_test(loaded_study):
     assert len(table) == 3 and table["p"].notna().all()
     assert "primary test (table pair_tests_glmm)" in result.summary
     assert "GLMM with participants and images" in result.summary
-    assert "p_Holm" in result.summary and "descriptive" in result.summary
+    assert "p_Holm" in result.summary and "Share of all votes" in result.summary
     ac = table.set_index(["condition_a", "condition_b"]).loc[("a", "c")]
     assert "a reliable preference" in result.summary and ac["p_holm"] < 0.05
     # the line for c over a quotes the GLMM's own interval (c is preferred: 1 - the a-rate)
@@ -327,17 +327,17 @@ def test_report_makes_the_glmm_the_primary_per_pair_test(loaded_study):
             in result.summary) or (f"CI {_pct(ac['rate_low'])}–{_pct(ac['rate_high'])}, p_Holm"
                                    in result.summary)
     assert any(n.startswith("Primary per-pair test (pair_tests_glmm)") for n in result.notes)
-    assert any(n.startswith("Secondary, for comparison only: cluster_glm") for n in result.notes)
+    assert not {"cluster_glm", "cluster_bootstrap", "per_participant_tests"} & set(result.tables)
     html = render_html(result, {})
-    assert html.index("Primary per-pair test") < html.index("Secondary clustered checks")
+    assert html.index("Primary per-pair test") < html.index("Share of votes per pair")
     assert "* GLMM Holm p < 0.05" in result.figures["preference_matrix"].axes[0].get_title()
 
     fallback = run_analysis(loaded_study, AnalysisOptions(n_boot=30, mixed=False))
     assert "pair_tests_glmm" not in fallback.tables
-    assert "secondary cluster-robust GLM (table cluster_glm)" in fallback.summary
-    assert "cluster-robust GLM with participants and images" in fallback.summary
+    assert "two-way cluster-robust interval and t test" in fallback.summary
+    assert "share of votes, two-way test with participants and images" in fallback.summary
     title = fallback.figures["preference_matrix"].axes[0].get_title()
-    assert "* cluster-robust GLM Holm p" in title
+    assert "* two-way test Holm p" in title
 
 
 @pytest.mark.slow

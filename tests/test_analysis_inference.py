@@ -16,6 +16,8 @@ from analysis.clustered import (
     cluster_robust_glm,
     mixed_logistic,
     per_participant_tests,
+    two_way_rate,
+    two_way_rate_tests,
 )
 from analysis.planning import design_effect, exact_power, planning_table, votes_for_halfwidth
 from analysis.simulation import simulate_responses, true_pair_rates
@@ -60,7 +62,6 @@ def test_cluster_glm_intercept_is_the_pair_logit_and_clustering_widens(votes):
     assert with_side["rate_a"].lt(0.5).all()  # a is the worst condition
 
 
-
 def test_cluster_glm_uses_t_with_clusters_minus_one_df(votes):
     row = cluster_robust_glm(votes, sides_recorded=False).iloc[0]
     clusters = min(votes["participant"].nunique(), votes["image_id"].nunique())
@@ -72,9 +73,11 @@ def test_cluster_glm_uses_t_with_clusters_minus_one_df(votes):
 
 def test_cluster_glm_with_one_image_clusters_by_participant(votes):
     one_image = votes[votes["image_id"] == votes["image_id"].iloc[0]]
-    row = cluster_robust_glm(one_image, sides_recorded=False).set_index(
-        ["condition_a", "condition_b"]
-    ).loc[("a", "c")]
+    row = (
+        cluster_robust_glm(one_image, sides_recorded=False)
+        .set_index(["condition_a", "condition_b"])
+        .loc[("a", "c")]
+    )
     assert row["cov"] == "cluster (participant); fewer than 5 images"
     assert np.isfinite(row["p_value"]) and row["df"] >= 4
 
@@ -95,6 +98,7 @@ def test_cluster_glm_leaves_out_a_side_term_that_separates_the_data(votes):
     table = cluster_robust_glm(biased, sides_recorded=True)
     assert "side_log_odds" not in table or table["side_log_odds"].isna().all()
     assert np.isfinite(table["log_odds"]).all() and (table["log_odds"].abs() < 1).all()
+
 
 def test_mixed_model_recovers_direction_and_states_its_sample(votes):
     table = mixed_logistic(votes, max_participants=12, max_images=8)
@@ -139,13 +143,71 @@ def test_cluster_bootstrap_interval_covers_truth_at_about_nominal_rate():
     assert hits >= low - 3, hits
 
 
-def test_position_bias_matches_binomtest(votes):
+def _sandwich(y, groups):
+    """statsmodels' cluster-robust variance of a mean, without its small-sample factor."""
+    fit = sm.OLS(y, np.ones((len(y), 1))).fit(
+        cov_type="cluster", cov_kwds={"groups": groups, "use_correction": False}
+    )
+    return float(fit.cov_params()[0, 0])
+
+
+def test_two_way_rate_variance_is_statsmodels_one_way_sandwiches_combined(votes):
+    table = two_way_rate_tests(votes).set_index(["condition_a", "condition_b"])
+    from analysis.pairs import ordered_pairs
+
+    pairs = ordered_pairs(votes)
+    rows = (pairs["condition_a"] == "a") & (pairs["condition_b"] == "c")
+    y = pairs.loc[rows, "win_a"].to_numpy(dtype=float)
+    p = pd.factorize(votes.loc[rows, "participant"])[0]
+    i = pd.factorize(votes.loc[rows, "image_id"])[0]
+    cell = pd.factorize(pd.Series(p).astype(str) + "/" + pd.Series(i).astype(str))[0]
+    parts = {}
+    for name, g in (("p", p), ("i", i), ("c", cell)):
+        groups = len(np.unique(g))
+        parts[name] = (_sandwich(y, g) * groups / (groups - 1), groups)
+    combined = parts["p"][0] + parts["i"][0] - parts["c"][0]
+    expected = max(combined, parts["c"][0])
+    row = table.loc[("a", "c")]
+    assert row["se"] ** 2 == pytest.approx(expected, rel=1e-10)
+    assert row["rate_a"] == pytest.approx(y.mean())
+    if combined > parts["c"][0]:  # Satterthwaite over the three components
+        spread = sum(v**2 / (g - 1) for v, g in parts.values())
+        assert row["df"] == pytest.approx(
+            min(combined**2 / spread, sum(g - 1 for _, g in parts.values()))
+        )
+    t = (y.mean() - 0.5) / row["se"]
+    assert row["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), row["df"]))
+    crit = stats.t.isf(0.025, row["df"])
+    assert row["ci_low"] == pytest.approx(y.mean() - crit * row["se"])
+    assert row["ci_high"] == pytest.approx(y.mean() + crit * row["se"])
+    # image and participant effects make the interval wider than the binomial one
+    assert row["se"] > np.sqrt(y.mean() * (1 - y.mean()) / len(y))
+    assert table["p_holm"].ge(table["p_value"]).all()
+
+
+def test_two_way_rate_falls_back_to_participants_with_few_images():
+    few = simulate_responses(TRUTH, 12, 3, 30, observer_sd=0.4, seed=3)
+    table = two_way_rate_tests(few)
+    assert table["interval"].str.contains("fewer than 5 images").all()
+    assert (table["df"] == 11).all()
+    # no spread at all: nothing to test against, NaN rather than a zero-width interval
+    flat = two_way_rate(np.ones(20), np.repeat(np.arange(5), 4), np.tile(np.arange(4), 5))
+    assert np.isnan(flat["p_value"]) and np.isnan(flat["ci_low"]) and flat["rate"] == 1.0
+
+
+def test_position_bias_counts_and_clustered_test(votes):
     overall, per = position_bias(votes)
-    k = int((votes["choice"] == "left").sum())
-    assert overall.loc[0, "left_choices"] == k
-    assert overall.loc[0, "p_value"] == pytest.approx(stats.binomtest(k, len(votes)).pvalue)
-    assert overall.loc[0, "left_rate"] > 0.5  # simulated bias
+    left = (votes["choice"] == "left").to_numpy(dtype=float)
+    assert overall.loc[0, "left_choices"] == int(left.sum())
+    reference = two_way_rate(left, votes["participant"], votes["image_id"])
+    assert overall.loc[0, "p_value"] == pytest.approx(reference["p_value"])
+    assert overall.loc[0, "left_rate"] > 0.5 and overall.loc[0, "p_value"] < 0.05  # simulated bias
+    assert overall.loc[0, "ci_low"] > 0.5
     assert len(per) == 30 and per["n"].sum() == len(votes)
+    first = per.iloc[0]
+    assert first["p_value"] == pytest.approx(
+        stats.binomtest(int(first["left_choices"]), int(first["n"])).pvalue
+    )
 
 
 def test_fleiss_kappa_matches_statsmodels_with_equal_raters():

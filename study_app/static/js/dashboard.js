@@ -13,7 +13,7 @@
     if (el) el.textContent = String(value);
   };
   const fmt = (x, digits) => (x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(digits));
-  const fmtP = (x) => (x === null || x === undefined ? "–" : Number(x).toPrecision(3));
+  const fmtP = (x) => (x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toPrecision(3));
 
   function cell(row, value) {
     const td = document.createElement("td");
@@ -78,7 +78,7 @@
         cell(tr, r.condition_b);
         cell(tr, r.n);
         cell(tr, fmt(r.rate_a, 3));
-        cell(tr, fmt(r.wilson_low, 3) + "–" + fmt(r.wilson_high, 3));
+        cell(tr, fmt(r.ci_low, 3) + "–" + fmt(r.ci_high, 3));
         cell(tr, fmtP(r.p_value));
         cell(tr, fmtP(r.p_holm));
         return tr;
