@@ -329,7 +329,7 @@ def test_report_makes_the_glmm_the_primary_per_pair_test(loaded_study):
     assert any(n.startswith("Primary per-pair test (pair_tests_glmm)") for n in result.notes)
     assert any(n.startswith("Secondary, for comparison only: cluster_glm") for n in result.notes)
     html = render_html(result, {})
-    assert html.index("Primary per-pair test") < html.index("Secondary clustered checks")
+    assert html.index("Primary per-pair test") < html.index("Supplementary: secondary per-pair")
     assert "* GLMM Holm p < 0.05" in result.figures["preference_matrix"].axes[0].get_title()
 
     fallback = run_analysis(loaded_study, AnalysisOptions(n_boot=30, mixed=False))
