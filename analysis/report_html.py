@@ -444,6 +444,13 @@ def _number(value) -> str:
     return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
+# the participant's question when the study sets none (study_app.studies.QUESTIONS)
+DEFAULT_QUESTIONS = {
+    "reference": "Which image is closer to the reference?",
+    "no-reference": "Which image looks better?",
+}
+
+
 def _design_sentences(result: AnalysisResult, ctx: dict) -> list[str]:
     config = (result.study or {}).get("study_config") or {}
     pairs = result.tables["pairs"]
@@ -458,13 +465,13 @@ def _design_sentences(result: AnalysisResult, ctx: dict) -> list[str]:
             "compared in a two-alternative forced-choice (2AFC) task."
         ]
     name = str(config.get("title") or config.get("slug") or result.study.get("study"))
-    reference = config.get("question_mode", "reference") == "reference"
+    mode = config.get("question_mode", "reference")
+    question = config.get("question") or DEFAULT_QUESTIONS.get(mode, "")
     task = (
-        "the reference image and two reconstructions of it, and chose the one closer to "
-        "the reference"
-        if reference
-        else "two versions of an image side by side and chose the one of higher quality"
-    )
+        "the reference image and two reconstructions of it"
+        if mode == "reference"
+        else "two reconstructions of an image, without the reference,"
+    ) + (f" and answered “{question}”" if question else "")
     exposure = config.get("exposure_ms")
     sentences = [
         f"The study “{name}” compared {ctx['n_conditions']} conditions ({ctx['conditions']}) "
