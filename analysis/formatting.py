@@ -165,7 +165,7 @@ COLUMN_LABELS: dict[str, str] = {
     "p_t_holm": "p (t-test, Holm)",
     "p_wilcoxon": "p (Wilcoxon)",
     "t": "t",
-    "statistic": "t",
+    "statistic": "Statistic",
     "df": "df",
     "se": "SE ({unit})",
     "log_odds": "Log-odds (logit)",

@@ -133,6 +133,7 @@ def test_intervals_and_headers():
     assert column_label("p_holm") == "p (Holm)"
     assert column_label("estimate", "JOD") == "Scale (JOD)"
     assert column_label("se") == "SE"
+    assert column_label("statistic") == "Statistic"  # agreement's name column, not a t
     assert column_label("some_new_column") == "Some new column"
 
 

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from pypdf import PdfReader
 
-from analysis.report_pdf import CHROMIUM_ARGS, CHROMIUM_PATH
+from analysis.report_pdf import CHROMIUM_ARGS, CHROMIUM_PATH, pdf_unavailable_reason
 from analysis.simulation import simulate_responses
 from study_app.cli import main
 from tests.study_support import make_study, write_stimulus_set
@@ -48,6 +48,9 @@ def report(tmp_path_factory) -> Path:
     from study_app.extensions import db
     from study_app.simulate import run_simulation
 
+    reason = pdf_unavailable_reason()
+    if reason:  # the PDF is part of what is tested: a missing Chromium fails, never skips
+        pytest.fail(f"report.pdf cannot be printed: {reason}", pytrace=False)
     root = tmp_path_factory.mktemp("report")
     url = f"sqlite:///{root / 'study.sqlite3'}"
     app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url, "SECRET_KEY": "t"})
