@@ -740,7 +740,7 @@ ul.notes{font-size:.92rem}
  section.section{break-before:page}
  section.section:first-of-type{break-before:auto}
  h2,h3,.caption{break-after:avoid}
- figure,.table-block table,tr,img{break-inside:avoid}
+ figure,.table-block,tr,img{break-inside:avoid}
  .table-wrap{overflow:visible}
  table.tidy{font-size:7.5pt;max-width:100%}
  table.tidy th,table.tidy td{padding:1px 4px;overflow-wrap:anywhere}

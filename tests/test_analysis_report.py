@@ -95,9 +95,12 @@ def report(tmp_path_factory) -> Path:
     return out
 
 
-def _pdf_text(path: Path) -> str:
-    text = "\n".join(page.extract_text() for page in PdfReader(path).pages)
+def _normalized(text: str) -> str:
     return unicodedata.normalize("NFKC", text)  # Chromium's ligatures (ﬁ, ﬀ) as letters
+
+
+def _pdf_text(path: Path) -> str:
+    return _normalized("\n".join(page.extract_text() for page in PdfReader(path).pages))
 
 
 @pytest.mark.browser
@@ -126,6 +129,26 @@ def test_report_fits_a_desktop_and_a_phone_without_sideways_scrolling(browser, r
             save_screenshot(page, name, docs_full_page=False)
         finally:
             context.close()
+    # printed (A4 less the margins is about 680 CSS px): no contents list, a page break
+    # before each section but the first, figures and tables never split, nothing cut off
+    context = browser.new_context(viewport={"width": 680, "height": 960})
+    try:
+        page = context.new_page()
+        page.emulate_media(media="print")
+        page.goto((report / "report.html").resolve().as_uri())
+        assert page.evaluate(
+            "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        )
+        style = (
+            "([sel, prop]) => [...document.querySelectorAll(sel)]"
+            ".map(e => getComputedStyle(e)[prop])"
+        )
+        assert page.evaluate(style, ["nav", "display"]) == ["none"]
+        breaks = page.evaluate(style, ["section.section", "breakBefore"])
+        assert breaks == ["auto"] + ["page"] * (len(SECTIONS) - 1)
+        assert set(page.evaluate(style, ["figure, .table-block", "breakInside"])) == {"avoid"}
+    finally:
+        context.close()
 
 
 @pytest.mark.browser
@@ -137,6 +160,10 @@ def test_report_pdf_exists_and_has_every_section(report):
     for heading in SECTIONS:
         assert heading in text, heading
     assert "Figure 4." in text and "Table 1." in text
+    # print CSS: every section after the summary starts a page
+    starts = [_normalized(page.extract_text()) for page in PdfReader(pdf).pages]
+    for heading in SECTIONS[1:]:
+        assert any(page.startswith(heading) for page in starts), heading
     outputs = json.loads((report / "provenance.json").read_text())["outputs"]
     assert outputs["report.pdf"] == hashlib.sha256(data).hexdigest()
     assert os.path.exists(CHROMIUM_PATH) and "--no-sandbox" in CHROMIUM_ARGS
