@@ -55,7 +55,7 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
     "out_dir",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for tables/, figures/, report.html, summary.txt, provenance.json.",
+    help="Folder for tables/, figures/, report.html, report.pdf, summary.txt, provenance.json.",
 )
 @click.option(
     "--study", default=None, help="Study slug/id (required with a database URL; filters a file)."
@@ -103,7 +103,7 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
     default=True,
     show_default=True,
     help="Fit the per-pair crossed random-effects GLMM, the primary test (--no-mixed: the "
-    "secondary cluster-robust GLM gives the verdicts).",
+    "two-way test of the share of votes gives the verdicts).",
 )
 @click.option("--min-catch-accuracy", type=RuleValue(0, 1), default=None,
               help=RULES_HELP.format(default=0.8))
@@ -153,6 +153,12 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
     default=0.8,
     show_default=True,
 )
+@click.option(
+    "--pdf/--no-pdf",
+    default=None,
+    help="Also print report.pdf from report.html with Chromium (/usr/bin/chromium). "
+    "Default: on when Chromium is installed.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars or summary on the terminal.")
 def analyze(
     input_,
@@ -178,6 +184,7 @@ def analyze(
     ignore_study_exclusions,
     planning_rates,
     power,
+    pdf,
     quiet,
 ):
     """Analyse 2AFC votes: QC, rates, clustered tests, scales, report.
@@ -193,9 +200,14 @@ def analyze(
       pstudy analyze ex3_tmo_cmp_data.csv --scale-prior pwcmp --out pwcmp-jod --no-mixed
       pstudy analyze sqlite:///instance/study.sqlite3 --study demo --out results/
       pstudy analyze responses.parquet --stimuli stimuli/demo --metric l1 --metric l2 --out r/
+      pstudy analyze responses.csv --out results/ --no-pdf   # HTML report only
     """
     from analysis.report import AnalysisOptions, run_analysis, write_outputs
+    from analysis.report_pdf import PdfUnavailable, pdf_unavailable_reason
 
+    no_pdf = pdf_unavailable_reason() if pdf is not False else None
+    if pdf and no_pdf:  # asked for explicitly: stop before the work
+        raise click.BadParameter(f"cannot print report.pdf: {no_pdf}", param_hint="--pdf")
     try:
         loaded = load_responses(input_, study)
     except ResponsesFormatError as exc:
@@ -247,7 +259,14 @@ def analyze(
         result = run_analysis(loaded, options)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    hashes = write_outputs(result, out_dir)
+    try:
+        hashes = write_outputs(result, out_dir, pdf=pdf is not False and not no_pdf)
+    except PdfUnavailable as exc:
+        raise click.ClickException(
+            f"report.pdf not written: {exc} (everything else is in {out_dir})"
+        ) from exc
+    if no_pdf:
+        click.echo(f"report.pdf not written: {no_pdf}.", err=True)
     if not quiet:
         click.echo(result.summary)
         click.echo(

@@ -8,10 +8,8 @@ records the input hash and the options (``provenance``).
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
-import html
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -23,20 +21,22 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import agreement, clustered, glmm, metrics, planning, plots, pwcmp, scaling
+from analysis.formatting import format_p
 from analysis.io import LoadedResponses
 from analysis.pairs import preference_table
 from analysis.qc import QCOptions, apply_exclusions, exclusion_note, exclusion_rules_table
+from analysis.report_html import render_html
 
 
 @dataclass(frozen=True)
 class AnalysisOptions:
     """Options of one analysis run (all recorded in every output).
 
-    alpha: two-sided level for tests and intervals. n_boot: bootstrap replicates (observer
-    bootstrap of scales, cluster bootstrap of rates). anchor: condition fixed at 0 on the
+    alpha: two-sided level for tests and intervals. n_boot: bootstrap replicates per
+    clustering of the scale intervals. anchor: condition fixed at 0 on the
     scales (None: mean zero). mixed: fit the per-pair crossed random-effects GLMM, the
     primary per-pair test (cost grows with the cube of participants + images per pair;
-    without it the verdicts fall back to the secondary cluster-robust GLM).
+    without it the verdicts come from the two-way test of the share of votes).
     stimuli: stimulus set folder for metric-vs-human agreement. metrics: names (None:
     every available loss). planning_rates / power: votes-needed table. scale_prior:
     prior of the Thurstone (JOD) scales, "ours" (N(0, 3^2) per condition) or "pwcmp"
@@ -64,13 +64,18 @@ class AnalysisOptions:
 @dataclass
 class AnalysisResult:
     """Tables (name -> tidy DataFrame), figures (name -> Figure), the plain-language
-    summary, notes on methods and limits, and provenance (inputs, options, versions)."""
+    summary, notes on methods and limits, and provenance (inputs, options, versions).
+    ``study``: what the export says about the study (its settings; None for other
+    inputs); ``design``: counts of the analysed main trials (n_images, n_conditions) for
+    the report's methods paragraph."""
 
     tables: dict[str, pd.DataFrame]
     figures: dict[str, Figure]
     summary: str
     notes: list[str]
     provenance: dict
+    study: dict | None = None
+    design: dict = field(default_factory=dict)
 
 
 def _versions() -> dict[str, str]:
@@ -88,7 +93,7 @@ def _pct(x: float) -> str:
 
 
 def _p(x: float) -> str:
-    return "n/a" if not np.isfinite(x) else ("< 0.001" if x < 0.001 else f"{x:.3f}")
+    return "n/a" if not np.isfinite(x) else format_p(x)
 
 
 SCALE_PRIORS = {"ours": "gaussian", "pwcmp": "pwcmp"}  # --scale-prior -> scale_conditions prior
@@ -399,7 +404,13 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
             {"source": str(options.stimuli), "format": "stimulus-set", "manifest_sha256": digest}
         )
     summary = plain_summary(tables, loaded, options.alpha)
-    return AnalysisResult(tables, figures, summary, notes, provenance)
+    design = {
+        "n_images": int(main["image_id"].nunique()),
+        "n_conditions": int(pd.concat([main["condition_left"], main["condition_right"]]).nunique()),
+    }
+    return AnalysisResult(
+        tables, figures, summary, notes, provenance, loaded.export_provenance, design
+    )
 
 
 def _jsonable(value):
@@ -424,14 +435,16 @@ def _png(fig: Figure, provenance_line: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_outputs(result: AnalysisResult, out_dir: str | Path) -> dict[str, str]:
+def write_outputs(result: AnalysisResult, out_dir: str | Path, pdf: bool = False) -> dict[str, str]:
     """Write everything under ``out_dir``; returns {relative path: sha256}.
 
     tables/<name>.csv (a plain CSV: ``pd.read_csv(path)``; its provenance in the sidecar
     ``<name>.csv.provenance.json``), .parquet (provenance in the schema metadata),
     .json ({"provenance", "rows"}), .tex (provenance as % comment); figures/<name>.png
     (provenance in the PNG Description); report.html (self-contained), summary.txt,
-    provenance.json (options, inputs, and every file's hash).
+    provenance.json (options, inputs, and every file's hash); with ``pdf``, report.pdf
+    printed from report.html by Chromium (``analysis.report_pdf``; raises its
+    ``PdfUnavailable`` after writing everything else).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -475,78 +488,18 @@ def write_outputs(result: AnalysisResult, out_dir: str | Path) -> dict[str, str]
     for rel, data in written.items():
         (out / rel).write_bytes(data)
         hashes[rel] = hashlib.sha256(data).hexdigest()
+    pdf_error = None
+    if pdf:
+        from analysis.report_pdf import PdfUnavailable, render_pdf
+
+        try:
+            data = render_pdf(out / "report.html", out / "report.pdf").read_bytes()
+            hashes["report.pdf"] = hashlib.sha256(data).hexdigest()
+        except PdfUnavailable as exc:  # everything else is written and hashed first
+            pdf_error = exc
     (out / "provenance.json").write_text(
         json.dumps({**result.provenance, "outputs": hashes}, indent=1, default=str)
     )
+    if pdf_error is not None:
+        raise pdf_error
     return hashes
-
-
-SECTIONS = [
-    ("Quality control", ["participants", "exclusion_log"]),
-    ("Primary per-pair test: crossed random-effects GLMM", ["pair_tests_glmm"]),
-    ("Share of votes per pair (participants and images random)", ["pairs", "pairs_everyone"]),
-    (
-        "Scales",
-        [
-            "scale_jod",
-            "significance_jod",
-            "scale_bt",
-            "significance_bt",
-            "scale_jod_everyone",
-            "scale_jod_by_image",
-            "reliability",
-        ],
-    ),
-    ("Position bias and agreement", ["position_bias", "position_bias_participants", "agreement"]),
-    ("Metrics vs humans", ["metric_agreement", "metric_status"]),
-    ("Planning", ["planning"]),
-]
-
-
-def render_html(result: AnalysisResult, images: dict[str, bytes]) -> str:
-    """One self-contained HTML page (figures inlined as base64 PNG, no external files)."""
-    esc = html.escape
-    body = [f"<h1>Preference analysis</h1><pre class='summary'>{esc(result.summary)}</pre>"]
-    for name, data in images.items():
-        encoded = base64.b64encode(data).decode()
-        body.append(
-            f"<figure><img alt='{esc(name)}' src='data:image/png;base64,{encoded}'>"
-            f"<figcaption>{esc(name.replace('_', ' '))}</figcaption></figure>"
-        )
-    for title, names in SECTIONS:
-        present = [n for n in names if n in result.tables]
-        if not present:
-            continue
-        body.append(f"<h2>{esc(title)}</h2>")
-        for name in present:
-            table = result.tables[name]
-            body.append(f"<h3>{esc(name)}</h3>")
-            body.append(
-                table.to_html(
-                    index=False,
-                    float_format=lambda v: f"{v:.4g}",
-                    na_rep="–",
-                    border=0,
-                    classes="tidy",
-                )
-            )
-    body.append(
-        "<h2>Methods and limits</h2><ul>"
-        + "".join(f"<li>{esc(n)}</li>" for n in result.notes)
-        + "</ul>"
-    )
-    body.append(
-        "<h2>Provenance</h2><pre>"
-        + esc(json.dumps(result.provenance, indent=1, default=str))
-        + "</pre>"
-    )
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table.tidy{border-collapse:collapse;font-size:12px;margin-bottom:1em}"
-        "table.tidy td,table.tidy th{padding:2px 6px;border-bottom:1px solid #ddd}"
-        "img{max-width:100%}pre{white-space:pre-wrap;background:#f6f6f6;padding:.6em}"
-    )
-    return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Preference analysis"
-        f"</title><style>{style}</style></head><body>" + "\n".join(body) + "</body></html>"
-    )

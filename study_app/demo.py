@@ -323,7 +323,8 @@ def print_next_steps(base_url: str, slug: str, password: str, paths: DemoPaths,
     if report is not None:
         lines += [
             f"  simulated study:   '{simulated_slug}', answered by synthetic participants",
-            f"  analysis report:   {report / 'report.html'}",
+            f"  analysis report:   {report / 'report.html'}"
+            + (" (and report.pdf)" if (report / "report.pdf").is_file() else ""),
         ]
     lines += [
         "",

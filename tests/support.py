@@ -15,17 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-CHROMIUM_PATH = "/usr/bin/chromium"
-# As root, and off the closed network (no background fetches, no component updates).
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+# the browser the tests drive is the one that prints report.pdf
+from analysis.report_pdf import CHROMIUM_ARGS, CHROMIUM_PATH  # noqa: F401  (re-exported)
 
 
 def require_component(present: bool, what: str, fix: str) -> None:

@@ -29,7 +29,9 @@ PWCMP = Path(__file__).resolve().parent / "data" / "pwcmp" / "ex3_tmo_cmp_data.c
 def pwcmp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pwcmp")
     result = CliRunner().invoke(
-        main, ["analyze", str(PWCMP), "--out", str(out), "--no-mixed", "--n-boot", "150", "--quiet"]
+        main,
+        ["analyze", str(PWCMP), "--out", str(out), "--no-mixed", "--n-boot", "150", "--quiet",
+         "--no-pdf"],  # the PDF is tested in test_analysis_report.py
     )
     assert result.exit_code == 0, result.output
     return out
@@ -217,6 +219,7 @@ def test_analyze_reads_a_study_database(app, tmp_path):
             "--min-catch-accuracy",
             "0",
             "--ignore-study-exclusions",
+            "--no-pdf",
         ],
     )
     assert result.exit_code == 0, result.output

@@ -147,11 +147,12 @@ def votes_per_trial(app, study_id: int) -> dict[int, int]:
         return {trial_id: n for trial_id, n in rows}
 
 
-def save_screenshot(page, name: str) -> None:
-    """Keep a screenshot in test-artifacts/; refresh docs/screenshots/ when asked to
-    (``PSTUDY_UPDATE_SCREENSHOTS=1``), so a plain test run leaves tracked files alone."""
+def save_screenshot(page, name: str, docs_full_page: bool = True) -> None:
+    """Keep a full-page screenshot in test-artifacts/; refresh docs/screenshots/ when
+    asked to (``PSTUDY_UPDATE_SCREENSHOTS=1``), so a plain test run leaves tracked files
+    alone (``docs_full_page=False``: the docs get only the first screen, for long pages)."""
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
     if os.environ.get("PSTUDY_UPDATE_SCREENSHOTS") == "1":
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=docs_full_page)
