@@ -37,7 +37,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from machine import describe_machine  # noqa: E402
 
-from generation.config import PRESETS, resolve_config  # noqa: E402
+from generation.config import (  # noqa: E402
+    PRESETS,
+    ConfigError,
+    resolve_config,
+    select_conditions,
+)
 from generation.pipeline import generate  # noqa: E402
 
 # the paper preset's rate per pixel (800 nats per 64×64 image, ≈ 0.2 nats per pixel)
@@ -102,14 +107,10 @@ def check_config(args: argparse.Namespace) -> dict:
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
-    config = resolve_config("paper", overrides=overrides)
-    if args.conditions:
-        wanted = [name.strip() for name in args.conditions.split(",") if name.strip()]
-        unknown = sorted(set(wanted) - {c["name"] for c in config["conditions"]})
-        if unknown:
-            raise SystemExit(f"unknown condition(s) {', '.join(unknown)}")
-        config["conditions"] = [c for c in config["conditions"] if c["name"] in wanted]
-    return config
+    try:
+        return select_conditions(resolve_config("paper", overrides=overrides), args.conditions)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
 
 
 def table(manifest: dict) -> pd.DataFrame:

@@ -1,0 +1,153 @@
+"""generation under torchrun (two gloo processes on the CPU) and the fast training loop.
+
+- ``train.distribute=conditions``: each process trains whole conditions; the stimulus set
+  is byte-identical to one process's.
+- ``train.distribute=data``: DistributedDataParallel, each process half of every batch
+  (and its rows of the VAE's noise); the same set up to floating-point summation order.
+- the device-resident batches give exactly the DataLoader's batches, fused/foreach Adam
+  the per-parameter update.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from generation.config import resolve_config
+from generation.data import TensorImages, skimage_patches
+from generation.pipeline import generate
+from generation.stimulus_set import read_png, validate_stimulus_set
+from generation.train import _adam, train_condition
+from tests.test_generation import TINY, one_thread  # noqa: F401 (one thread: a fixture)
+
+# two conditions of each kind the processes must agree on: a conv AE and a VAE trained to
+# a rate (its noise, the multiplier's all-reduced KL)
+PARALLEL = [
+    *TINY,
+    "train.checkpoint_every=12",
+    "evaluate.metrics=[l2]",
+    "conditions=[l2, {name: vae, loss: l1, architecture: vae, kl_target: 20, lr: 0.005}]",
+]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("parallel") / "single"
+    return generate(resolve_config("smoke", overrides=PARALLEL), out, device="cpu", progress=False)
+
+
+def _torchrun(out: Path, *extra: str) -> dict:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", "-m", "generation", "--preset", "smoke", "--quiet"]
+    command += ["--device", "cpu", "--threads", "1", "--out", str(out)]
+    for item in [*PARALLEL, *extra]:
+        command += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    manifest = validate_stimulus_set(out)
+    assert manifest["provenance"]["world_size"] == 2
+    return manifest
+
+
+def _stimuli(out: Path, manifest: dict) -> dict[tuple[str, str], np.ndarray]:
+    return {
+        (s["condition"], s["image_id"]): read_png(out / s["path"]).numpy().astype(np.int16)
+        for s in manifest["stimuli"]
+    }
+
+
+def test_two_processes_by_conditions_give_the_one_process_set(one_process, tmp_path):
+    manifest = _torchrun(tmp_path / "conditions", "train.distribute=conditions")
+    assert manifest["provenance"]["distribute"] == "conditions"
+    single = one_process.manifest
+    # the same config hash: how the work was spread is not part of what was computed
+    assert manifest["provenance"]["config_sha256"] == single["provenance"]["config_sha256"]
+    hashes = {(s["condition"], s["image_id"]): s["sha256"] for s in manifest["stimuli"]}
+    assert hashes == {(s["condition"], s["image_id"]): s["sha256"] for s in single["stimuli"]}
+    assert [c["checkpoint_sha256"] for c in manifest["conditions"]] == [
+        c["checkpoint_sha256"] for c in single["conditions"]
+    ]
+    # the VAE (trained by the second process) reached rank 0 with its rate record
+    vae = next(c for c in manifest["conditions"] if c["name"] == "vae")
+    assert vae["rate"] == next(c for c in single["conditions"] if c["name"] == "vae")["rate"]
+
+
+def test_two_processes_data_parallel_match_up_to_rounding(one_process, tmp_path):
+    out = tmp_path / "data"
+    manifest = _torchrun(out, "train.distribute=data")
+    assert manifest["provenance"]["distribute"] == "data"
+    training = manifest["provenance"]["training"]
+    for name, result in one_process.training.items():
+        # each step's loss over the global batch: the same batches, the same noise; the
+        # gradient is averaged over two halves instead of one batch (summation order)
+        assert training[name]["final_loss"] == pytest.approx(result.losses[-1], rel=1e-5)
+    ours = _stimuli(out, manifest)
+    theirs = _stimuli(one_process.out, one_process.manifest)
+    assert ours.keys() == theirs.keys()
+    for key, image in ours.items():
+        difference = np.abs(image - theirs[key])
+        assert difference.max() <= 1 and difference.mean() < 0.01, (key, difference.max())
+
+
+def _train(dataset, tmp_path: Path, name: str, *extra: str):
+    config = resolve_config("smoke", overrides=[*PARALLEL, *extra])
+    return train_condition(
+        config["conditions"][1],
+        dataset,
+        channels=3,
+        size=32,
+        seed=0,
+        fingerprint="f",
+        checkpoint_dir=tmp_path / name,
+        device=torch.device("cpu"),
+        progress=False,
+    )
+
+
+def test_resident_batches_train_exactly_as_the_data_loader(tmp_path):
+    split = skimage_patches(size=32, channels=3, seed=0, n_train=40, n_test=1)
+    assert isinstance(split.train, TensorImages)
+    extra = ("train.steps=30", "train.checkpoint_every=7")  # 30 steps cross epochs and flushes
+    resident = _train(split.train, tmp_path, "resident", *extra)
+    # a Subset hands out the same items one by one, as a folder does: the DataLoader path
+    items = torch.utils.data.Subset(split.train, range(len(split.train)))
+    loader = _train(items, tmp_path, "loader", *extra)
+    assert len(resident.losses) == 30 and resident.losses == loader.losses
+    assert resident.kl == loader.kl and resident.rate == loader.rate
+    assert resident.checkpoint_sha256 == loader.checkpoint_sha256
+
+
+def test_foreach_adam_is_the_per_parameter_update():
+    def run(make) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+        optimizer = make(model.parameters())
+        x = torch.randn(32, 8)
+        for _ in range(5):
+            optimizer.zero_grad()
+            ((model(x) - x) ** 2).mean().backward()
+            optimizer.step()
+        return [p.detach() for p in model.parameters()]
+
+    ours = run(lambda params: _adam(params, 1e-2, cuda=False, betas=(0.5, 0.999)))
+    loop = run(lambda params: torch.optim.Adam(params, lr=1e-2, betas=(0.5, 0.999), foreach=False))
+    assert all(torch.equal(a, b) for a, b in zip(ours, loop, strict=True))
+
+
+def test_distribute_is_checked_and_left_out_of_the_config_hash():
+    from generation.config import ConfigError, config_sha256
+
+    with pytest.raises(ConfigError, match="train.distribute must be one of conditions, data"):
+        resolve_config("smoke", overrides=["train.distribute=gpus"])
+    by_data = resolve_config("smoke", overrides=["train.distribute=data"])
+    by_conditions = resolve_config("smoke")
+    assert by_conditions["train"]["distribute"] == "conditions"
+    assert config_sha256(by_data) == config_sha256(by_conditions)
+    assert "distribute" not in by_data["conditions"][0]  # not part of any fingerprint
