@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session (docs/benchmarks.md, "GPU runs"): the `gpu` tests, the paper
-# preset's degeneracy check (bench/gpu_check.py), training and loss throughput. Every step
-# has a timeout; a summary of exit codes ends the log. Results go to $OUT (or ./gpu-out).
+# preset's degeneracy check (bench/gpu_check.py), the whole paper preset's training time
+# (bench_training.py --full: 2000 real steps per condition, extrapolated, with the pure
+# step rate beside it) and loss throughput. Every step has a timeout; a summary of exit
+# codes ends the log. Results go to $OUT (or ./gpu-out). About 7 minutes on an H200.
 #
 #   bash bench/gpu_session.sh            # on the GPU machine, from the repository root
 #
@@ -41,12 +43,13 @@ EOF
 
 log "gpu tests"
 timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_losses_devices.py \
-  tests/test_generation.py 2>&1 | tail -15
+  tests/test_generation.py tests/test_generation_parallel.py 2>&1 | tail -15
 rc[gpu_tests]=${PIPESTATUS[0]}
 
-log "training throughput (paper VAE)"
-timeout 60 python3 bench/bench_training.py --device cuda --paper --steps 30
-rc[bench_training]=$?
+log "the whole paper preset: 2000 real steps per condition, extrapolated (and pure steps)"
+timeout 260 python3 bench/bench_training.py --device cuda --paper --full \
+  | tee "$OUT/bench_training_full.md"
+rc[bench_training_full]=${PIPESTATUS[0]}
 
 log "loss throughput"
 timeout 110 python3 bench/bench_losses.py --device cuda --repeats 5

@@ -151,3 +151,23 @@ def test_distribute_is_checked_and_left_out_of_the_config_hash():
     assert by_conditions["train"]["distribute"] == "conditions"
     assert config_sha256(by_data) == config_sha256(by_conditions)
     assert "distribute" not in by_data["conditions"][0]  # not part of any fingerprint
+
+
+@pytest.mark.gpu
+def test_cuda_loop_resident_fused_and_rate_on_the_device(tmp_path):
+    """Where a GPU is present: the resident batches, fused Adam and the device-side rate
+    controller train as the DataLoader path does (cuDNN may reorder sums: close, not equal)."""
+    split = skimage_patches(size=32, channels=3, seed=0, n_train=40, n_test=1)
+    config = resolve_config("smoke", overrides=[*PARALLEL, "train.steps=30"])
+    common = dict(channels=3, size=32, seed=0, fingerprint="f", device=torch.device("cuda"))
+    items = torch.utils.data.Subset(split.train, range(len(split.train)))
+    results = [
+        train_condition(
+            config["conditions"][1], data, checkpoint_dir=tmp_path / name, progress=False, **common
+        )
+        for name, data in (("resident", split.train), ("loader", items))
+    ]
+    resident, loader = results
+    assert len(resident.losses) == 30 and np.isfinite(resident.losses).all()
+    np.testing.assert_allclose(resident.losses, loader.losses, rtol=1e-2)
+    assert resident.rate["final_beta"] == pytest.approx(loader.rate["final_beta"], rel=1e-2)
