@@ -17,7 +17,10 @@ moving average of the batch KL (a PI controller; :class:`RateControl`). Every co
 then ends at the same rate whatever the scale of its loss; see docs/generation.md
 ("Equal rate").
 
-On CUDA: bf16 autocast, channels-last, pinned memory and loader workers.
+On CUDA: bf16 autocast, channels-last, fused Adam; an in-memory training set lives on the
+device (batches by ``index_select``), a folder is read by a DataLoader (pinned memory,
+workers). Per-step values stay on the device until a flush every ``LOG_EVERY`` steps, so
+the host never waits for the GPU inside the loop.
 """
 
 from __future__ import annotations
