@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from generation.config import config_sha256
 from generation.contact_sheet import write_contact_sheet
-from generation.data import load_data
+from generation.data import in_memory, load_data
 from generation.evaluate import build_metrics, evaluate_stimuli, summary_table
 from generation.guard import check_reconstructions
 from generation.stimulus_set import (
@@ -33,12 +33,14 @@ from generation.stimulus_set import (
     write_stimulus_set,
 )
 from generation.train import (
+    RESIDENT_MAX_BYTES,
     Distributed,
     TrainingError,
     TrainResult,
     barrier,
     init_distributed,
     load_model,
+    loader_workers,
     train_condition,
 )
 
@@ -290,6 +292,9 @@ def generate(
                 raise DegenerateStimuliError(out, result.degenerate)
             return result
     check_output_folder(out)
+    train_images = in_memory(split.train, RESIDENT_MAX_BYTES, loader_workers(config, torch_device))
+    if train_images is not split.train:
+        log(f"data: {len(train_images)} training images decoded once, held in memory")
 
     size, channels = config["data"]["image_size"], config["data"]["channels"]
     by_conditions = info.active and config["train"]["distribute"] == "conditions"
@@ -307,7 +312,7 @@ def generate(
         )
         results[condition["name"]] = train_condition(
             condition,
-            split.train,
+            train_images,
             channels=channels,
             size=size,
             seed=seed,

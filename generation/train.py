@@ -401,6 +401,15 @@ def _adam(params, lr: float, cuda: bool, **options: Any) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, foreach=True, **options)
 
 
+def loader_workers(settings: dict[str, Any], device: torch.device) -> int:
+    """DataLoader workers: ``num_workers`` of a condition (or of a config's ``train``);
+    -1 = 0 on the CPU, min(4, cores) on CUDA."""
+    workers = settings.get("train", settings)["num_workers"]
+    if workers >= 0:
+        return workers
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
 def resident_images(dataset: Dataset) -> torch.Tensor | None:
     """The uint8 N×C×H×W tensor behind an in-memory dataset (``TensorImages``), or None
     for a dataset that decodes its items (a folder)."""
@@ -424,11 +433,11 @@ def _batches(
     if images is not None and images.numel() <= RESIDENT_MAX_BYTES:
         torch.empty((), dtype=torch.int64).random_()
         return _resident_batches(images.to(device), sampler)
-    cuda = device.type == "cuda"
-    workers = condition["num_workers"]
-    if workers < 0:
-        workers = min(4, os.cpu_count() or 1) if cuda else 0
-    return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=cuda))
+    workers = loader_workers(condition, device)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda"
+    )
+    return iter(loader)
 
 
 def _resident_batches(images: torch.Tensor, sampler: StepBatches) -> Iterator[torch.Tensor]:

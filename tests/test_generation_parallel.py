@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from generation.config import resolve_config
-from generation.data import TensorImages, skimage_patches
+from generation.data import TensorImages, in_memory, load_folder, skimage_patches
 from generation.pipeline import generate
 from generation.stimulus_set import read_png, validate_stimulus_set
 from generation.train import _adam, train_condition
-from tests.test_generation import TINY, one_thread  # noqa: F401 (one thread: a fixture)
+from tests.test_generation import TINY, _write_images, one_thread  # noqa: F401 (a fixture)
 
 # two conditions of each kind the processes must agree on: a conv AE and a VAE trained to
 # a rate (its noise, the multiplier's all-reduced KL)
@@ -122,6 +122,17 @@ def test_resident_batches_train_exactly_as_the_data_loader(tmp_path):
     assert len(resident.losses) == 30 and resident.losses == loader.losses
     assert resident.kl == loader.kl and resident.rate == loader.rate
     assert resident.checkpoint_sha256 == loader.checkpoint_sha256
+
+
+def test_a_folder_that_fits_is_decoded_once_into_memory(tmp_path):
+    _write_images(tmp_path, 12)
+    split = load_folder(tmp_path, size=16, channels=3, seed=0, test_fraction=0.25, n_test=1)
+    folder = split.train
+    held = in_memory(folder, max_bytes=len(folder) * 3 * 16 * 16)
+    assert isinstance(held, TensorImages) and held.images.shape == (9, 3, 16, 16)
+    assert all(torch.equal(held[i], folder[i]) for i in range(len(folder)))
+    assert in_memory(folder, max_bytes=len(folder) * 3 * 16 * 16 - 1) is folder  # too big
+    assert in_memory(held, max_bytes=0) is held
 
 
 def test_foreach_adam_is_the_per_parameter_update():
