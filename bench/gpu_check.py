@@ -154,16 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     config = check_config(args)
     out = args.out or Path(tempfile.mkdtemp(prefix="gpu-check-")) / "set"
     condition = config["conditions"][0]
-    print(
-        f"# gpu_check: paper preset, {len(config['conditions'])} conditions, "
-        f"{config['data']['image_size']}×{config['data']['image_size']} VAE latent "
-        f"{condition['latent']} width {condition['width']}, {condition['steps']} steps × batch "
-        f"{condition['batch_size']}, lr {condition['lr']:g}, KL target "
-        f"{condition['kl_target']:g} nats; device {args.device}; torch {torch.__version__}; "
-        f"{describe_machine(args.device if args.device != 'auto' else 'cpu')}; "
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        flush=True,
-    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(
+            f"# gpu_check: paper preset, {len(config['conditions'])} conditions, "
+            f"{config['data']['image_size']}×{config['data']['image_size']} VAE latent "
+            f"{condition['latent']} width {condition['width']}, {condition['steps']} steps × batch "
+            f"{condition['batch_size']}, lr {condition['lr']:g}, KL target "
+            f"{condition['kl_target']:g} nats; device {args.device}; torch {torch.__version__}; "
+            f"{describe_machine(args.device if args.device != 'auto' else 'cpu')}; "
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+            flush=True,
+        )
     began = time.perf_counter()
     result = generate(
         config,
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         log=lambda message: print(message, file=sys.stderr, flush=True),
     )
     elapsed = time.perf_counter() - began
+    if result.manifest is None:  # a torchrun process other than rank 0: it only trained
+        return 0
     frame = table(result.manifest)
     text = markdown(frame)
     print(text)

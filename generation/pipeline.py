@@ -273,7 +273,9 @@ def generate(
     """
     out = Path(out)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
-    info, torch_device = init_distributed(device)
+    info, torch_device = init_distributed(
+        device, share_gpus=config["train"]["distribute"] == "conditions"
+    )
     seed = config["seed"]
     config_hash = config_sha256(config)
     split = load_data(config["data"], seed)

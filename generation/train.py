@@ -82,21 +82,45 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Join the process group when launched by ``torchrun`` (nccl on CUDA, gloo on CPU)."""
+def init_distributed(
+    device_name: str, share_gpus: bool = False
+) -> tuple[Distributed, torch.device]:
+    """Join the process group when launched by ``torchrun``.
+
+    Data parallel (the default): NCCL on CUDA, local rank r on GPU r; gloo on the CPU.
+    ``share_gpus`` (``train.distribute=conditions``, where processes only exchange finished
+    results): gloo everywhere and local rank r on GPU r mod (GPUs on the machine), so there
+    may be more processes than GPUs — e.g. six conditions at once on one GPU."""
     if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Distributed(), resolve_device(device_name)
     local_rank = int(os.environ["LOCAL_RANK"])
-    device = resolve_device(device_name, local_rank)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = resolve_device(device_name, gpu_index(local_rank, gpus, share_gpus))
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
+            backend="nccl" if device.type == "cuda" and not share_gpus else "gloo",
             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
     info = Distributed(dist.get_rank(), dist.get_world_size(), local_rank, True)
     return info, device
+
+
+def gpu_index(local_rank: int, gpus: int, share_gpus: bool) -> int:
+    """The GPU of a machine's ``local_rank``-th process: its own (data parallel, which
+    needs a GPU per process) or, when processes may share GPUs, ``local_rank mod gpus``."""
+    if gpus == 0:
+        return local_rank  # unused: the CPU
+    if share_gpus:
+        return local_rank % gpus
+    if local_rank >= gpus:
+        raise ValueError(
+            f"train.distribute=data needs a GPU per process, but this machine has {gpus} "
+            f"GPU(s) for process {local_rank + 1}; start --nproc_per_node {gpus}, or set "
+            "train.distribute=conditions (processes may share a GPU)"
+        )
+    return local_rank
 
 
 # how long a process waits in a collective (e.g. rank 0 for the others' conditions under

@@ -23,7 +23,7 @@ from generation.config import resolve_config
 from generation.data import TensorImages, in_memory, load_folder, skimage_patches
 from generation.pipeline import generate
 from generation.stimulus_set import read_png, validate_stimulus_set
-from generation.train import _adam, train_condition
+from generation.train import _adam, gpu_index, train_condition
 from tests.test_generation import TINY, _write_images, one_thread  # noqa: F401 (a fixture)
 
 # two conditions of each kind the processes must agree on: a conv AE and a VAE trained to
@@ -182,3 +182,11 @@ def test_cuda_loop_resident_fused_and_rate_on_the_device(tmp_path):
     assert len(resident.losses) == 30 and np.isfinite(resident.losses).all()
     np.testing.assert_allclose(resident.losses, loader.losses, rtol=1e-2)
     assert resident.rate["final_beta"] == pytest.approx(loader.rate["final_beta"], rel=1e-2)
+
+
+def test_processes_share_gpus_only_when_they_train_whole_conditions():
+    assert [gpu_index(rank, 1, share_gpus=True) for rank in range(6)] == [0] * 6
+    assert [gpu_index(rank, 4, share_gpus=True) for rank in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert [gpu_index(rank, 2, share_gpus=False) for rank in range(2)] == [0, 1]
+    with pytest.raises(ValueError, match="needs a GPU per process.*train.distribute=conditions"):
+        gpu_index(2, 2, share_gpus=False)
