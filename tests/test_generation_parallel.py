@@ -190,3 +190,38 @@ def test_processes_share_gpus_only_when_they_train_whole_conditions():
     assert [gpu_index(rank, 2, share_gpus=False) for rank in range(2)] == [0, 1]
     with pytest.raises(ValueError, match="needs a GPU per process.*train.distribute=conditions"):
         gpu_index(2, 2, share_gpus=False)
+
+
+def test_device_rate_controller_is_the_float_arithmetic_exactly():
+    """The controller's tensors (float64, on the training device) give exactly what the
+    float formulas of docs/generation.md give, step by step (β to the last bit of exp),
+    and survive a checkpoint."""
+    import math
+
+    from generation.train import (
+        KL_EMA_CAP,
+        KL_EMA_DECAY,
+        LOG_BETA_LIMITS,
+        RATE_KP,
+        RateControl,
+    )
+
+    target, dual_lr = 100.0, 0.05
+    rate = RateControl(target=target, dual_lr=dual_lr, d0=2.0, log_beta=0.3)
+    ema, log_beta = None, 0.3
+    kls = np.random.default_rng(0).gamma(2.0, 60.0, 120).astype(np.float32)  # some > cap
+    for step, kl in enumerate(kls):
+        rate.update(torch.tensor(kl), step, len(kls))
+        capped = min(float(kl), KL_EMA_CAP * target)
+        ema = capped if ema is None else KL_EMA_DECAY * ema + (1 - KL_EMA_DECAY) * capped
+        error = min(1.0, max(-1.0, ema / target - 1.0))
+        log_beta = min(LOG_BETA_LIMITS[1], max(LOG_BETA_LIMITS[0], log_beta + dual_lr * error))
+        assert (rate.kl_ema, rate.log_beta) == (ema, log_beta), step
+        # torch.exp and math.exp may differ in the last bit (float64); β enters the
+        # objective as float32, where one float64 ulp almost never changes the rounding
+        beta = math.exp(log_beta + RATE_KP * error)
+        assert abs(rate.beta - beta) <= math.ulp(beta), step
+    resumed = RateControl(target=target, dual_lr=dual_lr, d0=1.0, log_beta=0.0)
+    resumed.load_state(rate.state())
+    assert resumed.state() == rate.state() and resumed.beta == rate.beta
+    assert resumed.summary([1.0, 2.0]) == rate.summary([1.0, 2.0])
