@@ -37,7 +37,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from machine import describe_machine  # noqa: E402
 
-from generation.config import PRESETS, resolve_config  # noqa: E402
+from generation.config import (  # noqa: E402
+    PRESETS,
+    ConfigError,
+    resolve_config,
+    select_conditions,
+)
 from generation.pipeline import generate  # noqa: E402
 
 # the paper preset's rate per pixel (800 nats per 64×64 image, ≈ 0.2 nats per pixel)
@@ -102,14 +107,10 @@ def check_config(args: argparse.Namespace) -> dict:
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
-    config = resolve_config("paper", overrides=overrides)
-    if args.conditions:
-        wanted = [name.strip() for name in args.conditions.split(",") if name.strip()]
-        unknown = sorted(set(wanted) - {c["name"] for c in config["conditions"]})
-        if unknown:
-            raise SystemExit(f"unknown condition(s) {', '.join(unknown)}")
-        config["conditions"] = [c for c in config["conditions"] if c["name"] in wanted]
-    return config
+    try:
+        return select_conditions(resolve_config("paper", overrides=overrides), args.conditions)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
 
 
 def table(manifest: dict) -> pd.DataFrame:
@@ -153,16 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     config = check_config(args)
     out = args.out or Path(tempfile.mkdtemp(prefix="gpu-check-")) / "set"
     condition = config["conditions"][0]
-    print(
-        f"# gpu_check: paper preset, {len(config['conditions'])} conditions, "
-        f"{config['data']['image_size']}×{config['data']['image_size']} VAE latent "
-        f"{condition['latent']} width {condition['width']}, {condition['steps']} steps × batch "
-        f"{condition['batch_size']}, lr {condition['lr']:g}, KL target "
-        f"{condition['kl_target']:g} nats; device {args.device}; torch {torch.__version__}; "
-        f"{describe_machine(args.device if args.device != 'auto' else 'cpu')}; "
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        flush=True,
-    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(
+            f"# gpu_check: paper preset, {len(config['conditions'])} conditions, "
+            f"{config['data']['image_size']}×{config['data']['image_size']} VAE latent "
+            f"{condition['latent']} width {condition['width']}, {condition['steps']} steps × batch "
+            f"{condition['batch_size']}, lr {condition['lr']:g}, KL target "
+            f"{condition['kl_target']:g} nats; device {args.device}; torch {torch.__version__}; "
+            f"{describe_machine(args.device if args.device != 'auto' else 'cpu')}; "
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+            flush=True,
+        )
     began = time.perf_counter()
     result = generate(
         config,
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         log=lambda message: print(message, file=sys.stderr, flush=True),
     )
     elapsed = time.perf_counter() - began
+    if result.manifest is None:  # a torchrun process other than rank 0: it only trained
+        return 0
     frame = table(result.manifest)
     text = markdown(frame)
     print(text)

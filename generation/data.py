@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -346,6 +346,18 @@ class TensorImages(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.images[index]
+
+
+def in_memory(dataset: Dataset, max_bytes: int, workers: int = 0) -> Dataset:
+    """``dataset`` decoded once into :class:`TensorImages` (the same items in the same order)
+    when its uint8 pixels take at most ``max_bytes``; otherwise unchanged. Training then
+    holds it on the device instead of decoding every image again each epoch."""
+    if isinstance(dataset, TensorImages) or len(dataset) == 0:
+        return dataset
+    if len(dataset) * dataset[0].numel() > max_bytes:
+        return dataset
+    loader = DataLoader(dataset, batch_size=256, num_workers=workers)
+    return TensorImages(torch.cat(list(loader)))
 
 
 def load_data(data_config: dict, seed: int) -> DataSplit:

@@ -161,9 +161,14 @@ class FCAutoencoder(nn.Module):
 
 class VariationalAutoencoder(nn.Module):
     """Conv VAE: encoder → (μ, log σ²); z = μ + σ·ε while training (ε from ``generator``);
-    reconstruction from z; ``kl`` = ½ Σ (μ² + σ² − log σ² − 1) per image (nats)."""
+    reconstruction from z; ``kl`` = ½ Σ (μ² + σ² − log σ² − 1) per image (nats).
+
+    ``noise_shard = (rank, world)``: ε is drawn for the whole global batch (``world`` ×
+    this batch) and this process takes rows ``rank::world`` — the rows its images have in
+    the global batch — so data-parallel ranks together use the noise one process would."""
 
     architecture = "vae"
+    noise_shard = (0, 1)
 
     def __init__(
         self,
@@ -182,7 +187,10 @@ class VariationalAutoencoder(nn.Module):
         mu, logvar = self.encoder(x).float().chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
         if self.training:
-            noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            rank, world = self.noise_shard
+            shape = (mu.shape[0] * world, *mu.shape[1:])
+            noise = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            noise = noise[rank::world]
             z = mu + torch.exp(0.5 * logvar) * noise
         else:
             z = mu

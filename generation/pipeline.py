@@ -19,10 +19,11 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from generation.config import config_sha256
 from generation.contact_sheet import write_contact_sheet
-from generation.data import load_data
+from generation.data import in_memory, load_data
 from generation.evaluate import build_metrics, evaluate_stimuli, summary_table
 from generation.guard import check_reconstructions
 from generation.stimulus_set import (
@@ -32,11 +33,14 @@ from generation.stimulus_set import (
     write_stimulus_set,
 )
 from generation.train import (
+    RESIDENT_MAX_BYTES,
+    Distributed,
     TrainingError,
     TrainResult,
     barrier,
     init_distributed,
     load_model,
+    loader_workers,
     train_condition,
 )
 
@@ -229,6 +233,28 @@ def reconstruct(
     return reconstruct_test_set(model_path, images, device, batch_size).images
 
 
+def gather_conditions(
+    mine: dict[str, TrainResult], config: dict[str, Any], info: Distributed
+) -> dict[str, TrainResult]:
+    """Under ``train.distribute=conditions``: every process's results on rank 0, in config
+    order, with each trained ``model.pt`` written there when its file system lacks it (nodes
+    without a shared disk). Other ranks get their own results back."""
+    payload = {name: (result, result.model_path.read_bytes()) for name, result in mine.items()}
+    gathered: list[Any] = [None] * info.world_size if info.is_main else []
+    dist.gather_object(payload, gathered if info.is_main else None, dst=0)
+    if not info.is_main:
+        return mine
+    everything = {name: item for part in gathered for name, item in part.items()}
+    results = {}
+    for condition in config["conditions"]:
+        result, model_bytes = everything[condition["name"]]
+        if not result.model_path.exists():
+            result.model_path.parent.mkdir(parents=True, exist_ok=True)
+            result.model_path.write_bytes(model_bytes)
+        results[condition["name"]] = result
+    return results
+
+
 def generate(
     config: dict[str, Any],
     out: str | Path,
@@ -247,7 +273,9 @@ def generate(
     """
     out = Path(out)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
-    info, torch_device = init_distributed(device)
+    info, torch_device = init_distributed(
+        device, share_gpus=config["train"]["distribute"] == "conditions"
+    )
     seed = config["seed"]
     config_hash = config_sha256(config)
     split = load_data(config["data"], seed)
@@ -266,10 +294,16 @@ def generate(
                 raise DegenerateStimuliError(out, result.degenerate)
             return result
     check_output_folder(out)
+    train_images = in_memory(split.train, RESIDENT_MAX_BYTES, loader_workers(config, torch_device))
+    if train_images is not split.train:
+        log(f"data: {len(train_images)} training images decoded once, held in memory")
 
     size, channels = config["data"]["image_size"], config["data"]["channels"]
+    by_conditions = info.active and config["train"]["distribute"] == "conditions"
     results: dict[str, TrainResult] = {}
-    for condition in config["conditions"]:
+    for index, condition in enumerate(config["conditions"]):
+        if by_conditions and index % info.world_size != info.rank:
+            continue  # another process trains it (round-robin in config order)
         fingerprint = config_sha256(
             {
                 "data": config["data"],
@@ -280,7 +314,7 @@ def generate(
         )
         results[condition["name"]] = train_condition(
             condition,
-            split.train,
+            train_images,
             channels=channels,
             size=size,
             seed=seed,
@@ -288,9 +322,11 @@ def generate(
             checkpoint_dir=checkpoints / condition["name"],
             device=torch_device,
             resume=resume,
-            progress=progress,
-            distributed=info,
+            progress=progress and info.is_main,
+            distributed=None if by_conditions else info,
         )
+    if by_conditions:
+        results = gather_conditions(results, config, info)
     barrier(info)
     if not info.is_main:
         return GenerateResult(out, None, False, results)
@@ -360,6 +396,7 @@ def generate(
         "device": str(torch_device),
         "distributed": info.active,
         "world_size": info.world_size,
+        "distribute": config["train"]["distribute"] if info.active else None,
         "metrics_skipped": skipped,
         "training": {
             name: {

@@ -17,11 +17,15 @@ moving average of the batch KL (a PI controller; :class:`RateControl`). Every co
 then ends at the same rate whatever the scale of its loss; see docs/generation.md
 ("Equal rate").
 
-On CUDA: bf16 autocast, channels-last, pinned memory and loader workers.
+On CUDA: bf16 autocast, channels-last, fused Adam; an in-memory training set lives on the
+device (batches by ``index_select``), a folder is read by a DataLoader (pinned memory,
+workers). Per-step values stay on the device until a flush every ``LOG_EVERY`` steps, so
+the host never waits for the GPU inside the loop.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -78,18 +82,51 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Join the process group when launched by ``torchrun`` (nccl on CUDA, gloo on CPU)."""
+def init_distributed(
+    device_name: str, share_gpus: bool = False
+) -> tuple[Distributed, torch.device]:
+    """Join the process group when launched by ``torchrun``.
+
+    Data parallel (the default): NCCL on CUDA, local rank r on GPU r; gloo on the CPU.
+    ``share_gpus`` (``train.distribute=conditions``, where processes only exchange finished
+    results): gloo everywhere and local rank r on GPU r mod (GPUs on the machine), so there
+    may be more processes than GPUs — e.g. six conditions at once on one GPU."""
     if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Distributed(), resolve_device(device_name)
     local_rank = int(os.environ["LOCAL_RANK"])
-    device = resolve_device(device_name, local_rank)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = resolve_device(device_name, gpu_index(local_rank, gpus, share_gpus))
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" and not share_gpus else "gloo",
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
     info = Distributed(dist.get_rank(), dist.get_world_size(), local_rank, True)
     return info, device
+
+
+def gpu_index(local_rank: int, gpus: int, share_gpus: bool) -> int:
+    """The GPU of a machine's ``local_rank``-th process: its own (data parallel, which
+    needs a GPU per process) or, when processes may share GPUs, ``local_rank mod gpus``."""
+    if gpus == 0:
+        return local_rank  # unused: the CPU
+    if share_gpus:
+        return local_rank % gpus
+    if local_rank >= gpus:
+        raise ValueError(
+            f"train.distribute=data needs a GPU per process, but this machine has {gpus} "
+            f"GPU(s) for process {local_rank + 1}; start --nproc_per_node {gpus}, or set "
+            "train.distribute=conditions (processes may share a GPU)"
+        )
+    return local_rank
+
+
+# how long a process waits in a collective (e.g. rank 0 for the others' conditions under
+# train.distribute=conditions, which may take hours); torchrun stops every process when one
+# fails, so a long wait never outlives a crash
+COLLECTIVE_TIMEOUT_S = 24 * 3600
 
 
 def barrier(info: Distributed) -> None:
@@ -106,9 +143,27 @@ def derived_seed(seed: int, *labels: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
+def step_indices(n_items: int, batch_size: int, seed: int, first: int, count: int) -> np.ndarray:
+    """Global index batches of steps ``first``…``first+count−1``: int64 ``count × batch_size``.
+
+    Position p of the stream (step · batch_size + i) is item ``perm_e[p mod n]`` of epoch
+    e = p div n, ``perm_e`` a permutation seeded by (seed, e): step k's batch depends only
+    on (seed, k)."""
+    positions = np.arange(first * batch_size, (first + count) * batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, n_items)
+    indices = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        where = epochs == epoch
+        permutation = np.random.default_rng([seed, int(epoch)]).permutation(n_items)
+        indices[where] = permutation[offsets[where]]
+    return indices.reshape(count, batch_size)
+
+
 class StepBatches(Sampler[list[int]]):
-    """Index batches for steps ``start``…``steps−1``; epoch e is a permutation seeded by
-    (seed, e); each rank takes ``batch[rank::world_size]`` of the global batch."""
+    """Index batches for steps ``start``…``steps−1`` (see :func:`step_indices`); each rank
+    takes ``batch[rank::world_size]`` of the global batch."""
+
+    chunk = 256  # steps computed at once
 
     def __init__(
         self,
@@ -128,22 +183,14 @@ class StepBatches(Sampler[list[int]]):
     def __len__(self) -> int:
         return max(0, self.steps - self.start)
 
-    def _epoch(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+    def rank_indices(self, first: int, count: int) -> np.ndarray:
+        """This rank's share of steps ``first``…``first+count−1``: ``count × batch/world``."""
+        batches = step_indices(self.n, self.batch, self.seed, first, count)
+        return batches[:, self.rank :: self.world]
 
     def __iter__(self) -> Iterator[list[int]]:
-        cache: dict[int, np.ndarray] = {}
-        for step in range(self.start, self.steps):
-            first = step * self.batch
-            indices = []
-            for position in range(first, first + self.batch):
-                epoch, offset = divmod(position, self.n)
-                if epoch not in cache:
-                    if len(cache) > 2:
-                        cache.clear()
-                    cache[epoch] = self._epoch(epoch)
-                indices.append(int(cache[epoch][offset]))
-            yield indices[self.rank :: self.world]
+        for first in range(self.start, self.steps, self.chunk):
+            yield from self.rank_indices(first, min(self.chunk, self.steps - first)).tolist()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -213,7 +260,6 @@ RATE_TRAJECTORY_POINTS = 20  # (step, KL̄, β) samples kept for the manifest
 RATE_KP = 2.0
 
 
-@dataclass
 class RateControl:
     """The multiplier of the rate constraint KL = ``target`` (nats per image).
 
@@ -224,40 +270,70 @@ class RateControl:
     ``dual_lr · e`` after each step (dual ascent on the constraint, in log space so β stays
     positive and can travel orders of magnitude) and β = exp(state + RATE_KP · e) adds a
     proportional term against overshoot. While KL̄ < target β falls (no collapse: the
-    reconstruction term dominates until the latent carries the target rate)."""
+    reconstruction term dominates until the latent carries the target rate).
 
-    target: float
-    dual_lr: float
-    d0: float
-    log_beta: float
-    kl_ema: float | None = None
-    trajectory: list[list[float]] = field(default_factory=list)  # [step, KL̄, β]
+    The state lives in float64 0-dim tensors on ``device``, so :meth:`update` takes the
+    batch KL as a tensor and never waits for the GPU; the float properties (``beta``,
+    ``log_beta``, ``kl_ema``) and :meth:`state`/:meth:`summary` read it back."""
+
+    def __init__(
+        self,
+        target: float,
+        dual_lr: float,
+        d0: float,
+        log_beta: float,
+        device: str | torch.device = "cpu",
+    ):
+        self.target, self.dual_lr, self.d0 = float(target), float(dual_lr), float(d0)
+        scalar = {"dtype": torch.float64, "device": device}
+        self._target = torch.tensor(self.target, **scalar)
+        self._cap = torch.tensor(KL_EMA_CAP * self.target, **scalar)
+        self._log_beta = torch.tensor(float(log_beta), **scalar)
+        self._kl_ema = torch.tensor(0.0, **scalar)
+        self._started = False  # KL̄ defined once the first batch is in
+        self._trajectory: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # [step, KL̄, β]
+
+    @property
+    def log_beta(self) -> float:
+        return float(self._log_beta)
+
+    @property
+    def kl_ema(self) -> float | None:
+        return float(self._kl_ema) if self._started else None
 
     @property
     def beta(self) -> float:
         """The multiplier used now: the integral state plus the proportional term."""
-        return math.exp(self.log_beta + RATE_KP * self._error())
+        return float(self._beta())
 
-    def _error(self) -> float:
-        if self.kl_ema is None:
-            return 0.0
-        return min(1.0, max(-1.0, self.kl_ema / self.target - 1.0))
+    @property
+    def trajectory(self) -> list[list[float]]:
+        return [[step, float(kl), float(beta)] for step, kl, beta in self._trajectory]
+
+    def _error(self) -> torch.Tensor:
+        if not self._started:
+            return torch.zeros_like(self._kl_ema)
+        return (self._kl_ema / self._target - 1.0).clamp(-1.0, 1.0)
+
+    def _beta(self) -> torch.Tensor:
+        return torch.exp(self._log_beta + RATE_KP * self._error())
 
     def objective(self, distance: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
-        return distance / self.d0 + self.beta * kl / self.target
+        return distance / self.d0 + self._beta() * kl / self.target
 
-    def update(self, kl_mean: float, step: int, steps: int) -> None:
-        kl_mean = min(kl_mean, KL_EMA_CAP * self.target)
-        self.kl_ema = (
-            kl_mean
-            if self.kl_ema is None
-            else KL_EMA_DECAY * self.kl_ema + (1 - KL_EMA_DECAY) * kl_mean
-        )
+    def update(self, kl_mean: float | torch.Tensor, step: int, steps: int) -> None:
+        """One step of the controller from the batch's mean KL (nats; a float or a 0-dim
+        tensor, kept on its device)."""
+        kl = torch.as_tensor(kl_mean, dtype=torch.float64, device=self._kl_ema.device)
+        kl = torch.minimum(kl, self._cap)
+        if self._started:
+            kl = KL_EMA_DECAY * self._kl_ema + (1 - KL_EMA_DECAY) * kl
+        self._kl_ema, self._started = kl, True
         low, high = LOG_BETA_LIMITS
-        self.log_beta = min(high, max(low, self.log_beta + self.dual_lr * self._error()))
+        self._log_beta = (self._log_beta + self.dual_lr * self._error()).clamp(low, high)
         every = max(1, steps // RATE_TRAJECTORY_POINTS)
         if step % every == 0 or step == steps - 1:
-            self.trajectory.append([step, self.kl_ema, self.beta])
+            self._trajectory.append((step, self._kl_ema, self._beta()))
 
     def state(self) -> dict[str, Any]:
         return {
@@ -269,11 +345,28 @@ class RateControl:
             "trajectory": self.trajectory,
         }
 
+    def load_state(self, saved: dict[str, Any]) -> None:
+        """Continue from :meth:`state` (a checkpoint's ``rate``)."""
+        self.d0 = float(saved["d0"])
+        self._log_beta = torch.full_like(self._log_beta, saved["log_beta"])
+        self._started = saved["kl_ema"] is not None
+        self._kl_ema = torch.full_like(self._kl_ema, saved["kl_ema"] or 0.0)
+        device = self._kl_ema.device
+        self._trajectory = [
+            (
+                int(s),
+                torch.tensor(k, dtype=torch.float64, device=device),
+                torch.tensor(b, dtype=torch.float64, device=device),
+            )
+            for s, k, b in saved["trajectory"]
+        ]
+
     def summary(self, kl_history: list[float]) -> dict[str, Any]:
         """For the manifest: target, final KL̄ and β, the last 10 % of steps' mean KL,
         the β range and the (step, KL̄, β) trajectory."""
         tail = kl_history[-max(1, len(kl_history) // 10) :] if kl_history else []
-        betas = [point[2] for point in self.trajectory]
+        trajectory = self.trajectory
+        betas = [point[2] for point in trajectory]
         return {
             "kl_target": self.target,
             "final_kl_ema": self.kl_ema,
@@ -282,7 +375,7 @@ class RateControl:
             "beta_min": min(betas) if betas else self.beta,
             "beta_max": max(betas) if betas else self.beta,
             "zero_rate_distortion": self.d0,
-            "trajectory": [[int(s), float(k), float(b)] for s, k, b in self.trajectory],
+            "trajectory": [[int(s), float(k), float(b)] for s, k, b in trajectory],
         }
 
 
@@ -318,6 +411,65 @@ def zero_rate_distortion(
 def _lr(condition: dict[str, Any], step: int) -> float:
     halve = condition["lr_halve_every"]
     return condition["lr"] * (0.5 ** (step // halve) if halve else 1.0)
+
+
+LOG_EVERY = 100  # steps between host synchronisations (loss history, NaN check, progress)
+RESIDENT_MAX_BYTES = 8 * 2**30  # a training set up to this size is copied to the device
+
+
+def _adam(params, lr: float, cuda: bool, **options: Any) -> torch.optim.Adam:
+    """Adam with one fused kernel on CUDA and the multi-tensor (foreach) path on the CPU:
+    the same update as the per-parameter loop (bit-identical on the CPU, tested)."""
+    if cuda:
+        return torch.optim.Adam(params, lr=lr, fused=True, **options)
+    return torch.optim.Adam(params, lr=lr, foreach=True, **options)
+
+
+def loader_workers(settings: dict[str, Any], device: torch.device) -> int:
+    """DataLoader workers: ``num_workers`` of a condition (or of a config's ``train``);
+    -1 = 0 on the CPU, min(4, cores) on CUDA."""
+    workers = settings.get("train", settings)["num_workers"]
+    if workers >= 0:
+        return workers
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+def resident_images(dataset: Dataset) -> torch.Tensor | None:
+    """The uint8 N×C×H×W tensor behind an in-memory dataset (``TensorImages``), or None
+    for a dataset that decodes its items (a folder)."""
+    images = getattr(dataset, "images", None)
+    return images if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 else None
+
+
+def _batches(
+    dataset: Dataset, sampler: StepBatches, condition: dict[str, Any], device: torch.device
+) -> Iterator[torch.Tensor]:
+    """This rank's uint8 batches, step by step.
+
+    An in-memory training set up to ``RESIDENT_MAX_BYTES`` lives on ``device``: the
+    indices of ``StepBatches.chunk`` steps travel at once and each batch is an
+    ``index_select`` there (no loader, no per-step host→device copy). Anything else goes
+    through a DataLoader over the same index batches (workers and pinned memory on CUDA).
+    Both give the same batches, and both take one draw from the global RNG here (the
+    DataLoader's iterator does), so Watson's shift augmentation sees the same RNG either
+    way and as in earlier versions."""
+    images = resident_images(dataset)
+    if images is not None and images.numel() <= RESIDENT_MAX_BYTES:
+        torch.empty((), dtype=torch.int64).random_()
+        return _resident_batches(images.to(device), sampler)
+    workers = loader_workers(condition, device)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda"
+    )
+    return iter(loader)
+
+
+def _resident_batches(images: torch.Tensor, sampler: StepBatches) -> Iterator[torch.Tensor]:
+    for first in range(sampler.start, sampler.steps, sampler.chunk):
+        count = min(sampler.chunk, sampler.steps - first)
+        indices = torch.from_numpy(sampler.rank_indices(first, count).copy()).to(images.device)
+        for row in indices:
+            yield images.index_select(0, row)
 
 
 def train_condition(
@@ -369,13 +521,13 @@ def train_condition(
             f"loss {condition['loss']!r} needs images of at least {min_size}×{min_size}; "
             f"data.image_size is {size}"
         )
-    optimizer = torch.optim.Adam(model.parameters(), lr=condition["lr"])
+    optimizer = _adam(model.parameters(), condition["lr"], cuda)
     adversarial = condition["adversarial_weight"] > 0
     disc = disc_optimizer = None
     if adversarial:
         torch.manual_seed(derived_seed(seed, name, "discriminator"))
         disc = Discriminator(channels, size).to(device)
-        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=condition["lr"], betas=(0.5, 0.999))
+        disc_optimizer = _adam(disc.parameters(), condition["lr"], cuda, betas=(0.5, 0.999))
     noise = torch.Generator(device=device)
     noise.manual_seed(derived_seed(seed, name, "noise"))
     rate: RateControl | None = None
@@ -387,6 +539,7 @@ def train_condition(
             dual_lr=float(condition["kl_dual_lr"]),
             d0=zero_rate_distortion(loss_fn, dataset, device),
             log_beta=math.log(condition["kl_beta_init"]),
+            device=device,
         )
 
     start, history, kl_history = 0, [], []
@@ -408,9 +561,7 @@ def train_condition(
         start, history = state["step"], list(state["losses"])
         kl_history = list(state.get("kl", []))
         if rate is not None:
-            saved = state["rate"]
-            rate.d0, rate.log_beta, rate.kl_ema = saved["d0"], saved["log_beta"], saved["kl_ema"]
-            rate.trajectory = [list(point) for point in saved["trajectory"]]
+            rate.load_state(state["rate"])
         if state.get("done") and model_path.exists():
             return TrainResult(
                 name,
@@ -436,20 +587,12 @@ def train_condition(
                 disc, device_ids=[device.index] if cuda else None
             )
 
-    workers = condition["num_workers"]
-    if workers < 0:
-        workers = min(4, os.cpu_count() or 1) if cuda else 0
     per_rank = max(1, condition["batch_size"] // info.world_size)
     sampler = StepBatches(
         len(dataset), per_rank * info.world_size, steps, cseed, start, info.rank, info.world_size
     )
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=cuda,
-        persistent_workers=False,
-    )
+    if getattr(model, "architecture", None) == "vae":  # each rank: its rows of the global noise
+        model.noise_shard = (info.rank, info.world_size)
 
     def save(step: int, done: bool) -> None:
         if not info.is_main:
@@ -485,11 +628,43 @@ def train_condition(
     net.train()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    # the per-step values stay on the device until a flush (every LOG_EVERY steps, before
+    # each checkpoint, at the end): no host synchronisation inside the loop
+    pending_loss = torch.zeros(LOG_EVERY, device=device)
+    pending_kl = torch.zeros(LOG_EVERY, device=device)
+    pending = 0
     images, began = 0, time.perf_counter()
-    step = start
-    batches = iter(loader)  # draws a base seed from the global RNG (as at step 0)
+    batches = _batches(dataset, sampler, condition, device)  # one global RNG draw
+
+    def flush(step: int) -> None:
+        nonlocal pending
+        if not pending:
+            return
+        if info.active:  # the loss of the global batch, as one process records it
+            dist.all_reduce(pending_loss)
+            pending_loss.div_(info.world_size)
+        values = pending_loss[:pending].tolist()
+        bad = [i for i, value in enumerate(values) if not math.isfinite(value)]
+        if bad:
+            raise TrainingError(
+                f"condition {name!r}: the loss became {values[bad[0]]} at step "
+                f"{step - pending + bad[0]}; lower train.lr"
+            )
+        history.extend(values)
+        if model_is_vae:
+            kl_history.extend(pending_kl[:pending].tolist())
+        bar.update(pending)
+        speed = images * info.world_size / max(time.perf_counter() - began, 1e-9)
+        postfix = {"loss": f"{values[-1]:.4g}", "img_s": f"{speed:.0f}"}
+        if rate is not None:
+            postfix.update(kl=f"{rate.kl_ema:.1f}", beta=f"{rate.beta:.3g}")
+        bar.set_postfix(postfix, refresh=False)
+        pending = 0
+
+    model_is_vae = getattr(model, "architecture", None) == "vae"
     if resumed_rng is not None:  # the global RNG where it was (Watson's shift augmentation)
         torch.set_rng_state(resumed_rng.cpu())
+    step = start
     for batch in batches:
         x = batch.to(device, non_blocking=True).float().div_(255.0)
         if cuda:
@@ -523,29 +698,22 @@ def train_condition(
             disc_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             disc_optimizer.step()
-        value = float(distance.detach().mean())
-        if not math.isfinite(value):
-            raise TrainingError(
-                f"condition {name!r}: the loss became {value} at step {step}; lower train.lr"
-            )
-        history.append(value)
+        pending_loss[pending] = distance.detach().mean()
         if out.kl is not None:
             kl_mean = out.kl.detach().float().mean()
             if info.active:  # every rank must take the same multiplier step
                 dist.all_reduce(kl_mean)
                 kl_mean = kl_mean / info.world_size
-            kl_history.append(float(kl_mean))
+            pending_kl[pending] = kl_mean
             if rate is not None:
-                rate.update(kl_history[-1], step, steps)
+                rate.update(kl_mean, step, steps)
+        pending += 1
         step += 1
         images += x.shape[0]
-        speed = images * info.world_size / max(time.perf_counter() - began, 1e-9)
-        postfix = {"loss": f"{value:.4g}", "img_s": f"{speed:.0f}"}
-        if rate is not None:
-            postfix.update(kl=f"{rate.kl_ema:.1f}", beta=f"{rate.beta:.3g}")
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-        if step % condition["checkpoint_every"] == 0 and step < steps:
+        checkpoint = step % condition["checkpoint_every"] == 0 and step < steps
+        if pending == LOG_EVERY or checkpoint or step == steps:
+            flush(step)
+        if checkpoint:
             save(step, done=False)
             barrier(info)
     elapsed = time.perf_counter() - began

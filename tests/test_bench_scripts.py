@@ -81,3 +81,39 @@ def test_bench_training_prints_a_row_per_loss():
     rows = table_rows(output)
     assert set(rows) == {"l2", "watson-dft"}, rows
     assert float(rows["l2"][-1]) == 1.0
+
+
+def test_bench_training_full_runs_the_real_loop_and_extrapolates():
+    output = run_script(
+        "bench/bench_training.py",
+        "--full",
+        "--paper",
+        "--steps",
+        "4",
+        "--size",
+        "32",
+        "--width",
+        "4",
+        "--latent",
+        "8",
+        "--batch",
+        "4",
+        "--train-patches",
+        "64",
+        "--conditions",
+        "l2,watson-dft",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+    )
+    assert output.startswith("# full paper preset: 2 conditions"), output
+    rows = {
+        line.split("|")[1].strip(): line for line in output.splitlines() if "| 100000 |" in line
+    }
+    assert set(rows) == {"l2", "watson-dft"}, output
+    for line in rows.values():
+        loop, pure, ratio, wall, steps, minutes = (float(c) for c in line.split("|")[2:8])
+        assert loop > 0 and pure > 0 and ratio == pytest.approx(pure / loop, rel=0.02)
+        assert minutes * 60 > wall  # 100,000 steps take longer than the 4 timed
+    assert re.search(r"^whole paper preset, extrapolated: [\d.]+ min", output, re.M), output
