@@ -339,3 +339,22 @@ def test_cli_fit_writes_a_deterministic_file_that_build_loss_loads(tmp_path):
     condition["loss"] = "watson-dft"
     with pytest.raises(ConfigError, match="fitted for 'watson-dct'"):
         _check_losses({"evaluate": {"metrics": "all"}, "conditions": [condition]})
+
+
+def test_a_refitted_loss_file_changes_the_generation_hashes(tmp_path):
+    from generation.pipeline import loss_file_hashes
+
+    path = save_fitted(tmp_path / "fit.pt", "watson-dct", {}, build_loss("watson-dct"))
+    config = {
+        "conditions": [
+            {"name": "fitted", "loss": "watson-dct", "loss_options": {"weights": str(path)}},
+            {"name": "plain", "loss": "l2", "loss_options": {}},
+        ]
+    }
+    first = loss_file_hashes(config)
+    assert first == {"fitted": hashlib.sha256(path.read_bytes()).hexdigest()}
+    refit = build_loss("watson-dct")
+    with torch.no_grad():
+        refit.alpha += 0.1
+    save_fitted(path, "watson-dct", {}, refit)
+    assert loss_file_hashes(config)["fitted"] != first["fitted"]
