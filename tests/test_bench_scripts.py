@@ -81,3 +81,14 @@ def test_bench_training_prints_a_row_per_loss():
     rows = table_rows(output)
     assert set(rows) == {"l2", "watson-dft"}, rows
     assert float(rows["l2"][-1]) == 1.0
+
+
+def test_bench_fit_prints_a_rate_per_loss():
+    output = run_script(
+        "bench/bench_fit.py", "--triplets", "20", "--size", "32", "--epochs", "1", "--threads", "1"
+    )
+    assert re.search(r"^machine: .+, \d+ cores, ", output, re.M), output
+    rows = {line.split()[0]: line.split() for line in output.splitlines()[3:]}
+    assert set(rows) == {"watson-dft", "deep"}, output
+    assert rows["watson-dft"][2] == "—" and float(rows["deep"][2]) > 0
+    assert all(float(row[3]) > 0 for row in rows.values())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -256,13 +257,32 @@ def weighted_score(d0: np.ndarray, d1: np.ndarray, triplets: Triplets) -> float:
     return float((scores * triplets.weight).sum() / triplets.weight.sum())
 
 
+class _Clock:
+    """Wall-clock laps (seconds), synchronising CUDA first."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = self.now()
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self.now()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
 @dataclass
 class FitResult:
     """The fitted loss module and how the fit went.
 
     history: epoch, steps, train_bce, val_2afc (epoch 0 = before training);
     best_epoch: the epoch whose parameters ``module`` holds; unfitted/fitted: per-triplet
-    validation distances (d0, d1) before and after."""
+    validation distances (d0, d1) before and after; seconds: wall time of the one-off
+    preparation ("prepare") and of the epochs with their validation passes ("train")."""
 
     module: nn.Module
     history: pd.DataFrame
@@ -273,7 +293,7 @@ class FitResult:
     unfitted: tuple[np.ndarray, np.ndarray]
     fitted: tuple[np.ndarray, np.ndarray]
     stopped_early: bool = False
-    extra: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
 
     def settings_dict(self) -> dict:
         return asdict(self.settings)
@@ -296,8 +316,10 @@ def fit_loss(
     if len(train) == 0 or len(validation) == 0:
         raise ValueError("fitting needs triplets on both sides of the split")
     device = torch.device(device)
+    clock = _Clock(device)
     adaptor = make_adaptor(loss, device, progress)
     train_data, val_data = adaptor.prepare(train), adaptor.prepare(validation)
+    prepare_s = clock.lap()
     unfitted = all_distances(adaptor, val_data, len(validation))
     start_d0, start_d1 = all_distances(adaptor, train_data, len(train))
     scale = float(np.median(np.concatenate([start_d0, start_d1])))
@@ -357,6 +379,7 @@ def fit_loss(
             if since_best >= settings.patience:
                 stopped_early = True
                 break
+    train_s = clock.lap()
     adaptor.load_state(best_state)
     fitted = all_distances(adaptor, val_data, len(validation))
     module = adaptor.module().to("cpu")
@@ -370,4 +393,5 @@ def fit_loss(
         unfitted=unfitted,
         fitted=fitted,
         stopped_early=stopped_early,
+        seconds={"prepare": prepare_s, "train": train_s},
     )
