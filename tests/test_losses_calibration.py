@@ -65,6 +65,7 @@ def test_split_is_by_reference_and_seeded():
     assert list(again.group) == list(val.group)
 
 
+@pytest.mark.slow
 def test_watson_dft_fit_recovers_a_hidden_watson(tmp_path):
     """Truth: thresholds rise steeply with frequency and chroma is nearly ignored."""
     triplets = distortion_triplets(24, versions=6, size=32, seed=1)
@@ -95,6 +96,7 @@ def test_watson_dft_fit_recovers_a_hidden_watson(tmp_path):
     assert not torch.equal(loaded.t_tilde, start.t_tilde)
 
 
+@pytest.mark.slow
 def test_deep_head_fit_recovers_known_channel_weights():
     """Truth: random weights on the first two stages of EfficientNet-Lite0, zero after."""
     triplets = distortion_triplets(60, versions=6, size=32, seed=1)

@@ -112,6 +112,12 @@ def _load(bapps, csv, responses, stimuli):
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads for torch.")
+@click.option(
+    "--trunk-weights",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="deep/lpips-*: the backbone's ImageNet weights file (else the offline default / torch cache).",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def fit(
     loss_name,
@@ -129,6 +135,7 @@ def fit(
     patience,
     device,
     threads,
+    trunk_weights,
     progress,
 ):
     """Fit LOSS on 2AFC judgments; write the weights file and its JSON model card.
@@ -160,7 +167,9 @@ def fit(
             seed=seed,
         )
         settings.check()
-        module = build_loss(loss_name)
+        if trunk_weights and loss_name.startswith("watson"):
+            raise ValueError(f"--trunk-weights applies to deep and lpips-* only, not {loss_name}")
+        module = build_loss(loss_name, **({"weights": str(trunk_weights)} if trunk_weights else {}))
         if min(triplets.images.shape[-2:]) < getattr(module, "min_size", 1):
             raise ValueError(
                 f"{loss_name} needs images of at least {module.min_size} px; the judgments' images are {tuple(triplets.images.shape[-2:])}"
