@@ -320,6 +320,28 @@ def test_cli_fit_writes_a_deterministic_file_that_build_loss_loads(tmp_path):
         "oracle",
     }
     assert card["validation_2afc"]["fitted"]["mean"] >= card["validation_2afc"]["unfitted"]["mean"]
+    # --init starts from a fitted file: its score is the new fit's "unfitted" score
+    args = ["losses", "fit", "--loss", "watson-dct", "--csv", str(tmp_path / "j.csv")]
+    first_out = tmp_path / "one" / "watson-dct.pt"
+    result = runner.invoke(
+        main,
+        [
+            *args,
+            "--init",
+            str(first_out),
+            "--out",
+            str(tmp_path / "three.pt"),
+            "--max-epochs",
+            "1",
+            "--no-progress",
+            "--seed",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "three.pt.card.json").read_text())
+    assert again["validation_2afc"]["unfitted"] == card["validation_2afc"]["fitted"]
+    assert again["training"]["init"]["sha256"] == hashes[0]
     shown = runner.invoke(main, ["losses", "show", str(tmp_path / "one" / "watson-dct.pt")])
     assert shown.exit_code == 0 and "human_ceiling" in shown.output
     # build_loss(name, weights=FILE) restores exactly the fitted parameters

@@ -118,6 +118,13 @@ def _load(bapps, csv, responses, stimuli):
     default=None,
     help="deep/lpips-*: the backbone's ImageNet weights file (else the offline default / torch cache).",
 )
+@click.option(
+    "--init",
+    "init_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Start from a fitted-loss file (e.g. converted by `pstudy losses import`) instead of the defaults.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def fit(
     loss_name,
@@ -136,6 +143,7 @@ def fit(
     device,
     threads,
     trunk_weights,
+    init_file,
     progress,
 ):
     """Fit LOSS on 2AFC judgments; write the weights file and its JSON model card.
@@ -150,6 +158,7 @@ def fit(
     from generation.calibration.judgments import JudgmentsError, split_by_group
     from generation.losses import build_loss
     from generation.losses.fitted import save_fitted
+    from generation.stimulus_set import sha256_file
 
     if threads:
         torch.set_num_threads(threads)
@@ -169,7 +178,10 @@ def fit(
         settings.check()
         if trunk_weights and loss_name.startswith("watson"):
             raise ValueError(f"--trunk-weights applies to deep and lpips-* only, not {loss_name}")
-        module = build_loss(loss_name, **({"weights": str(trunk_weights)} if trunk_weights else {}))
+        if init_file and trunk_weights:
+            raise ValueError("--init and --trunk-weights cannot be combined (both set weights=)")
+        start = init_file or trunk_weights
+        module = build_loss(loss_name, **({"weights": str(start)} if start else {}))
         if min(triplets.images.shape[-2:]) < getattr(module, "min_size", 1):
             raise ValueError(
                 f"{loss_name} needs images of at least {module.min_size} px; the judgments' images are {tuple(triplets.images.shape[-2:])}"
@@ -191,6 +203,8 @@ def fit(
         device=device,
         seed=seed,
     )
+    if init_file:
+        card["training"]["init"] = {"path": str(init_file), "sha256": sha256_file(init_file)}
     write_card(card, card_path(out))
     click.echo(format_card(card))
     click.echo(f"wrote {out} and {card_path(out)}")
@@ -216,3 +230,43 @@ def show(file):
             click.echo(
                 f"  {json.dumps([row['epoch'], row['steps'], row['train_bce'], row['val_2afc']])}"
             )
+
+
+@losses.command("import")
+@click.argument("kind", type=click.Choice(["czolbe", "lpips"]))
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--loss", "loss_name", required=True, type=click.Choice(FITTABLE_LOSSES))
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Fitted-loss file to write."
+)
+def import_weights(kind, file, loss_name, out):
+    """Convert published weights (a file you supply) into a fitted-loss file.
+
+    \b
+    KIND czolbe: Czolbe et al.'s Watson state dict (rgb_/gray_watson_dct|fft_trial0.pth)
+                 for --loss watson-dct or watson-dft;
+    KIND lpips:  the lpips package's linear layers (lpips/weights/v0.1/<net>.pth)
+                 for --loss lpips-alex, lpips-vgg or lpips-squeeze.
+    \b
+    Example:
+      pstudy losses import czolbe rgb_watson_fft_trial0.pth --loss watson-dft --out fitted/czolbe-dft.pt
+    """
+    from generation.losses import build_loss
+    from generation.losses.fitted import write_fitted
+    from generation.losses.published import czolbe_watson_payload, lpips_linear_payload
+
+    try:
+        if kind == "czolbe":
+            payload = czolbe_watson_payload(file, loss_name)
+        elif not loss_name.startswith("lpips-"):
+            raise ValueError(
+                f"lpips linear layers convert to lpips-alex|vgg|squeeze, not {loss_name}"
+            )
+        else:
+            payload = lpips_linear_payload(file, loss_name.removeprefix("lpips-"))
+        write_fitted(out, payload)
+        if kind == "czolbe":  # the file loads (lpips trunks may need ImageNet weights first)
+            build_loss(loss_name, weights=str(out))
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {out} ({loss_name}, {len(payload['state_dict'])} tensors from {file})")

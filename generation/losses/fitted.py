@@ -40,19 +40,30 @@ def fitted_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {key: state[key].detach().to("cpu", torch.float32).clone() for key in keys}
 
 
-def save_fitted(path: str | os.PathLike, loss: str, options: dict, module: nn.Module) -> Path:
-    """Write ``module``'s fitted tensors for the registered loss ``loss`` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+def fitted_payload(loss: str, options: dict, state_dict: dict[str, torch.Tensor]) -> dict:
+    """The mapping a fitted-loss file holds."""
+    return {
         "format": FITTED_FORMAT,
         "version": FITTED_VERSION,
         "loss": loss,
         "options": dict(options),
-        "state_dict": fitted_tensors(module),
+        "state_dict": {
+            key: value.detach().to("cpu", torch.float32) for key, value in state_dict.items()
+        },
     }
+
+
+def write_fitted(path: str | os.PathLike, payload: dict) -> Path:
+    """Write a fitted-loss mapping to ``path`` (folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
     return path
+
+
+def save_fitted(path: str | os.PathLike, loss: str, options: dict, module: nn.Module) -> Path:
+    """Write ``module``'s fitted tensors for the registered loss ``loss`` to ``path``."""
+    return write_fitted(path, fitted_payload(loss, options, fitted_tensors(module)))
 
 
 def read_fitted(path: str | os.PathLike) -> dict[str, Any] | None:
