@@ -29,13 +29,7 @@ from generation.losses import build_loss
 from generation.losses.fitted import save_fitted
 from study_app.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def centred(x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from generation.calibration.judgments import (
     human_ceiling,
     oracle_score,
     score_2afc,
+    triplet_distances,
 )
 from generation.stimulus_set import sha256_file
 
@@ -44,11 +45,10 @@ def score_summary(d0: np.ndarray, d1: np.ndarray, triplets: Triplets, seed: int 
 
 def baseline_scores(triplets: Triplets, seed: int = 0) -> dict[str, dict]:
     """2AFC score summaries of L2 and SSIM on ``triplets``."""
-    from generation.calibration.synthetic import true_distances
     from generation.losses import build_loss
 
     return {
-        name: score_summary(*true_distances(build_loss(name), triplets), triplets, seed)
+        name: score_summary(*triplet_distances(build_loss(name), triplets), triplets, seed)
         for name in BASELINES
     }
 

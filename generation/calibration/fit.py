@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from generation.calibration.judgments import Triplets, score_2afc
+from generation.calibration.judgments import Triplets, score_2afc, unique_pairs
 from generation.losses.deep import FeatureDistanceLoss, unit_normalise
 from generation.losses.watson import WatsonLoss
 
@@ -93,16 +93,6 @@ class RankingHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------ adaptors
-
-
-def unique_pairs(triplets: Triplets) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct (candidate, reference) image pairs of the triplets (P×2) and, for the
-    2N pairs (p0, ref) then (p1, ref), their row in that table."""
-    both = np.concatenate(
-        [np.stack([triplets.p0, triplets.ref], 1), np.stack([triplets.p1, triplets.ref], 1)]
-    )
-    pairs, inverse = np.unique(both, axis=0, return_inverse=True)
-    return pairs, inverse.reshape(-1)
 
 
 class WatsonAdaptor:

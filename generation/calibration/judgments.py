@@ -26,6 +26,24 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from analysis.intervals import group_bootstrap
+
+__all__ = [
+    "JudgmentsError",
+    "Triplets",
+    "export_cells",
+    "group_bootstrap",
+    "human_ceiling",
+    "load_bapps",
+    "load_csv",
+    "load_export",
+    "oracle_score",
+    "score_2afc",
+    "split_by_group",
+    "triplet_distances",
+    "triplets_from_cells",
+]
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 BAPPS_FOLDERS = ("ref", "p0", "p1", "judge")
 
@@ -98,29 +116,30 @@ def oracle_score(fraction: np.ndarray) -> np.ndarray:
     return np.maximum(f, 1 - f)
 
 
-def group_bootstrap(
-    values: np.ndarray,
-    weight: np.ndarray,
-    group: np.ndarray,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> dict:
-    """Weighted mean of per-triplet ``values`` and its percentile bootstrap CI over groups
-    (reference images resampled with replacement): {mean, ci_low, ci_high, n_groups}."""
-    values, weight = np.asarray(values, float), np.asarray(weight, float)
-    codes, _ = pd.factorize(np.asarray(group))
-    n_groups = int(codes.max()) + 1 if len(codes) else 0
-    sums = np.bincount(codes, weights=values * weight, minlength=n_groups)
-    totals = np.bincount(codes, weights=weight, minlength=n_groups)
-    mean = float(sums.sum() / totals.sum()) if totals.sum() > 0 else float("nan")
-    if n_groups < 2:
-        return {"mean": mean, "ci_low": float("nan"), "ci_high": float("nan"), "n_groups": n_groups}
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
-    boot = sums[draws].sum(1) / totals[draws].sum(1)
-    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    return {"mean": mean, "ci_low": float(low), "ci_high": float(high), "n_groups": n_groups}
+@torch.no_grad()
+def triplet_distances(
+    loss: torch.nn.Module, triplets: Triplets, batch: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """d0, d1 of ``loss`` (eval mode) on every triplet, float64 numpy; each distinct
+    (candidate, reference) pair is computed once."""
+    loss = loss.eval()
+    pairs, inverse = unique_pairs(triplets)
+    values = []
+    for start in range(0, len(pairs), batch):
+        chunk = torch.from_numpy(pairs[start : start + batch])
+        values.append(loss(triplets.images[chunk[:, 0]], triplets.images[chunk[:, 1]]).double())
+    d = torch.cat(values).numpy()[inverse]
+    return d[: len(triplets)], d[len(triplets) :]
+
+
+def unique_pairs(triplets: Triplets) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (candidate, reference) image pairs of the triplets (P×2) and, for the
+    2N pairs (p0, ref) then (p1, ref), their row in that table."""
+    both = np.concatenate(
+        [np.stack([triplets.p0, triplets.ref], 1), np.stack([triplets.p1, triplets.ref], 1)]
+    )
+    pairs, inverse = np.unique(both, axis=0, return_inverse=True)
+    return pairs, inverse.reshape(-1)
 
 
 # ------------------------------------------------------------------------------- loaders
@@ -383,22 +402,38 @@ def load_export(responses: str | Path, stimuli: str | Path) -> Triplets:
     cells = export_cells(loaded.frame)
     if cells.empty:
         raise JudgmentsError(f"{responses}: no main-trial votes of included participants")
+    triplets = triplets_from_cells(cells, table, f"{responses} (stimulus set {stimuli}): ")
+    triplets.source = {
+        "kind": "export",
+        "path": str(responses),
+        "stimuli": str(stimuli),
+        "sha256": loaded.input_sha256,
+        "stimuli_sha256": triplets.source["stimuli_sha256"],
+        "conditions": triplets.source["conditions"],
+    }
+    return triplets
+
+
+def triplets_from_cells(cells: pd.DataFrame, table: pd.DataFrame, where: str = "") -> Triplets:
+    """Triplets from vote counts per (image, pair) (:func:`export_cells`) and a stimulus
+    table (``analysis.metrics.stimulus_table``): p0 = condition_a, p1 = condition_b,
+    fraction = share of votes for condition_b, weight = votes, group = image id."""
     paths = {(r.image_id, r.condition): r.path for r in table.itertuples(index=False)}
     refs = {r.image_id: r.reference_path for r in table.itertuples(index=False)}
     pool, rows = _ImagePool(), []
     for cell in cells.itertuples(index=False):
-        where = f"{responses}: image {cell.image_id!r}: "
+        here = f"{where}image {cell.image_id!r}: "
         for key in ((cell.image_id, cell.condition_a), (cell.image_id, cell.condition_b)):
             if key not in paths:
                 raise JudgmentsError(
-                    f"{where}condition {key[1]!r} is not in the stimulus set {stimuli}; give the "
+                    f"{here}condition {key[1]!r} is not in the stimulus set; give the "
                     "stimulus set the study was run with"
                 )
         rows.append(
             (
-                pool.add(Path(refs[cell.image_id]), where),
-                pool.add(Path(paths[(cell.image_id, cell.condition_a)]), where),
-                pool.add(Path(paths[(cell.image_id, cell.condition_b)]), where),
+                pool.add(Path(refs[cell.image_id]), here),
+                pool.add(Path(paths[(cell.image_id, cell.condition_a)]), here),
+                pool.add(Path(paths[(cell.image_id, cell.condition_b)]), here),
             )
         )
     return _triplets(
@@ -406,12 +441,9 @@ def load_export(responses: str | Path, stimuli: str | Path) -> Triplets:
         rows,
         cells["fraction_b"].to_numpy(),
         cells["n"].to_numpy(),
-        cells["image_id"].to_numpy(),
+        cells["image_id"].astype(str).to_numpy(),
         {
-            "kind": "export",
-            "path": str(responses),
-            "stimuli": str(stimuli),
-            "sha256": loaded.input_sha256,
+            "kind": "votes",
             "stimuli_sha256": sha256_bytes("\n".join(sorted(pool.hashes)).encode()),
             "conditions": sorted(set(cells["condition_a"]) | set(cells["condition_b"])),
         },

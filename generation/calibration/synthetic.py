@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from generation.calibration.judgments import Triplets
+from generation.calibration.judgments import Triplets, triplet_distances
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 DISTORTIONS = ("blur", "noise", "jpeg", "colour")
@@ -103,22 +103,9 @@ def distortion_triplets(
     )
 
 
-@torch.no_grad()
-def true_distances(
-    loss: torch.nn.Module, triplets: Triplets, batch: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    """d0, d1 of ``loss`` (eval mode) on every triplet, float64 numpy; each distinct
-    (candidate, reference) pair is computed once."""
-    from generation.calibration.fit import unique_pairs
-
-    loss = loss.eval()
-    pairs, inverse = unique_pairs(triplets)
-    values = []
-    for start in range(0, len(pairs), batch):
-        chunk = torch.from_numpy(pairs[start : start + batch])
-        values.append(loss(triplets.images[chunk[:, 0]], triplets.images[chunk[:, 1]]).double())
-    d = torch.cat(values).numpy()[inverse]
-    return d[: len(triplets)], d[len(triplets) :]
+def true_distances(loss: torch.nn.Module, triplets: Triplets) -> tuple[np.ndarray, np.ndarray]:
+    """d0, d1 of the "true" ``loss`` on every triplet (:func:`triplet_distances`)."""
+    return triplet_distances(loss, triplets)
 
 
 def label_with(
