@@ -18,6 +18,7 @@ import importlib
 import inspect
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,10 +105,12 @@ def _accepted_options(cls: type) -> list[str] | None:
 def _build_single(name: str, options: Mapping[str, Any]) -> nn.Module:
     weights = options.get("weights")
     if weights is not None and _normalise_name(name) in FITTABLE_LOSSES:
-        fitted = read_fitted(weights)
+        backbone_weights = "weights" in (_accepted_options(_loss_class(name)) or ["weights"])
+        # deep/lpips-*: a missing file is the backbone's problem (its message says which file)
+        fitted = None if backbone_weights and not Path(weights).is_file() else read_fitted(weights)
         if fitted is not None:
             return _build_fitted(name, options, fitted, weights)
-        if "weights" not in (_accepted_options(_loss_class(name)) or ["weights"]):
+        if not backbone_weights:
             raise ValueError(
                 f"{weights} is not a fitted-loss file (written by `pstudy losses fit`); "
                 f"loss {name!r} takes weights= only for fitted parameters"
