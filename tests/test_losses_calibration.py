@@ -266,6 +266,34 @@ def test_export_to_triplets_gives_the_votes_fractions(tmp_path):
         expected_p1 = np.asarray(image, np.float32).transpose(2, 0, 1) / 255
     np.testing.assert_array_equal(triplets.images[triplets.p1[0]].numpy(), expected_p1)
     assert set(triplets.group) == {"img0", "img1", "img2"}
+    # the same through the command line: the card names the export and its hash
+    out = tmp_path / "fit" / "watson-dct.pt"
+    args = ["--responses", str(tmp_path / "votes.csv"), "--stimuli", str(tmp_path / "stimuli")]
+    result = CliRunner().invoke(
+        main,
+        [
+            "losses",
+            "fit",
+            "--loss",
+            "watson-dct",
+            *args,
+            "--out",
+            str(out),
+            "--max-epochs",
+            "1",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    card = json.loads((tmp_path / "fit" / "watson-dct.pt.card.json").read_text())
+    assert card["data"]["kind"] == "export"
+    assert (
+        card["data"]["sha256"] == hashlib.sha256((tmp_path / "votes.csv").read_bytes()).hexdigest()
+    )
+    assert (card["split"]["train_references"], card["split"]["validation_references"]) == (2, 1)
+    assert card["split"]["train_triplets"] + card["split"]["validation_triplets"] == len(triplets)
+    result = CliRunner().invoke(main, ["losses", "fit", "--loss", "watson-dct", args[0], args[1]])
+    assert result.exit_code == 2 and "--responses needs --stimuli" in result.output
 
 
 def test_cli_fit_writes_a_deterministic_file_that_build_loss_loads(tmp_path):
