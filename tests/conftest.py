@@ -203,14 +203,3 @@ def live_server(app) -> Iterator[str]:
     finally:
         server.shutdown()
         thread.join(timeout=10)
-
-
-@pytest.fixture
-def one_torch_thread():
-    """torch on one CPU thread for the test (fits stay fast and identical on shared CPUs)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -14,6 +14,7 @@ from analysis.simulation import simulate_responses
 from generation.losses import build_loss
 from generation.losses.fitted import save_fitted
 from study_app.cli import main
+from tests.losses_support import one_torch_thread  # noqa: F401 - a fixture
 from tests.study_support import write_stimulus_set
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

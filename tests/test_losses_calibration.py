@@ -28,6 +28,7 @@ from generation.calibration.synthetic import distortion_triplets, label_with, tr
 from generation.losses import build_loss
 from generation.losses.fitted import save_fitted
 from study_app.cli import main
+from tests.losses_support import one_torch_thread  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
