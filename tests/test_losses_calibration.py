@@ -124,6 +124,22 @@ def _save_png(path, array):
     Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(path)
 
 
+def write_judgments_csv(triplets, path):
+    """Triplets as a judgments CSV (ref, a, b, fraction_a) with their images next to it."""
+    rows = []
+    for index in range(len(triplets)):
+        names = []
+        for role, image in (("r", triplets.ref), ("a", triplets.p0), ("b", triplets.p1)):
+            name = f"{role}{image[index]}.png"
+            if not (path.parent / name).exists():
+                _save_png(
+                    path.parent / name, triplets.images[image[index]].numpy().transpose(1, 2, 0)
+                )
+            names.append(name)
+        rows.append((*names, 1 - triplets.fraction[index]))
+    pd.DataFrame(rows, columns=["ref", "a", "b", "fraction_a"]).to_csv(path, index=False)
+
+
 def make_bapps(root, count=6, size=16, seed=0):
     rng = np.random.default_rng(seed)
     fractions = rng.uniform(0, 1, count)
@@ -303,18 +319,7 @@ def test_cli_fit_writes_a_deterministic_file_that_build_loss_loads(tmp_path):
     with torch.no_grad():
         truth.channel_logits.copy_(torch.tensor([3.0, -1.0, -1.0]))
     labelled, _ = label_with(truth, triplets)
-    rows = []
-    for index in range(len(labelled)):
-        names = []
-        for role, image in (("r", labelled.ref), ("a", labelled.p0), ("b", labelled.p1)):
-            name = f"{role}{image[index]}.png"
-            if not (tmp_path / name).exists():
-                _save_png(tmp_path / name, labelled.images[image[index]].numpy().transpose(1, 2, 0))
-            names.append(name)
-        rows.append((*names, 1 - labelled.fraction[index]))
-    pd.DataFrame(rows, columns=["ref", "a", "b", "fraction_a"]).to_csv(
-        tmp_path / "j.csv", index=False
-    )
+    write_judgments_csv(labelled, tmp_path / "j.csv")
     runner, hashes = CliRunner(), []
     for run in ("one", "two"):
         out = tmp_path / run / "watson-dct.pt"
@@ -405,3 +410,36 @@ def test_a_refitted_loss_file_changes_the_generation_hashes(tmp_path):
         refit.alpha += 0.1
     save_fitted(path, "watson-dct", {}, refit)
     assert loss_file_hashes(config)["fitted"] != first["fitted"]
+
+
+def test_lpips_head_fits_on_a_given_trunk_and_loads_with_it(tmp_path):
+    """lpips-alex with a seeded random AlexNet trunk (no ImageNet weights offline)."""
+    from tests.losses_support import random_trunk_features
+
+    trunk = tmp_path / "alex.pth"
+    torch.save(random_trunk_features("alex", 0), trunk)
+    triplets = distortion_triplets(6, versions=4, size=32, seed=0)
+    labelled, _ = label_with(build_loss("l2"), triplets)
+    write_judgments_csv(labelled, tmp_path / "j.csv")
+    out = tmp_path / "lpips-alex.pt"
+    args = ["losses", "fit", "--loss", "lpips-alex", "--csv", str(tmp_path / "j.csv")]
+    result = CliRunner().invoke(
+        main,
+        [
+            *args,
+            "--trunk-weights",
+            str(trunk),
+            "--out",
+            str(out),
+            "--max-epochs",
+            "3",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    payload = torch.load(out, weights_only=True)
+    assert sorted(payload["state_dict"]) == [f"channel_weights_{k}" for k in range(5)]
+    loaded = build_loss("lpips-alex", weights=str(out), trunk_weights=str(trunk))
+    for k, weights in enumerate(loaded.channel_weights):
+        torch.testing.assert_close(weights, payload["state_dict"][f"channel_weights_{k}"])
+        assert (weights >= 0).all()

@@ -141,6 +141,8 @@ def _build_fitted(
             f"{fitted['loss']!r} with it or fit {name!r} with `pstudy losses fit --loss {name}`"
         )
     rest = {key: value for key, value in options.items() if key != "weights"}
+    if "trunk_weights" in rest:  # deep/lpips-*: the backbone file, next to the fitted one
+        rest["weights"] = rest.pop("trunk_weights")
     module = _build_single(name, {**fitted["options"], **rest})
     return apply_fitted(module, fitted, path)
 
@@ -244,7 +246,8 @@ def build_loss(name_or_spec: str | Mapping[str, Any], **options: Any) -> nn.Modu
     ``build_loss("ssim")``, ``build_loss("lpips-alex", weights="alexnet.pth")``,
     ``build_loss("watson-dft", weights="fit/watson-dft.pt")`` (a file written by ``pstudy
     losses fit``: its parameters replace the starting values; for ``deep``/``lpips-*`` a
-    fitted file sets the channel weights, any other file is the backbone's weights),
+    fitted file sets the channel weights, any other file is the backbone's weights; with a
+    fitted file, ``trunk_weights=`` names the backbone's),
     ``build_loss("l2:1.0,deep:0.1")``, ``build_loss({"l2": 1, "deep": {"weight": 0.1}})``.
     A single name returns that loss's module; a spec with weights or several names returns
     a :class:`CompositeLoss` (options then go per part, in the mapping form).
