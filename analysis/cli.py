@@ -12,6 +12,10 @@ from analysis.qc import qc_options_from_study
 OFF = "off"
 
 
+# generation.losses.fitted.FITTABLE_LOSSES, repeated so that `--help` does not import torch
+FITTABLE_LOSSES = ("watson-dct", "watson-dft", "deep", "lpips-alex", "lpips-vgg", "lpips-squeeze")
+
+
 class RuleValue(click.ParamType):
     """A rule's threshold in [low, high], or ``off``; not given: the study's rule."""
 
@@ -71,6 +75,22 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
     "metric_names",
     multiple=True,
     help="Only these metrics (repeatable; default: all of generation.losses).",
+)
+@click.option(
+    "--loss-weights",
+    "loss_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A fitted-loss file from `pstudy losses fit` scored as one more metric "
+    "(repeatable; needs --stimuli).",
+)
+@click.option(
+    "--fit-holdout",
+    "fit_holdout",
+    multiple=True,
+    type=click.Choice(FITTABLE_LOSSES),
+    help="Fit this loss on the votes of half of the images, score it on the other half "
+    "(table metric_holdout; repeatable; needs --stimuli).",
 )
 @click.option(
     "--alpha",
@@ -166,6 +186,8 @@ def analyze(
     study,
     stimuli,
     metric_names,
+    loss_files,
+    fit_holdout,
     alpha,
     n_boot,
     seed,
@@ -201,6 +223,8 @@ def analyze(
       pstudy analyze sqlite:///instance/study.sqlite3 --study demo --out results/
       pstudy analyze responses.parquet --stimuli stimuli/demo --metric l1 --metric l2 --out r/
       pstudy analyze responses.csv --out results/ --no-pdf   # HTML report only
+      pstudy analyze votes.parquet --stimuli stimuli/demo --loss-weights fitted/watson-dft.pt \\
+          --fit-holdout watson-dft --out r/
     """
     from analysis.report import AnalysisOptions, run_analysis, write_outputs
     from analysis.report_pdf import PdfUnavailable, pdf_unavailable_reason
@@ -226,6 +250,23 @@ def analyze(
                 f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(available_losses())}",
                 param_hint="--metric",
             )
+    if (loss_files or fit_holdout) and not stimuli:
+        option = "--loss-weights" if loss_files else "--fit-holdout"
+        raise click.BadParameter(
+            "needs --stimuli DIR (the stimulus set the study showed)", param_hint=option
+        )
+    for path in loss_files:
+        from generation.losses.fitted import read_fitted
+
+        try:
+            fitted = read_fitted(path)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--loss-weights") from exc
+        if fitted is None:
+            raise click.BadParameter(
+                f"{path} is not a fitted-loss file (written by `pstudy losses fit`)",
+                param_hint="--loss-weights",
+            )
     given = {  # what the analyst set on the command line (None: not given)
         "min_catch_accuracy": min_catch_accuracy,
         "min_repeat_consistency": min_repeat_consistency,
@@ -248,6 +289,8 @@ def analyze(
         mixed=mixed,
         stimuli=str(stimuli) if stimuli else None,
         metrics=tuple(metric_names) or None,
+        loss_files=tuple(str(path) for path in loss_files),
+        fit_holdout=tuple(fit_holdout),
         planning_rates=planning_rates,
         power=power,
         qc=qc,

@@ -7,6 +7,7 @@ Rates are proportions in [0, 1]; p-values are in [0, 1].
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 
@@ -92,3 +93,28 @@ def bh_adjust(p) -> np.ndarray:
     result[order] = adjusted
     out[ok] = result
     return out
+
+
+def group_bootstrap(
+    values: np.ndarray,
+    weight: np.ndarray,
+    group: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict:
+    """Weighted mean of per-triplet ``values`` and its percentile bootstrap CI over groups
+    (reference images resampled with replacement): {mean, ci_low, ci_high, n_groups}."""
+    values, weight = np.asarray(values, float), np.asarray(weight, float)
+    codes, _ = pd.factorize(np.asarray(group))
+    n_groups = int(codes.max()) + 1 if len(codes) else 0
+    sums = np.bincount(codes, weights=values * weight, minlength=n_groups)
+    totals = np.bincount(codes, weights=weight, minlength=n_groups)
+    mean = float(sums.sum() / totals.sum()) if totals.sum() > 0 else float("nan")
+    if n_groups < 2:
+        return {"mean": mean, "ci_low": float("nan"), "ci_high": float("nan"), "n_groups": n_groups}
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    boot = sums[draws].sum(1) / totals[draws].sum(1)
+    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return {"mean": mean, "ci_low": float(low), "ci_high": float(high), "n_groups": n_groups}

@@ -77,21 +77,49 @@ def _load(path: Path, channels: int | None):
     return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
+def fitted_metric_name(path: str | Path) -> str:
+    """The metric name of a fitted-loss file in the tables: ``fitted:<file name>``."""
+    return f"fitted:{Path(path).name}"
+
+
+def _metric_builders(metrics: list[str] | None, loss_files) -> tuple[list[str], dict, dict]:
+    """Names, name -> builder, name -> description for registered metrics and fitted files."""
+    from generation.losses import available_losses, build_loss
+
+    described = available_losses()
+    names = list(described) if metrics is None else list(metrics)
+    builders = {name: (lambda name=name: build_loss(name)) for name in names}
+    for path in loss_files:
+        from generation.losses.fitted import read_fitted
+
+        name = fitted_metric_name(path)
+        payload = read_fitted(path)
+        if payload is None:
+            raise ValueError(f"{path} is not a fitted-loss file (written by `pstudy losses fit`)")
+        loss = payload["loss"]
+        builders[name] = lambda loss=loss, path=path: build_loss(loss, weights=str(path))
+        described[name] = f"{loss} fitted on human judgments ({path})"
+        names.append(name)
+    return names, builders, described
+
+
 def metric_distances(
-    set_dir: str | Path, metrics: list[str] | None = None, progress: bool = False
+    set_dir: str | Path,
+    metrics: list[str] | None = None,
+    progress: bool = False,
+    loss_files: tuple[str, ...] = (),
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-stimulus distances for every metric: (distances, status).
 
     distances: metric, image_id, condition, distance. status: metric, description,
     status ("ok" or the error a metric raised, e.g. missing offline weights).
+    ``loss_files``: fitted-loss files (``pstudy losses fit``), each one more metric named
+    :func:`fitted_metric_name`.
     """
     import torch
 
-    from generation.losses import available_losses, build_loss
-
     table = stimulus_table(set_dir)
-    described = available_losses()
-    names = list(described) if metrics is None else metrics
+    names, builders, described = _metric_builders(metrics, loss_files)
     refs = {}
     cands = {}
     for row in table.itertuples(index=False):
@@ -107,7 +135,7 @@ def metric_distances(
     rows, status = [], []
     for name in iterator:
         try:
-            module = build_loss(name).eval()
+            module = builders[name]().eval()
             values = []
             with torch.no_grad():
                 for start in range(0, len(keys), 64):
@@ -135,9 +163,19 @@ def metric_distances(
     )
 
 
-def metric_agreement(main: pd.DataFrame, distances: pd.DataFrame) -> pd.DataFrame:
+def metric_agreement(
+    main: pd.DataFrame,
+    distances: pd.DataFrame,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
     """2AFC score and human ceiling per metric over main trials whose two stimuli both
-    have a distance. Columns: metric, n_trials, score_2afc, human_ceiling, ratio."""
+    have a distance, with a percentile bootstrap interval of the score over images
+    (``n_boot`` resamples, level 1 − ``alpha``). Columns: metric, n_trials, score_2afc,
+    ci_low, ci_high, human_ceiling, ratio."""
+    from analysis.intervals import group_bootstrap
+
     pairs = ordered_pairs(main)
     cells = pd.DataFrame(
         {
@@ -169,14 +207,88 @@ def metric_agreement(main: pd.DataFrame, distances: pd.DataFrame) -> pd.DataFram
         score = prefers_a * p + (1 - prefers_a) * (1 - p)
         ceiling = p**2 + (1 - p) ** 2
         total = n.sum()
+        interval = (
+            group_bootstrap(score, n, counts["image_id"].to_numpy()[ok], n_boot, seed, alpha)
+            if total
+            else {"ci_low": np.nan, "ci_high": np.nan}
+        )
         rows.append(
             {
                 "metric": metric,
                 "n_trials": int(total),
                 "score_2afc": float((score * n).sum() / total) if total else np.nan,
+                "ci_low": interval["ci_low"],
+                "ci_high": interval["ci_high"],
                 "human_ceiling": float((ceiling * n).sum() / total) if total else np.nan,
             }
         )
-    table = pd.DataFrame(rows, columns=["metric", "n_trials", "score_2afc", "human_ceiling"])
+    columns = ["metric", "n_trials", "score_2afc", "ci_low", "ci_high", "human_ceiling"]
+    table = pd.DataFrame(rows, columns=columns)
     table["ratio"] = table["score_2afc"] / table["human_ceiling"]
     return table.sort_values("score_2afc", ascending=False, ignore_index=True)
+
+
+HOLDOUT_BASELINES = ("l2", "ssim")
+
+
+def fit_holdout(
+    main: pd.DataFrame,
+    set_dir: str | Path,
+    losses: tuple[str, ...],
+    seed: int = 0,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Fit each loss in ``losses`` on the votes of a seeded half of the images and score it
+    on the other half: how well a calibrated loss predicts these participants.
+
+    Within the fitting half, a fifth of the images decides early stopping. Rows per loss:
+    the fitted and the unfitted loss, plus L2 and SSIM, all scored on the same held-out
+    images (vote-weighted 2AFC score, bootstrap interval over images). Columns: metric,
+    fitted_on_images, scored_images, n_trials, score_2afc, ci_low, ci_high, human_ceiling.
+    """
+    from analysis.intervals import group_bootstrap
+    from generation.calibration.fit import FitSettings, fit_loss
+    from generation.calibration.judgments import (
+        export_cells,
+        human_ceiling,
+        score_2afc,
+        split_by_group,
+        triplet_distances,
+        triplets_from_cells,
+    )
+    from generation.losses import build_loss
+
+    triplets = triplets_from_cells(export_cells(main), stimulus_table(set_dir))
+    if triplets.n_groups < 4:
+        raise ValueError(
+            f"--fit-holdout needs at least 4 images with votes (2 to fit, 2 to score); "
+            f"these responses have {triplets.n_groups}"
+        )
+    fit_half, scored = split_by_group(triplets, 0.5, seed)
+    train, stop = split_by_group(fit_half, 0.2, seed)
+    ceiling = float((human_ceiling(scored.fraction) * scored.weight).sum() / scored.weight.sum())
+
+    def row(name: str, module) -> dict:
+        d0, d1 = triplet_distances(module, scored)
+        scores = score_2afc(d0, d1, scored.fraction)
+        interval = group_bootstrap(scores, scored.weight, scored.group, n_boot, seed, alpha)
+        return {
+            "metric": name,
+            "fitted_on_images": fit_half.n_groups,
+            "scored_images": scored.n_groups,
+            "n_trials": int(scored.weight.sum()),
+            "score_2afc": interval["mean"],
+            "ci_low": interval["ci_low"],
+            "ci_high": interval["ci_high"],
+            "human_ceiling": ceiling,
+        }
+
+    rows = []
+    for loss in losses:
+        result = fit_loss(build_loss(loss), train, stop, FitSettings(seed=seed), progress=progress)
+        rows.append(row(f"{loss} (fitted on the other half)", result.module))
+        rows.append(row(f"{loss} (unfitted)", build_loss(loss)))
+    rows.extend(row(name, build_loss(name)) for name in HOLDOUT_BASELINES)
+    return pd.DataFrame(rows)

@@ -41,6 +41,8 @@ class AnalysisOptions:
     every available loss). planning_rates / power: votes-needed table. scale_prior:
     prior of the Thurstone (JOD) scales, "ours" (N(0, 3^2) per condition) or "pwcmp"
     (pwcmp's pw_scale model and prior, ``analysis.pwcmp``; adds scale_jod_by_image).
+    loss_files: fitted-loss files scored as metrics too. fit_holdout: losses fitted on
+    half of the images and scored on the other half (table metric_holdout).
     """
 
     alpha: float = 0.05
@@ -56,6 +58,8 @@ class AnalysisOptions:
     qc_sources: dict[str, str] = field(default_factory=dict)  # rule setting -> its origin
     progress: bool = False
     scale_prior: str = "ours"
+    loss_files: tuple[str, ...] = ()
+    fit_holdout: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -370,10 +374,24 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
     )
     if options.stimuli:
         names = list(options.metrics) if options.metrics else None
-        distances, status = metrics.metric_distances(options.stimuli, names, options.progress)
+        distances, status = metrics.metric_distances(
+            options.stimuli, names, options.progress, options.loss_files
+        )
         tables["metric_distances"] = distances
         tables["metric_status"] = status
-        tables["metric_agreement"] = metrics.metric_agreement(main, distances)
+        tables["metric_agreement"] = metrics.metric_agreement(
+            main, distances, options.n_boot, options.seed, options.alpha
+        )
+        if options.fit_holdout:
+            tables["metric_holdout"] = metrics.fit_holdout(
+                main,
+                options.stimuli,
+                options.fit_holdout,
+                options.seed,
+                options.n_boot,
+                options.alpha,
+                options.progress,
+            )
     figures = {
         "preference_matrix": plots.preference_matrix_figure(
             _marked_pairs(tables), options.alpha, _mark_label(tables)

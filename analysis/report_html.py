@@ -376,7 +376,13 @@ REPORT_SECTIONS: tuple[Section, ...] = (
                 "participants' votes: 2AFC score (share of votes for the image the "
                 "metric ranks closer to the reference) and the human ceiling (the "
                 "agreement of two random participants on the same item), "
-                "vote-weighted.",
+                "vote-weighted; the score's {level} interval is a percentile bootstrap over "
+                "images ({n_boot} replicates; participants are not resampled).",
+            ),
+            TableEntry(
+                "metric_holdout",
+                "Fitted losses (--fit-holdout): each fitted on the votes for half of "
+                "the images and scored on the other half, beside the unfitted loss.",
             ),
             TableEntry("metric_status", "The metrics asked for, and whether each was computed."),
             TableEntry(

@@ -29,6 +29,7 @@ from generation.guard import check_reconstructions
 from generation.stimulus_set import (
     StimulusSetError,
     prepare_output,
+    sha256_file,
     validate_stimulus_set,
     write_stimulus_set,
 )
@@ -90,6 +91,18 @@ class DegenerateStimuliError(TrainingError):
                 lines.append(f"    likely fix: {fix}")
         lines.append("(--no-strict keeps the set and exits 0; pstudy study create will warn)")
         super().__init__("\n".join(lines))
+
+
+def loss_file_hashes(config: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of each condition's ``loss_options.weights`` file (e.g. a fitted loss from
+    ``pstudy losses fit``), by condition name: a refitted file at the same path changes
+    the configuration hash, so a stale stimulus set is never reused."""
+    hashes = {}
+    for condition in config["conditions"]:
+        weights = condition.get("loss_options", {}).get("weights")
+        if weights is not None and Path(weights).is_file():
+            hashes[condition["name"]] = sha256_file(weights)
+    return hashes
 
 
 def package_versions() -> dict[str, str]:
@@ -277,7 +290,8 @@ def generate(
         device, share_gpus=config["train"]["distribute"] == "conditions"
     )
     seed = config["seed"]
-    config_hash = config_sha256(config)
+    loss_files = loss_file_hashes(config)
+    config_hash = config_sha256({**config, "loss_files": loss_files} if loss_files else config)
     split = load_data(config["data"], seed)
     log(f"data: {split.description}")
     if reuse:  # every rank decides alike (same files), so no rank trains alone
@@ -310,6 +324,11 @@ def generate(
                 "seed": seed,
                 "condition": condition,
                 "input": split.input_sha256,
+                **(
+                    {"loss_file": loss_files[condition["name"]]}
+                    if condition["name"] in loss_files
+                    else {}
+                ),
             }
         )
         results[condition["name"]] = train_condition(
@@ -387,6 +406,7 @@ def generate(
     provenance = {
         "config": config,
         "config_sha256": config_hash,
+        "loss_files_sha256": loss_files,
         "seed": seed,
         "package_versions": package_versions(),
         "git_commit": git_commit(),

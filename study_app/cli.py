@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "researcher": "study_app.commands:researcher",
     "generate": "generation.cli:generate",
     "demo": "study_app.demo:demo",
+    "losses": "generation.calibration.cli:losses",
 }
 
 

@@ -117,3 +117,14 @@ def test_bench_training_full_runs_the_real_loop_and_extrapolates():
         assert loop > 0 and pure > 0 and ratio == pytest.approx(pure / loop, rel=0.02)
         assert minutes * 60 > wall  # 100,000 steps take longer than the 4 timed
     assert re.search(r"^whole paper preset, extrapolated: [\d.]+ min", output, re.M), output
+
+
+def test_bench_fit_prints_a_rate_per_loss():
+    output = run_script(
+        "bench/bench_fit.py", "--triplets", "20", "--size", "32", "--epochs", "1", "--threads", "1"
+    )
+    assert re.search(r"^machine: .+, \d+ cores, ", output, re.M), output
+    rows = {line.split()[0]: line.split() for line in output.splitlines()[3:]}
+    assert set(rows) == {"watson-dft", "deep"}, output
+    assert rows["watson-dft"][2] == "—" and float(rows["deep"][2]) > 0
+    assert all(float(row[3]) > 0 for row in rows.values())

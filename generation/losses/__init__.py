@@ -18,12 +18,14 @@ import importlib
 import inspect
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from generation.losses.base import ImageLoss, check_images, full_precision
+from generation.losses.fitted import FITTABLE_LOSSES, apply_fitted, read_fitted
 
 __all__ = [
     "CompositeLoss",
@@ -101,6 +103,18 @@ def _accepted_options(cls: type) -> list[str] | None:
 
 
 def _build_single(name: str, options: Mapping[str, Any]) -> nn.Module:
+    weights = options.get("weights")
+    if weights is not None and _normalise_name(name) in FITTABLE_LOSSES:
+        backbone_weights = "weights" in (_accepted_options(_loss_class(name)) or ["weights"])
+        # deep/lpips-*: a missing file is the backbone's problem (its message says which file)
+        fitted = None if backbone_weights and not Path(weights).is_file() else read_fitted(weights)
+        if fitted is not None:
+            return _build_fitted(name, options, fitted, weights)
+        if not backbone_weights:
+            raise ValueError(
+                f"{weights} is not a fitted-loss file (written by `pstudy losses fit`); "
+                f"loss {name!r} takes weights= only for fitted parameters"
+            )
     cls = _loss_class(name)
     accepted = _accepted_options(cls)
     if accepted is not None:
@@ -114,6 +128,23 @@ def _build_single(name: str, options: Mapping[str, Any]) -> nn.Module:
         return cls(**options)
     except TypeError as error:  # e.g. a string where a number belongs
         raise ValueError(f"loss {name!r}: bad option value ({error}); options: {options}") from None
+
+
+def _build_fitted(
+    name: str, options: Mapping[str, Any], fitted: dict[str, Any], path: Any
+) -> nn.Module:
+    """The loss ``name`` with the fitted tensors of ``path`` (options: the file's, then the
+    caller's other options)."""
+    if fitted["loss"] != _normalise_name(name):
+        raise ValueError(
+            f"{path} holds parameters fitted for {fitted['loss']!r}, not {name!r}; build "
+            f"{fitted['loss']!r} with it or fit {name!r} with `pstudy losses fit --loss {name}`"
+        )
+    rest = {key: value for key, value in options.items() if key != "weights"}
+    if "trunk_weights" in rest:  # deep/lpips-*: the backbone file, next to the fitted one
+        rest["weights"] = rest.pop("trunk_weights")
+    module = _build_single(name, {**fitted["options"], **rest})
+    return apply_fitted(module, fitted, path)
 
 
 def _parse_weight(text: Any, name: str) -> float:
@@ -213,6 +244,10 @@ def build_loss(name_or_spec: str | Mapping[str, Any], **options: Any) -> nn.Modu
     """Build a loss module from a registered name (with ``options``) or a composite spec.
 
     ``build_loss("ssim")``, ``build_loss("lpips-alex", weights="alexnet.pth")``,
+    ``build_loss("watson-dft", weights="fit/watson-dft.pt")`` (a file written by ``pstudy
+    losses fit``: its parameters replace the starting values; for ``deep``/``lpips-*`` a
+    fitted file sets the channel weights, any other file is the backbone's weights; with a
+    fitted file, ``trunk_weights=`` names the backbone's),
     ``build_loss("l2:1.0,deep:0.1")``, ``build_loss({"l2": 1, "deep": {"weight": 0.1}})``.
     A single name returns that loss's module; a spec with weights or several names returns
     a :class:`CompositeLoss` (options then go per part, in the mapping form).
