@@ -52,6 +52,8 @@ timeout 260 python3 bench/bench_training.py --device cuda --paper --full \
   | tee "$OUT/bench_training_full.md"
 rc[bench_training_full]=${PIPESTATUS[0]}
 
+# at most 8 files come back from $OUT: with AT_ONCE=1 (two more) drop evaluation.csv and
+# manifest_summary.json first
 if [ "${AT_ONCE:-0}" = 1 ]; then  # opt-in (~1-2 min more): six processes on one GPU
   log "gpu check, the six conditions at once: six processes sharing GPU 0"
   CUDA_VISIBLE_DEVICES=0 timeout 330 torchrun --standalone --nproc_per_node 6 \
@@ -63,6 +65,10 @@ fi
 log "loss throughput"
 timeout 110 python3 bench/bench_losses.py --device cuda --repeats 5
 rc[bench_losses]=$?
+
+log "fitting a loss on 2AFC triplets (pstudy losses fit; goal: 100k triplets in < 10 min)"
+timeout 90 python3 bench/bench_fit.py --device cuda --triplets 2000 --epochs 2
+rc[bench_fit]=$?
 
 log "summary"
 for k in "${!rc[@]}"; do echo "$k: exit ${rc[$k]}"; done
