@@ -721,6 +721,11 @@ TESTS = {
 # Above this many participants + images in a pair the dense fit would take minutes; the
 # pair gets the cluster-robust GLM instead (many clusters: its level is then fine).
 MAX_LEVELS = 1000
+# A random-intercept SD above this (log-odds) is not an estimate: the participants' (or
+# images') votes are all one way within levels, the likelihood keeps rising as the SD
+# grows (quasi-separation), and the fixed effect and its SE are then meaningless (seen
+# with a handful of votes per participant: SDs of 1e5-1e7 with "significant" log-odds).
+MAX_SD = 10.0
 
 
 def glmm_pair_tests(
@@ -821,6 +826,18 @@ def _pair_row(group, alpha, sides_recorded, test, max_levels, with_ml, row) -> d
         fit = fit_glmm(y, X, groups, reml=True, **kwargs) if test == "reml" else ml
     except (ValueError, np.linalg.LinAlgError, FloatingPointError) as error:
         return {"reason": "; ".join([*notes, f"fit failed: {error}"])}
+    runaway = [f for f, sd in zip(fit.factors, fit.sd, strict=True) if sd > MAX_SD]
+    if runaway:
+        return {
+            "reason": "; ".join(
+                [
+                    *notes,
+                    f"the {' and '.join(runaway)} SD ran off (> {MAX_SD:g} log-odds): within "
+                    "levels the votes are all one way, too few votes per level for the mixed "
+                    "model",
+                ]
+            )
+        }
     est, se = float(fit.beta[0]), float(fit.se[0])
     df = np.inf if test == "ml-z" else _test_df(fit)
     if not np.isfinite(se) or se <= 0 or np.isnan(df):

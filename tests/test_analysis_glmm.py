@@ -446,3 +446,26 @@ def test_bench_glmm_runs_and_prints_the_calibration_table(tmp_path):
     assert "| few-none | REML Wald t, Satterthwaite df >= G-1 (default) | 10 |" in done.stdout
     assert "power_0.05" in done.stdout and "CPU per pair fit" in done.stdout
     assert len(pd.read_csv(csv)) == 20
+
+
+def test_a_runaway_random_effect_sd_gives_no_verdict():
+    """With a handful of votes per participant the REML SDs can run off to 1e5-1e7
+    (quasi-separation) and the log-odds with them; such a pair gets a reason instead of
+    a p-value (before the guard: 'significant' log-odds of -8 from 5 votes)."""
+    from analysis.glmm import MAX_SD, glmm_pair_tests
+    from analysis.report import pair_table
+    from analysis.simulation import simulate_responses
+
+    runaway = []
+    for seed in (1, 2, 8):
+        main = simulate_responses(
+            {"a": 0.0, "b": 0.3, "c": 0.6}, 5, 3, 4, observer_sd=1.0, image_sd=0.5, seed=seed
+        )
+        table = glmm_pair_tests(main, 0.05, True)
+        tested = table[table["p"].notna()]
+        assert (tested[["sd_participant", "sd_image"]].fillna(0) <= MAX_SD).all().all()
+        runaway += [r for r in table["reason"] if "SD ran off" in r]
+        pooled = pair_table(main).set_index(["condition_a", "condition_b"])["rate_a"]
+        for row in tested[tested["p"] < 0.05].itertuples():  # no verdict against the votes
+            assert (row.rate_a - 0.5) * (pooled[(row.condition_a, row.condition_b)] - 0.5) >= 0
+    assert len(runaway) >= 3, runaway
