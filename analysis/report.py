@@ -167,9 +167,18 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
                 why = reason if isinstance(reason, str) and reason else "no estimate"
             else:
                 why = "no spread between participants and images, e.g. all votes one way"
+            share = (
+                f" Share of all votes: {level} CI {_pct(pooled_low)}–{_pct(pooled_high)}, "
+                f"two-way test p_Holm {_p(row.p_holm)}."
+                if primary and np.isfinite(row.p_holm)
+                else ""
+            )
             lines.append(
-                f"{win} was chosen over {lose} in {_pct(pooled)} of {row.n} trials: clustered "
-                f"test not available ({why})."
+                f"{win} was chosen over {lose} in {_pct(pooled)} of {row.n} trials: mixed-model "
+                f"test not available ({why}).{share}"
+                if primary
+                else f"{win} was chosen over {lose} in {_pct(pooled)} of {row.n} trials: "
+                f"clustered test not available ({why})."
             )
             continue
         verdict = "a reliable preference" if clustered_p < alpha else "not a reliable difference"
