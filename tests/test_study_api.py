@@ -362,7 +362,8 @@ def test_asking_for_trials_renews_open_leases_but_never_revives_an_expired_one(
         trials = {t.token: t for t in db.session.scalars(
             select(Trial).where(Trial.token.in_(tokens)))}
         almost, gone = trials[tokens[0]], trials[tokens[1]]
-        almost.expires_at = almost.leased_at + timedelta(seconds=1)  # expires any moment
+        # expires soon (of its 600 s): far enough ahead for a loaded machine to ask in time
+        almost.expires_at = utcnow() + timedelta(seconds=10)
         gone.expires_at = gone.leased_at - timedelta(seconds=1)  # already expired
         db.session.commit()
         gone_expiry = gone.expires_at
