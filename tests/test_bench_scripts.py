@@ -81,3 +81,18 @@ def test_bench_training_prints_a_row_per_loss():
     rows = table_rows(output)
     assert set(rows) == {"l2", "watson-dft"}, rows
     assert float(rows["l2"][-1]) == 1.0
+
+
+def test_bench_design_prints_votes_needed_per_design(tmp_path):
+    out = tmp_path / "design.json"
+    output = run_script("bench/bench_design.py", "--reps", "2", "--conditions", "4",
+                        "--workers", "1", "--json", str(out))
+    for design in ("balanced", "random", "asap", "ours", "ours-eig"):
+        assert re.search(rf"^\s+4 {design}\s+\d+", output, re.M), output
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 5 and all(r["votes"] > 0 for r in rows)
+    bad = subprocess.run([sys.executable, "bench/bench_design.py", "--conditions", "2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--conditions" in bad.stderr
