@@ -16,7 +16,8 @@ from study_app import create_app
 from study_app.extensions import db
 
 TABLES = {"researcher", "researcher_login", "login_failure", "stimulus_set", "condition", "image",
-          "stimulus", "study", "study_collaborator", "item", "participant", "trial", "vote"}
+          "stimulus", "study", "study_collaborator", "item", "participant", "trial", "vote",
+          "study_posterior"}
 
 
 def _round_trip(url: str) -> None:
