@@ -28,7 +28,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, case, func, select, update
 
 from analysis.active import Posterior, all_pairs, select_pairs, thurstone_posterior
 from study_app.extensions import db
@@ -88,12 +88,14 @@ def create_posterior(study: Study) -> None:
     db.session.flush()
 
 
-def current_posterior(study: Study, config, now: datetime) -> tuple[Posterior, list[int]]:
+def current_posterior(
+    study: Study, config, now: datetime, total: int | None = None
+) -> tuple[Posterior, list[int]]:
     """The study's posterior, recomputed first when ``posterior_every`` votes are new and
     this transaction gets the row (else the stored one; see the module docstring); then
-    the stopping rule is checked."""
+    the stopping rule is checked. ``total``: the main votes now, if already counted."""
     row = db.session.get(StudyPosterior, study.id)
-    total = main_votes(study)
+    total = main_votes(study) if total is None else total
     if row is not None and total - row.n_votes < config.posterior_every:
         posterior, ids = Posterior.from_dict(row.posterior), list(row.conditions)
     else:
@@ -162,23 +164,38 @@ def check_stopping_rule(
     return closed == 1
 
 
-def budget_left(study: Study, config, open_leases: int) -> int | None:
-    """Main trials that may still be leased under the vote budget (None: no budget)."""
+def budget_left(config, votes_and_leases: int) -> int | None:
+    """Main trials that may still be leased under the vote budget (None: no budget);
+    ``votes_and_leases``: main votes plus open main leases now."""
     if config.vote_budget is None:
         return None
-    return max(0, config.vote_budget - main_votes(study) - open_leases)
+    return max(0, config.vote_budget - votes_and_leases)
 
 
 def choose_pairs(
-    study: Study, config, now: datetime, n: int, seed: str, eligible_loads, open_trial
+    study: Study, config, now: datetime, n: int, seed: str, taken, open_trial
 ) -> list[tuple[int, int, float]]:
-    """Up to ``n`` (condition_a_id, condition_b_id, gain in bits) for a participant.
+    """Up to ``n`` (condition_a_id, condition_b_id, gain in bits) for a participant, the
+    pair as its items store it.
 
-    ``eligible_loads``: a subquery of the participant's eligible items (unseen, load <
-    K) with columns ``condition_a_id``, ``condition_b_id``, ``load``; ``open_trial``:
-    the SQL condition of an open lease at ``now``.
+    ``taken``: a subquery of the item ids ever issued to this participant; an item is
+    free for them when not taken and under K votes (open leases are not subtracted here,
+    to keep this one scan of the items: the lease itself re-checks the load);
+    ``open_trial``: the SQL condition of an open lease.
     """
-    posterior, ids = current_posterior(study, config, now)
+    free = and_(Item.id.not_in(taken), Item.n_votes < config.votes_per_item)
+    per_pair = db.session.execute(
+        select(
+            Item.condition_a_id,
+            Item.condition_b_id,
+            func.sum(Item.n_votes),
+            func.sum(case((free, 1), else_=0)),
+            func.min(case((free, Item.n_votes), else_=None)),
+        )
+        .where(Item.study_id == study.id)
+        .group_by(Item.condition_a_id, Item.condition_b_id)
+    ).all()
+    posterior, ids = current_posterior(study, config, now, sum(int(r[2]) for r in per_pair))
     if study.main_closed_at is not None:
         return []
     index = {cid: k for k, cid in enumerate(ids)}
@@ -189,12 +206,12 @@ def choose_pairs(
         return position[tuple(sorted((index[a], index[b])))]
 
     counts = np.zeros(len(pairs))
-    for a, b, votes in db.session.execute(
-        select(Item.condition_a_id, Item.condition_b_id, func.sum(Item.n_votes))
-        .where(Item.study_id == study.id)
-        .group_by(Item.condition_a_id, Item.condition_b_id)
-    ).all():
+    available = np.zeros(len(pairs))
+    priority = np.zeros(len(pairs), bool)
+    for a, b, votes, n_free, lowest in per_pair:
         counts[key(a, b)] += votes
+        available[key(a, b)] = n_free
+        priority[key(a, b)] = lowest is not None and lowest < config.item_floor
     leased: list[tuple[int, int]] = []
     for a, b, count in db.session.execute(
         select(Item.condition_a_id, Item.condition_b_id, func.count(Trial.id))
@@ -206,19 +223,9 @@ def choose_pairs(
     ).all():
         counts[key(a, b)] += count
         leased += [(int(pairs[key(a, b)][0]), int(pairs[key(a, b)][1]))] * count
-    limit = budget_left(study, config, len(leased))
+    limit = budget_left(config, int(counts.sum()))
     if limit is not None:
         n = min(n, limit)
-    available = np.zeros(len(pairs))
-    priority = np.zeros(len(pairs), bool)
-    loads = eligible_loads
-    for a, b, free, lowest in db.session.execute(
-        select(
-            loads.c.condition_a_id, loads.c.condition_b_id, func.count(), func.min(loads.c.load)
-        ).group_by(loads.c.condition_a_id, loads.c.condition_b_id)
-    ).all():
-        available[key(a, b)] = free
-        priority[key(a, b)] = lowest < config.item_floor
     chosen = select_pairs(
         posterior,
         n,
@@ -229,8 +236,8 @@ def choose_pairs(
         priority=priority,
         seed=seed,
     )
-    by_index = {v: cid for cid, v in index.items()}
-    return [(by_index[c.i], by_index[c.j], c.gain) for c in chosen]
+    stored = {key(r[0], r[1]): (int(r[0]), int(r[1])) for r in per_pair}  # the items' own order
+    return [(*stored[position[(c.i, c.j)]], c.gain) for c in chosen]
 
 
 def precision_summary(study: Study, config) -> dict | None:

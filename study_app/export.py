@@ -296,4 +296,5 @@ def read_responses(database_url: str, study: str | int) -> pd.DataFrame:
         "trial_index": "int64", "rt_ms": "float64", "reference_shown": "bool",
         "viewport_w": "int64", "viewport_h": "int64", "device_pixel_ratio": "float64",
         "participant_excluded": "bool", "prolific_pid": "str",  # None -> missing, as Parquet
+        "info_gain": "float64",  # None -> NaN, as Parquet
     })

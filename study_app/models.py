@@ -252,7 +252,10 @@ class Item(db.Model):
     """
 
     __tablename__ = "item"
-    __table_args__ = (UniqueConstraint("study_id", "image_id", "condition_a_id", "condition_b_id"),)
+    __table_args__ = (
+        UniqueConstraint("study_id", "image_id", "condition_a_id", "condition_b_id"),
+        Index("ix_item_study_pair", "study_id", "condition_a_id", "condition_b_id"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("image.id"))

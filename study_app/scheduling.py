@@ -241,16 +241,17 @@ def choose_a_left(a_left: int, b_left: int, rng: random.Random) -> bool:
 
 
 def _lease_items(participant: Participant, study: Study, config: StudyConfig, now: datetime,
-                 n: int, rng: random.Random, pair: tuple[int, int] | None = None) -> list[Item]:
+                 n: int, rng: random.Random, pair: tuple[int, int] | None = None,
+                 exclude: list[int] = ()) -> list[Item]:
     """Lock up to ``n`` lowest-load eligible items (SKIP LOCKED) and re-check their load;
-    ``pair`` (condition ids): only that pair's items."""
+    ``pair`` (condition ids): only that pair's items; ``exclude``: item ids to skip."""
     if n <= 0:
         return []
     query = _eligible_items(participant, study, config, now)
-    if pair is not None:
-        query = query.where(or_(
-            and_(Item.condition_a_id == pair[0], Item.condition_b_id == pair[1]),
-            and_(Item.condition_a_id == pair[1], Item.condition_b_id == pair[0])))
+    if exclude:
+        query = query.where(Item.id.not_in(list(exclude)))
+    if pair is not None:  # as the items store it (index ix_item_study_pair)
+        query = query.where(Item.condition_a_id == pair[0], Item.condition_b_id == pair[1])
     query = (
         query.order_by(item_load(now), _seeded_order(rng.randrange(1, _HASH_MOD)))
         .limit(n)
@@ -275,29 +276,32 @@ def _lease_items_active(participant: Participant, study: Study, config: StudyCon
                         now: datetime, n: int,
                         rng: random.Random) -> tuple[list[Item], dict[int, float]]:
     """Active design: the pairs from :func:`study_app.active.choose_pairs`, then for each
-    the lowest-load eligible items of that pair, leased as :func:`_lease_items` does.
-    Returns the items and each item's information gain (bits) by item id."""
+    the lowest-load eligible items of that pair, leased as :func:`_lease_items` does (a
+    pair whose free items were all leased meanwhile: the shortfall from any pair, without
+    a gain). Returns the items and each chosen item's information gain (bits) by id."""
     if n <= 0:
         return [], {}
     from study_app import active  # numpy/scipy: loaded by the first active study only
 
-    loads = _eligible_items(participant, study, config, now).with_only_columns(
-        Item.id, Item.condition_a_id, Item.condition_b_id, item_load(now).label("load")
-    ).subquery()
+    taken = select(Trial.item_id).where(
+        Trial.participant_id == participant.id, Trial.kind == "main",
+        Trial.item_id.is_not(None))
     choices = active.choose_pairs(study, config, now, n,
                                   f"{config.seed}:{participant.public_id}:{participant.n_issued}",
-                                  loads, and_(Trial.kind == "main", _open(now)))
-    wanted: dict[frozenset, list[float]] = {}
+                                  taken, and_(Trial.kind == "main", _open(now)))
+    wanted: dict[tuple[int, int], list[float]] = {}
     for a, b, gain in choices:
-        wanted.setdefault(frozenset((a, b)), []).append(gain)
+        wanted.setdefault((a, b), []).append(gain)
     items: list[Item] = []
     gains: dict[int, float] = {}
-    for pair, pair_gains in wanted.items():
-        a, b = sorted(pair)
+    for (a, b), pair_gains in wanted.items():
         for item, gain in zip(_lease_items(participant, study, config, now, len(pair_gains),
                                            rng, pair=(a, b)), pair_gains, strict=False):
             items.append(item)
             gains[item.id] = gain
+    if len(items) < len(choices):
+        items += _lease_items(participant, study, config, now, len(choices) - len(items), rng,
+                              exclude=[i.id for i in items])
     return items, gains
 
 

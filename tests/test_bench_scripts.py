@@ -96,3 +96,10 @@ def test_bench_design_prints_votes_needed_per_design(tmp_path):
     bad = subprocess.run([sys.executable, "bench/bench_design.py", "--conditions", "2"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--conditions" in bad.stderr
+
+
+def test_bench_next_latency_prints_both_designs():
+    output = run_script("bench/bench_next_latency.py", "--conditions", "3", "--images", "2",
+                        "--participants", "2", "--rounds", "1")
+    for design in ("balanced", "active"):
+        assert re.search(rf"^{design}\s+next: p50\s+[\d.]+ ms", output, re.M), output

@@ -302,3 +302,12 @@ def test_pstudy_study_create_makes_an_active_study_and_names_a_bad_setting(tmp_p
     )
     assert bad.exit_code == 1 and "need design: active" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_the_analysis_report_notes_an_adaptive_design():
+    from analysis.report import adaptive_design_note
+
+    assert adaptive_design_note(None) is None
+    assert adaptive_design_note({"study_config": {"design": "balanced"}}) is None
+    note = adaptive_design_note({"study_config": {"design": "active"}})
+    assert "chosen adaptively" in note and "info_gain" in note

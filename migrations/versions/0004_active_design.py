@@ -4,7 +4,8 @@
 recomputed from the votes every ``posterior_every`` votes and shared by every server
 process); ``trial.info_gain`` the expected information gain (bits) a main trial's pair had
 when an active study chose it; ``study.main_closed_at`` / ``main_closed_reason`` when and
-why the stopping rule stopped issuing main trials. Existing rows: all new values empty
+why the stopping rule stopped issuing main trials; index ``ix_item_study_pair`` finds a
+pair's items. Existing rows: all new values empty
 (balanced studies never set them).
 
 Revision ID: 0004_active_design
@@ -32,6 +33,11 @@ def upgrade():
     with op.batch_alter_table("trial", schema=None) as batch_op:
         batch_op.add_column(sa.Column("info_gain", sa.Float(), nullable=True))
 
+    with op.batch_alter_table("item", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_item_study_pair", ["study_id", "condition_a_id", "condition_b_id"], unique=False
+        )
+
     op.create_table(
         "study_posterior",
         sa.Column("study_id", sa.Integer(), nullable=False),
@@ -46,6 +52,8 @@ def upgrade():
 
 def downgrade():
     op.drop_table("study_posterior")
+    with op.batch_alter_table("item", schema=None) as batch_op:
+        batch_op.drop_index("ix_item_study_pair")
     with op.batch_alter_table("trial", schema=None) as batch_op:
         batch_op.drop_column("info_gain")
     with op.batch_alter_table("study", schema=None) as batch_op:
