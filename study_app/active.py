@@ -17,7 +17,11 @@ reads and writes the database around it:
   re-checked), so the "no item beyond K" and "every vote once" rules are unchanged;
 - the stopping rule (``stop_half_width`` and/or ``vote_budget``) sets
   ``study.main_closed_at`` once (a conditional UPDATE), after which no main trial is
-  issued; catch and repeat trials and the open leases still finish.
+  issued; catch and repeat trials and the open leases still finish. With a vote budget,
+  the fetches of a study take the posterior row's lock (waiting) before they count votes
+  and leases, so concurrent fetches cannot together lease past the budget (lock order:
+  participant → posterior → study → items; a vote takes none of the first three after
+  the participant, so no cycle).
 
 The live posterior uses every main vote (no exclusions): it only steers the design; the
 analysis fits its scales from the exported votes (``pstudy analyze``).
@@ -183,6 +187,22 @@ def choose_pairs(
     to keep this one scan of the items: the lease itself re-checks the load);
     ``open_trial``: the SQL condition of an open lease.
     """
+    if config.vote_budget is not None:  # count and lease under one lock: never past it
+        db.session.execute(
+            select(StudyPosterior.study_id)
+            .where(StudyPosterior.study_id == study.id)
+            .with_for_update()
+        )
+    # Open leases first, then votes: a vote committed in between is counted twice (as a
+    # lease and a vote), never missed (READ COMMITTED: each statement sees new commits).
+    open_rows = db.session.execute(
+        select(Item.condition_a_id, Item.condition_b_id, func.count(Trial.id))
+        .join(Trial, Trial.item_id == Item.id)
+        .where(
+            Item.study_id == study.id, Trial.kind == "main", Trial.preview.is_(False), open_trial
+        )
+        .group_by(Item.condition_a_id, Item.condition_b_id)
+    ).all()
     free = and_(Item.id.not_in(taken), Item.n_votes < config.votes_per_item)
     per_pair = db.session.execute(
         select(
@@ -213,14 +233,7 @@ def choose_pairs(
         available[key(a, b)] = n_free
         priority[key(a, b)] = lowest is not None and lowest < config.item_floor
     leased: list[tuple[int, int]] = []
-    for a, b, count in db.session.execute(
-        select(Item.condition_a_id, Item.condition_b_id, func.count(Trial.id))
-        .join(Trial, Trial.item_id == Item.id)
-        .where(
-            Item.study_id == study.id, Trial.kind == "main", Trial.preview.is_(False), open_trial
-        )
-        .group_by(Item.condition_a_id, Item.condition_b_id)
-    ).all():
+    for a, b, count in open_rows:
         counts[key(a, b)] += count
         leased += [(int(pairs[key(a, b)][0]), int(pairs[key(a, b)][1]))] * count
     limit = budget_left(config, int(counts.sum()))

@@ -110,6 +110,39 @@ def test_an_active_study_keeps_k_never_repeats_an_item_and_records_its_gains(db_
         np.testing.assert_allclose(stored.cov, expected.cov, atol=1e-6)
 
 
+def test_concurrent_participants_never_lease_past_the_vote_budget(db_app, tmp_path):
+    """10 participants fetch and answer at once under a budget of 15 main votes: exactly
+    15 main votes are stored and main trials are closed once."""
+    slug = _active_study(db_app, tmp_path, vote_budget=15, trials_per_participant=6, batch_size=3)
+    barrier = threading.Barrier(10)
+    errors: list[BaseException] = []
+
+    def participate() -> None:
+        try:
+            participant = ApiParticipant(db_app.test_client(), slug)
+            barrier.wait()
+            participant.complete()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=participate) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    with db_app.app_context():
+        main = db.session.scalar(
+            select(func.count(Vote.id)).join(Trial).where(Trial.kind == "main")
+        )
+        assert main == 15
+        assert (
+            db.session.scalars(select(Study.main_closed_reason))
+            .one()
+            .startswith("vote budget reached")
+        )
+
+
 def test_concurrent_active_participants_never_pass_k_and_spread_over_pairs(db_app, tmp_path):
     """12 participants fetch at once, again and again: every vote stored once, no item
     beyond K, and the first simultaneous fetches do not all get the same pair."""
