@@ -41,6 +41,26 @@ def _observer(app, rng: np.random.Generator):
     return choose
 
 
+def _together(n: int, participate) -> None:
+    """Run ``participate(i)`` for i < n in threads started at once; re-raise any error."""
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            participate(i)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+
+
 def _active_study(app, tmp_path, **config) -> str:
     settings = {
         "design": "active",
@@ -114,23 +134,8 @@ def test_concurrent_participants_never_lease_past_the_vote_budget(db_app, tmp_pa
     """10 participants fetch and answer at once under a budget of 15 main votes: exactly
     15 main votes are stored and main trials are closed once."""
     slug = _active_study(db_app, tmp_path, vote_budget=15, trials_per_participant=6, batch_size=3)
-    barrier = threading.Barrier(10)
-    errors: list[BaseException] = []
-
-    def participate() -> None:
-        try:
-            participant = ApiParticipant(db_app.test_client(), slug)
-            barrier.wait()
-            participant.complete()
-        except BaseException as error:  # noqa: BLE001 - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=participate) for _ in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not errors, errors
+    people = [ApiParticipant(db_app.test_client(), slug) for _ in range(10)]
+    _together(10, lambda i: people[i].complete())
     with db_app.app_context():
         main = db.session.scalar(
             select(func.count(Vote.id)).join(Trial).where(Trial.kind == "main")
@@ -149,36 +154,25 @@ def test_concurrent_active_participants_never_pass_k_and_spread_over_pairs(db_ap
     slug = _active_study(
         db_app, tmp_path, votes_per_item=2, trials_per_participant=6, batch_size=2, pair_floor=0
     )
-    barrier = threading.Barrier(12)
     acknowledged: list[str] = []
     first_round: list[str] = []
-    errors: list[BaseException] = []
+    people = [ApiParticipant(db_app.test_client(), slug) for _ in range(12)]
 
     def participate(i: int) -> None:
-        try:
-            participant = ApiParticipant(db_app.test_client(), slug)
-            barrier.wait()
-            first = True
-            while True:
-                body = participant.next().get_json()
-                if body["done"]:
-                    return
-                for trial in body["trials"]:
-                    if first:
-                        first_round.append(trial["token"])
-                    response = participant.vote(trial["token"], "left" if i % 2 else "right")
-                    assert response.status_code == 200, response.get_json()
-                    acknowledged.append(trial["token"])
-                first = False
-        except BaseException as error:  # noqa: BLE001 - reported below
-            errors.append(error)
+        first = True
+        while True:
+            body = people[i].next().get_json()
+            if body["done"]:
+                return
+            for trial in body["trials"]:
+                if first:
+                    first_round.append(trial["token"])
+                response = people[i].vote(trial["token"], "left" if i % 2 else "right")
+                assert response.status_code == 200, response.get_json()
+                acknowledged.append(trial["token"])
+            first = False
 
-    threads = [threading.Thread(target=participate, args=(i,)) for i in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not errors, errors
+    _together(12, participate)
     with db_app.app_context():
         stored = list(db.session.scalars(select(Trial.token).join(Vote)))
         assert Counter(stored) == Counter(acknowledged)
