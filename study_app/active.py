@@ -273,7 +273,11 @@ def precision_summary(study: Study, config) -> dict | None:
         "conditions": [],
         "widest": None,
         "predicted_remaining": None,
-        "closed_at": study.main_closed_at.isoformat() if study.main_closed_at else None,
+        "closed_at": (
+            study.main_closed_at.isoformat(timespec="seconds").replace("+00:00", "Z")
+            if study.main_closed_at
+            else None
+        ),
         "closed_reason": study.main_closed_reason,
     }
     if row is None:

@@ -278,10 +278,15 @@ def _lease_items_active(participant: Participant, study: Study, config: StudyCon
     """Active design: the pairs from :func:`study_app.active.choose_pairs`, then for each
     the lowest-load eligible items of that pair, leased as :func:`_lease_items` does (a
     pair whose free items were all leased meanwhile: the shortfall from any pair, without
-    a gain). Returns the items and each chosen item's information gain (bits) by id."""
-    if n <= 0:
-        return [], {}
+    a gain). Returns the items and each chosen item's information gain (bits) by id.
+    With ``n`` = 0 (e.g. a participant's last fetch) it only brings the posterior and the
+    stopping rule up to date, so the last votes can stop the study."""
     from study_app import active  # numpy/scipy: loaded by the first active study only
+
+    if n <= 0:
+        if study.main_closed_at is None:
+            active.current_posterior(study, config, now)
+        return [], {}
 
     taken = select(Trial.item_id).where(
         Trial.participant_id == participant.id, Trial.kind == "main",
