@@ -103,3 +103,11 @@ def test_bench_next_latency_prints_both_designs():
                         "--participants", "2", "--rounds", "1")
     for design in ("balanced", "active"):
         assert re.search(rf"^{design}\s+next: p50\s+[\d.]+ ms", output, re.M), output
+
+
+def test_bench_votes_next_latency_prints_both_designs():
+    output = run_script("bench/bench_votes.py", "--next-latency", "--databases", "sqlite",
+                        "--conditions", "3", "--images", "2", "--participants", "4",
+                        "--rounds", "2")
+    for design in ("balanced", "active"):
+        assert re.search(rf"^sqlite\s+{design}\s+8\s+[\d.]+\s+[\d.]+\s+0$", output, re.M), output
