@@ -314,6 +314,9 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
     ]
     study_name = (loaded.export_provenance or {}).get("study")
     notes.insert(0, exclusion_note(qc, options.qc_sources, study_name))
+    adaptive = adaptive_design_note(loaded.export_provenance)
+    if adaptive:
+        notes.insert(1, adaptive)
     if not loaded.sides_recorded:
         notes.append("Sides were not recorded in this input: no position-bias analysis.")
     tables: dict[str, pd.DataFrame] = {
@@ -530,3 +533,19 @@ def write_outputs(result: AnalysisResult, out_dir: str | Path, pdf: bool = False
     if pdf_error is not None:
         raise pdf_error
     return hashes
+
+
+def adaptive_design_note(export_provenance: dict | None) -> str | None:
+    """The note for a study whose pairs were chosen adaptively (``design: active`` in the
+    export's study configuration), else None."""
+    config = (export_provenance or {}).get("study_config") or {}
+    if config.get("design") != "active":
+        return None
+    return (
+        "Active design: the study chose each next pair by expected information gain from "
+        "the votes so far, so the number of votes per pair was chosen adaptively (pairs far "
+        "apart got few). The scale estimates (maximum likelihood of all votes) remain valid "
+        "under such a design; per-pair rates and tests are conditional on counts the design "
+        "chose, and pairs with few votes have wide intervals. Column info_gain of the "
+        "export records why each trial was chosen."
+    )

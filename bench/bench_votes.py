@@ -5,6 +5,8 @@ and the ratios.
 
     .venv/bin/python bench/bench_votes.py [--participants 100] [--votes 60] [--paced-votes 20]
                                           [--think-s 1]
+    .venv/bin/python bench/bench_votes.py --next-latency [--conditions 16] [--images 500]
+                                          [--rounds 5] [--participants 100]
 
 Each participant first starts and leases all its trials (not timed), then two timed runs:
 
@@ -16,11 +18,17 @@ Each participant first starts and leases all its trials (not timed), then two ti
 
 Load comes from 4 client processes × 25 threads on the same machine, identical for both
 endpoints.
+
+``--next-latency`` measures ``trials/next`` instead, for a balanced and an active study of
+16 conditions (all 120 pairs) × 500 images = 60 000 items: the participants start (not
+timed), then all fetch at once, answer their batch (not timed) and fetch again, --rounds
+times.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -229,6 +237,124 @@ def participants_with_trials(base: str, slug: str, n: int) -> list:
     return jobs
 
 
+@contextlib.contextmanager
+def database_and_app(database: str, sqlite_path: Path, make):
+    """A throwaway database ("sqlite" at ``sqlite_path`` or "postgres"), the study
+    ``make(url)`` creates in it, and the app served on it by gunicorn; yields (slug, base
+    URL, gunicorn pid, database server pid or 0); stops both afterwards."""
+    stop, database_pid = None, 0
+    if database == "postgres":
+        url, stop, database_pid = start_postgres()
+    else:
+        url = f"sqlite:///{sqlite_path}"
+    try:
+        slug = make(url)
+        process, base = serve("study_app:create_app()",
+                              {"DATABASE_URL": url, "SECRET_KEY": "bench"}, REPO)
+        try:
+            yield slug, base, process.pid, database_pid
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+    finally:
+        if stop:
+            stop()
+
+
+def make_design_study(database_url: str, root: Path, design: str, conditions: int,
+                      images: int, per_participant: int) -> str:
+    """A study of ``conditions`` (all pairs) × ``images`` for the trials/next run."""
+    from study_app.commands import make_app
+    from tests.study_support import make_study as make
+    from tests.study_support import write_stimulus_set
+
+    app = make_app(database_url)
+    write_stimulus_set(root, n_images=images, size=4, seed=1,
+                       conditions=tuple(f"c{i:02d}" for i in range(conditions)))
+    slug = make(app, root, slug=f"next-{design}", design=design, votes_per_item=3,
+                trials_per_participant=per_participant, catch_trials=0, repeat_trials=0,
+                batch_size=4, lease_seconds=3600, seed=7)
+    with app.app_context():
+        from study_app.extensions import db
+
+        db.engine.dispose()
+    return slug
+
+
+def _next_client(args: tuple) -> tuple[list[float], int]:
+    """One client process: its participants in threads, each fetching (timed) and
+    answering its trials (not timed) ``rounds`` times; (latencies ms, errors)."""
+    base, starts, rounds, start_at = args
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def participant(headers: dict) -> None:
+        session = requests.Session()
+        mine = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            response = session.post(f"{base}/api/v1/participant/trials/next", headers=headers,
+                                    timeout=60)
+            mine.append((time.perf_counter() - t) * 1000)
+            if response.status_code != 200:
+                with lock:
+                    errors[0] += 1
+                continue
+            for i, trial in enumerate(response.json()["trials"]):
+                session.post(f"{base}/api/v1/participant/votes", headers=headers,
+                             json=vote_body(trial["token"], i), timeout=60)
+        with lock:
+            latencies.extend(mine)
+
+    time.sleep(max(0.0, start_at - time.time()))
+    threads = [threading.Thread(target=participant, args=(h,)) for h in starts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, errors[0]
+
+
+def next_load(base: str, slug: str, participants: int, rounds: int) -> dict:
+    """``participants`` start (not timed), then all fetch at once, ``rounds`` times each."""
+    starts = []
+    for i in range(participants):
+        start = requests.post(f"{base}/api/v1/studies/{slug}/participants",
+                              json={"prolific_pid": f"next-{i}"}, timeout=60).json()
+        starts.append({"Authorization": f"Bearer {start['participant']['token']}"})
+    start_at = time.time() + 1.0
+    chunks = [starts[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)]
+    with ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
+        results = list(pool.map(_next_client, [(base, c, rounds, start_at) for c in chunks]))
+    latencies = np.concatenate([np.array(r[0]) for r in results])
+    return {"requests": len(latencies), "errors": sum(r[1] for r in results),
+            "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99))}
+
+
+def next_latency(args, work: Path) -> None:
+    """The trials/next run: balanced vs active, on each database (--next-latency)."""
+    rows = []
+    for database in args.databases.split(","):
+        for design in ("balanced", "active"):
+            with database_and_app(database, work / f"next-{design}.sqlite3",
+                                  lambda url, d=design, db=database: make_design_study(
+                                      url, work / f"set-{db}-{d}", d, args.conditions,
+                                      args.images, 4 * args.rounds)) as (slug, base, _, _pid):
+                rows.append((database, design,
+                             next_load(base, slug, args.participants, args.rounds)))
+    items = args.images * args.conditions * (args.conditions - 1) // 2
+    print(f"trials/next: {args.participants} concurrent participants × {args.rounds} fetches "
+          f"of 4 trials (each batch answered, not timed); {args.conditions} conditions × "
+          f"{args.images} images = {items} items; gunicorn gthread 2 workers × 4 threads; "
+          f"{os.cpu_count()} cores")
+    print(f"{'database':<10}{'design':<10}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for database, design, r in rows:
+        print(f"{database:<10}{design:<10}{r['requests']:>9}{r['p50_ms']:>9.1f}"
+              f"{r['p99_ms']:>9.1f}{r['errors']:>8}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--participants", type=int, default=100)
@@ -239,8 +365,18 @@ def main() -> None:
     parser.add_argument("--think-s", type=float, default=1.0,
                         help="mean think time of the paced run, seconds (0: skip it)")
     parser.add_argument("--databases", default="sqlite,postgres")
+    parser.add_argument("--next-latency", action="store_true",
+                        help="instead: trials/next latency of a balanced and an active study")
+    parser.add_argument("--conditions", type=int, default=16, help="--next-latency: conditions")
+    parser.add_argument("--images", type=int, default=500, help="--next-latency: images")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="--next-latency: fetches per participant")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pstudy-bench-"))
+    if args.next_latency:
+        next_latency(args, work)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     modes = [("saturated", 0.0, args.votes)]
     if args.think_s > 0:
         modes.append(("paced", args.think_s, args.paced_votes))
@@ -256,32 +392,18 @@ def main() -> None:
         bare_process.send_signal(signal.SIGTERM)
         bare_process.wait(timeout=30)
     for database in args.databases.split(","):
-        stop, database_pid = None, 0
-        if database == "postgres":
-            url, stop, database_pid = start_postgres()
-        else:
-            url = f"sqlite:///{work / 'bench.sqlite3'}"
-        try:
-            slug = make_study(url, work / f"set-{database}", sum(m[2] for m in modes),
-                              args.participants)
-            process, base = serve("study_app:create_app()",
-                                  {"DATABASE_URL": url, "SECRET_KEY": "bench"}, REPO)
-            try:
-                jobs = participants_with_trials(base, slug, args.participants)
-                offset = 0
-                for mode, think_s, votes in modes:
-                    run_jobs = [(headers, tokens[offset:offset + votes])
-                                for headers, tokens in jobs]
-                    offset += votes
-                    rows.append((f"vote ({database})", mode,
-                                 load(base, "/api/v1/participant/votes", run_jobs, think_s,
-                                      process.pid, database_pid)))
-            finally:
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=30)
-        finally:
-            if stop:
-                stop()
+        with database_and_app(database, work / "bench.sqlite3",
+                              lambda url, db=database: make_study(
+                                  url, work / f"set-{db}", sum(m[2] for m in modes),
+                                  args.participants)) as (slug, base, app_pid, database_pid):
+            jobs = participants_with_trials(base, slug, args.participants)
+            offset = 0
+            for mode, think_s, votes in modes:
+                run_jobs = [(headers, tokens[offset:offset + votes]) for headers, tokens in jobs]
+                offset += votes
+                rows.append((f"vote ({database})", mode,
+                             load(base, "/api/v1/participant/votes", run_jobs, think_s,
+                                  app_pid, database_pid)))
     shutil.rmtree(work, ignore_errors=True)
     print(f"{args.participants} concurrent participants; saturated: {args.votes} votes each "
           f"back-to-back; paced: {args.paced_votes} votes each, think {args.think_s:g} s ± 50%; "

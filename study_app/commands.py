@@ -44,7 +44,8 @@ def upgrade_database(app) -> None:
     Alembic version yet: the tables a newer model added are created, then it is stamped
     as head (the migrations are tested to produce exactly the models' schema). One made
     before studies had owners is stamped at the revision before them and upgraded, so
-    the migration adds the columns and assigns the owners.
+    the migration adds the columns and assigns the owners; one made before the active
+    design is stamped at revision 3 and upgraded.
     """
     from alembic import command
     from sqlalchemy import inspect
@@ -57,9 +58,13 @@ def upgrade_database(app) -> None:
         inspector = inspect(db.engine)
         tables = set(inspector.get_table_names())
         if "alembic_version" not in tables and {"study", "vote"} <= tables:
-            if "owner_id" in {c["name"] for c in inspector.get_columns("study")}:
+            study_columns = {c["name"] for c in inspector.get_columns("study")}
+            if "main_closed_at" in study_columns:
                 db.create_all()  # only what is missing
                 command.stamp(config, "head")
+            elif "owner_id" in study_columns:  # made before the active design: migrate it
+                command.stamp(config, "0003_owners_and_throttling")
+                command.upgrade(config, "head")
             else:  # made before owners: bring it to revision 2, then migrate (owners)
                 from study_app.models import ResearcherLogin
 
@@ -111,6 +116,13 @@ def _load_config_file(path: Path) -> dict[str, Any]:
 @click.option("--completion-code", help="Code shown (and sent to Prolific) at the end.")
 @click.option("--completion-url", help="Redirect URL at the end (e.g. Prolific's).")
 @click.option("--seed", type=int, help="Seed for trial order and side choices.")
+@click.option("--design", type=click.Choice(["balanced", "active"]),
+              help="balanced (default): K votes per item; active: the next pair by expected "
+              "information gain, K the cap per item.")
+@click.option("--stop-half-width", type=float,
+              help="Active: stop main trials when every condition's 95 %% interval "
+              "half-width is at most this (JOD, e.g. 0.2).")
+@click.option("--vote-budget", type=int, help="Active: stop main trials at this many votes.")
 @click.option("--live", is_flag=True, help="Open the study for participants right away.")
 @click.option("--owner", metavar="EMAIL",
               help="Researcher who owns the study and its stimulus set (default: nobody, "
@@ -127,6 +139,7 @@ def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, li
       pstudy study create stimuli/demo --title "Loss study" -k 5 -m 20 --live
       pstudy study create stimuli/demo --config study.yaml --completion-code C0DE
       pstudy study create stimuli/demo --owner ada@example.org
+      pstudy study create stimuli/demo --design active --stop-half-width 0.2 -k 3
     """
     import re
 
@@ -175,6 +188,13 @@ def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, li
                    f"{design['votes_wanted']} main votes; at least "
                    f"{design['participants_needed']} participants at "
                    f"{design['main_per_participant']} main trials each")
+        if config.design == "active":
+            stop = [f"95 % half-width <= {config.stop_half_width:g} JOD"] if (
+                config.stop_half_width) else []
+            stop += [f"{config.vote_budget} votes"] if config.vote_budget else []
+            click.echo(f"active design: the next pair by expected information gain (every "
+                       f"pair {config.pair_floor} votes first; K = cap per item); main "
+                       f"trials stop at: {' or '.join(stop) or 'no target (close it yourself)'}")
         for warning in design["warnings"]:
             click.echo(f"warning: {warning}", err=True)
         link = f"{base_url.rstrip('/')}/s/{created.slug}"

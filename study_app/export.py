@@ -36,6 +36,7 @@ COLUMNS = (
     "presented_at", "answered_at", "reference_shown", "viewport_w", "viewport_h",
     "device_pixel_ratio", "participant_status", "participant_excluded", "exclusion_reasons",
     "prolific_pid",  # for approving/rejecting submissions on Prolific; empty otherwise
+    "info_gain",  # active design: the pair's expected information gain (bits) when chosen
 )
 EXCLUSION_RULE_NAMES = ("catch_accuracy", "fast_responses", "side_bias", "repeat_consistency",
                         "returned")
@@ -160,7 +161,7 @@ def iter_responses(connection: Connection, study_key: str | int,
             Trial.kind, Image.key, Trial.condition_left, Trial.condition_right, Vote.choice,
             Vote.chosen_condition, Trial.expected_condition, Vote.rt_ms, Vote.presented_at,
             Vote.answered_at, Vote.reference_shown, Vote.viewport_w, Vote.viewport_h,
-            Vote.device_pixel_ratio, Participant.prolific_pid,
+            Vote.device_pixel_ratio, Participant.prolific_pid, Trial.info_gain,
         )
         .join(Trial, Vote.trial_id == Trial.id)
         .join(Participant, Vote.participant_id == Participant.id)
@@ -185,6 +186,7 @@ def iter_responses(connection: Connection, study_key: str | int,
                 "viewport_h": int(r[16]), "device_pixel_ratio": float(r[17]),
                 "participant_status": r[2], "participant_excluded": bool(reasons),
                 "exclusion_reasons": reasons, "prolific_pid": r[18],
+                "info_gain": None if r[19] is None else float(r[19]),
             })
         yield batch
 
@@ -204,6 +206,16 @@ def provenance(connection: Connection, study_key: str | int) -> dict[str, Any]:
     }
 
 
+def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A contract-2 row as CSV writes it (empty for missing, true/false for booleans)."""
+    row = dict(row)
+    for name in ("expected_condition", "prolific_pid", "info_gain"):
+        row[name] = "" if row[name] is None else row[name]
+    for name in ("reference_shown", "participant_excluded"):
+        row[name] = "true" if row[name] else "false"
+    return row
+
+
 def write_csv(connection: Connection, study_key: str | int, out: IO[str],
               batch_rows: int = BATCH_ROWS) -> int:
     """Write the CSV (header + rows) to a text stream; returns the number of rows."""
@@ -212,12 +224,7 @@ def write_csv(connection: Connection, study_key: str | int, out: IO[str],
     n = 0
     for batch in iter_responses(connection, study_key, batch_rows):
         for row in batch:
-            row = dict(row)
-            row["expected_condition"] = row["expected_condition"] or ""
-            row["reference_shown"] = "true" if row["reference_shown"] else "false"
-            row["participant_excluded"] = "true" if row["participant_excluded"] else "false"
-            row["prolific_pid"] = row["prolific_pid"] or ""
-            writer.writerow(row)
+            writer.writerow(_csv_row(row))
         n += len(batch)
     return n
 
@@ -230,12 +237,7 @@ def iter_csv_chunks(connection: Connection, study_key: str | int,
     writer.writeheader()
     for batch in iter_responses(connection, study_key, batch_rows):
         for row in batch:
-            row = dict(row)
-            row["expected_condition"] = row["expected_condition"] or ""
-            row["reference_shown"] = "true" if row["reference_shown"] else "false"
-            row["participant_excluded"] = "true" if row["participant_excluded"] else "false"
-            row["prolific_pid"] = row["prolific_pid"] or ""
-            writer.writerow(row)
+            writer.writerow(_csv_row(row))
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
@@ -251,6 +253,7 @@ def arrow_schema():
         "trial_index": pa.int64(), "rt_ms": pa.float64(), "reference_shown": pa.bool_(),
         "viewport_w": pa.int64(), "viewport_h": pa.int64(),
         "device_pixel_ratio": pa.float64(), "participant_excluded": pa.bool_(),
+        "info_gain": pa.float64(),
     }
     return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
 
@@ -293,4 +296,5 @@ def read_responses(database_url: str, study: str | int) -> pd.DataFrame:
         "trial_index": "int64", "rt_ms": "float64", "reference_shown": "bool",
         "viewport_w": "int64", "viewport_h": "int64", "device_pixel_ratio": "float64",
         "participant_excluded": "bool", "prolific_pid": "str",  # None -> missing, as Parquet
+        "info_gain": "float64",  # None -> NaN, as Parquet
     })

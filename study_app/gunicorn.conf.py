@@ -23,3 +23,14 @@ accesslog = os.environ.get("PSTUDY_ACCESS_LOG") or None  # "-" for stdout
 errorlog = "-"
 loglevel = os.environ.get("PSTUDY_LOG_LEVEL", "info")
 proc_name = "pstudy"
+
+
+def on_starting(server):
+    """Import the active design's numerical core (numpy, scipy, pandas) once, in the
+    master before it forks: workers inherit it loaded, so the first active study's first
+    fetch does not wait seconds for the import. Pure modules: no connection is opened.
+    An app served without the analysis package (e.g. bench/bare_app.py) skips it."""
+    try:
+        import analysis.active  # noqa: F401
+    except ImportError:
+        server.log.info("analysis not importable: the active design loads on first use")

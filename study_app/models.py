@@ -213,6 +213,9 @@ class Study(db.Model):
     )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # Active design: when the stopping rule stopped issuing main trials, and why (set once).
+    main_closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    main_closed_reason: Mapped[str | None] = mapped_column(String(400))
 
     stimulus_set: Mapped[StimulusSet] = relationship()
     created_by: Mapped[Researcher | None] = relationship(foreign_keys=[created_by_id])
@@ -249,7 +252,10 @@ class Item(db.Model):
     """
 
     __tablename__ = "item"
-    __table_args__ = (UniqueConstraint("study_id", "image_id", "condition_a_id", "condition_b_id"),)
+    __table_args__ = (
+        UniqueConstraint("study_id", "image_id", "condition_a_id", "condition_b_id"),
+        Index("ix_item_study_pair", "study_id", "condition_a_id", "condition_b_id"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("image.id"))
@@ -322,10 +328,26 @@ class Trial(db.Model):
     status: Mapped[str] = mapped_column(String(10), default="leased")
     leased_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Active design: the pair's expected information gain (bits) when it was chosen.
+    info_gain: Mapped[float | None] = mapped_column(Float)
 
     participant: Mapped[Participant] = relationship()
     image: Mapped[Image] = relationship()
     item: Mapped[Item | None] = relationship()
+
+
+class StudyPosterior(db.Model):
+    """An active study's condition-scale posterior (``analysis.active.Posterior`` as JSON:
+    Thurstone MAP ``mean`` in JOD, covariance ``cov``), recomputed from the votes at most
+    every ``posterior_every`` votes and shared by every server process."""
+
+    __tablename__ = "study_posterior"
+    study_id: Mapped[int] = mapped_column(
+        ForeignKey("study.id", ondelete="CASCADE"), primary_key=True)
+    n_votes: Mapped[int] = mapped_column(Integer)
+    conditions: Mapped[list[Any]] = mapped_column(JSON)  # condition ids, the scale's order
+    posterior: Mapped[dict[str, Any]] = mapped_column(JSON)
+    computed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Vote(db.Model):

@@ -168,6 +168,13 @@ class StudyForm(FlaskForm):
         validators=[Optional()],
     )
     seed = IntegerField("Random seed", default=0, validators=[InputRequired()])
+    design = SelectField("Pair selection", default="balanced", choices=[
+        SelectChoice("balanced", "balanced: K votes on every image × pair"),
+        SelectChoice("active", "active: the most informative pair next (K = cap per item)")])
+    stop_half_width = StringField(
+        "Active: stop at 95 % half-width (JOD; empty = no target)", validators=[Optional()])
+    vote_budget = IntegerField(
+        "Active: vote budget (empty = none)", validators=[Optional(), NumberRange(1, 10_000_000)])
 
 
 def _float_or_none(text: str | None, name: str) -> float | None:
@@ -208,6 +215,9 @@ def config_from_form(form: StudyForm) -> dict[str, Any]:
         "completion_code": (form.completion_code.data or "").strip() or None,
         "completion_url": (form.completion_url.data or "").strip() or None,
         "seed": form.seed.data,
+        "design": form.design.data,
+        "stop_half_width": _float_or_none(form.stop_half_width.data, "stop_half_width"),
+        "vote_budget": form.vote_budget.data,
         "language": form.language.data,
         "break_every": form.break_every.data,
         "exclusion": {
@@ -460,6 +470,14 @@ def estimate_remaining(config, items: dict[str, Any], people: list[dict[str, Any
     }
 
 
+def _active_summary(study: Study, config) -> dict[str, Any] | None:
+    if config.design != "active":
+        return None
+    from study_app.active import precision_summary  # numpy/scipy only for active studies
+
+    return precision_summary(study, config)
+
+
 def dashboard_data(study: Study) -> dict[str, Any]:
     """Everything the live dashboard shows, as JSON-ready values, every panel read from
     one snapshot (:func:`begin_snapshot`); ``version`` changes whenever any of it does
@@ -480,6 +498,7 @@ def dashboard_data(study: Study) -> dict[str, Any]:
         "preference": preference_rows(responses),
         "people": people,
         "estimate": estimate_remaining(config, items, people),
+        "active": _active_summary(study, config),
     }
     data["version"] = hashlib.sha256(
         json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

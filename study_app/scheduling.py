@@ -204,6 +204,8 @@ def remaining_trials(participant: Participant, study: Study, config: StudyConfig
     if study.status != "live" and not participant.preview:
         return dict.fromkeys(KINDS, 0)
     usage = _usage(participant, now)
+    if study.main_closed_at is not None and not participant.preview:
+        usage["main"] = config.trials_per_participant  # the stopping rule closed main trials
     eligible = db.session.scalar(
         select(func.count()).select_from(
             _eligible_items(participant, study, config, now).subquery()
@@ -239,13 +241,19 @@ def choose_a_left(a_left: int, b_left: int, rng: random.Random) -> bool:
 
 
 def _lease_items(participant: Participant, study: Study, config: StudyConfig, now: datetime,
-                 n: int, rng: random.Random) -> list[Item]:
-    """Lock up to ``n`` lowest-load eligible items (SKIP LOCKED) and re-check their load."""
+                 n: int, rng: random.Random, pair: tuple[int, int] | None = None,
+                 exclude: list[int] = ()) -> list[Item]:
+    """Lock up to ``n`` lowest-load eligible items (SKIP LOCKED) and re-check their load;
+    ``pair`` (condition ids): only that pair's items; ``exclude``: item ids to skip."""
     if n <= 0:
         return []
+    query = _eligible_items(participant, study, config, now)
+    if exclude:
+        query = query.where(Item.id.not_in(list(exclude)))
+    if pair is not None:  # as the items store it (index ix_item_study_pair)
+        query = query.where(Item.condition_a_id == pair[0], Item.condition_b_id == pair[1])
     query = (
-        _eligible_items(participant, study, config, now)
-        .order_by(item_load(now), _seeded_order(rng.randrange(1, _HASH_MOD)))
+        query.order_by(item_load(now), _seeded_order(rng.randrange(1, _HASH_MOD)))
         .limit(n)
     )
     if participant.preview:
@@ -262,6 +270,44 @@ def _lease_items(participant: Participant, study: Study, config: StudyConfig, no
         select(Item.id, item_load(now)).where(Item.id.in_([i.id for i in locked]))
     ).all())
     return [i for i in locked if loads[i.id] < config.votes_per_item]
+
+
+def _lease_items_active(participant: Participant, study: Study, config: StudyConfig,
+                        now: datetime, n: int,
+                        rng: random.Random) -> tuple[list[Item], dict[int, float]]:
+    """Active design: the pairs from :func:`study_app.active.choose_pairs`, then for each
+    the lowest-load eligible items of that pair, leased as :func:`_lease_items` does (a
+    pair whose free items were all leased meanwhile: the shortfall from any pair, without
+    a gain). Returns the items and each chosen item's information gain (bits) by id.
+    With ``n`` = 0 (e.g. a participant's last fetch) it only brings the posterior and the
+    stopping rule up to date, so the last votes can stop the study."""
+    from study_app import active  # numpy/scipy: loaded by the first active study only
+
+    if n <= 0:
+        if study.main_closed_at is None:
+            active.current_posterior(study, config, now)
+        return [], {}
+
+    taken = select(Trial.item_id).where(
+        Trial.participant_id == participant.id, Trial.kind == "main",
+        Trial.item_id.is_not(None))
+    choices = active.choose_pairs(study, config, now, n,
+                                  f"{config.seed}:{participant.public_id}:{participant.n_issued}",
+                                  taken, and_(Trial.kind == "main", _open(now)))
+    wanted: dict[tuple[int, int], list[float]] = {}
+    for a, b, gain in choices:
+        wanted.setdefault((a, b), []).append(gain)
+    items: list[Item] = []
+    gains: dict[int, float] = {}
+    for (a, b), pair_gains in wanted.items():
+        for item, gain in zip(_lease_items(participant, study, config, now, len(pair_gains),
+                                           rng, pair=(a, b)), pair_gains, strict=False):
+            items.append(item)
+            gains[item.id] = gain
+    if len(items) < len(choices):
+        items += _lease_items(participant, study, config, now, len(choices) - len(items), rng,
+                              exclude=[i.id for i in items])
+    return items, gains
 
 
 def _side_counts(items: list[Item], now: datetime) -> dict[int, tuple[int, int]]:
@@ -344,7 +390,11 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
     remaining = remaining_trials(participant, study, config, now)
     kinds = draw_kinds(want, remaining, rng)
     n_main = kinds.count("main")
-    items = _lease_items(participant, study, config, now, n_main, rng)
+    gains: dict[int, float] = {}
+    if config.design == "active" and not participant.preview:
+        items, gains = _lease_items_active(participant, study, config, now, n_main, rng)
+    else:
+        items = _lease_items(participant, study, config, now, n_main, rng)
     if len(items) < n_main:  # fewer items than hoped: fill the gap with other kinds
         rest = dict(remaining, main=0)
         for kind in kinds:
@@ -363,7 +413,7 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
                                                  else item.condition_b_id),
                               condition_right=str(item.condition_b_id if a_left
                                                   else item.condition_a_id),
-                              left_sha256="", right_sha256=""))
+                              left_sha256="", right_sha256="", info_gain=gains.get(item.id)))
     for _ in range(kinds.count("catch")):
         item = db.session.scalars(
             select(Item).where(Item.study_id == study.id)

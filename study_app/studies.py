@@ -67,7 +67,8 @@ class ExclusionRules:
 class StudyConfig:
     """Everything a researcher chooses for a study (see docs/study_api.md).
 
-    K = ``votes_per_item`` votes wanted per item (image × condition pair); M =
+    K = ``votes_per_item`` votes wanted per item (image × condition pair; with
+    ``design="active"`` the cap per item); M =
     ``trials_per_participant`` main trials per participant, plus ``catch_trials`` and
     ``repeat_trials``. Leases last ``lease_seconds`` before an unanswered trial returns
     to the pool. ``batch_size`` trials are leased per fetch.
@@ -98,6 +99,13 @@ class StudyConfig:
     batch_size: int = 4
     break_every: int | None = None  # a pause screen after every N answered trials
     seed: int = 0
+    # Pair selection: "balanced" (every item K votes) or "active" (study_app.active).
+    design: str = "balanced"
+    pair_floor: int = 2  # active: votes (+ open leases) every pair gets before any choice
+    item_floor: int = 0  # active: votes every image × pair gets before any choice
+    posterior_every: int = 20  # active: recompute the shared posterior every N votes
+    stop_half_width: float | None = None  # active: stop main trials at this 95 % half-width
+    vote_budget: int | None = None  # active: stop main trials at this many main votes
     exclusion: ExclusionRules = field(default_factory=ExclusionRules)
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,10 +212,36 @@ def parse_config(data: dict[str, Any]) -> StudyConfig:
         value = getattr(config.exclusion, name)
         _check(value is None or (isinstance(value, int | float) and 0 <= value <= 1),
                f"exclusion rule '{name}' must be a fraction 0..1 or null")
+    _check_design(config)
     if config.pairs is not None:
         _check(all(isinstance(p, list | tuple) and len(p) == 2 and p[0] != p[1]
                    for p in config.pairs), "'pairs' must be a list of [condition, condition]")
     return config
+
+
+DESIGNS = ("balanced", "active")
+
+
+def _check_design(config: StudyConfig) -> None:
+    _check(config.design in DESIGNS,
+           f"'design' must be one of {list(DESIGNS)} (balanced: K votes per item; active: "
+           "the next pair by expected information gain)")
+    for name in ("pair_floor", "item_floor"):
+        value = getattr(config, name)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+               f"'{name}' must be an integer >= 0 (votes)")
+    _check(isinstance(config.posterior_every, int) and config.posterior_every >= 1,
+           "'posterior_every' must be an integer >= 1 (votes between posterior updates)")
+    _check(config.stop_half_width is None
+           or (isinstance(config.stop_half_width, int | float) and config.stop_half_width > 0),
+           "'stop_half_width' must be a positive number of JOD (e.g. 0.2) or null")
+    _check(config.vote_budget is None
+           or (isinstance(config.vote_budget, int) and config.vote_budget >= 1),
+           "'vote_budget' must be an integer >= 1 (main votes) or null")
+    _check(config.design == "active"
+           or (config.stop_half_width is None and config.vote_budget is None),
+           "'stop_half_width' and 'vote_budget' need design: active (a balanced study "
+           "stops when every item has K votes)")
 
 
 def resolve_design(
@@ -255,6 +289,10 @@ def create_study(stimulus_set: StimulusSet, config: StudyConfig,
         for image in images for a, b in pairs
     )
     db.session.flush()
+    if config.design == "active":
+        from study_app.active import create_posterior
+
+        create_posterior(study)
     return study
 
 

@@ -128,3 +128,33 @@ def test_bench_fit_prints_a_rate_per_loss():
     assert set(rows) == {"watson-dft", "deep"}, output
     assert rows["watson-dft"][2] == "—" and float(rows["deep"][2]) > 0
     assert all(float(row[3]) > 0 for row in rows.values())
+
+
+def test_bench_design_prints_votes_needed_per_design(tmp_path):
+    out = tmp_path / "design.json"
+    output = run_script("bench/bench_design.py", "--reps", "2", "--conditions", "4",
+                        "--workers", "1", "--json", str(out))
+    for design in ("balanced", "random", "asap", "ours", "ours-eig"):
+        assert re.search(rf"^\s+4 {design}\s+\d+", output, re.M), output
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 5 and all(r["votes"] > 0 for r in rows)
+    bad = subprocess.run([sys.executable, "bench/bench_design.py", "--conditions", "2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--conditions" in bad.stderr
+
+
+def test_bench_next_latency_prints_both_designs():
+    output = run_script("bench/bench_next_latency.py", "--conditions", "3", "--images", "2",
+                        "--participants", "2", "--rounds", "1")
+    for design in ("balanced", "active"):
+        assert re.search(rf"^{design}\s+next: p50\s+[\d.]+ ms", output, re.M), output
+
+
+def test_bench_votes_next_latency_prints_both_designs():
+    output = run_script("bench/bench_votes.py", "--next-latency", "--databases", "sqlite",
+                        "--conditions", "3", "--images", "2", "--participants", "4",
+                        "--rounds", "2")
+    for design in ("balanced", "active"):
+        assert re.search(rf"^sqlite\s+{design}\s+8\s+[\d.]+\s+[\d.]+\s+0$", output, re.M), output

@@ -195,3 +195,42 @@ def test_dashboard_panels_agree_after_an_exclusion_and_list_prolific_actions(
     people = pd.read_csv(listing.value.path(), keep_default_na=False)
     assert dict(zip(people["prolific_pid"], people["suggested_action"], strict=True)) == {
         "PIDLEAVES": "none", "PIDSTAYS": "approve"}
+
+
+def test_the_active_panel_follows_the_votes_and_says_why_main_trials_stopped(
+    app, live_server, page, tmp_path
+):
+    """An active study with a vote budget of 4: the dashboard, left open, updates the
+    precision panel as votes arrive and shows the stop and its reason without a reload."""
+    from study_app.extensions import db
+    from study_app.models import StimulusSet
+    from study_app.studies import create_study, parse_config, set_status
+    from tests.study_support import Participant
+
+    owner = make_researcher(app)
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"), owner=owner)
+    app.config["DASHBOARD_REFRESH_MS"] = 300
+    with app.app_context():
+        study = create_study(db.session.get(StimulusSet, set_id), parse_config({
+            "title": "Active", "slug": "active", "design": "active", "vote_budget": 4,
+            "posterior_every": 1, "catch_trials": 0, "repeat_trials": 0,
+            "trials_per_participant": 4}), researcher_id=owner)
+        set_status(study, "live")
+        db.session.commit()
+    page.goto(f"{live_server}/login")
+    page.fill("#email", EMAIL)
+    page.fill("#password", PASSWORD)
+    page.click("#login-button")
+    page.wait_for_url(f"{live_server}/researcher/")
+    page.goto(f"{live_server}/researcher/studies/active")
+    assert page.locator("#active-precision tbody tr").count() == 3
+    assert page.is_hidden("#main-closed")
+    assert Participant(app.test_client(), "active").complete() == 4
+    page.wait_for_function(
+        "() => !document.getElementById('main-closed').hidden", timeout=TIMEOUT_MS
+    )
+    assert "vote budget reached: 4 main votes" in page.inner_text("#main-closed")
+    assert page.inner_text("#active-remaining") == "0"
+    assert page.inner_text("#active-votes") == "4" and page.inner_text("#posterior-votes") == "4"
+    assert page.inner_text("#estimate").startswith("Active design: main trials stop")
+    save_screenshot(page, "researcher-dashboard-active")

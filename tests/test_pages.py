@@ -327,6 +327,28 @@ def test_a_study_is_created_by_form_then_started_paused_and_closed(app, client, 
     assert "cannot become live" in client.get("/researcher/studies/loss-cmp").get_data(True)
 
 
+def test_an_active_study_is_created_by_form_and_its_dashboard_shows_the_precision(
+    app, client, set_id, researcher
+):
+    from study_app.extensions import db
+    from study_app.models import Study, StudyPosterior
+
+    login(client)
+    form_page = client.get(f"/researcher/studies/new?set={set_id}").get_data(as_text=True)
+    assert 'value="active"' in form_page
+    created = client.post(f"/researcher/studies/new?set={set_id}", data=study_form(
+        form_page, design="active", stop_half_width="0.25", vote_budget="400"))
+    assert created.status_code == 303
+    with app.app_context():
+        study = db.session.scalars(select(Study).where(Study.slug == "loss-cmp")).one()
+        assert study.config["design"] == "active" and study.config["stop_half_width"] == 0.25
+        assert study.config["vote_budget"] == 400
+        assert db.session.get(StudyPosterior, study.id).n_votes == 0
+    dashboard = client.get("/researcher/studies/loss-cmp").get_data(as_text=True)
+    assert 'id="active-design"' in dashboard and "95 % half-width ≤ 0.25 JOD" in dashboard
+    assert "vote budget 400" in dashboard and dashboard.count("<td>blurred</td>") == 1
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -336,6 +358,8 @@ def test_a_study_is_created_by_form_then_started_paused_and_closed(app, client, 
         ({"completion_url": "ftp://x"}, "'completion_url' must be an http(s) URL"),
         ({"min_catch_accuracy": "lots"}, "'min_catch_accuracy' must be a number"),
         ({"votes_per_item": "0"}, "Votes per item (K)"),
+        ({"stop_half_width": "0.2"}, "need design: active"),
+        ({"design": "active", "stop_half_width": "tight"}, "'stop_half_width' must be a number"),
     ],
 )
 def test_a_bad_study_form_is_refused_with_the_reason_and_creates_nothing(

@@ -16,7 +16,8 @@ from study_app import create_app
 from study_app.extensions import db
 
 TABLES = {"researcher", "researcher_login", "login_failure", "stimulus_set", "condition", "image",
-          "stimulus", "study", "study_collaborator", "item", "participant", "trial", "vote"}
+          "stimulus", "study", "study_collaborator", "item", "participant", "trial", "vote",
+          "study_posterior"}
 
 
 def _round_trip(url: str) -> None:
@@ -262,4 +263,30 @@ def test_a_database_made_by_create_all_before_owners_is_migrated_not_stamped(tmp
         owners = {s.slug: s.owner.email for s in db.session.scalars(select(Study))}
         assert owners == {"web": "solo@example.org", "cli": "solo@example.org"}
         db.session.remove()
+        db.engine.dispose()
+
+
+def test_a_database_made_by_create_all_before_the_active_design_is_migrated(tmp_path):
+    """Made by db.create_all() after owners but before the active design (no
+    study.main_closed_at): migrated from revision 3, so the new columns and tables exist."""
+    from flask_migrate import upgrade
+
+    from study_app.commands import upgrade_database
+
+    url = f"sqlite:///{tmp_path / 'made.sqlite3'}"
+    old = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
+    with old.app_context():
+        upgrade(revision="0003_owners_and_throttling")
+        with db.engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE alembic_version")
+        db.engine.dispose()
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
+    upgrade_database(app)
+    with app.app_context():
+        inspector = inspect(db.engine)
+        assert TABLES | {"alembic_version"} == set(inspector.get_table_names())
+        assert "info_gain" in {c["name"] for c in inspector.get_columns("trial")}
+        with db.engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, db.metadata) == []
         db.engine.dispose()

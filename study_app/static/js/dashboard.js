@@ -92,14 +92,37 @@
       plot.hidden = false;
     }
     renderPeople(data);
+    renderActive(data.active);
     lastVersion = data.version;
     root.dataset.version = data.version;
+  }
+
+  function renderActive(a) {
+    const table = document.querySelector("#active-precision tbody");
+    if (!a || !table) return;
+    text("posterior-votes", a.posterior_votes === null ? 0 : a.posterior_votes);
+    text("active-votes", a.votes);
+    text("active-remaining", a.predicted_remaining === null ? "–" : a.predicted_remaining);
+    table.replaceChildren(...a.conditions.map((c) => {
+      const tr = document.createElement("tr");
+      [c.condition, fmt(c.scale_jod, 2), fmt(c.half_width_jod, 2)].forEach((v) => cell(tr, v));
+      return tr;
+    }));
+    const closed = document.getElementById("main-closed");
+    closed.hidden = !a.closed_at;
+    if (a.closed_at) {
+      closed.textContent = "Main trials stopped at " + a.closed_at + ": " + a.closed_reason +
+        ". Participants in progress finish their open trials.";
+    }
   }
 
   function renderPeople(data) {
     const e = data.estimate;
     const estimate = document.getElementById("estimate");
-    if (e.votes_remaining === 0) {
+    if (data.active) {
+      estimate.textContent = "Active design: main trials stop by its rule (panel \"Active design\" " +
+        "below); K = " + data.items.k + " is only the cap per item.";
+    } else if (e.votes_remaining === 0) {
       estimate.textContent = "Every item has its K votes: the study can be closed.";
     } else {
       let line = "Still needed: " + e.participants_needed + " participants for " + e.votes_remaining +

@@ -1,0 +1,311 @@
+"""The active design in the study server: the shared posterior, the pairs to lease next,
+the stopping rule.
+
+Runs inside :func:`study_app.scheduling.lease_trials` (one write transaction, the
+participant locked). The numerical core is :mod:`analysis.active` (pure); this module
+reads and writes the database around it:
+
+- the posterior (``study_posterior``, one row per study) is recomputed from the stored
+  main votes when ``posterior_every`` votes arrived since it was last computed, by the one
+  transaction that gets its row lock (PostgreSQL ``FOR UPDATE SKIP LOCKED``: the others
+  use the previous one instead of waiting; SQLite: the only writer anyway), so every
+  gunicorn worker uses the same posterior and a restart loses nothing;
+- the pairs are chosen with :func:`analysis.active.select_pairs`, jointly with every open
+  lease of the study (the batch complements what others are answering now), among the
+  pairs that still have an item this participant was never issued with load < K; the
+  item of a pair is then leased exactly as in a balanced study (lowest load, locked,
+  re-checked), so the "no item beyond K" and "every vote once" rules are unchanged;
+- the stopping rule (``stop_half_width`` and/or ``vote_budget``) sets
+  ``study.main_closed_at`` once (a conditional UPDATE), after which no main trial is
+  issued; catch and repeat trials and the open leases still finish. With a vote budget,
+  the fetches of a study take the posterior row's lock (waiting) before they count votes
+  and leases, so concurrent fetches cannot together lease past the budget (lock order:
+  participant → posterior → study → items; a vote takes none of the first three after
+  the participant, so no cycle).
+
+The live posterior uses every main vote (no exclusions): it only steers the design; the
+analysis fits its scales from the exported votes (``pstudy analyze``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+from sqlalchemy import and_, case, func, select, update
+
+from analysis.active import Posterior, all_pairs, select_pairs, thurstone_posterior
+from study_app.extensions import db
+from study_app.models import Condition, Item, Study, StudyPosterior, Trial, Vote
+
+
+def study_condition_ids(study: Study) -> list[int]:
+    """The ids of the conditions in the study's items, ascending (the scale's order)."""
+    first = select(Item.condition_a_id).where(Item.study_id == study.id)
+    second = select(Item.condition_b_id).where(Item.study_id == study.id)
+    return sorted(set(db.session.scalars(first.union(second))))
+
+
+def win_matrix(study: Study, condition_ids: list[int]) -> np.ndarray:
+    """``wins[i, j]``: main votes (not previews) that chose condition i over j."""
+    index = {cid: k for k, cid in enumerate(condition_ids)}
+    names = dict(
+        db.session.execute(
+            select(Condition.name, Condition.id).where(Condition.id.in_(condition_ids))
+        ).all()
+    )
+    rows = db.session.execute(
+        select(Item.condition_a_id, Item.condition_b_id, Vote.chosen_condition, func.count(Vote.id))
+        .join(Trial, Trial.id == Vote.trial_id)
+        .join(Item, Item.id == Trial.item_id)
+        .where(Vote.study_id == study.id, Trial.kind == "main", Trial.preview.is_(False))
+        .group_by(Item.condition_a_id, Item.condition_b_id, Vote.chosen_condition)
+    ).all()
+    wins = np.zeros((len(condition_ids), len(condition_ids)))
+    for a, b, chosen, count in rows:
+        winner = names.get(chosen)
+        loser = b if winner == a else a
+        wins[index[winner], index[loser]] += count
+    return wins
+
+
+def main_votes(study: Study) -> int:
+    """Main votes stored so far (the items' counters)."""
+    return int(
+        db.session.scalar(
+            select(func.coalesce(func.sum(Item.n_votes), 0)).where(Item.study_id == study.id)
+        )
+    )
+
+
+def create_posterior(study: Study) -> None:
+    """Store the prior (no votes yet) for a new active study (flushes)."""
+    ids = study_condition_ids(study)
+    db.session.add(
+        StudyPosterior(
+            study_id=study.id,
+            n_votes=0,
+            conditions=ids,
+            posterior=thurstone_posterior(np.zeros((len(ids),) * 2)).to_dict(),
+        )
+    )
+    db.session.flush()
+
+
+def current_posterior(
+    study: Study, config, now: datetime, total: int | None = None
+) -> tuple[Posterior, list[int]]:
+    """The study's posterior, recomputed first when ``posterior_every`` votes are new and
+    this transaction gets the row (else the stored one; see the module docstring); then
+    the stopping rule is checked. ``total``: the main votes now, if already counted."""
+    row = db.session.get(StudyPosterior, study.id)
+    total = main_votes(study) if total is None else total
+    if row is not None and total - row.n_votes < config.posterior_every:
+        posterior, ids = Posterior.from_dict(row.posterior), list(row.conditions)
+    else:
+        posterior, ids = _recompute(study, row, now)
+    check_stopping_rule(study, config, posterior, total, now)
+    return posterior, ids
+
+
+def _recompute(
+    study: Study, row: StudyPosterior | None, now: datetime
+) -> tuple[Posterior, list[int]]:
+    locked = db.session.execute(
+        select(StudyPosterior)
+        .where(StudyPosterior.study_id == study.id)
+        .with_for_update(skip_locked=True)
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if row is not None and locked is None:  # another worker is recomputing it right now
+        return Posterior.from_dict(row.posterior), list(row.conditions)
+    ids = study_condition_ids(study)
+    previous = None if locked is None else Posterior.from_dict(locked.posterior)
+    initial = previous.mean if previous is not None and len(previous.mean) == len(ids) else None
+    posterior = thurstone_posterior(win_matrix(study, ids), initial=initial)
+    if locked is not None:  # (a study made before it had a row: kept in memory only)
+        locked.n_votes = posterior.n_votes
+        locked.conditions = ids
+        locked.posterior = posterior.to_dict()
+        locked.computed_at = now
+    return posterior, ids
+
+
+def stop_reason(config, posterior: Posterior, votes: int) -> str | None:
+    """Why the stopping rule says stop (text for the dashboard), or None to go on; the
+    precision target is judged on ``posterior`` (at least one vote)."""
+    if config.vote_budget is not None and votes >= config.vote_budget:
+        return f"vote budget reached: {votes} main votes (budget {config.vote_budget})"
+    if config.stop_half_width is not None and votes > 0:
+        widest = float(posterior.half_widths().max())
+        if widest <= config.stop_half_width and posterior.n_votes > 0:
+            return (
+                f"precision target met: every condition's 95 % half-width ≤ "
+                f"{widest:.3f} JOD (target {config.stop_half_width:g}) after "
+                f"{posterior.n_votes} votes"
+            )
+    return None
+
+
+def check_stopping_rule(
+    study: Study, config, posterior: Posterior, votes: int, now: datetime
+) -> bool:
+    """Close the study's main trials if the rule says so (``votes``: main votes now);
+    true only for the one call that closed them (a conditional UPDATE: concurrent callers
+    cannot both close)."""
+    if study.main_closed_at is not None:
+        return False
+    reason = stop_reason(config, posterior, votes)
+    if reason is None:
+        return False
+    closed = db.session.execute(
+        update(Study)
+        .where(Study.id == study.id, Study.main_closed_at.is_(None))
+        .values(main_closed_at=now, main_closed_reason=reason)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    db.session.refresh(study, ["main_closed_at", "main_closed_reason"])
+    return closed == 1
+
+
+def budget_left(config, votes_and_leases: int) -> int | None:
+    """Main trials that may still be leased under the vote budget (None: no budget);
+    ``votes_and_leases``: main votes plus open main leases now."""
+    if config.vote_budget is None:
+        return None
+    return max(0, config.vote_budget - votes_and_leases)
+
+
+def choose_pairs(
+    study: Study, config, now: datetime, n: int, seed: str, taken, open_trial
+) -> list[tuple[int, int, float]]:
+    """Up to ``n`` (condition_a_id, condition_b_id, gain in bits) for a participant, the
+    pair as its items store it.
+
+    ``taken``: a subquery of the item ids ever issued to this participant; an item is
+    free for them when not taken and under K votes (open leases are not subtracted here,
+    to keep this one scan of the items: the lease itself re-checks the load);
+    ``open_trial``: the SQL condition of an open lease.
+    """
+    if config.vote_budget is not None:  # count and lease under one lock: never past it
+        db.session.execute(
+            select(StudyPosterior.study_id)
+            .where(StudyPosterior.study_id == study.id)
+            .with_for_update()
+        )
+    # Open leases first, then votes: a vote committed in between is counted twice (as a
+    # lease and a vote), never missed (READ COMMITTED: each statement sees new commits).
+    open_rows = db.session.execute(
+        select(Item.condition_a_id, Item.condition_b_id, func.count(Trial.id))
+        .join(Trial, Trial.item_id == Item.id)
+        .where(
+            Item.study_id == study.id, Trial.kind == "main", Trial.preview.is_(False), open_trial
+        )
+        .group_by(Item.condition_a_id, Item.condition_b_id)
+    ).all()
+    free = and_(Item.id.not_in(taken), Item.n_votes < config.votes_per_item)
+    per_pair = db.session.execute(
+        select(
+            Item.condition_a_id,
+            Item.condition_b_id,
+            func.sum(Item.n_votes),
+            func.sum(case((free, 1), else_=0)),
+            func.min(case((free, Item.n_votes), else_=None)),
+        )
+        .where(Item.study_id == study.id)
+        .group_by(Item.condition_a_id, Item.condition_b_id)
+    ).all()
+    posterior, ids = current_posterior(study, config, now, sum(int(r[2]) for r in per_pair))
+    if study.main_closed_at is not None:
+        return []
+    index = {cid: k for k, cid in enumerate(ids)}
+    pairs = all_pairs(len(ids))
+    position = {(int(a), int(b)): k for k, (a, b) in enumerate(pairs)}
+
+    def key(a: int, b: int) -> int:
+        return position[tuple(sorted((index[a], index[b])))]
+
+    counts = np.zeros(len(pairs))
+    available = np.zeros(len(pairs))
+    priority = np.zeros(len(pairs), bool)
+    for a, b, votes, n_free, lowest in per_pair:
+        counts[key(a, b)] += votes
+        available[key(a, b)] = n_free
+        priority[key(a, b)] = lowest is not None and lowest < config.item_floor
+    leased: list[tuple[int, int]] = []
+    for a, b, count in open_rows:
+        counts[key(a, b)] += count
+        leased += [(int(pairs[key(a, b)][0]), int(pairs[key(a, b)][1]))] * count
+    limit = budget_left(config, int(counts.sum()))
+    if limit is not None:
+        n = min(n, limit)
+    chosen = select_pairs(
+        posterior,
+        n,
+        counts=counts,
+        pending=leased,
+        available=available,
+        pair_floor=config.pair_floor,
+        priority=priority,
+        seed=seed,
+    )
+    stored = {key(r[0], r[1]): (int(r[0]), int(r[1])) for r in per_pair}  # the items' own order
+    return [(*stored[position[(c.i, c.j)]], c.gain) for c in chosen]
+
+
+def precision_summary(study: Study, config) -> dict | None:
+    """What the dashboard shows of an active study (None for a balanced one): the stored
+    posterior's scale and 95 % half-width per condition (JOD), the target, the votes,
+    the predicted votes still needed (half-widths shrink as 1 / sqrt(votes)), and whether
+    and why main trials were stopped."""
+    if config.design != "active":
+        return None
+    row = db.session.get(StudyPosterior, study.id)
+    votes = main_votes(study)
+    out = {
+        "pair_floor": config.pair_floor,
+        "item_floor": config.item_floor,
+        "posterior_every": config.posterior_every,
+        "target": config.stop_half_width,
+        "budget": config.vote_budget,
+        "votes": votes,
+        "posterior_votes": None,
+        "conditions": [],
+        "widest": None,
+        "predicted_remaining": None,
+        "closed_at": (
+            study.main_closed_at.isoformat(timespec="seconds").replace("+00:00", "Z")
+            if study.main_closed_at
+            else None
+        ),
+        "closed_reason": study.main_closed_reason,
+    }
+    if row is None:
+        return out
+    posterior = Posterior.from_dict(row.posterior)
+    names = dict(
+        db.session.execute(
+            select(Condition.id, Condition.name).where(Condition.id.in_(row.conditions))
+        ).all()
+    )
+    widths = posterior.half_widths()
+    centred = posterior.mean - posterior.mean.mean()
+    out["posterior_votes"] = row.n_votes
+    out["conditions"] = sorted(
+        (
+            {"condition": names[cid], "scale_jod": float(s), "half_width_jod": float(w)}
+            for cid, s, w in zip(row.conditions, centred, widths, strict=True)
+        ),
+        key=lambda c: -c["scale_jod"],
+    )
+    out["widest"] = float(widths.max())
+    remaining = []
+    if config.stop_half_width is not None and row.n_votes > 0:
+        ratio = out["widest"] / config.stop_half_width
+        remaining.append(max(0, int(np.ceil(row.n_votes * ratio**2)) - votes))
+    if config.vote_budget is not None:
+        remaining.append(max(0, config.vote_budget - votes))
+    if study.main_closed_at is not None:
+        remaining = [0]
+    out["predicted_remaining"] = min(remaining) if remaining else None
+    return out
