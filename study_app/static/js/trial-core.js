@@ -1,5 +1,5 @@
 /* Pure helpers of the participant page (no DOM, no network): display scale, key
- * mapping, retry delays. Loaded before participant.js; exported on window.PStudyCore. */
+ * mapping, retry delays, frame timing. Loaded before participant.js; exported on window.PStudyCore. */
 (function (global) {
   "use strict";
 
@@ -72,7 +72,39 @@
     return status === 0 || status === 408 || status === 425 || status === 429 || status >= 500;
   }
 
+  /**
+   * The display's frame period from requestAnimationFrame timestamps: the median of the
+   * intervals between consecutive timestamps (robust to a dropped frame or two).
+   * @param {number[]} timestamps rAF timestamps in milliseconds, ascending (≥ 2)
+   * @returns {number} frame period in milliseconds (NaN with fewer than 2 timestamps)
+   */
+  function medianFramePeriod(timestamps) {
+    const intervals = [];
+    for (let i = 1; i < timestamps.length; i += 1) intervals.push(timestamps[i] - timestamps[i - 1]);
+    if (!intervals.length) return NaN;
+    intervals.sort((a, b) => a - b);
+    const middle = Math.floor(intervals.length / 2);
+    return intervals.length % 2 ? intervals[middle] : (intervals[middle - 1] + intervals[middle]) / 2;
+  }
+
+  /** Whole frames closest to `ms` at `periodMs` per frame, at least one. */
+  function framesFor(ms, periodMs) {
+    return Math.max(1, Math.round(ms / periodMs));
+  }
+
+  /**
+   * Whether a rAF callback at `elapsedMs` after the onset frame is the one that ends an
+   * exposure of `frames` frames: the first callback at least `frames - ½` periods after the
+   * onset (a late or dropped frame does not lengthen the exposure by a whole frame).
+   */
+  function exposureEnds(elapsedMs, frames, periodMs) {
+    return elapsedMs >= (frames - 0.5) * periodMs;
+  }
+
   global.PStudyCore = {
+    medianFramePeriod: medianFramePeriod,
+    framesFor: framesFor,
+    exposureEnds: exposureEnds,
     displayScale: displayScale,
     keyToChoice: keyToChoice,
     retryDelayMs: retryDelayMs,
