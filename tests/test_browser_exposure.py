@@ -1,0 +1,74 @@
+"""Frame-timed limited exposure in a real Chromium: the page measures the display's frame
+period, shows the images for whole frames, logs what it measured, and the vote keeps it.
+
+The display's frame period is measured here too, independently of the page (the median
+of rAF intervals in a second script), and every exposure is checked against the request.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import select
+
+from tests.test_browser_participant import TIMEOUT_MS, answer, wait_trial
+from tests.test_pages_support import import_set, make_study, write_stimulus_set
+
+pytestmark = pytest.mark.browser
+
+TRIALS = 3  # answered per study (of 6 planned)
+TOLERANCE_MS = 0.5  # browsers coarsen rAF timestamps (study_app.export.EXPOSURE_TOLERANCE_MS)
+
+# An independent frame-period measurement: 40 rAF intervals, median.
+MEASURE_FRAME_PERIOD = """() => new Promise((resolve) => {
+  const stamps = [];
+  const tick = (t) => {
+    stamps.push(t);
+    if (stamps.length > 40) {
+      const d = stamps.slice(1).map((s, i) => s - stamps[i]).sort((a, b) => a - b);
+      resolve(d[20]);
+    } else requestAnimationFrame(tick);
+  };
+  requestAnimationFrame(tick);
+})"""
+
+
+@pytest.mark.parametrize("exposure_ms", [100, 500])
+def test_exposure_is_shown_for_whole_frames_within_one_frame_and_stored(
+    app, live_server, page, tmp_path, exposure_ms
+):
+    from study_app.extensions import db
+    from study_app.models import Vote
+
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
+    study = make_study(app, set_id, slug="timed", exposure_ms=exposure_ms, practice_trials=0)
+    page.goto(f"{live_server}/s/timed")
+    page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+    reference_period = page.evaluate(MEASURE_FRAME_PERIOD)
+    page.check("#consent-check")
+    page.click("#consent-button")
+    page.click("#start-button")
+    logged = []
+    for _ in range(TRIALS):
+        wait_trial(page)
+        page.wait_for_selector("#trial-stage[data-masked='1']", timeout=TIMEOUT_MS)
+        assert page.locator("#trial-stage img.stimulus").count() == 0  # all masked
+        logged.append(json.loads(page.get_attribute("#trial-stage", "data-exposure")))
+        answer(page, lambda: page.keyboard.press("ArrowLeft"))
+    page.wait_for_function("document.body.dataset.outbox === '0'", timeout=TIMEOUT_MS)
+
+    for timing in logged:
+        period = timing["frame_period_ms"]
+        assert period == pytest.approx(reference_period, rel=0.2)
+        assert timing["exposure_requested_ms"] == exposure_ms
+        assert timing["exposure_frames_requested"] == max(1, round(exposure_ms / period))
+        measured = timing["exposure_offset_ms"] - timing["exposure_onset_ms"]
+        assert abs(measured - exposure_ms) <= period + TOLERANCE_MS, timing
+        assert abs(timing["exposure_frames_measured"] - timing["exposure_frames_requested"]) <= 1
+    with app.app_context():
+        votes = db.session.scalars(
+            select(Vote).where(Vote.study_id == study["id"]).order_by(Vote.trial_index)
+        ).all()
+        stored = [{name: getattr(vote, name) for name in logged[0]} for vote in votes]
+    assert stored == logged  # the vote carries exactly what the page measured
