@@ -3,6 +3,7 @@ period, shows the images for whole frames, logs what it measured, and the vote k
 
 The display's frame period is measured here too, independently of the page (the median
 of rAF intervals in a second script), and every exposure is checked against the request.
+The researcher's dashboard, open beside the participant, shows the timing quality live.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import pytest
 from sqlalchemy import select
 
 from tests.test_browser_participant import TIMEOUT_MS, answer, wait_trial
-from tests.test_pages_support import import_set, make_study, write_stimulus_set
+from tests.test_pages_support import (
+    EMAIL,
+    PASSWORD,
+    import_set,
+    make_researcher,
+    make_study,
+    write_stimulus_set,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -41,8 +49,20 @@ def test_exposure_is_shown_for_whole_frames_within_one_frame_and_stored(
     from study_app.extensions import db
     from study_app.models import Vote
 
-    set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
-    study = make_study(app, set_id, slug="timed", exposure_ms=exposure_ms, practice_trials=0)
+    owner = make_researcher(app)
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"), owner=owner)
+    study = make_study(
+        app, set_id, slug="timed", owner=owner, exposure_ms=exposure_ms, practice_trials=0
+    )
+    app.config["DASHBOARD_REFRESH_MS"] = 300
+    dashboard = page.context.new_page()
+    dashboard.goto(f"{live_server}/login")
+    dashboard.fill("#email", EMAIL)
+    dashboard.fill("#password", PASSWORD)
+    dashboard.click("#login-button")
+    dashboard.goto(f"{live_server}/researcher/studies/timed")
+    assert "no frame-timed trials yet" in dashboard.inner_text("#timing-quality")
+    page.bring_to_front()
     page.goto(f"{live_server}/s/timed")
     page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
     reference_period = page.evaluate(MEASURE_FRAME_PERIOD)
@@ -56,7 +76,7 @@ def test_exposure_is_shown_for_whole_frames_within_one_frame_and_stored(
         assert page.locator("#trial-stage img.stimulus").count() == 0  # all masked
         logged.append(json.loads(page.get_attribute("#trial-stage", "data-exposure")))
         answer(page, lambda: page.keyboard.press("ArrowLeft"))
-    page.wait_for_function("document.body.dataset.outbox === '0'", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => document.body.dataset.outbox === '0'", timeout=TIMEOUT_MS)
 
     for timing in logged:
         period = timing["frame_period_ms"]
@@ -72,3 +92,11 @@ def test_exposure_is_shown_for_whole_frames_within_one_frame_and_stored(
         ).all()
         stored = [{name: getattr(vote, name) for name in logged[0]} for vote in votes]
     assert stored == logged  # the vote carries exactly what the page measured
+    dashboard.wait_for_function(
+        "() => document.getElementById('timing-quality').textContent.includes('of 3 ')",
+        timeout=TIMEOUT_MS,
+    )
+    assert dashboard.inner_text("#timing-quality") == (
+        f"Exposure timing: 100.0 % of 3 frame-timed trials within one frame of the "
+        f"requested {exposure_ms} ms."
+    )

@@ -229,7 +229,8 @@ def test_the_exports_rules_reproduce_the_dashboards_inclusion(app, client, tmp_p
 
 def test_exposure_timing_is_exported_and_flagged_beyond_one_frame(app, client, tmp_path):
     """Three votes at 60 Hz asking 100 ms: shown 100 ms (ok), 116.7 ms = one frame over
-    (ok), 133.3 ms = two frames over (flagged); a fourth vote has no timing (empty)."""
+    (ok), 133.3 ms = two frames over (flagged); a fourth vote has no timing (empty). The
+    dashboard counts 2 of 3 within one frame."""
     slug = make_study(app, write_stimulus_set(tmp_path / "set"), votes_per_item=3,
                       trials_per_participant=6, exposure_ms=100)
     participant = Participant(client, slug)
@@ -257,3 +258,9 @@ def test_exposure_timing_is_exported_and_flagged_beyond_one_frame(app, client, t
     assert parquet["exposure_ok"].tolist() == [True, True, False, None]
     assert parquet["frame_period_ms"][:3].tolist() == pytest.approx([period] * 3)
     assert parquet["exposure_requested_ms"].isna().tolist() == [False, False, False, True]
+    # the dashboard's timing quality: 2 of the 3 frame-timed trials within one frame
+    log_in_as_researcher(app, client)
+    data = client.get(f"/researcher/studies/{slug}/dashboard.json").get_json()
+    assert data["timing"] == {"timed": 3, "within_one_frame": 2, "share": pytest.approx(2 / 3)}
+    page = client.get(f"/researcher/studies/{slug}").get_data(as_text=True)
+    assert "66.7 % of 3 frame-timed trials within one frame of the requested 100 ms" in page
