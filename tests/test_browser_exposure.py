@@ -100,3 +100,43 @@ def test_exposure_is_shown_for_whole_frames_within_one_frame_and_stored(
         f"Exposure timing: 100.0 % of 3 frame-timed trials within one frame of the "
         f"requested {exposure_ms} ms."
     )
+
+
+def test_frame_timing_rules_match_their_definitions(live_server, page):
+    """trial-core.js's frame helpers in Chromium against numpy's median and the rules
+    written out here: frames = max(1, round half up(ms / period)); the exposure ends at the
+    first frame at least frames - 1/2 periods after the onset; the API's limits."""
+    import math
+    import random
+
+    import numpy as np
+
+    page.goto(f"{live_server}/")  # same origin, so the CSP allows the script below
+    page.add_script_tag(url=f"{live_server}/static/js/trial-core.js")
+    rng = random.Random(19)
+    for _ in range(20):
+        period = rng.choice([1000 / 60, 1000 / 144, 1000 / 50, 8.33, 33.4])
+        stamps = np.cumsum([rng.uniform(0.8, 1.6) * period for _ in range(31)]).tolist()
+        ms = rng.choice([10, 50, 100, 250, 500, 1234])
+        elapsed = rng.uniform(0, 2 * ms)
+        got = page.evaluate(
+            "([stamps, ms, period, elapsed]) => [PStudyCore.medianFramePeriod(stamps), "
+            "PStudyCore.framesFor(ms, period), "
+            "PStudyCore.exposureEnds(elapsed, PStudyCore.framesFor(ms, period), period)]",
+            [stamps, ms, period, elapsed],
+        )
+        frames = max(1, math.floor(ms / period + 0.5))
+        assert got[0] == pytest.approx(float(np.median(np.diff(stamps))))
+        assert got[1] == frames
+        assert got[2] == (elapsed >= (frames - 0.5) * period)
+    timing = {
+        "exposure_requested_ms": 100, "frame_period_ms": 16.7, "exposure_frames_requested": 6,
+        "exposure_onset_ms": 10.0, "exposure_offset_ms": 110.0, "exposure_frames_measured": 6,
+    }  # fmt: skip
+    cases = [{}, {"frame_period_ms": 250}, {"exposure_frames_measured": 100_001},
+             {"exposure_offset_ms": 9.0}, {"exposure_requested_ms": 60_001}]  # fmt: skip
+    within = page.evaluate(
+        "cases => cases.map((c) => PStudyCore.timingWithinLimits(c))",
+        [{**timing, **case} for case in cases],
+    )
+    assert within == [True, False, False, False, False]

@@ -341,7 +341,14 @@
     const slots = [["left-slot", left], ["right-slot", right], ["reference-slot", reference]]
       .filter(([, img]) => img)
       .map(([slot, img]) => [slot, makeMask(img.naturalWidth, img.naturalHeight, scale.cssW, scale.cssH)]);
-    const periodMs = await framePeriod;
+    let periodMs = await framePeriod;
+    if (!core.validFramePeriod(periodMs)) {
+      // measured while the page was hidden or stalled: measure again, now it is shown
+      framePeriod = measureFramePeriod();
+      periodMs = await framePeriod;
+    }
+    const sendTiming = core.validFramePeriod(periodMs);
+    if (!sendTiming) periodMs = 1000 / 60; // still nonsense: assume 60 Hz, send no timing
     const current = { trial: trial, practice: practice, presentedPerf: null, timing: null };
     stage.dataset.masked = "0";
     let onsetSeen;
@@ -361,8 +368,8 @@
     stage.dataset.ready = "1";
     active = current;
     exposed.then((timing) => {
-      current.timing = timing;
-      if (timing) stage.dataset.exposure = JSON.stringify(timing);
+      current.timing = timing && sendTiming && core.timingWithinLimits(timing) ? timing : null;
+      if (current.timing) stage.dataset.exposure = JSON.stringify(current.timing);
     });
     return new Promise((resolve) => { current.answer = resolve; });
   }

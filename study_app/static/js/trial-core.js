@@ -101,7 +101,29 @@
     return elapsedMs >= (frames - 0.5) * periodMs;
   }
 
+  // The API's limits on the timing fields (study_app/api.py, docs/study_api.md).
+  const TIMING_LIMITS = { period: [2, 200], frames: 100000, exposureMs: 60000 };
+
+  /** Whether a frame period (ms) is one the API accepts (500 Hz … 5 Hz displays). */
+  function validFramePeriod(periodMs) {
+    return periodMs >= TIMING_LIMITS.period[0] && periodMs <= TIMING_LIMITS.period[1];
+  }
+
+  /**
+   * Whether a timing record is within the API's limits, so that sending it cannot get
+   * the vote refused (a tab hidden for many minutes during an exposure is not).
+   */
+  function timingWithinLimits(timing) {
+    return validFramePeriod(timing.frame_period_ms) &&
+      timing.exposure_requested_ms >= 1 && timing.exposure_requested_ms <= TIMING_LIMITS.exposureMs &&
+      timing.exposure_frames_requested <= TIMING_LIMITS.frames &&
+      timing.exposure_frames_measured <= TIMING_LIMITS.frames &&
+      timing.exposure_offset_ms >= timing.exposure_onset_ms;
+  }
+
   global.PStudyCore = {
+    validFramePeriod: validFramePeriod,
+    timingWithinLimits: timingWithinLimits,
     medianFramePeriod: medianFramePeriod,
     framesFor: framesFor,
     exposureEnds: exposureEnds,
