@@ -149,6 +149,13 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
     default=None,
     help="Exclude observers above this outlier score (default: report only).",
 )
+@click.option(
+    "--max-exposure-miss-fraction",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Exclude participants with more than this fraction of frame-timed exposures "
+    "missing the request by more than one frame (exposure_ok false; default: report only).",
+)
 @click.option("--completed-only", is_flag=True, help="Drop participants who did not complete.")
 @click.option(
     "--count-returned/--drop-returned",
@@ -201,6 +208,7 @@ def analyze(
     fast_rt_ms,
     max_fast_fraction,
     max_outlier_score,
+    max_exposure_miss_fraction,
     completed_only,
     count_returned,
     ignore_study_exclusions,
@@ -276,6 +284,7 @@ def analyze(
         "max_fast_fraction": max_fast_fraction,
         "exclude_returned": None if count_returned is None else not count_returned,
         "max_outlier_score": max_outlier_score,
+        "max_exposure_miss_fraction": max_exposure_miss_fraction,
         "completed_only": completed_only or None,
         "honour_study_exclusions": False if ignore_study_exclusions else None,
     }

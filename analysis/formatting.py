@@ -198,6 +198,8 @@ COLUMN_LABELS: dict[str, str] = {
     "study_reasons": "Study's reasons",
     "loo_loglik": "LOO log-likelihood (nats/trial)",
     "outlier_score": "Outlier score (IQRs)",
+    "n_timed": "Frame-timed trials (n)",
+    "exposure_miss_fraction": "Mistimed exposures (proportion)",
     "reasons": "Excluded by",
     "excluded": "Excluded",
     "rule": "Rule",

@@ -16,6 +16,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# Frame-timed limited exposure (milliseconds, whole frames; ``exposure_ok``: measured
+# within one frame of the request, missing without frame timing). Optional columns.
+TIMING_COLUMNS = [
+    "exposure_requested_ms",
+    "frame_period_ms",
+    "exposure_frames_requested",
+    "exposure_onset_ms",
+    "exposure_offset_ms",
+    "exposure_frames_measured",
+    "exposure_measured_ms",
+    "exposure_ok",
+]
 RESPONSE_COLUMNS = [
     "study",
     "participant",
@@ -37,6 +49,7 @@ RESPONSE_COLUMNS = [
     "participant_status",
     "participant_excluded",
     "exclusion_reasons",
+    *TIMING_COLUMNS,
 ]
 # Without these a file cannot be analysed; the others are filled with "unknown" values.
 CORE_COLUMNS = [
@@ -229,7 +242,8 @@ def validate_responses(raw: pd.DataFrame, *, csv: bool = True) -> tuple[pd.DataF
     if raw.empty:
         raise ResponsesFormatError("the responses file has no rows; export a study with votes")
     out = pd.DataFrame(index=pd.RangeIndex(len(raw)))
-    filled = [c for c in RESPONSE_COLUMNS if c not in raw.columns]
+    # frame timing is optional (only limited-exposure studies have it): not "filled"
+    filled = [c for c in RESPONSE_COLUMNS if c not in raw.columns and c not in TIMING_COLUMNS]
     raw = raw.reset_index(drop=True)
     for column in [
         "participant",
@@ -369,7 +383,27 @@ def validate_responses(raw: pd.DataFrame, *, csv: bool = True) -> tuple[pd.DataF
     out["exclusion_reasons"] = (
         _text(raw["exclusion_reasons"]).astype(object) if "exclusion_reasons" in raw else ""
     )
+    for column in TIMING_COLUMNS[:-1]:
+        out[column] = (
+            _parse_number(raw[column], column, csv, integer=False, minimum=0, required=False)
+            if column in raw
+            else np.nan
+        )
+    out["exposure_ok"] = (
+        _parse_optional_bool(raw["exposure_ok"], "exposure_ok", csv)
+        if "exposure_ok" in raw
+        else pd.Series(pd.NA, index=out.index, dtype="boolean")
+    )
     return out[RESPONSE_COLUMNS], filled
+
+
+def _parse_optional_bool(series: pd.Series, column: str, csv: bool) -> pd.Series:
+    """Like ``_parse_bool`` but empty/missing stays missing (pandas ``boolean``)."""
+    missing = series.isna() | (_text(series) == "")
+    parsed = pd.Series(pd.NA, index=series.index, dtype="boolean")
+    if (~missing).any():
+        parsed[~missing] = _parse_bool(series[~missing], column, csv).to_numpy()
+    return parsed
 
 
 def from_pwcmp(raw: pd.DataFrame, *, study: str = "pwcmp", csv: bool = True) -> pd.DataFrame:

@@ -32,6 +32,10 @@ class QCOptions:
     exclude_returned: drop participants who withdrew (status "returned").
     completed_only: drop participants whose status is not "completed".
     max_outlier_score: exclude observers whose outlier score exceeds this (default: report only).
+    max_exposure_miss_fraction: exclude participants with more than this fraction (0..1)
+    of their frame-timed trials mistimed (``exposure_ok`` false: the measured exposure
+    missed the request by more than one frame); trials without frame timing do not
+    count. Default None: report only.
 
     Rule names (``catch_accuracy``, ``fast_responses``, ``side_bias``,
     ``repeat_consistency``, ``returned``) and definitions are the study platform's
@@ -49,6 +53,7 @@ class QCOptions:
     exclude_returned: bool = True
     completed_only: bool = False
     max_outlier_score: float | None = None
+    max_exposure_miss_fraction: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -204,6 +209,16 @@ def participant_table(
     table["median_rt_ms"] = rt.groupby(frame["participant"]).median()
     fast = (rt < options.fast_rt_ms).astype(float).where(rt.notna())
     table["fast_fraction"] = fast.groupby(frame["participant"]).mean()
+    timed = frame["exposure_ok"].astype("boolean") if "exposure_ok" in frame else None
+    if timed is not None and timed.notna().any():
+        missed = (~timed).astype("Float64")  # missing stays missing: not counted
+        table["n_timed"] = timed.notna().groupby(frame["participant"]).sum().astype(np.int64)
+        table["exposure_miss_fraction"] = (
+            missed.groupby(frame["participant"]).mean().astype(float)
+        )
+    else:
+        table["n_timed"] = 0
+        table["exposure_miss_fraction"] = np.nan
     table["status"] = by["participant_status"].first()
     table["study_excluded"] = by["participant_excluded"].any()
     table["study_reasons"] = by["exclusion_reasons"].first().fillna("")
@@ -273,6 +288,12 @@ def apply_exclusions(
         table["outlier_score"],
         options.max_outlier_score,
     )
+    rule(
+        "exposure_timing",
+        above("exposure_miss_fraction", options.max_exposure_miss_fraction),
+        table["exposure_miss_fraction"],
+        options.max_exposure_miss_fraction,
+    )
     if options.honour_study_exclusions:
         flagged = table["study_excluded"].astype(bool)
         rule("study_exclusion", flagged, table["study_reasons"], "flagged by the study")
@@ -311,6 +332,7 @@ RULE_SETTINGS = {
     "not_completed": ("completed_only",),
     "study_exclusion": ("honour_study_exclusions",),
     "outlier_score": ("max_outlier_score",),
+    "exposure_timing": ("max_exposure_miss_fraction",),
 }
 
 

@@ -421,6 +421,8 @@ RULE_TEXT = {
     "not_completed": "did not complete the study",
     "study_exclusion": "flagged as excluded by the study",
     "outlier_score": "observer outlier score above {max_outlier_score}",
+    "exposure_timing": "more than {max_exposure_miss_fraction} of frame-timed exposures "
+    "missing the requested duration by more than one frame",
 }
 
 
@@ -435,6 +437,7 @@ def _active_rules(qc: dict) -> list[str]:
         "not_completed": bool(qc.get("completed_only")),
         "study_exclusion": bool(qc.get("honour_study_exclusions")),
         "outlier_score": qc.get("max_outlier_score") is not None,
+        "exposure_timing": qc.get("max_exposure_miss_fraction") is not None,
     }
     return [rule for rule, active in on.items() if active]
 

@@ -30,7 +30,7 @@ from study_app.extensions import db
 from study_app.i18n import study_language
 from study_app.models import Image, Participant, Study, Trial
 from study_app.openapi import openapi_document
-from study_app.scheduling import VoteInput
+from study_app.scheduling import TIMING_FIELDS, ExposureTiming, VoteInput
 from study_app.stimuli import media_url
 from study_app.studies import StudyConfig, study_config
 from study_app.transactions import DatabaseBusy, run_on_connection, run_write
@@ -44,6 +44,11 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _PROLIFIC = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 VOTE_FIELDS = ("trial_token", "choice", "rt_ms", "presented_at", "answered_at", "viewport_w",
                "viewport_h", "device_pixel_ratio")
+# Frame-timed exposure: optional, but all six together (docs/study_api.md).
+MAX_EXPOSURE_MS = 60_000.0  # one minute: a longer "limited" exposure is not one
+FRAME_PERIOD_MS = (2.0, 200.0)  # 500 Hz .. 5 Hz displays
+MAX_FRAMES = 100_000
+MAX_PAGE_CLOCK_MS = 1e10  # performance.now() of a page open for ~115 days
 
 
 # --------------------------------------------------------------------------- errors
@@ -153,12 +158,44 @@ def _timestamp(body: dict, name: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
+def parse_timing(body: dict[str, Any]) -> ExposureTiming | None:
+    """The vote's frame-timed exposure fields: none of them (``None``) or all six,
+    each in range, the offset not before the onset; else ApiError 400."""
+    given = [name for name in TIMING_FIELDS if name in body]
+    if not given:
+        return None
+    missing = [name for name in TIMING_FIELDS if name not in body]
+    if missing:
+        raise ApiError(400, "missing_field",
+                       f"missing field(s) {missing}: the exposure timing fields "
+                       f"{list(TIMING_FIELDS)} come all together or not at all",
+                       field=missing[0])
+    timing = ExposureTiming(
+        exposure_requested_ms=_number(body, "exposure_requested_ms", 1.0, MAX_EXPOSURE_MS),
+        frame_period_ms=_number(body, "frame_period_ms", *FRAME_PERIOD_MS),
+        exposure_frames_requested=int(_number(body, "exposure_frames_requested", 1,
+                                              MAX_FRAMES, integer=True)),
+        exposure_onset_ms=_number(body, "exposure_onset_ms", 0.0, MAX_PAGE_CLOCK_MS),
+        exposure_offset_ms=_number(body, "exposure_offset_ms", 0.0, MAX_PAGE_CLOCK_MS),
+        exposure_frames_measured=int(_number(body, "exposure_frames_measured", 0, MAX_FRAMES,
+                                             integer=True)),
+    )
+    if timing.exposure_offset_ms < timing.exposure_onset_ms:
+        raise ApiError(400, "invalid_field",
+                       "'exposure_offset_ms' is before 'exposure_onset_ms' (both are "
+                       "requestAnimationFrame timestamps of the same page)",
+                       field="exposure_offset_ms")
+    return timing
+
+
 def parse_vote(body: dict[str, Any]) -> VoteInput:
-    """Validate a vote body (all fields required, no others); raise ApiError 400."""
-    unknown = sorted(set(body) - set(VOTE_FIELDS))
+    """Validate a vote body (fields of VOTE_FIELDS required, the exposure timing fields
+    all or none, no others); raise ApiError 400."""
+    unknown = sorted(set(body) - set(VOTE_FIELDS) - set(TIMING_FIELDS))
     if unknown:
         raise ApiError(400, "unknown_field",
-                       f"unknown field(s) {unknown}; a vote has {list(VOTE_FIELDS)}",
+                       f"unknown field(s) {unknown}; a vote has {list(VOTE_FIELDS)} and "
+                       f"optionally {list(TIMING_FIELDS)}",
                        field=unknown[0])
     missing = [name for name in VOTE_FIELDS if name not in body]
     if missing:
@@ -182,6 +219,7 @@ def parse_vote(body: dict[str, Any]) -> VoteInput:
         viewport_w=int(_number(body, "viewport_w", 1, 100_000, integer=True)),
         viewport_h=int(_number(body, "viewport_h", 1, 100_000, integer=True)),
         device_pixel_ratio=_number(body, "device_pixel_ratio", 0.1, 16.0),
+        timing=parse_timing(body),
     )
 
 

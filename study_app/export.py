@@ -24,6 +24,7 @@ from sqlalchemy.orm import aliased
 
 from study_app.extensions import configure_engine
 from study_app.models import Image, Participant, StimulusSet, Study, Trial, Vote
+from study_app.scheduling import TIMING_FIELDS as TIMING_COLUMNS
 from study_app.studies import ExclusionRules, parse_config
 
 if TYPE_CHECKING:
@@ -37,7 +38,13 @@ COLUMNS = (
     "device_pixel_ratio", "participant_status", "participant_excluded", "exclusion_reasons",
     "prolific_pid",  # for approving/rejecting submissions on Prolific; empty otherwise
     "info_gain",  # active design: the pair's expected information gain (bits) when chosen
+    # frame-timed limited exposure (empty/null for votes without one)
+    *TIMING_COLUMNS, "exposure_measured_ms", "exposure_ok",
 )
+INT_TIMING_COLUMNS = ("exposure_frames_requested", "exposure_frames_measured")
+# Timestamps are coarsened by browsers (to 0.1 ms or 5 µs) and rounded to 1 µs by the
+# page; a miss of exactly one frame must not be flagged for that.
+EXPOSURE_TOLERANCE_MS = 0.5
 EXCLUSION_RULE_NAMES = ("catch_accuracy", "fast_responses", "side_bias", "repeat_consistency",
                         "returned")
 
@@ -140,6 +147,27 @@ def participant_stats(connection: Connection, study_id: int,
     }
 
 
+def exposure_ok(requested_ms: float | None, frame_period_ms: float | None,
+                measured_ms: float | None) -> bool | None:
+    """Whether a measured exposure is within one frame of the request:
+    ``|measured - requested| <= frame period (+ EXPOSURE_TOLERANCE_MS)``, all in
+    milliseconds; ``None`` when the trial has no frame timing."""
+    if requested_ms is None or frame_period_ms is None or measured_ms is None:
+        return None
+    return abs(measured_ms - requested_ms) <= frame_period_ms + EXPOSURE_TOLERANCE_MS
+
+
+def _timing_fields(values: tuple) -> dict[str, Any]:
+    """The export's timing columns from the six stored ``vote`` timing columns."""
+    row = dict(zip(TIMING_COLUMNS, values, strict=True))
+    onset, offset = row["exposure_onset_ms"], row["exposure_offset_ms"]
+    measured = None if onset is None or offset is None else round(offset - onset, 3)
+    row["exposure_measured_ms"] = measured
+    row["exposure_ok"] = exposure_ok(row["exposure_requested_ms"], row["frame_period_ms"],
+                                     measured)
+    return row
+
+
 def _iso(value: datetime) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
@@ -162,6 +190,7 @@ def iter_responses(connection: Connection, study_key: str | int,
             Vote.chosen_condition, Trial.expected_condition, Vote.rt_ms, Vote.presented_at,
             Vote.answered_at, Vote.reference_shown, Vote.viewport_w, Vote.viewport_h,
             Vote.device_pixel_ratio, Participant.prolific_pid, Trial.info_gain,
+            *(getattr(Vote, name) for name in TIMING_COLUMNS),
         )
         .join(Trial, Vote.trial_id == Trial.id)
         .join(Participant, Vote.participant_id == Participant.id)
@@ -187,6 +216,7 @@ def iter_responses(connection: Connection, study_key: str | int,
                 "participant_status": r[2], "participant_excluded": bool(reasons),
                 "exclusion_reasons": reasons, "prolific_pid": r[18],
                 "info_gain": None if r[19] is None else float(r[19]),
+                **_timing_fields(tuple(r[20:])),
             })
         yield batch
 
@@ -206,16 +236,6 @@ def provenance(connection: Connection, study_key: str | int) -> dict[str, Any]:
     }
 
 
-def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A contract-2 row as CSV writes it (empty for missing, true/false for booleans)."""
-    row = dict(row)
-    for name in ("expected_condition", "prolific_pid", "info_gain"):
-        row[name] = "" if row[name] is None else row[name]
-    for name in ("reference_shown", "participant_excluded"):
-        row[name] = "true" if row[name] else "false"
-    return row
-
-
 def write_csv(connection: Connection, study_key: str | int, out: IO[str],
               batch_rows: int = BATCH_ROWS) -> int:
     """Write the CSV (header + rows) to a text stream; returns the number of rows."""
@@ -223,10 +243,18 @@ def write_csv(connection: Connection, study_key: str | int, out: IO[str],
     writer.writeheader()
     n = 0
     for batch in iter_responses(connection, study_key, batch_rows):
-        for row in batch:
-            writer.writerow(_csv_row(row))
+        writer.writerows(_csv_row(row) for row in batch)
         n += len(batch)
     return n
+
+
+def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as the CSV writes it: booleans as true/false, missing values empty."""
+    row = {key: ("" if value is None else value) for key, value in row.items()}
+    for column in ("reference_shown", "participant_excluded", "exposure_ok"):
+        if row[column] != "":
+            row[column] = "true" if row[column] else "false"
+    return row
 
 
 def iter_csv_chunks(connection: Connection, study_key: str | int,
@@ -236,8 +264,7 @@ def iter_csv_chunks(connection: Connection, study_key: str | int,
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for batch in iter_responses(connection, study_key, batch_rows):
-        for row in batch:
-            writer.writerow(_csv_row(row))
+        writer.writerows(_csv_row(row) for row in batch)
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
@@ -254,6 +281,9 @@ def arrow_schema():
         "viewport_w": pa.int64(), "viewport_h": pa.int64(),
         "device_pixel_ratio": pa.float64(), "participant_excluded": pa.bool_(),
         "info_gain": pa.float64(),
+        "exposure_ok": pa.bool_(),  # null without frame timing
+        **{c: pa.int64() if c in INT_TIMING_COLUMNS else pa.float64()
+           for c in (*TIMING_COLUMNS, "exposure_measured_ms")},
     }
     return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
 
@@ -297,4 +327,7 @@ def read_responses(database_url: str, study: str | int) -> pd.DataFrame:
         "viewport_w": "int64", "viewport_h": "int64", "device_pixel_ratio": "float64",
         "participant_excluded": "bool", "prolific_pid": "str",  # None -> missing, as Parquet
         "info_gain": "float64",  # None -> NaN, as Parquet
+        # timing: nullable, as pyarrow gives them (whole frames as float64 with NaN)
+        **{c: "float64" for c in (*TIMING_COLUMNS, "exposure_measured_ms")},
+        "exposure_ok": "object",
     })

@@ -369,5 +369,12 @@ class Vote(db.Model):
     viewport_w: Mapped[int] = mapped_column(Integer)
     viewport_h: Mapped[int] = mapped_column(Integer)
     device_pixel_ratio: Mapped[float] = mapped_column(Float)
+    # Frame-timed limited exposure (docs/participant_pages.md); all null without one.
+    exposure_requested_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    frame_period_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    exposure_frames_requested: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    exposure_onset_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    exposure_offset_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    exposure_frames_measured: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     trial: Mapped[Trial] = relationship()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from study_app.scheduling import TIMING_FIELDS as _TIMING
+
 _ERROR_CODES = {
     400: "malformed_json, missing_field, unknown_field, invalid_field",
     401: "unauthorized (missing or invalid participant token)",
@@ -136,6 +138,18 @@ _SCHEMAS: dict[str, Any] = {
             "viewport_w": {"type": "integer", "minimum": 1, "maximum": 100000},
             "viewport_h": {"type": "integer", "minimum": 1, "maximum": 100000},
             "device_pixel_ratio": {"type": "number", "minimum": 0.1, "maximum": 16},
+            # frame-timed limited exposure: all six or none
+            "exposure_requested_ms": {"type": "number", "minimum": 1, "maximum": 60000},
+            "frame_period_ms": {"type": "number", "minimum": 2, "maximum": 200},
+            "exposure_frames_requested": {"type": "integer", "minimum": 1, "maximum": 100000},
+            "exposure_onset_ms": {"type": "number", "minimum": 0, "maximum": 1e10,
+                                  "description": "rAF timestamp (performance.now clock)"},
+            "exposure_offset_ms": {"type": "number", "minimum": 0, "maximum": 1e10,
+                                   "description": "not before exposure_onset_ms"},
+            "exposure_frames_measured": {"type": "integer", "minimum": 0, "maximum": 100000},
+        },
+        "dependentRequired": {
+            name: [other for other in _TIMING if other != name] for name in _TIMING
         },
     },
     "VoteResponse": {

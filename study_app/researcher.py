@@ -377,6 +377,15 @@ def exclusion_summary(responses) -> dict[str, Any]:
     }
 
 
+def timing_quality(responses) -> dict[str, Any]:
+    """Frame-timed exposures (the export's ``exposure_ok``): ``timed`` trials with frame
+    timing, ``within_one_frame`` of them, and their ``share`` (0..1; None without any)."""
+    flags = responses["exposure_ok"].dropna() if "exposure_ok" in responses.columns else []
+    timed, within = len(flags), sum(bool(flag) for flag in flags)
+    return {"timed": timed, "within_one_frame": within,
+            "share": within / timed if timed else None}
+
+
 def preference_rows(responses) -> list[dict[str, Any]]:
     """The report's per-pair table (``analysis.report.pair_table``: share of votes with
     the two-way interval and test, participants and images random) over the included
@@ -493,6 +502,7 @@ def dashboard_data(study: Study) -> dict[str, Any]:
         "status": study.status,
         "participants": participant_counts(study),
         "exclusions": exclusion_summary(responses),
+        "timing": timing_quality(responses),
         "responses": int(len(responses)),
         "items": items,
         "preference": preference_rows(responses),

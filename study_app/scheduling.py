@@ -92,6 +92,31 @@ class VoteInput:
     viewport_w: int
     viewport_h: int
     device_pixel_ratio: float
+    timing: ExposureTiming | None = None  # frame-timed limited exposure, if any
+
+
+@dataclass(frozen=True)
+class ExposureTiming:
+    """How a limited exposure was shown (validated by ``api.parse_timing``).
+
+    Times in milliseconds; onset and offset are ``requestAnimationFrame`` timestamps on
+    the page's ``performance.now()`` clock (ms since the page's time origin).
+    """
+
+    exposure_requested_ms: float
+    frame_period_ms: float
+    exposure_frames_requested: int
+    exposure_onset_ms: float
+    exposure_offset_ms: float
+    exposure_frames_measured: int
+
+    def columns(self) -> dict[str, float | int]:
+        """The ``vote`` columns of this timing, by name."""
+        return dict(self.__dict__)
+
+
+TIMING_FIELDS = tuple(ExposureTiming.__dataclass_fields__)
+NO_TIMING = dict.fromkeys(TIMING_FIELDS)  # the columns of a vote without frame timing
 
 
 @dataclass(frozen=True)
@@ -520,6 +545,7 @@ def record_vote(participant_id: int, study: Study, vote: VoteInput, reference_sh
         rt_ms=vote.rt_ms, presented_at=vote.presented_at, answered_at=vote.answered_at,
         received_at=now, reference_shown=reference_shown, viewport_w=vote.viewport_w,
         viewport_h=vote.viewport_h, device_pixel_ratio=vote.device_pixel_ratio,
+        **_timing_columns(vote),
     )
     db.session.add(row)
     trial.status = "answered"
@@ -551,9 +577,16 @@ _VOTE_CLAIM_SQLITE = "UPDATE trial SET status = 'answered' WHERE id = ?"
 _VOTE_INSERT_SQLITE = """
 INSERT INTO vote (trial_id, study_id, participant_id, trial_index, choice, chosen_condition,
                   rt_ms, presented_at, answered_at, received_at, reference_shown,
-                  viewport_w, viewport_h, device_pixel_ratio)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                  viewport_w, viewport_h, device_pixel_ratio, exposure_requested_ms,
+                  frame_period_ms, exposure_frames_requested, exposure_onset_ms,
+                  exposure_offset_ms, exposure_frames_measured)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+
+
+def _timing_columns(vote: VoteInput) -> dict[str, float | int | None]:
+    """The vote's frame-timing columns by name (all None without frame timing)."""
+    return vote.timing.columns() if vote.timing is not None else dict(NO_TIMING)
 
 
 def record_vote_sqlite(connection: Connection, participant_token: str, vote: VoteInput,
@@ -584,7 +617,8 @@ def record_vote_sqlite(connection: Connection, participant_token: str, vote: Vot
         trial_id, study_id, participant_id, n_answered, vote.choice,
         condition_left if vote.choice == "left" else condition_right, vote.rt_ms,
         as_stored(vote.presented_at), as_stored(vote.answered_at), as_stored(now),
-        bool(reference_shown), vote.viewport_w, vote.viewport_h, vote.device_pixel_ratio))
+        bool(reference_shown), vote.viewport_w, vote.viewport_h, vote.device_pixel_ratio,
+        *_timing_columns(vote).values()))
     return {"choice": vote.choice, "trial_index": n_answered, "received_at": now}
 
 
@@ -647,11 +681,16 @@ WITH found AS (
 ), stored AS (
     INSERT INTO vote (trial_id, study_id, participant_id, trial_index, choice,
                       chosen_condition, rt_ms, presented_at, answered_at, received_at,
-                      reference_shown, viewport_w, viewport_h, device_pixel_ratio)
+                      reference_shown, viewport_w, viewport_h, device_pixel_ratio,
+                      exposure_requested_ms, frame_period_ms, exposure_frames_requested,
+                      exposure_onset_ms, exposure_offset_ms, exposure_frames_measured)
     SELECT valid.trial_id, valid.study_id, valid.participant_id, counted.n_answered - 1,
            %(choice)s, valid.chosen_condition, %(rt_ms)s, %(presented_at)s, %(answered_at)s,
            valid.now, valid.reference_shown, %(viewport_w)s, %(viewport_h)s,
-           %(device_pixel_ratio)s
+           %(device_pixel_ratio)s, %(exposure_requested_ms)s::float8,
+           %(frame_period_ms)s::float8, %(exposure_frames_requested)s::integer,
+           %(exposure_onset_ms)s::float8, %(exposure_offset_ms)s::float8,
+           %(exposure_frames_measured)s::integer
     FROM valid, counted
     RETURNING trial_index, received_at
 )
@@ -678,7 +717,8 @@ def record_vote_postgresql(connection: Connection, participant_token: str, vote:
             "now": None if now is None else as_stored(now), "rt_ms": vote.rt_ms,
             "presented_at": as_stored(vote.presented_at),
             "answered_at": as_stored(vote.answered_at), "viewport_w": vote.viewport_w,
-            "viewport_h": vote.viewport_h, "device_pixel_ratio": vote.device_pixel_ratio},
+            "viewport_h": vote.viewport_h, "device_pixel_ratio": vote.device_pixel_ratio,
+            **_timing_columns(vote)},
         # prepared server-side by psycopg's own policy (after 5 uses on a connection), so
         # `connect_args={"prepare_threshold": None}` (PgBouncer) switches it off here too
     ).fetchone()

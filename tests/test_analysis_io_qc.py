@@ -194,3 +194,27 @@ def test_outlier_score_flags_an_observer_who_answers_backwards():
     assert scores["p05"] >= 1.5
     assert scores.drop("p05").max() < 1.5
     assert scores.idxmax() == "p05"
+
+
+def test_mistimed_exposures_exclude_a_participant_only_when_the_rule_is_on(tmp_path):
+    """Participant p0 has 4 of 10 frame-timed trials mistimed (0.4), p1 none (0.0), p2 no
+    frame timing at all (not judged); the rule at 0.3 excludes p0 alone."""
+    votes = simulate_responses({"a": 0, "b": 1}, 3, 2, 10, seed=4)
+    ok = {"p0": ["false"] * 4 + ["true"] * 6, "p1": ["true"] * 10, "p2": [""] * 10}
+    names = sorted(votes["participant"].unique())
+    votes["exposure_ok"] = np.concatenate([ok[f"p{i}"] for i in range(3)])
+    votes["participant"] = votes["participant"].map({n: f"p{i}" for i, n in enumerate(names)})
+    loaded = load_responses(_write(votes, tmp_path / "r.csv"))
+    assert "exposure_ok" not in loaded.filled_columns
+    assert loaded.frame["exposure_ok"].isna().sum() == 10
+    off = apply_exclusions(loaded.frame)
+    assert not off.participants["excluded"].any()
+    on = apply_exclusions(loaded.frame, QCOptions(max_exposure_miss_fraction=0.3))
+    table = on.participants.set_index("participant")
+    assert table["exposure_miss_fraction"].tolist()[:2] == [0.4, 0.0]
+    assert np.isnan(table.loc["p2", "exposure_miss_fraction"])
+    assert table["n_timed"].tolist() == [10, 10, 0]
+    assert table.loc["p0", "reasons"] == "exposure_timing" and table["excluded"].sum() == 1
+    votes.loc[2, "exposure_ok"] = "sometimes"
+    with pytest.raises(ResponsesFormatError, match="column 'exposure_ok' is not a boolean"):
+        load_responses(_write(votes, tmp_path / "bad.csv"))

@@ -243,6 +243,47 @@ BAD_VOTES = [
 ]
 
 
+# A frame-timed exposure as the participant page sends it (100 ms at 60 Hz: 6 frames).
+TIMING = {"exposure_requested_ms": 100, "frame_period_ms": 16.667,
+          "exposure_frames_requested": 6, "exposure_onset_ms": 5012.25,
+          "exposure_offset_ms": 5112.25, "exposure_frames_measured": 6}
+BAD_TIMINGS = [
+    ({"exposure_onset_ms": None}, "exposure_onset_ms"),
+    ({"frame_period_ms": 0}, "frame_period_ms"),
+    ({"frame_period_ms": "60 Hz"}, "frame_period_ms"),
+    ({"exposure_frames_requested": 1.5}, "exposure_frames_requested"),
+    ({"exposure_requested_ms": 10**6}, "exposure_requested_ms"),
+    ({"exposure_offset_ms": 4000.0}, "exposure_offset_ms"),  # before the onset
+    ({"exposure_frames_measured": -1}, "exposure_frames_measured"),
+]
+
+
+def test_a_vote_stores_its_frame_timing(app, client, slug):
+    participant = P(client, slug)
+    trials = participant.next().get_json()["trials"]
+    assert participant.vote(trials[0]["token"], **TIMING).status_code == 200
+    assert participant.vote(trials[1]["token"]).status_code == 200  # no timing: nulls
+    with app.app_context():
+        votes = db.session.scalars(select(Vote).order_by(Vote.trial_index)).all()
+        assert {name: getattr(votes[0], name) for name in TIMING} == pytest.approx(TIMING)
+        assert all(getattr(votes[1], name) is None for name in TIMING)
+
+
+@pytest.mark.parametrize(("change", "field"), BAD_TIMINGS)
+def test_malformed_timing_is_400_and_changes_nothing(app, client, slug, change, field):
+    participant = P(client, slug)
+    token = participant.next().get_json()["trials"][0]["token"]
+    before = snapshot(app)
+    body = {**TIMING, **change}
+    if change == {"exposure_onset_ms": None}:  # one of the six left out
+        del body["exposure_onset_ms"]
+    response = participant.vote(token, **body)
+    assert response.status_code == 400, response.get_json()
+    answer = response.get_json()
+    assert answer["field"] == field and field in answer["error"]
+    assert snapshot(app) == before
+
+
 @pytest.mark.parametrize(("change", "field"), BAD_VOTES)
 def test_malformed_votes_are_400_and_change_nothing(app, client, slug, change, field):
     participant = P(client, slug)

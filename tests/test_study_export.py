@@ -225,3 +225,42 @@ def test_the_exports_rules_reproduce_the_dashboards_inclusion(app, client, tmp_p
     assert kept.loc[[p for p in names if names[p] == "one-sided"][0], "excluded"] == (
         "catch_accuracy" in per_participant.loc[
             [p for p in names if names[p] == "one-sided"][0], "exclusion_reasons"])
+
+
+def test_exposure_timing_is_exported_and_flagged_beyond_one_frame(app, client, tmp_path):
+    """Three votes at 60 Hz asking 100 ms: shown 100 ms (ok), 116.7 ms = one frame over
+    (ok), 133.3 ms = two frames over (flagged); a fourth vote has no timing (empty). The
+    dashboard counts 2 of 3 within one frame."""
+    slug = make_study(app, write_stimulus_set(tmp_path / "set"), votes_per_item=3,
+                      trials_per_participant=6, exposure_ms=100)
+    participant = Participant(client, slug)
+    trials = participant.next().get_json()["trials"]
+    period = 1000 / 60
+    shown = {0: 6, 1: 7, 2: 8}  # frames actually shown per trial
+    for index, frames in shown.items():
+        onset = 1000.0 + 500 * index
+        response = participant.vote(
+            trials[index]["token"], exposure_requested_ms=100, frame_period_ms=period,
+            exposure_frames_requested=6, exposure_onset_ms=onset,
+            exposure_offset_ms=onset + frames * period, exposure_frames_measured=frames)
+        assert response.status_code == 200, response.get_json()
+    assert participant.vote(trials[3]["token"]).status_code == 200
+    with app.app_context(), db.engine.connect() as connection:
+        buffer = io.StringIO()
+        export.write_csv(connection, slug, buffer)
+        export.write_parquet(connection, slug, tmp_path / "r.parquet")
+    csv_frame = pd.read_csv(io.StringIO(buffer.getvalue()), keep_default_na=False)
+    assert list(csv_frame["exposure_ok"]) == ["true", "true", "false", ""]
+    assert list(csv_frame["exposure_frames_measured"]) == ["6", "7", "8", ""]
+    measured = csv_frame["exposure_measured_ms"][:3].astype(float)
+    assert measured.tolist() == pytest.approx([100.0, 116.667, 133.333], abs=1e-3)
+    parquet = pq.read_table(tmp_path / "r.parquet").to_pandas()
+    assert parquet["exposure_ok"].tolist() == [True, True, False, None]
+    assert parquet["frame_period_ms"][:3].tolist() == pytest.approx([period] * 3)
+    assert parquet["exposure_requested_ms"].isna().tolist() == [False, False, False, True]
+    # the dashboard's timing quality: 2 of the 3 frame-timed trials within one frame
+    log_in_as_researcher(app, client)
+    data = client.get(f"/researcher/studies/{slug}/dashboard.json").get_json()
+    assert data["timing"] == {"timed": 3, "within_one_frame": 2, "share": pytest.approx(2 / 3)}
+    page = client.get(f"/researcher/studies/{slug}").get_data(as_text=True)
+    assert "66.7 % of 3 frame-timed trials within one frame of the requested 100 ms" in page

@@ -19,13 +19,15 @@ from tests.study_support import Participant, make_study, write_stimulus_set
 @schemathesis.check
 def allowed_is_not_refused_as_malformed(ctx, response, case):
     """What the document allows is never answered 400/415 (semantic refusals such as an
-    unknown trial, 404, or a finished participant, 409, are states, not form). The one
-    rule JSON Schema cannot say: ``answered_at`` not before ``presented_at``."""
+    unknown trial, 404, or a finished participant, 409, are states, not form). The two
+    rules JSON Schema cannot say: ``answered_at`` not before ``presented_at``, and
+    ``exposure_offset_ms`` not before ``exposure_onset_ms``."""
     if case.meta is None or not case.meta.generation.mode.is_positive:
         return None
     if response.status_code in (400, 415):
         body = response.json()
-        if body.get("field") == "answered_at" and "before" in body.get("error", ""):
+        ordered = body.get("field") in ("answered_at", "exposure_offset_ms")
+        if ordered and "before" in body.get("error", ""):
             return None
         raise AssertionError(f"{case.operation.label}: the document allows this request, "
                              f"the server refused it: {response.status_code} {body}")

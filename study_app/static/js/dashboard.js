@@ -40,6 +40,13 @@
     text("n-responses", data.responses);
     const reasons = Object.entries(data.exclusions.reasons).map(([rule, n]) => rule + ": " + n);
     text("exclusion-reasons", reasons.length ? reasons.join("; ") : "No exclusions.");
+    const timing = document.getElementById("timing-quality");
+    if (timing) {
+      timing.textContent = data.timing.timed
+        ? "Exposure timing: " + (100 * data.timing.share).toFixed(1) + " % of " + data.timing.timed +
+          " frame-timed trials within one frame of the requested " + timing.dataset.exposureMs + " ms."
+        : "Exposure timing: no frame-timed trials yet.";
+    }
     text("votes-total", data.items.votes);
     text("votes-wanted", data.items.votes_wanted);
     text("items-complete", data.items.items_complete);

@@ -61,6 +61,7 @@
   let progress = { answered: 0, total: 0 };
   let active = null; // the trial on screen: {trial, practice, presentedPerf, answer}
   let offline = false;
+  let framePeriod = null; // Promise<number>: the display's frame period (ms), if exposure is limited
   const preloaded = new Map(); // url -> Promise<HTMLImageElement>
 
   // ------------------------------------------------------------------ screens
@@ -222,6 +223,54 @@
     return canvas;
   }
 
+  // ------------------------------------------------------------------ frame timing
+
+  const FRAME_SAMPLES = 30; // rAF intervals measured for the frame period
+
+  /** The display's frame period in ms: the median of FRAME_SAMPLES rAF intervals. */
+  function measureFramePeriod() {
+    return new Promise((resolve) => {
+      const stamps = [];
+      const tick = (timestamp) => {
+        stamps.push(timestamp);
+        if (stamps.length > FRAME_SAMPLES) resolve(core.medianFramePeriod(stamps));
+        else requestAnimationFrame(tick);
+      };
+      requestAnimationFrame(tick);
+    });
+  }
+
+  /**
+   * Show `exposureMs` in whole frames: `reveal` runs in one rAF callback (the onset), `hide`
+   * in the callback `frames` frames later (see PStudyCore.exposureEnds). Resolves with the
+   * timing record once hidden; `cancelled()` true stops it (the answer came first).
+   */
+  function frameTimedExposure(exposureMs, periodMs, reveal, hide, cancelled) {
+    const frames = core.framesFor(exposureMs, periodMs);
+    return new Promise((resolve) => {
+      requestAnimationFrame((onset) => {
+        reveal();
+        const tick = (timestamp) => {
+          if (cancelled()) return resolve(null);
+          if (!core.exposureEnds(timestamp - onset, frames, periodMs)) {
+            requestAnimationFrame(tick);
+            return;
+          }
+          hide();
+          resolve({
+            exposure_requested_ms: exposureMs,
+            frame_period_ms: Math.round(periodMs * 1000) / 1000,
+            exposure_frames_requested: frames,
+            exposure_onset_ms: Math.round(onset * 1000) / 1000,
+            exposure_offset_ms: Math.round(timestamp * 1000) / 1000,
+            exposure_frames_measured: Math.round((timestamp - onset) / periodMs),
+          });
+        };
+        requestAnimationFrame(tick);
+      });
+    });
+  }
+
   // ------------------------------------------------------------------ one trial
 
   function layoutSpace(referenceShown) {
@@ -242,6 +291,7 @@
     const stage = $("trial-stage");
     stage.classList.add("pending");
     stage.dataset.ready = "0";
+    delete stage.dataset.exposure;
     const images = await Promise.all([
       trial.reference_url ? decodedImage(trial.reference_url) : Promise.resolve(null),
       decodedImage(trial.left_url),
@@ -274,41 +324,67 @@
     stage.dataset.scale = String(scale.factor);
     stage.dataset.token = trial.token || "";
     stage.dataset.cssWidth = scale.cssW.toFixed(2);
-    // Reveal in one frame; the response clock starts at the next frame, when the
-    // frame holding all images has been presented.
-    await new Promise((resolve) => requestAnimationFrame(() => {
-      stage.classList.remove("pending");
-      requestAnimationFrame(() => resolve());
-    }));
-    const presentedPerf = performance.now();
-    stage.dataset.ready = "1";
     const exposure = display.exposure_ms;
-    if (exposure) {
-      const timer = setTimeout(() => {
-        [["left-slot", left], ["right-slot", right], ["reference-slot", reference]].forEach(([slot, img]) => {
-          if (img) $(slot).replaceChildren(makeMask(img.naturalWidth, img.naturalHeight, scale.cssW, scale.cssH));
-        });
-        stage.dataset.masked = "1";
-      }, exposure);
-      stage.dataset.masked = "0";
-      active = { trial: trial, practice: practice, presentedPerf: presentedPerf, timer: timer };
-    } else {
-      active = { trial: trial, practice: practice, presentedPerf: presentedPerf, timer: null };
+    if (!exposure) {
+      // Reveal in one frame; the response clock starts at the next frame, when the
+      // frame holding all images has been presented.
+      await new Promise((resolve) => requestAnimationFrame(() => {
+        stage.classList.remove("pending");
+        requestAnimationFrame(() => resolve());
+      }));
+      stage.dataset.ready = "1";
+      active = { trial: trial, practice: practice, presentedPerf: performance.now(), timing: null };
+      return new Promise((resolve) => { active.answer = resolve; });
     }
-    return new Promise((resolve) => { active.answer = resolve; });
+    // Limited exposure, in whole frames: masks are drawn before the onset so that the
+    // frame that hides the images only swaps elements.
+    const slots = [["left-slot", left], ["right-slot", right], ["reference-slot", reference]]
+      .filter(([, img]) => img)
+      .map(([slot, img]) => [slot, makeMask(img.naturalWidth, img.naturalHeight, scale.cssW, scale.cssH)]);
+    let periodMs = await framePeriod;
+    if (!core.validFramePeriod(periodMs)) {
+      // measured while the page was hidden or stalled: measure again, now it is shown
+      framePeriod = measureFramePeriod();
+      periodMs = await framePeriod;
+    }
+    const sendTiming = core.validFramePeriod(periodMs);
+    if (!sendTiming) periodMs = 1000 / 60; // still nonsense: assume 60 Hz, send no timing
+    const current = { trial: trial, practice: practice, presentedPerf: null, timing: null };
+    stage.dataset.masked = "0";
+    let onsetSeen;
+    const onsetDone = new Promise((resolve) => { onsetSeen = resolve; });
+    const exposed = frameTimedExposure(exposure, periodMs,
+      () => {
+        stage.classList.remove("pending");
+        requestAnimationFrame(() => onsetSeen()); // the frame holding the images is presented
+      },
+      () => {
+        slots.forEach(([slot, mask]) => $(slot).replaceChildren(mask));
+        stage.dataset.masked = "1";
+      },
+      () => Boolean(current.done));
+    await onsetDone;
+    current.presentedPerf = performance.now();
+    stage.dataset.ready = "1";
+    active = current;
+    exposed.then((timing) => {
+      current.timing = timing && sendTiming && core.timingWithinLimits(timing) ? timing : null;
+      if (current.timing) stage.dataset.exposure = JSON.stringify(current.timing);
+    });
+    return new Promise((resolve) => { current.answer = resolve; });
   }
 
   function choose(choice) {
     if (!active || active.done) return;
     const answeredPerf = performance.now();
-    active.done = true;
-    if (active.timer) clearTimeout(active.timer);
+    active.done = true; // also stops a running exposure (its trial then has no timing)
     $("choice-" + choice).classList.add("chosen");
     const $stage = $("trial-stage");
     $stage.dataset.ready = "0";
     const current = active;
     active = null;
-    current.answer({ choice: choice, presentedPerf: current.presentedPerf, answeredPerf: answeredPerf });
+    current.answer({ choice: choice, presentedPerf: current.presentedPerf, answeredPerf: answeredPerf,
+      timing: current.timing });
   }
 
   // ------------------------------------------------------------------ flow
@@ -436,6 +512,7 @@
         viewport_w: viewport.w,
         viewport_h: viewport.h,
         device_pixel_ratio: window.devicePixelRatio || 1,
+        ...(answer.timing || {}), // frame-timed exposure (docs/study_api.md)
       });
       saveOutbox();
       progress.answered += 1;
@@ -559,6 +636,7 @@
       fail(error.status === 404 ? t("no_such_study") : t("study_not_loaded", { reason: error.message }));
       return;
     }
+    if (study.display && study.display.exposure_ms) framePeriod = measureFramePeriod();
     document.title = study.title;
     $("question").textContent = study.question;
     $("consent-text").textContent = study.consent;

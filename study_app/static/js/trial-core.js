@@ -1,5 +1,5 @@
 /* Pure helpers of the participant page (no DOM, no network): display scale, key
- * mapping, retry delays. Loaded before participant.js; exported on window.PStudyCore. */
+ * mapping, retry delays, frame timing. Loaded before participant.js; exported on window.PStudyCore. */
 (function (global) {
   "use strict";
 
@@ -72,7 +72,61 @@
     return status === 0 || status === 408 || status === 425 || status === 429 || status >= 500;
   }
 
+  /**
+   * The display's frame period from requestAnimationFrame timestamps: the median of the
+   * intervals between consecutive timestamps (robust to a dropped frame or two).
+   * @param {number[]} timestamps rAF timestamps in milliseconds, ascending (≥ 2)
+   * @returns {number} frame period in milliseconds (NaN with fewer than 2 timestamps)
+   */
+  function medianFramePeriod(timestamps) {
+    const intervals = [];
+    for (let i = 1; i < timestamps.length; i += 1) intervals.push(timestamps[i] - timestamps[i - 1]);
+    if (!intervals.length) return NaN;
+    intervals.sort((a, b) => a - b);
+    const middle = Math.floor(intervals.length / 2);
+    return intervals.length % 2 ? intervals[middle] : (intervals[middle - 1] + intervals[middle]) / 2;
+  }
+
+  /** Whole frames closest to `ms` at `periodMs` per frame, at least one. */
+  function framesFor(ms, periodMs) {
+    return Math.max(1, Math.round(ms / periodMs));
+  }
+
+  /**
+   * Whether a rAF callback at `elapsedMs` after the onset frame is the one that ends an
+   * exposure of `frames` frames: the first callback at least `frames - ½` periods after the
+   * onset (a late or dropped frame does not lengthen the exposure by a whole frame).
+   */
+  function exposureEnds(elapsedMs, frames, periodMs) {
+    return elapsedMs >= (frames - 0.5) * periodMs;
+  }
+
+  // The API's limits on the timing fields (study_app/api.py, docs/study_api.md).
+  const TIMING_LIMITS = { period: [2, 200], frames: 100000, exposureMs: 60000 };
+
+  /** Whether a frame period (ms) is one the API accepts (500 Hz … 5 Hz displays). */
+  function validFramePeriod(periodMs) {
+    return periodMs >= TIMING_LIMITS.period[0] && periodMs <= TIMING_LIMITS.period[1];
+  }
+
+  /**
+   * Whether a timing record is within the API's limits, so that sending it cannot get
+   * the vote refused (a tab hidden for many minutes during an exposure is not).
+   */
+  function timingWithinLimits(timing) {
+    return validFramePeriod(timing.frame_period_ms) &&
+      timing.exposure_requested_ms >= 1 && timing.exposure_requested_ms <= TIMING_LIMITS.exposureMs &&
+      timing.exposure_frames_requested <= TIMING_LIMITS.frames &&
+      timing.exposure_frames_measured <= TIMING_LIMITS.frames &&
+      timing.exposure_offset_ms >= timing.exposure_onset_ms;
+  }
+
   global.PStudyCore = {
+    validFramePeriod: validFramePeriod,
+    timingWithinLimits: timingWithinLimits,
+    medianFramePeriod: medianFramePeriod,
+    framesFor: framesFor,
+    exposureEnds: exposureEnds,
     displayScale: displayScale,
     keyToChoice: keyToChoice,
     retryDelayMs: retryDelayMs,
