@@ -136,6 +136,7 @@ class Measure:
 
 INFERENTIAL = "inferential"
 DESCRIPTIVE = "descriptive (ignores clustering)"
+API_ONLY = "API only (not in the report)"
 
 
 def _pairs(table: pd.DataFrame) -> list[tuple[str, str]]:
@@ -250,21 +251,15 @@ def two_way_rate_producer(study: Study) -> list[Measure]:
 def cluster_glm_producer(study: Study) -> list[Measure]:
     from analysis.clustered import cluster_robust_glm
 
-    table = cluster_robust_glm(study.main, True, ALPHA)
-    pairs = _pairs(table)
-    return [
-        Measure(
-            "cluster_glm: rate interval (two-way robust, t)",
-            INFERENTIAL,
-            covered=_covers(table["ci_low"], table["ci_high"], study.rate_truth(pairs)),
-        ),
-        Measure(
-            "cluster_glm: Holm",
-            INFERENTIAL,
-            rejected=_rejects(table["p_holm"]),
-            true_null=study.true_null(pairs),
-        ),
-    ]
+    return _rate_measures(
+        study,
+        cluster_robust_glm(study.main, True, ALPHA),
+        "cluster_glm: rate interval (two-way robust, t)",
+        "cluster_glm: Holm",
+        "ci_low",
+        "ci_high",
+        API_ONLY,
+    )
 
 
 def cluster_bootstrap_producer(study: Study) -> list[Measure]:
@@ -275,7 +270,7 @@ def cluster_bootstrap_producer(study: Study) -> list[Measure]:
     return [
         Measure(
             "cluster_bootstrap: rate interval (pigeonhole percentile)",
-            INFERENTIAL,
+            API_ONLY,
             covered=_covers(table["ci_low"], table["ci_high"], study.rate_truth(pairs)),
         )
     ]
@@ -289,7 +284,7 @@ def per_participant_producer(study: Study) -> list[Measure]:
     return [
         Measure(
             "per_participant_tests: t, Holm",
-            INFERENTIAL,
+            API_ONLY,
             rejected=_rejects(table["p_t_holm"]),
             true_null=study.true_null(pairs),
         )
@@ -309,7 +304,7 @@ def mixed_producer(study: Study) -> list[Measure]:
     return [
         Measure(
             "mixed_model (VB): rate interval",
-            INFERENTIAL,
+            API_ONLY,
             covered=_covers(table["ci_low"], table["ci_high"], special.expit(truth)),
         )
     ]
