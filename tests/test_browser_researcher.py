@@ -224,6 +224,10 @@ def test_the_active_panel_follows_the_votes_and_says_why_main_trials_stopped(
     page.wait_for_url(f"{live_server}/researcher/")
     page.goto(f"{live_server}/researcher/studies/active")
     assert page.locator("#active-precision tbody tr").count() == 3
+    # K is a cap in an active design, and the votes panel says so (not "of K wanted")
+    votes_card = page.locator("section.card", has=page.locator("#pair-progress"))
+    assert "cap K =" in votes_card.locator("h2").inner_text()
+    assert "K is a cap, not a target" in votes_card.inner_text()
     assert page.is_hidden("#main-closed")
     assert Participant(app.test_client(), "active").complete() == 4
     page.wait_for_function(
