@@ -28,6 +28,8 @@ from tests.support import free_port, gunicorn_workers, start_gunicorn, stop_guni
 K = 2
 PARTICIPANTS = 16
 RUN_S = 20.0
+KILL_EVERY_ANSWERS = 4
+CRASH_AFTER_ANSWERS = 10
 
 
 @dataclass
@@ -147,17 +149,27 @@ def test_short_leases_and_killed_workers_never_exceed_k(any_database_url, tmp_pa
     killed: list[int] = []
     stop = threading.Event()
 
+    outcome = Outcome()
+
     def killer() -> None:
+        """Kill a worker every ``KILL_EVERY_ANSWERS`` answers (acknowledged or refused):
+        paced by the traffic, not the clock, so a fast machine that finishes the study in
+        a few seconds still sees workers die mid-study."""
         rng = random.Random(3)
-        while not stop.wait(1.0):
+        answers_at_last_kill = -KILL_EVERY_ANSWERS
+        while not stop.wait(0.05):
+            with outcome.lock:
+                answers = len(outcome.acknowledged) + len(outcome.refused)
+            if answers - answers_at_last_kill < KILL_EVERY_ANSWERS:
+                continue
             workers = gunicorn_workers(server.pid)
             if len(workers) >= 2:
                 victim = rng.choice(workers)
                 os.kill(victim, signal.SIGKILL)
                 killed.append(victim)
+                answers_at_last_kill = answers
 
     thread = threading.Thread(target=killer, daemon=True)
-    outcome = Outcome()
     try:
         thread.start()
         run_participants([base], slug, outcome)
@@ -165,6 +177,7 @@ def test_short_leases_and_killed_workers_never_exceed_k(any_database_url, tmp_pa
         stop.set()
         thread.join(timeout=10)
         stop_gunicorn(server)
+    print(f"killed {len(killed)} workers")
     assert len(killed) >= 3, f"only {len(killed)} workers were killed during the run"
     check_votes(app, outcome)
 
@@ -182,10 +195,17 @@ def test_two_gunicorn_masters_on_one_postgresql_one_killed_and_restarted(postgre
     host_b, base_b = start_gunicorn(postgres_url, tmp_path, workers=2)
     restarted: list = []
     stop = threading.Event()
+    outcome = Outcome()
 
     def crash_and_restart() -> None:
-        if stop.wait(6.0):
-            return
+        """Host A dies once ``CRASH_AFTER_ANSWERS`` answers are in (paced by the traffic,
+        not the clock, so it happens mid-study on a machine of any speed)."""
+        while True:
+            if stop.wait(0.05):
+                return
+            with outcome.lock:
+                if len(outcome.acknowledged) + len(outcome.refused) >= CRASH_AFTER_ANSWERS:
+                    break
         for pid in [*gunicorn_workers(host_a.pid), host_a.pid]:
             os.kill(pid, signal.SIGKILL)
         host_a.wait(timeout=10)
@@ -194,7 +214,6 @@ def test_two_gunicorn_masters_on_one_postgresql_one_killed_and_restarted(postgre
         restarted.append(start_gunicorn(postgres_url, tmp_path, port=port_a, workers=2)[0])
 
     thread = threading.Thread(target=crash_and_restart, daemon=True)
-    outcome = Outcome()
     try:
         thread.start()
         run_participants([base_a, base_b], slug, outcome)
