@@ -32,7 +32,7 @@ from study_app.models import Image, Participant, Study, Trial
 from study_app.openapi import openapi_document
 from study_app.scheduling import TIMING_FIELDS, ExposureTiming, VoteInput
 from study_app.stimuli import media_url
-from study_app.studies import StudyConfig, study_config
+from study_app.studies import MAX_EXPOSURE_MS, StudyConfig, study_config
 from study_app.transactions import DatabaseBusy, run_on_connection, run_write
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -45,7 +45,6 @@ _PROLIFIC = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 VOTE_FIELDS = ("trial_token", "choice", "rt_ms", "presented_at", "answered_at", "viewport_w",
                "viewport_h", "device_pixel_ratio")
 # Frame-timed exposure: optional, but all six together (docs/study_api.md).
-MAX_EXPOSURE_MS = 60_000.0  # one minute: a longer "limited" exposure is not one
 FRAME_PERIOD_MS = (2.0, 200.0)  # 500 Hz .. 5 Hz displays
 MAX_FRAMES = 100_000
 MAX_PAGE_CLOCK_MS = 1e10  # performance.now() of a page open for ~115 days

@@ -56,6 +56,7 @@ from study_app.i18n import LANGUAGES
 from study_app.models import COLLABORATOR_ROLES, Item, Participant, StimulusSet, Study
 from study_app.participant import render_study_page
 from study_app.studies import (
+    MAX_EXPOSURE_MS,
     QUESTIONS,
     StudyConfigError,
     create_study,
@@ -133,7 +134,7 @@ class StudyForm(FlaskForm):
     pixelated = BooleanField("Pixelated enlargement (no smoothing)", default=True)
     exposure_ms = IntegerField(
         "Limited exposure (ms, then a mask; empty = unlimited)",
-        validators=[Optional(), NumberRange(1, 600_000)],
+        validators=[Optional(), NumberRange(1, MAX_EXPOSURE_MS)],
     )
     min_viewport_w = IntegerField(
         "Refuse windows narrower than (CSS px; empty = any)",

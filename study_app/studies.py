@@ -20,6 +20,8 @@ from study_app.i18n import DEFAULT_LANGUAGE, LANGUAGES
 from study_app.models import STUDY_STATUSES, Condition, Image, Item, StimulusSet, Study
 from study_app.stimuli import canonical_json_sha256
 
+MAX_EXPOSURE_MS = 60_000  # one minute: a longer "limited" exposure is not one
+
 # The question mode that shows the reference image (also tested in SQL by the vote path).
 REFERENCE_QUESTION_MODE = "reference"
 QUESTIONS = {  # translated when shown (study_app.i18n); these are the catalogue's ids
@@ -202,8 +204,8 @@ def parse_config(data: dict[str, Any]) -> StudyConfig:
            or (isinstance(config.display_scale, int) and 1 <= config.display_scale <= 32),
            "'display_scale' must be 'auto' or an integer 1..32")
     _check(config.exposure_ms is None or (isinstance(config.exposure_ms, int)
-                                          and config.exposure_ms > 0),
-           "'exposure_ms' must be a positive integer or null")
+                                          and 0 < config.exposure_ms <= MAX_EXPOSURE_MS),
+           f"'exposure_ms' must be an integer 1..{MAX_EXPOSURE_MS} (ms) or null for unlimited")
     _check(config.completion_url is None or config.completion_url.startswith(("https://",
                                                                               "http://")),
            "'completion_url' must be an http(s) URL")

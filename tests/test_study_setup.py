@@ -84,6 +84,8 @@ def test_study_items_are_images_times_pairs(app, tmp_path):
     ({"exclusion": {"speed": 1}}, "unknown exclusion rule"),
     ({"completion_url": "ftp://x"}, "completion_url"),
     ({"repeat_trials": 50}, "repeat_trials"),
+    ({"exposure_ms": 60_001}, "'exposure_ms' must be an integer 1..60000"),
+    ({"exposure_ms": 0}, "exposure_ms"),
 ])
 def test_invalid_configs_name_the_field(change, message):
     with pytest.raises(StudyConfigError, match=message):
