@@ -143,6 +143,91 @@ def variance_reduction(mean: np.ndarray, cov: np.ndarray, pairs: np.ndarray) -> 
     return weight * np.sum(centred**2, axis=0) / (1.0 + weight * var)
 
 
+@dataclass(frozen=True)
+class OracleAllocation:
+    """The A-optimal design for *known* qualities (a bound, not a selector).
+
+    ``pairs`` (P, 2) as :func:`all_pairs`; ``share`` (P,) share of the votes per pair
+    (sums to 1); ``variance_ratio``: summed variance of the mean-centred scale under
+    ``share`` divided by the same under equal shares (the balanced design), asymptotic
+    (Fisher information at the truth). Because that variance scales as 1 / votes, it is
+    also the ratio of votes the allocation needs for the balanced design's precision.
+    ``lower_bound``: a certified lower bound on the best ratio any allocation reaches
+    (convexity: phi* >= 2 phi(w) - max_p d_p), so no design, however adaptive, needs
+    fewer than ``lower_bound`` × balanced's votes (to first order). ``iterations`` used."""
+
+    pairs: np.ndarray
+    share: np.ndarray
+    variance_ratio: float
+    lower_bound: float
+    iterations: int
+
+
+def _pair_contrasts(pairs: np.ndarray, size: int) -> np.ndarray:
+    """(P, n): row p is e_i - e_j for pair p = (i, j)."""
+    contrasts = np.zeros((len(pairs), size))
+    contrasts[np.arange(len(pairs)), pairs[:, 0]] = 1.0
+    contrasts[np.arange(len(pairs)), pairs[:, 1]] = -1.0
+    return contrasts
+
+
+def _centred_scale_variance(design, fisher, share) -> np.ndarray:
+    """Covariance (n × n, JOD^2 per unit of votes) of the mean-centred scale when the
+    votes are spread over the pairs (rows of ``design``, :func:`_pair_contrasts`) by
+    ``share``, each worth ``fisher`` (inverse of the information on the sum-zero
+    subspace)."""
+    size = design.shape[1]
+    information = (design * (share * fisher)[:, None]).T @ design
+    mean_projector = np.full((size, size), 1.0 / size)
+    return np.linalg.inv(information + mean_projector) - mean_projector
+
+
+def a_optimal_allocation(quality: np.ndarray) -> OracleAllocation:
+    """Share of votes per pair that minimises the summed variance of the mean-centred
+    Thurstone scale when the true ``quality`` (n,, JOD) is known: the A-optimal
+    approximate design. phi(w) = tr(V(w)) is convex in the shares w, with gradient -d_p,
+    d_p = f_p a_p' V^2 a_p (V the centred covariance, a_p = e_i - e_j); it is minimised
+    over the simplex through a softmax (L-BFGS, exact gradient, started from the
+    balanced design), and the equivalence theorem gives the certified bound
+    phi* >= 2 phi(w) - max_p d_p (``lower_bound``). A vote on pair (i, j) carries Fisher
+    information f = phi(z)^2 / (Phi(z) (1 - Phi(z))) / 1.4826^2 about q_i - q_j,
+    z = (q_i - q_j) / 1.4826."""
+    from scipy import optimize
+
+    quality = np.asarray(quality, dtype=float)
+    if quality.ndim != 1 or quality.size < 2 or not np.all(np.isfinite(quality)):
+        raise ValueError("quality must be a finite 1-d array of at least 2 conditions")
+    pairs = all_pairs(quality.size)
+    z = (quality[pairs[:, 0]] - quality[pairs[:, 1]]) / JOD_SIGMA
+    p = special.ndtr(z)
+    fisher = stats.norm.pdf(z) ** 2 / np.maximum(p * (1.0 - p), 1e-300) / JOD_SIGMA**2
+    diff = _pair_contrasts(pairs, quality.size)
+    balanced = float(np.trace(_centred_scale_variance(diff, fisher, 1.0 / len(pairs))))
+
+    def ratio_and_sensitivity(share):
+        share = share + 1e-12  # keeps the comparison graph connected in floating point
+        cov = _centred_scale_variance(diff, fisher, share / share.sum())
+        sensitivity = fisher * np.einsum("pi,ij,pj->p", diff, cov @ cov, diff)
+        return float(np.trace(cov)) / balanced, sensitivity / balanced
+
+    def objective(logits):
+        share = special.softmax(logits)
+        ratio, sensitivity = ratio_and_sensitivity(share)
+        return ratio, share * (share @ sensitivity - sensitivity)  # chain rule, softmax
+
+    result = optimize.minimize(
+        objective,
+        np.zeros(len(pairs)),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": 20_000, "ftol": 1e-15, "gtol": 1e-12},
+    )
+    share = special.softmax(result.x)
+    ratio, sensitivity = ratio_and_sensitivity(share)
+    bound = min(ratio, 2.0 * ratio - float(sensitivity.max()))
+    return OracleAllocation(pairs, share, ratio, bound, int(result.nit))
+
+
 def _shrink(cov: np.ndarray, mean: np.ndarray, pair: tuple[int, int]) -> np.ndarray:
     """The covariance after one (yet unseen) vote on ``pair``: a rank-one update by its
     expected Fisher information (Sherman–Morrison)."""

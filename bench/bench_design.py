@@ -1,7 +1,7 @@
 """Benchmark: votes needed to learn a condition scale, per pair-selection design.
 
     python bench/bench_design.py [--reps 200] [--conditions 8 16] [--workers 2]
-                                 [--spread 2.4] [--json out.json]
+                                 [--spread 2.4] [--json out.json] [--oracle-only]
 
 Simulated observers with known true scales: per repetition, n conditions with true
 qualities drawn uniformly on 0–2.4 JOD (the spread of the pwcmp tone-mapping example,
@@ -10,6 +10,10 @@ condition and per image × condition shifts; SD of a pair's difference 0.3 JOD e
 ``analysis.simulation.simulate_responses`` draws them. Votes come in batches of n - 1
 (concurrent participants), each from a random observer. Designs:
 
+- ``oracle`` (printed after the table): the A-optimal allocation of votes over pairs for
+  the *known* true scale (``analysis.active.a_optimal_allocation``), as a ratio of the
+  votes balanced needs for the same asymptotic precision: a first-order lower bound on
+  what any adaptive design can save on these worlds;
 - ``balanced``: every image × pair item once per round, rounds in a seeded random order
   (what the study server's lowest-load scheduling does);
 - ``random``: a uniformly random pair and image per vote;
@@ -46,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis.active import (  # noqa: E402
+    a_optimal_allocation,
     all_pairs,
     asap_approx_batch,
     select_pairs,
@@ -177,6 +182,19 @@ def _task(args):
     return run_one(*args)
 
 
+def oracle_ratio(size: int, rep: int, spread: float = SPREAD_JOD) -> float:
+    """The A-optimal design's votes relative to balanced's for repetition ``rep``'s world
+    (``analysis.active.a_optimal_allocation`` at the true population scale, its certified
+    lower bound): to first order, no design needs fewer votes on that world."""
+    rng = np.random.default_rng([size, rep])  # the same world as run_one's
+    _, _, _, truth = _world(size, rng, spread)
+    return a_optimal_allocation(truth).lower_bound
+
+
+def _oracle_task(args):
+    return oracle_ratio(*args)
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Per (conditions, design): median / mean / quartiles of votes needed, ratios."""
     out = []
@@ -219,18 +237,23 @@ def main(argv: list[str] | None = None) -> int:
         help="true qualities uniform on 0..SPREAD JOD (default %(default)s)",
     )
     parser.add_argument("--json", type=Path, help="write every repetition's result here")
+    parser.add_argument(
+        "--oracle-only", action="store_true", help="only the oracle bound (no design is run)"
+    )
     args = parser.parse_args(argv)
     if args.reps < 1 or any(c < 3 for c in args.conditions):
         parser.error("--reps must be >= 1 and every --conditions value >= 3")
     tasks = [
         (d, c, r, args.spread)
         for c in args.conditions
-        for d in args.designs
+        for d in ([] if args.oracle_only else args.designs)
         for r in range(args.reps)
     ]
     start = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
         rows = list(pool.map(_task, tasks, chunksize=4))
+        worlds = [(c, r, args.spread) for c in args.conditions for r in range(args.reps)]
+        oracle = np.array(list(pool.map(_oracle_task, worlds, chunksize=4)))
     elapsed = time.perf_counter() - start
     summary = summarise(rows)
     print(
@@ -247,8 +270,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{e['q25']:>5.0f}–{e['q75']:<6.0f} {e['ratio_to_balanced']:>5.2f} "
             f"{e['censored']:>5} {e['min_pair_votes']:>8} {e['max_pair_share']:>9.3f}"
         )
+    print(
+        "oracle: the A-optimal allocation for the known scale, votes relative to balanced "
+        "for the same precision (asymptotic; no design can do better to first order)"
+    )
+    oracle_rows = []
+    for k, size in enumerate(args.conditions):
+        ratios = oracle[k * args.reps : (k + 1) * args.reps]
+        oracle_rows.append(
+            {
+                "conditions": size,
+                "mean_ratio": float(ratios.mean()),
+                "min_ratio": float(ratios.min()),
+                "max_ratio": float(ratios.max()),
+            }
+        )
+        print(
+            f"{size:>3} oracle    ×bal mean {ratios.mean():.2f} "
+            f"(range {ratios.min():.2f}–{ratios.max():.2f} over {args.reps} worlds)"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps({"summary": summary, "oracle": oracle_rows, "rows": rows}, indent=1)
+        )
     return 0
 
 
