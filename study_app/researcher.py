@@ -415,9 +415,11 @@ def preference_rows(responses) -> list[dict[str, Any]]:
     """The report's per-pair table (``analysis.report.pair_table``: share of votes with
     the two-way interval and test, participants and images random) over the included
     participants' main trials; NaN (not estimable yet) becomes None."""
+    from analysis.qc import two_afc
     from analysis.report import pair_table
 
-    table = pair_table(_included(responses))
+    included = _included(responses)
+    table = pair_table(included[two_afc(included)])  # a JND answer has no winner
     columns = ["condition_a", "condition_b", "n", "wins_a", "rate_a", "ci_low", "ci_high",
                "p_value", "p_holm"]
 
