@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from study_app.cli import main
@@ -72,3 +73,42 @@ def test_pstudy_analyze_reports_a_jnd_study_with_its_tables_and_exposure_timing(
         assert heading in html
     assert "Pairwise results" not in html and "Scales" not in html
     assert "same/different (just-noticeable difference, JND) task" in html
+
+
+def test_a_limited_exposure_2afc_report_has_the_exposure_accuracy_section(app, tmp_path):
+    from analysis.io import load_responses
+    from analysis.qc import QCOptions
+    from analysis.report import AnalysisOptions, run_analysis
+    from analysis.report_html import render_html
+
+    root = write_stimulus_set(tmp_path / "set", n_images=4)
+    slug = make_study(app, root, slug="timed", exposure_ms=100, practice_trials=0)
+    client = app.test_client()
+    timing = {key: SEQUENCE[key] for key in list(SEQUENCE)[:6]}
+    timing.update(exposure_requested_ms=100, exposure_frames_requested=6)
+    measured = [100.0, 100.0, 133.4]  # the third misses by two frames
+    for person in range(3):
+        participant = Participant(client, slug)
+        while not (batch := participant.next().get_json())["done"]:
+            for k, trial in enumerate(batch["trials"]):
+                offset = timing["exposure_onset_ms"] + measured[person]
+                response = participant.vote(
+                    trial["token"],
+                    "left" if k % 2 else "right",
+                    **{**timing, "exposure_offset_ms": offset},
+                )
+                assert response.status_code == 200
+    loaded = load_responses(app.config["SQLALCHEMY_DATABASE_URI"], slug)
+    options = AnalysisOptions(
+        mixed=False, n_boot=20, qc=QCOptions(min_catch_accuracy=None, honour_study_exclusions=False)
+    )
+    result = run_analysis(loaded, options)
+    table = result.tables["exposure_accuracy"]
+    assert table[["phase", "requested_ms"]].values.tolist() == [["exposure", 100.0]]
+    assert table["n"].tolist() == [len(loaded.frame)]
+    assert table["within_one_frame"].iloc[0] == pytest.approx(
+        (loaded.frame["exposure_measured_ms"] == 100.0).mean()
+    )
+    assert table["measured_max_ms"].iloc[0] == pytest.approx(133.4)
+    html = render_html(result, {})
+    assert "Exposure timing" in html and "Pairwise results" in html

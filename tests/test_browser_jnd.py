@@ -34,19 +34,26 @@ document.addEventListener("DOMContentLoaded", () => {
 """
 
 
-def _check_timing(timing: dict, period: float) -> None:
-    """Each phase of the sequence within one frame of its request, in order."""
+def _check_timing(timing: dict, period: float) -> list[bool]:
+    """Each phase of the sequence in order, never cut short (at least its frames − ½),
+    the page's frame period that of the display; returns, per phase, whether it was
+    within one frame of its request (a loaded machine can delay a frame now and then:
+    the page then logs the longer phase, as the vote stores it)."""
     assert timing["frame_period_ms"] == pytest.approx(period, rel=0.2)
+    frame = timing["frame_period_ms"]
     first = timing["exposure_offset_ms"] - timing["exposure_onset_ms"]
     isi = timing["second_onset_ms"] - timing["exposure_offset_ms"]
     second = timing["second_offset_ms"] - timing["second_onset_ms"]
+    assert (timing["exposure_requested_ms"], timing["isi_requested_ms"],
+            timing["second_requested_ms"]) == (FIRST_MS, ISI_MS, SECOND_MS)  # fmt: skip
+    within = []
     for measured, requested in ((first, FIRST_MS), (isi, ISI_MS), (second, SECOND_MS)):
-        assert abs(measured - requested) <= timing["frame_period_ms"] + TOLERANCE_MS, timing
-    assert (
-        timing["exposure_requested_ms"],
-        timing["isi_requested_ms"],
-        timing["second_requested_ms"],
-    ) == (FIRST_MS, ISI_MS, SECOND_MS)
+        frames = max(1, round(requested / frame))
+        assert measured >= (frames - 0.5) * frame - TOLERANCE_MS, timing
+        within.append(abs(measured - requested) <= frame + TOLERANCE_MS)
+    assert timing["exposure_frames_measured"] == round(first / frame)
+    assert timing["second_frames_measured"] == round(second / frame)
+    return within
 
 
 def test_jnd_flow_sequential_keys_and_buttons_reload_resumes_each_answer_stored_once(
@@ -119,9 +126,10 @@ def test_jnd_flow_sequential_keys_and_buttons_reload_resumes_each_answer_stored_
             .where(Trial.preview.is_(False))
         ).all()
     assert {row.token: row.Vote.choice for row in votes} == pressed
+    within = []
     for row in votes:
         timing = logged[row.token]
-        _check_timing(timing, period)
+        within += _check_timing(timing, period)
         assert {name: getattr(row.Vote, name) for name in timing} == timing
         # the slot showed the first image, the noise mask, the second image, the mask
         sequence = [s for s in shown if s["token"] == row.token]
@@ -132,3 +140,59 @@ def test_jnd_flow_sequential_keys_and_buttons_reload_resumes_each_answer_stored_
             assert row.left_sha256 == row.right_sha256
         else:
             assert row.left_sha256 != row.right_sha256
+    # 18 phases: within one frame of the request (all of them on an idle machine)
+    assert sum(within) >= 0.8 * len(within), within
+
+
+def test_sequential_2afc_on_a_phone_asks_first_or_second_and_takes_taps(
+    app, browser, live_server, tmp_path
+):
+    """A sequential 2AFC study on a touch screen: the buttons say First / Second, a tap
+    answers (stored as left = first, right = second), each with its sequence's timing."""
+    from study_app.extensions import db
+    from study_app.models import Vote
+
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
+    study = make_study(app, set_id, slug="seq", presentation="sequential", first_ms=50,
+                       isi_ms=0, second_ms=50, isi_mask="none", question_mode="no-reference",
+                       practice_trials=0, trials_per_participant=2, catch_trials=0,
+                       repeat_trials=0)  # fmt: skip
+    context = browser.new_context(
+        viewport={"width": 390, "height": 740}, device_scale_factor=3, is_mobile=True,
+        has_touch=True,
+    )  # fmt: skip
+    page = context.new_page()
+    try:
+        page.goto(f"{live_server}/s/seq")
+        page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+        page.tap("#consent-check")
+        page.tap("#consent-button")
+        page.wait_for_selector("body[data-state='instructions']", timeout=TIMEOUT_MS)
+        assert page.is_visible("text=Answer by tapping a button.")
+        assert not page.is_visible("kbd")
+        page.tap("#start-button")
+        wait_trial(page)
+        assert page.inner_text("#question") == (
+            "Which image looked better: the first or the second?"
+        )
+        assert (page.inner_text("#left-label"), page.inner_text("#right-label")) == (
+            "First", "Second")  # fmt: skip
+        box = page.locator("#choice-right").bounding_box()
+        assert box["height"] >= 48 and box["width"] >= 48  # a finger-sized target
+        logged = []
+        for target in ("#choice-right", "#choice-left"):
+            wait_trial(page)
+            logged.append(json.loads(page.get_attribute("#trial-stage", "data-exposure")))
+            answer(page, lambda target=target: page.tap(target))
+        page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
+    finally:
+        context.close()
+    with app.app_context():
+        votes = db.session.scalars(
+            select(Vote).where(Vote.study_id == study["id"]).order_by(Vote.trial_index)
+        ).all()
+    assert [vote.choice for vote in votes] == ["right", "left"]
+    for vote, timing in zip(votes, logged, strict=True):
+        assert vote.isi_requested_ms == 0
+        assert vote.second_onset_ms == timing["exposure_offset_ms"]  # no interval: at once
+        assert {name: getattr(vote, name) for name in timing} == timing
