@@ -11,7 +11,14 @@ import pytest
 from sqlalchemy import select
 
 from tests.test_browser_exposure import MEASURE_FRAME_PERIOD, TOLERANCE_MS
-from tests.test_browser_participant import TIMEOUT_MS, answer, answer_practice, wait_trial
+from tests.test_browser_participant import (
+    PHONE,
+    TIMEOUT_MS,
+    answer,
+    answer_practice,
+    consent_by_touch,
+    wait_trial,
+)
 from tests.test_pages_support import import_set, make_study, votes_per_trial, write_stimulus_set
 
 pytestmark = pytest.mark.browser
@@ -157,17 +164,10 @@ def test_sequential_2afc_on_a_phone_asks_first_or_second_and_takes_taps(
                        isi_ms=0, second_ms=50, isi_mask="none", question_mode="no-reference",
                        practice_trials=0, trials_per_participant=2, catch_trials=0,
                        repeat_trials=0)  # fmt: skip
-    context = browser.new_context(
-        viewport={"width": 390, "height": 740}, device_scale_factor=3, is_mobile=True,
-        has_touch=True,
-    )  # fmt: skip
+    context = browser.new_context(**PHONE)
     page = context.new_page()
     try:
-        page.goto(f"{live_server}/s/seq")
-        page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
-        page.tap("#consent-check")
-        page.tap("#consent-button")
-        page.wait_for_selector("body[data-state='instructions']", timeout=TIMEOUT_MS)
+        consent_by_touch(page, f"{live_server}/s/seq")
         assert page.is_visible("text=Answer by tapping a button.")
         assert not page.is_visible("kbd")
         page.tap("#start-button")
