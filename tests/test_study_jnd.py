@@ -285,3 +285,77 @@ def test_sequential_timing_is_stored_and_exported_with_its_measured_interval(app
     # 266.7 ms for 250 is within one frame (16.667 + 0.5 ms); 300 ms is not
     assert frame["exposure_ok"].tolist() == [True, False, None]
     assert frame["second_frames_requested"].tolist()[:2] == [30.0, 30.0]
+
+
+def test_the_new_study_form_creates_a_jnd_study_and_names_a_bad_duration(app, client, tmp_path):
+    """The form: a JND study with its sequence (always sequential, whatever the
+    presentation field says), a bad interval refused with the field's message and nothing
+    created, and the dashboard's timing line for a sequential study."""
+    from study_app.extensions import db
+    from study_app.models import Item, Study
+    from tests.test_pages import study_form
+    from tests.test_pages_support import import_set, login, make_researcher
+    from tests.test_pages_support import write_stimulus_set as write_set
+
+    import_set(app, write_set(tmp_path / "set"), owner=make_researcher(app))
+    login(client)
+    page = client.get("/researcher/studies/new?set=1").get_data(as_text=True)
+    assert 'name="task"' in page and 'name="isi_mask"' in page
+    settings = {"task": "jnd", "first_ms": "200", "isi_ms": "100", "second_ms": "200",
+                "isi_mask": "noise", "conditions": ["blurred"]}  # fmt: skip
+    bad = client.post("/researcher/studies/new?set=1",
+                      data=study_form(page, **{**settings, "isi_ms": "-5"}))  # fmt: skip
+    assert bad.status_code == 400
+    assert "Number must be between 0 and 10000" in bad.get_data(as_text=True)
+    created = client.post("/researcher/studies/new?set=1", data=study_form(page, **settings))
+    assert created.status_code == 303, created.get_data(as_text=True)[:2000]
+    with app.app_context():
+        study = db.session.scalars(select(Study).where(Study.slug == "loss-cmp")).one()
+        assert {
+            k: study.config[k]
+            for k in (
+                "task",
+                "presentation",
+                "question_mode",
+                "first_ms",
+                "isi_ms",
+                "second_ms",
+                "isi_mask",
+            )
+        } == {
+            "task": "jnd",
+            "presentation": "sequential",
+            "question_mode": "no-reference",
+            "first_ms": 200,
+            "isi_ms": 100,
+            "second_ms": 200,
+            "isi_mask": "noise",
+        }
+        items = db.session.scalars(select(Item).where(Item.study_id == study.id)).all()
+        assert len(items) == 4 and all(i.condition_a_id == i.condition_b_id for i in items)
+    dashboard = client.get("/researcher/studies/loss-cmp").get_data(as_text=True)
+    assert 'data-exposure-ms="200 / 100 / 200"' in dashboard
+    assert "Exposure timing: no frame-timed trials yet." in dashboard
+
+
+def test_simulated_participants_answer_a_jnd_study_by_the_images_difference(
+    app, live_server, tmp_path
+):
+    """The metric observer answers "different" when the two images differ by more than
+    JND_RMSE: write_stimulus_set's noise grows with the condition (l1 < JND_RMSE < ssim),
+    so l1 is mostly "same", ssim always "different", the reference twice "same"."""
+    from study_app.export import read_responses
+    from study_app.simulate import run_simulation
+
+    slug = _jnd_study(app, tmp_path, votes_per_item=4)
+    result = run_simulation(live_server, slug, participants=4, concurrency=2,
+                            observer="metric", noise=0.002, progress=False)  # fmt: skip
+    assert result.errors == [] and result.completed == 4
+    export = read_responses(app.config["SQLALCHEMY_DATABASE_URI"], slug)
+    assert len(export) == len(result.votes)
+    shown = export["condition_left"].where(
+        export["condition_left"] != "reference", export["condition_right"]
+    )
+    different = (export["jnd_answer"] == "different").groupby(shown).mean()
+    assert different["reference"] == 0.0 and different["ssim"] == 1.0
+    assert different["l1"] < different["ssim"]
