@@ -42,6 +42,17 @@ class RuleValue(click.ParamType):
 RULES_HELP = "Default: the study's own rule (from the export), else {default}; 'off' disables."
 
 
+def _jnd_levels(text: str | None) -> dict[str, float] | None:
+    from analysis.jnd import parse_levels
+
+    if text is None:
+        return None
+    try:
+        return parse_levels(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--jnd-levels") from None
+
+
 def _rates(ctx, param, value: str) -> tuple[float, ...]:
     try:
         rates = tuple(float(v) for v in value.split(",") if v.strip())
@@ -91,6 +102,15 @@ def _rates(ctx, param, value: str) -> tuple[float, ...]:
     type=click.Choice(FITTABLE_LOSSES),
     help="Fit this loss on the votes of half of the images, score it on the other half "
     "(table metric_holdout; repeatable; needs --stimuli).",
+)
+@click.option(
+    "--jnd-levels",
+    "jnd_levels",
+    default=None,
+    metavar="COND=LEVEL,...",
+    help="JND studies: each condition's distortion level (e.g. 'q90=1,q50=2,q10=3'; a "
+    "number such as a JPEG quality or noise SD) for the psychometric fit (tables "
+    "jnd_levels, jnd_psychometric; needs two or more levels).",
 )
 @click.option(
     "--alpha",
@@ -195,6 +215,7 @@ def analyze(
     metric_names,
     loss_files,
     fit_holdout,
+    jnd_levels,
     alpha,
     n_boot,
     seed,
@@ -306,6 +327,7 @@ def analyze(
         qc_sources=rule_sources,
         progress=not quiet,
         scale_prior=scale_prior,
+        jnd_levels=_jnd_levels(jnd_levels),
     )
     try:
         result = run_analysis(loaded, options)

@@ -28,6 +28,18 @@ TIMING_COLUMNS = [
     "exposure_measured_ms",
     "exposure_ok",
 ]
+# Sequential presentation (the exposure columns above then time the first image): the
+# interval and the second image. Optional, like the timing columns.
+SEQUENCE_COLUMNS = [
+    "isi_requested_ms",
+    "second_requested_ms",
+    "second_frames_requested",
+    "second_onset_ms",
+    "second_offset_ms",
+    "second_frames_measured",
+    "isi_measured_ms",
+    "second_measured_ms",
+]
 RESPONSE_COLUMNS = [
     "study",
     "participant",
@@ -50,6 +62,9 @@ RESPONSE_COLUMNS = [
     "participant_excluded",
     "exclusion_reasons",
     *TIMING_COLUMNS,
+    "task",  # "2afc" (filled in when missing) or "jnd"
+    "jnd_answer",  # jnd: "same" | "different"; empty for 2afc
+    *SEQUENCE_COLUMNS,
 ]
 # Without these a file cannot be analysed; the others are filled with "unknown" values.
 CORE_COLUMNS = [
@@ -64,6 +79,8 @@ CORE_COLUMNS = [
 PWCMP_COLUMNS = ["observer", "scene", "condition_A", "condition_B", "is_A_selected"]
 TRIAL_KINDS = ("main", "catch", "repeat")
 CHOICES = ("left", "right")
+TASKS = ("2afc", "jnd")
+JND_ANSWERS = ("same", "different")
 STATUSES = ("started", "completed", "returned")
 MAX_REPORTED = 5  # offending rows named in one error message
 
@@ -243,7 +260,8 @@ def validate_responses(raw: pd.DataFrame, *, csv: bool = True) -> tuple[pd.DataF
         raise ResponsesFormatError("the responses file has no rows; export a study with votes")
     out = pd.DataFrame(index=pd.RangeIndex(len(raw)))
     # frame timing is optional (only limited-exposure studies have it): not "filled"
-    filled = [c for c in RESPONSE_COLUMNS if c not in raw.columns and c not in TIMING_COLUMNS]
+    optional = {*TIMING_COLUMNS, *SEQUENCE_COLUMNS, "jnd_answer"}
+    filled = [c for c in RESPONSE_COLUMNS if c not in raw.columns and c not in optional]
     raw = raw.reset_index(drop=True)
     for column in [
         "participant",
@@ -267,10 +285,35 @@ def validate_responses(raw: pd.DataFrame, *, csv: bool = True) -> tuple[pd.DataF
     kind = _text(raw["trial_kind"]).str.lower()
     _check_choice_set(kind, "trial_kind", TRIAL_KINDS, csv)
     out["trial_kind"] = kind.astype(object)
+    task = _text(raw["task"]).str.lower() if "task" in raw else pd.Series("", index=out.index)
+    task = task.where(task != "", "2afc")
+    _check_choice_set(task, "task", TASKS, csv)
+    out["task"] = task.astype(object)
+    jnd = (task == "jnd").to_numpy()
+    answer = (
+        _text(raw["jnd_answer"]).str.lower()
+        if "jnd_answer" in raw
+        else pd.Series("", index=out.index)
+    )
+    _check_choice_set(answer.where(jnd, "same"), "jnd_answer", JND_ANSWERS, csv)
+    bad = np.flatnonzero(jnd & (out["chosen_condition"] != answer).to_numpy())
+    if bad.size:
+        _fail(
+            bad,
+            "chosen_condition",
+            "disagrees with jnd_answer",
+            "in a jnd row chosen_condition is the answer (same or different)",
+            out["chosen_condition"].to_numpy(),
+            csv,
+        )
+    out["jnd_answer"] = answer.where(jnd, None).astype(object)
     choice = _text(raw["choice"]).str.lower()
-    _check_choice_set(choice, "choice", CHOICES, csv)
+    _check_choice_set(choice.where(~jnd, "left"), "choice", CHOICES, csv)
     out["choice"] = choice.astype(object)
-    same = np.flatnonzero((out["condition_left"] == out["condition_right"]).to_numpy())
+    identical_ok = jnd & (out["condition_left"] == "reference").to_numpy()  # a jnd catch
+    same = np.flatnonzero(
+        (out["condition_left"] == out["condition_right"]).to_numpy() & ~identical_ok
+    )
     if same.size:
         _fail(
             same,
@@ -281,7 +324,7 @@ def validate_responses(raw: pd.DataFrame, *, csv: bool = True) -> tuple[pd.DataF
             csv,
         )
     shown = np.where(out["choice"] == "left", out["condition_left"], out["condition_right"])
-    bad = np.flatnonzero(out["chosen_condition"].to_numpy() != shown)
+    bad = np.flatnonzero((out["chosen_condition"].to_numpy() != shown) & ~jnd)
     if bad.size:
         _fail(
             bad,
@@ -316,6 +359,7 @@ def validate_responses(raw: pd.DataFrame, *, csv: bool = True) -> tuple[pd.DataF
         )
     bad = np.flatnonzero(
         is_catch
+        & ~jnd
         & (expected != out["condition_left"]).to_numpy()
         & (expected != out["condition_right"]).to_numpy()
     )
@@ -383,7 +427,7 @@ def validate_responses(raw: pd.DataFrame, *, csv: bool = True) -> tuple[pd.DataF
     out["exclusion_reasons"] = (
         _text(raw["exclusion_reasons"]).astype(object) if "exclusion_reasons" in raw else ""
     )
-    for column in TIMING_COLUMNS[:-1]:
+    for column in TIMING_COLUMNS[:-1] + SEQUENCE_COLUMNS:
         out[column] = (
             _parse_number(raw[column], column, csv, integer=False, minimum=0, required=False)
             if column in raw

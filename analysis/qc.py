@@ -117,6 +117,14 @@ class QCResult:
     options: QCOptions
 
 
+def two_afc(responses: pd.DataFrame) -> pd.Series:
+    """Which rows are 2AFC answers (all of them in an export without a ``task`` column);
+    a JND answer (same / different) has no side and no winner."""
+    if "task" not in responses:
+        return pd.Series(True, index=responses.index)
+    return responses["task"].astype(str) != "jnd"
+
+
 def repeat_consistency(responses: pd.DataFrame) -> pd.Series:
     """Per participant: fraction of repeat trials whose chosen condition matches the first
     main trial with the same image and pair (sides may be swapped)."""
@@ -197,7 +205,7 @@ def participant_table(
     else:
         table["catch_accuracy"] = np.nan
     table["repeat_consistency"] = repeat_consistency(frame)
-    main = frame[kind == "main"]
+    main = frame[(kind == "main") & two_afc(frame)]  # side and scale: 2AFC answers only
     if sides_recorded and not main.empty:
         left = (main["choice"] == "left").groupby(main["participant"]).mean()
         table["left_rate"] = left
@@ -310,7 +318,7 @@ def apply_exclusions(
     )
     table["reasons"] = [reasons.get(p, "") for p in table["participant"]]
     table["excluded"] = table["reasons"] != ""
-    main = responses[responses["trial_kind"] == "main"]
+    main = responses[(responses["trial_kind"] == "main") & two_afc(responses)]
     excluded = set(table.loc[table["excluded"], "participant"])
     kept = main[~main["participant"].isin(excluded)]
     return QCResult(

@@ -20,7 +20,18 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import agreement, clustered, glmm, metrics, planning, plots, pwcmp, scaling
+from analysis import (
+    agreement,
+    clustered,
+    glmm,
+    jnd,
+    metrics,
+    planning,
+    plots,
+    pwcmp,
+    scaling,
+    timing,
+)
 from analysis.formatting import format_p
 from analysis.io import LoadedResponses
 from analysis.pairs import preference_table
@@ -42,7 +53,8 @@ class AnalysisOptions:
     prior of the Thurstone (JOD) scales, "ours" (N(0, 3^2) per condition) or "pwcmp"
     (pwcmp's pw_scale model and prior, ``analysis.pwcmp``; adds scale_jod_by_image).
     loss_files: fitted-loss files scored as metrics too. fit_holdout: losses fitted on
-    half of the images and scored on the other half (table metric_holdout).
+    half of the images and scored on the other half (table metric_holdout). jnd_levels:
+    a JND study's conditions' distortion levels for the psychometric fit.
     """
 
     alpha: float = 0.05
@@ -60,6 +72,7 @@ class AnalysisOptions:
     scale_prior: str = "ours"
     loss_files: tuple[str, ...] = ()
     fit_holdout: tuple[str, ...] = ()
+    jnd_levels: dict[str, float] | None = None  # JND: condition -> distortion level
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -259,6 +272,152 @@ def _mark_label(tables: dict[str, pd.DataFrame]) -> str:
     return "GLMM Holm p" if "pair_tests_glmm" in tables else "two-way test Holm p"
 
 
+def _provenance(loaded: LoadedResponses, options: AnalysisOptions) -> dict:
+    """What an analysis read (inputs with their hashes), its options and versions."""
+    provenance = {
+        "tool": "pstudy analyze",
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "inputs": [
+            {
+                "source": loaded.source,
+                "format": loaded.input_format,
+                "sha256": loaded.input_sha256,
+                "rows": len(loaded.frame),
+                "filled_columns": loaded.filled_columns,
+            }
+        ],
+        "options": options.as_dict(),
+        "versions": _versions(),
+    }
+    if options.stimuli:
+        manifest = Path(options.stimuli) / "manifest.json"
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+        provenance["inputs"].append(
+            {"source": str(options.stimuli), "format": "stimulus-set", "manifest_sha256": digest}
+        )
+    return provenance
+
+
+def _timing_table(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``exposure_accuracy`` for a study with frame-timed exposures (else nothing)."""
+    table = timing.exposure_accuracy(frame)
+    return {} if table.empty else {"exposure_accuracy": table}
+
+
+def _jnd_tables(trials: pd.DataFrame, options: AnalysisOptions) -> dict[str, pd.DataFrame]:
+    """The JND tables of the kept participants' answers: jnd_rates, with levels
+    jnd_levels and jnd_psychometric, with a stimulus set jnd_metric_ap (and the
+    metric_distances / metric_status it used)."""
+    rates = jnd.different_rates(trials, 1 - options.alpha)
+    tables = {"jnd_rates": rates}
+    if options.jnd_levels:
+        tables["jnd_levels"] = jnd.level_rates(rates, options.jnd_levels)
+        tables["jnd_psychometric"] = jnd.psychometric_fit(trials, options.jnd_levels)
+    if options.stimuli:
+        names = list(options.metrics) if options.metrics else None
+        distances, status = metrics.metric_distances(
+            options.stimuli, names, options.progress, options.loss_files
+        )
+        tables.update(
+            metric_distances=distances,
+            metric_status=status,
+            jnd_metric_ap=jnd.metric_average_precision(trials, distances),
+        )
+    return tables
+
+
+def _run_jnd_analysis(
+    loaded: LoadedResponses, options: AnalysisOptions, qc, trials: pd.DataFrame
+) -> AnalysisResult:
+    """A JND study (no 2AFC answers): quality control, the share of "different" per
+    condition, the psychometric fit and metric agreement (``_jnd_tables``), exposure
+    accuracy; no pairs or scales."""
+    tables: dict[str, pd.DataFrame] = {
+        "participants": qc.participants,
+        "exclusion_log": qc.log,
+        "exclusion_rules": exclusion_rules_table(qc, options.qc_sources),
+        **_jnd_tables(trials, options),
+        **_timing_table(loaded.frame),
+    }
+    study_name = (loaded.export_provenance or {}).get("study")
+    notes = [
+        exclusion_note(qc, options.qc_sources, study_name),
+        "Table jnd_rates: " + jnd.JND_RATE_METHOD + ".",
+        "Main and repeated answers of the kept participants enter the JND tables; catch "
+        "trials (the reference twice) give the false-alarm row.",
+    ]
+    if options.jnd_levels:
+        notes.append(
+            "Psychometric function: logistic in the distortion level, maximum "
+            "likelihood (statsmodels GLM, binomial); answers as independent."
+        )
+    summary = jnd_summary(tables, loaded, options.alpha)
+    design = {
+        "n_images": int(trials["image_id"].nunique()),
+        "n_conditions": int(
+            trials.loc[trials["condition"] != jnd.IDENTICAL, "condition"].nunique()
+        ),
+    }
+    figures = {"participant_qc": plots.participant_qc_figure(qc.participants)}
+    return AnalysisResult(
+        tables,
+        figures,
+        summary,
+        notes,
+        _provenance(loaded, options),
+        loaded.export_provenance,
+        design,
+    )
+
+
+def jnd_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alpha: float) -> str:
+    """A few plain sentences on a JND study; numbers come from ``tables``."""
+    parts = tables["participants"]
+    rates = tables["jnd_rates"]
+    level = _pct(1 - alpha)
+    lines = [
+        f"Input: {loaded.source} ({loaded.input_format}), sha256 {loaded.input_sha256[:12]}.",
+        f"{int((~parts['excluded']).sum())} participants kept, {int(parts['excluded'].sum())} "
+        f"excluded by the quality rules ({int(rates['n'].sum())} same/different answers "
+        "analysed).",
+    ]
+    for row in rates.sort_values("rate_different", ascending=False).itertuples(index=False):
+        what = (
+            "the reference shown twice"
+            if row.condition == jnd.IDENTICAL
+            else f"{row.condition} against its reference"
+        )
+        interval = (
+            f"{level} CI {_pct(row.ci_low)}–{_pct(row.ci_high)}, participants and images random"
+            if np.isfinite(row.ci_low)
+            else "no interval: every answer the same"
+        )
+        lines.append(
+            f'{what}: "different" in {_pct(row.rate_different)} of {row.n} answers ({interval}).'
+        )
+    if "jnd_psychometric" in tables:
+        fit = tables["jnd_psychometric"].iloc[0]
+        lines.append(
+            f'Psychometric fit: "different" half of the time at level '
+            f"{fit.threshold:.3g} (spread {fit.spread:.3g} levels)."
+        )
+    if "jnd_metric_ap" in tables and not tables["jnd_metric_ap"].empty:
+        best = tables["jnd_metric_ap"].iloc[0]
+        lines.append(
+            f'Of the image metrics, {best.metric} predicted "different" best '
+            f"(average precision {best.average_precision:.3f}; chance "
+            f"{best.chance:.3f})."
+        )
+    if "exposure_accuracy" in tables:
+        timed = tables["exposure_accuracy"]
+        share = float((timed["within_one_frame"] * timed["n"]).sum() / timed["n"].sum())
+        lines.append(
+            f"Frame-timed presentation: {_pct(share)} of timed phases within one "
+            "frame of the request."
+        )
+    return "\n".join(lines) + "\n"
+
+
 def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None) -> AnalysisResult:
     """Every layer of the analysis (QC, pairs, clustered inference, scales, bias,
     agreement, metrics, planning) on validated responses. No printing, no files."""
@@ -271,6 +430,10 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
     frame = loaded.frame
     qc = apply_exclusions(frame, options.qc, loaded.sides_recorded)
     main = qc.kept
+    excluded = set(qc.participants.loc[qc.participants["excluded"], "participant"])
+    jnd_kept = jnd.jnd_trials(frame[~frame["participant"].isin(excluded)])
+    if main.empty and not jnd_kept.empty:
+        return _run_jnd_analysis(loaded, options, qc, jnd_kept)
     if main.empty:
         raise ValueError(
             "no main trials left after exclusions; relax the QC rules (see the exclusion log)"
@@ -412,27 +575,9 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
         "scale_bt": plots.scale_figure(bt.scale, "logit"),
         "participant_qc": plots.participant_qc_figure(qc.participants),
     }
-    provenance = {
-        "tool": "pstudy analyze",
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "inputs": [
-            {
-                "source": loaded.source,
-                "format": loaded.input_format,
-                "sha256": loaded.input_sha256,
-                "rows": len(frame),
-                "filled_columns": loaded.filled_columns,
-            }
-        ],
-        "options": options.as_dict(),
-        "versions": _versions(),
-    }
-    if options.stimuli:
-        manifest = Path(options.stimuli) / "manifest.json"
-        digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-        provenance["inputs"].append(
-            {"source": str(options.stimuli), "format": "stimulus-set", "manifest_sha256": digest}
-        )
+    provenance = _provenance(loaded, options)
+    tables.update(_jnd_tables(jnd_kept, options) if not jnd_kept.empty else {})
+    tables.update(_timing_table(frame))
     summary = plain_summary(tables, loaded, options.alpha)
     design = {
         "n_images": int(main["image_id"].nunique()),

@@ -82,8 +82,9 @@ def report_context(result: AnalysisResult) -> dict[str, Any]:
     options = result.provenance.get("options", {})
     alpha = float(options.get("alpha", 0.05))
     parts = result.tables["participants"]
-    pairs = result.tables["pairs"]
+    pairs = result.tables.get("pairs", NO_PAIRS)  # none in a JND study
     everyone = result.tables.get("pairs_everyone", pairs)
+    jnd_rates = result.tables.get("jnd_rates")
     conditions = sorted(
         set(pairs["condition_a"].astype(str)) | set(pairs["condition_b"].astype(str))
     )
@@ -95,6 +96,7 @@ def report_context(result: AnalysisResult) -> dict[str, Any]:
         "n_kept": int((~parts["excluded"].astype(bool)).sum()),
         "n_excluded": int(parts["excluded"].astype(bool).sum()),
         "n_votes": f"{int(pairs['n'].sum()):,}",
+        "n_jnd": f"{int(jnd_rates['n'].sum()):,}" if jnd_rates is not None else "0",
         "n_votes_all": f"{int(everyone['n'].sum()):,}",
         "n_pairs": len(pairs),
         "n_conditions": len(conditions),
@@ -111,6 +113,19 @@ def report_context(result: AnalysisResult) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- sections
+
+NO_PAIRS = pd.DataFrame(columns=["condition_a", "condition_b", "n"])
+JND_RATE_COLUMNS = (
+    "condition",
+    "n",
+    "n_participants",
+    "n_images",
+    "n_different",
+    "rate_different",
+    "ci_low",
+    "ci_high",
+    "df",
+)
 
 QC_COLUMNS = (
     "participant",
@@ -263,7 +278,7 @@ REPORT_SECTIONS: tuple[Section, ...] = (
         "Pairwise results",
         text=lambda result, ctx: (
             ""
-            if "pair_tests_glmm" in result.tables
+            if "pair_tests_glmm" in result.tables or "pairs" not in result.tables
             else "<p>The mixed model was not fitted (<code>--no-mixed</code>): the verdicts come "
             "from the two-way test of the share of votes (the per-pair table below), with "
             "participants and images random.</p>"
@@ -393,9 +408,65 @@ REPORT_SECTIONS: tuple[Section, ...] = (
         ),
         text=lambda result, ctx: (
             ""
-            if "metric_agreement" in result.tables
+            if "metric_agreement" in result.tables or "pairs" not in result.tables
             else "<p>No stimulus set was given (<code>--stimuli</code>), so image metrics were "
             "not compared with the votes; the agreement between participants follows.</p>"
+        ),
+    ),
+    Section(
+        "jnd",
+        "Same or different (JND)",
+        (
+            TableEntry(
+                "jnd_rates",
+                'Share of "different" answers per condition ({n_jnd} answers of the '
+                "{n_kept} kept participants; each condition shown before or after its "
+                "reference; the identical pair is the reference twice, the catch trials' "
+                "false-alarm rate), with its {level} interval counting participants and "
+                "images as random (two-way cluster-robust variance, Satterthwaite df; "
+                "participants only with fewer than 5 images).",
+                JND_RATE_COLUMNS,
+            ),
+            TableEntry(
+                "jnd_levels",
+                "The same shares at each condition's distortion level (--jnd-levels), in "
+                "level order: the points of the psychometric function.",
+                ("condition", "level", "n", "rate_different", "ci_low", "ci_high"),
+            ),
+            TableEntry(
+                "jnd_psychometric",
+                "Psychometric function: P(different) = 1 / (1 + exp(-(level - threshold) "
+                "/ spread)), fitted by maximum likelihood to the answers at the given "
+                'levels; threshold = the level answered "different" half of the time.',
+            ),
+            TableEntry(
+                "jnd_metric_ap",
+                "Image metrics against the answers, as in the LPIPS paper: average "
+                "precision (area under the precision-recall curve) of each metric's "
+                'distance to the reference as a predictor of "different", over the main '
+                'and repeated answers; chance = the share of "different".',
+            ),
+        ),
+        text=lambda result, ctx: (
+            ""
+            if "jnd_rates" not in result.tables or "jnd_metric_ap" in result.tables
+            else "<p>No stimulus set was given (<code>--stimuli</code>), so image metrics were "
+            "not compared with the answers.</p>"
+        ),
+    ),
+    Section(
+        "timing",
+        "Exposure timing",
+        (
+            TableEntry(
+                "exposure_accuracy",
+                "Frame-timed presentation, requested against measured (all participants): "
+                "per phase (the limited exposure, or a sequential trial's first image, "
+                "interval and second image) and requested duration, the trials, the median "
+                "display frame period, the median, shortest and longest measured duration "
+                "and the share within one frame of the request (|measured - requested| <= "
+                "frame period + 0.5 ms).",
+            ),
         ),
     ),
     Section("provenance", "Provenance", text=lambda result, ctx: provenance_html(result)),
@@ -454,8 +525,36 @@ DEFAULT_QUESTIONS = {
 }
 
 
+def _jnd_design_sentences(result: AnalysisResult, ctx: dict, config: dict) -> list[str]:
+    """The design of a JND study (no pairs): what was shown, for how long, and how often."""
+    rates = result.tables["jnd_rates"]
+    conditions = sorted(set(rates["condition"]) - {"reference (identical pair)"})
+    sentences = [
+        f"{len(conditions)} conditions ({', '.join(conditions)}) on "
+        f"{_n_images(result)} images were judged in a same/different (just-noticeable "
+        "difference, JND) task: on each trial a participant saw a condition's reconstruction "
+        "and its reference one after the other at the same place and answered whether they "
+        "were the same or different."
+    ]
+    if config:
+        mask = {"grey": "a grey field", "noise": "random noise", "none": "nothing"}
+        sentences.append(
+            f"The first image was shown for {config.get('first_ms', 500):,} ms, then "
+            f"{mask.get(config.get('isi_mask', 'grey'), 'a mask')} for "
+            f"{config.get('isi_ms', 500):,} ms, then the second for "
+            f"{config.get('second_ms', 500):,} ms, each in whole display frames; each "
+            f"participant was to answer M = {config.get('trials_per_participant', '–')} main "
+            f"trials, {config.get('catch_trials', 0)} catch trials (the reference twice) and "
+            f"{config.get('repeat_trials', 0)} repeated trials (the order reversed), with "
+            f"K = {config.get('votes_per_item', '–')} answers per image × condition."
+        )
+    return sentences
+
+
 def _design_sentences(result: AnalysisResult, ctx: dict) -> list[str]:
     config = (result.study or {}).get("study_config") or {}
+    if "pairs" not in result.tables:
+        return _jnd_design_sentences(result, ctx, config)
     pairs = result.tables["pairs"]
     n_images = _n_images(result)
     items = pairs["n"].size * n_images if n_images else None
@@ -540,12 +639,40 @@ def _participant_sentences(result: AnalysisResult, ctx: dict) -> list[str]:
         if rules
         else "No exclusion rule was active.",
         f"{ctx['n_kept']} participants were included ({ctx['n_excluded']} excluded), "
-        f"contributing {ctx['n_votes']} main-trial votes; catch and repeated trials enter "
-        "only the quality control.",
+        + (
+            f"contributing {ctx['n_votes']} main-trial votes; catch and repeated trials enter "
+            "only the quality control."
+            if "pairs" in result.tables
+            else f"contributing {ctx['n_jnd']} same/different answers (main, repeated and "
+            "catch trials)."
+        ),
     ]
 
 
+def _jnd_statistics_sentences(result: AnalysisResult, ctx: dict) -> list[str]:
+    sentences = [
+        'The share of "different" answers per condition is reported with an interval that '
+        "counts participants and images as random: a two-way cluster-robust variance "
+        "(Cameron, Gelbach & Miller, 2011), never below its answer-level part, with "
+        "Satterthwaite (1946) degrees of freedom."
+    ]
+    if "jnd_psychometric" in result.tables:
+        sentences.append(
+            "A logistic psychometric function of the distortion level was fitted by maximum "
+            "likelihood, its threshold the level answered “different” half of the time."
+        )
+    if "jnd_metric_ap" in result.tables:
+        sentences.append(
+            "Image metrics are scored, as in the LPIPS paper (Zhang et al., 2018), by the "
+            'average precision of their distance as a predictor of a "different" answer.'
+        )
+    sentences.append(f"Intervals are {ctx['level']}.")
+    return sentences
+
+
 def _statistics_sentences(result: AnalysisResult, ctx: dict) -> list[str]:
+    if "pairs" not in result.tables:
+        return _jnd_statistics_sentences(result, ctx)
     options = result.provenance.get("options", {})
     prior = (
         "a weak N(0, 3²) prior per condition"

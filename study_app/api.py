@@ -30,7 +30,15 @@ from study_app.extensions import db
 from study_app.i18n import study_language
 from study_app.models import Image, Participant, Study, Trial
 from study_app.openapi import openapi_document
-from study_app.scheduling import TIMING_FIELDS, ExposureTiming, VoteInput
+from study_app.scheduling import (
+    CHOICES,
+    JND_ANSWERS,
+    SEQUENCE_FIELDS,
+    TIMING_FIELDS,
+    ExposureTiming,
+    SequenceTiming,
+    VoteInput,
+)
 from study_app.stimuli import media_url
 from study_app.studies import MAX_EXPOSURE_MS, StudyConfig, study_config
 from study_app.transactions import DatabaseBusy, run_on_connection, run_write
@@ -157,18 +165,23 @@ def _timestamp(body: dict, name: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
+def _all_or_none(body: dict[str, Any], names: tuple[str, ...], what: str) -> bool:
+    """Whether ``body`` has the fields ``names`` (all: True, none: False; else 400)."""
+    if not any(name in body for name in names):
+        return False
+    missing = [name for name in names if name not in body]
+    if missing:
+        raise ApiError(400, "missing_field",
+                       f"missing field(s) {missing}: the {what} fields {list(names)} come "
+                       "all together or not at all", field=missing[0])
+    return True
+
+
 def parse_timing(body: dict[str, Any]) -> ExposureTiming | None:
     """The vote's frame-timed exposure fields: none of them (``None``) or all six,
     each in range, the offset not before the onset; else ApiError 400."""
-    given = [name for name in TIMING_FIELDS if name in body]
-    if not given:
+    if not _all_or_none(body, TIMING_FIELDS, "exposure timing"):
         return None
-    missing = [name for name in TIMING_FIELDS if name not in body]
-    if missing:
-        raise ApiError(400, "missing_field",
-                       f"missing field(s) {missing}: the exposure timing fields "
-                       f"{list(TIMING_FIELDS)} come all together or not at all",
-                       field=missing[0])
     timing = ExposureTiming(
         exposure_requested_ms=_number(body, "exposure_requested_ms", 1.0, MAX_EXPOSURE_MS),
         frame_period_ms=_number(body, "frame_period_ms", *FRAME_PERIOD_MS),
@@ -187,14 +200,45 @@ def parse_timing(body: dict[str, Any]) -> ExposureTiming | None:
     return timing
 
 
+def parse_sequence(body: dict[str, Any], timing: ExposureTiming | None) -> SequenceTiming | None:
+    """A sequential trial's interval and second-image fields: none (``None``) or all six,
+    in range, after the first image (``timing``, required with them); else ApiError 400."""
+    if not _all_or_none(body, SEQUENCE_FIELDS, "sequential timing"):
+        return None
+    if timing is None:
+        raise ApiError(400, "missing_field",
+                       f"the sequential timing fields need the exposure timing fields "
+                       f"{list(TIMING_FIELDS)} of the first image", field=TIMING_FIELDS[0])
+    sequence = SequenceTiming(
+        isi_requested_ms=_number(body, "isi_requested_ms", 0.0, MAX_EXPOSURE_MS),
+        second_requested_ms=_number(body, "second_requested_ms", 1.0, MAX_EXPOSURE_MS),
+        second_frames_requested=int(_number(body, "second_frames_requested", 1, MAX_FRAMES,
+                                            integer=True)),
+        second_onset_ms=_number(body, "second_onset_ms", 0.0, MAX_PAGE_CLOCK_MS),
+        second_offset_ms=_number(body, "second_offset_ms", 0.0, MAX_PAGE_CLOCK_MS),
+        second_frames_measured=int(_number(body, "second_frames_measured", 0, MAX_FRAMES,
+                                           integer=True)),
+    )
+    if sequence.second_onset_ms < timing.exposure_offset_ms:
+        raise ApiError(400, "invalid_field",
+                       "'second_onset_ms' is before 'exposure_offset_ms' (the second image "
+                       "follows the first)", field="second_onset_ms")
+    if sequence.second_offset_ms < sequence.second_onset_ms:
+        raise ApiError(400, "invalid_field",
+                       "'second_offset_ms' is before 'second_onset_ms'",
+                       field="second_offset_ms")
+    return sequence
+
+
 def parse_vote(body: dict[str, Any]) -> VoteInput:
     """Validate a vote body (fields of VOTE_FIELDS required, the exposure timing fields
-    all or none, no others); raise ApiError 400."""
-    unknown = sorted(set(body) - set(VOTE_FIELDS) - set(TIMING_FIELDS))
+    all or none, then the sequential ones all or none, no others); raise ApiError 400.
+    Whether the choice fits the study's task is judged when it is stored (400 there)."""
+    unknown = sorted(set(body) - set(VOTE_FIELDS) - set(TIMING_FIELDS) - set(SEQUENCE_FIELDS))
     if unknown:
         raise ApiError(400, "unknown_field",
                        f"unknown field(s) {unknown}; a vote has {list(VOTE_FIELDS)} and "
-                       f"optionally {list(TIMING_FIELDS)}",
+                       f"optionally {list(TIMING_FIELDS)}, then {list(SEQUENCE_FIELDS)}",
                        field=unknown[0])
     missing = [name for name in VOTE_FIELDS if name not in body]
     if missing:
@@ -203,8 +247,10 @@ def parse_vote(body: dict[str, Any]) -> VoteInput:
     if not isinstance(token, str) or not _TOKEN.match(token):
         raise ApiError(400, "invalid_field", "'trial_token' must be the token of a trial",
                        field="trial_token")
-    if body["choice"] not in ("left", "right"):
-        raise ApiError(400, "invalid_field", "'choice' must be \"left\" or \"right\"",
+    if body["choice"] not in CHOICES + JND_ANSWERS:
+        raise ApiError(400, "invalid_field",
+                       "'choice' must be \"left\" or \"right\" (a 2afc study; sequential: "
+                       "first = left) or \"same\" or \"different\" (a jnd study)",
                        field="choice")
     presented_at = _timestamp(body, "presented_at")
     answered_at = _timestamp(body, "answered_at")
@@ -218,7 +264,8 @@ def parse_vote(body: dict[str, Any]) -> VoteInput:
         viewport_w=int(_number(body, "viewport_w", 1, 100_000, integer=True)),
         viewport_h=int(_number(body, "viewport_h", 1, 100_000, integer=True)),
         device_pixel_ratio=_number(body, "device_pixel_ratio", 0.1, 16.0),
-        timing=parse_timing(body),
+        timing=(timing := parse_timing(body)),
+        sequence=parse_sequence(body, timing),
     )
 
 
@@ -278,7 +325,8 @@ def trial_json(trial: Trial, config: StudyConfig, reference_sha: str | None) -> 
 
 
 def _practice(study: Study, config: StudyConfig) -> list[dict]:
-    """Practice trials: the reference itself against a reconstruction (answer known)."""
+    """Practice trials: the reference itself against a reconstruction (answer known; jnd:
+    "different", or "same" when the reference is shown twice)."""
     from study_app.models import Stimulus
 
     if config.practice_trials == 0:
@@ -291,6 +339,14 @@ def _practice(study: Study, config: StudyConfig) -> list[dict]:
     ).all()
     practice = []
     for stimulus_sha, reference_sha in rng.sample(rows, min(config.practice_trials, len(rows))):
+        if config.task == "jnd":  # a reconstruction or (one time in three) the reference again
+            same = rng.random() < 1 / 3
+            practice.append({
+                "reference_url": None, "left_url": media_url(reference_sha),
+                "right_url": media_url(reference_sha if same else stimulus_sha),
+                "correct": "same" if same else "different",
+            })
+            continue
         reference_left = rng.random() < 0.5
         left, right = ((reference_sha, stimulus_sha) if reference_left
                        else (stimulus_sha, reference_sha))
@@ -321,7 +377,12 @@ def _study_json(study: Study, config: StudyConfig) -> dict:
             "image_size": [stimulus_set.image_height, stimulus_set.image_width],
             "scale": config.display_scale, "pixelated": config.pixelated,
             "exposure_ms": config.exposure_ms, "min_viewport_w": config.min_viewport_w,
+            "presentation": config.presentation,
+            "sequence": {"first_ms": config.first_ms, "isi_ms": config.isi_ms,
+                         "second_ms": config.second_ms, "isi_mask": config.isi_mask}
+            if config.sequential else None,
         },
+        "task": config.task,
         "trials_total": scheduling.planned_total(config),
         "batch_size": config.batch_size,
         "practice": _practice(study, config),

@@ -123,6 +123,16 @@ def _load_config_file(path: Path) -> dict[str, Any]:
               help="Active: stop main trials when every condition's 95 %% interval "
               "half-width is at most this (JOD, e.g. 0.2).")
 @click.option("--vote-budget", type=int, help="Active: stop main trials at this many votes.")
+@click.option("--task", type=click.Choice(["2afc", "jnd"]),
+              help="2afc (which of two; default) or jnd (same or different? each condition "
+                   "against its reference, shown sequentially).")
+@click.option("--presentation", type=click.Choice(["side-by-side", "sequential"]),
+              help="sequential: the two images one after the other at one place.")
+@click.option("--first-ms", type=int, help="Sequential: first image, ms (default 500).")
+@click.option("--isi-ms", type=int, help="Sequential: interval between them, ms (default 500).")
+@click.option("--second-ms", type=int, help="Sequential: second image, ms (default 500).")
+@click.option("--isi-mask", type=click.Choice(["grey", "noise", "none"]),
+              help="Sequential: what the interval shows (default grey).")
 @click.option("--live", is_flag=True, help="Open the study for participants right away.")
 @click.option("--owner", metavar="EMAIL",
               help="Researcher who owns the study and its stimulus set (default: nobody, "
@@ -140,6 +150,7 @@ def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, li
       pstudy study create stimuli/demo --config study.yaml --completion-code C0DE
       pstudy study create stimuli/demo --owner ada@example.org
       pstudy study create stimuli/demo --design active --stop-half-width 0.2 -k 3
+      pstudy study create stimuli/demo --task jnd --first-ms 1000 --isi-ms 250 --second-ms 1000
     """
     import re
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import aliased
 
 from study_app.extensions import configure_engine
 from study_app.models import Image, Participant, StimulusSet, Study, Trial, Vote
+from study_app.scheduling import CHOICES, JND_ANSWERS, SEQUENCE_FIELDS
 from study_app.scheduling import TIMING_FIELDS as TIMING_COLUMNS
 from study_app.studies import ExclusionRules, parse_config
 
@@ -40,8 +41,18 @@ COLUMNS = (
     "info_gain",  # active design: the pair's expected information gain (bits) when chosen
     # frame-timed limited exposure (empty/null for votes without one)
     *TIMING_COLUMNS, "exposure_measured_ms", "exposure_ok",
+    # the task ("2afc" | "jnd") and a JND answer ("same" | "different"; empty for 2afc);
+    # a jnd row has no choice (no side) and its chosen_condition is the answer
+    "task", "jnd_answer",
+    # sequential presentation: the exposure columns above time the first image, these the
+    # interval and the second image (empty/null for side-by-side trials)
+    *SEQUENCE_FIELDS, "isi_measured_ms", "second_measured_ms",
 )
-INT_TIMING_COLUMNS = ("exposure_frames_requested", "exposure_frames_measured")
+INT_TIMING_COLUMNS = ("exposure_frames_requested", "exposure_frames_measured",
+                      "second_frames_requested", "second_frames_measured")
+FLOAT_TIMING_COLUMNS = tuple(
+    c for c in (*TIMING_COLUMNS, "exposure_measured_ms", *SEQUENCE_FIELDS, "isi_measured_ms",
+                "second_measured_ms") if c not in INT_TIMING_COLUMNS)
 # Timestamps are coarsened by browsers (to 0.1 ms or 5 µs) and rounded to 1 µs by the
 # page; a miss of exactly one frame must not be flagged for that.
 EXPOSURE_TOLERANCE_MS = 0.5
@@ -111,7 +122,8 @@ def participant_stats(connection: Connection, study_id: int,
     rows = connection.execute(
         select(
             Vote.participant_id, func.count(Vote.id),
-            func.sum(case((Trial.kind == "main", 1), else_=0)),
+            # side bias: 2afc answers only (a jnd answer has no side)
+            func.sum(case((and_(Trial.kind == "main", Vote.choice.in_(CHOICES)), 1), else_=0)),
             func.sum(case((and_(Trial.kind == "main", Vote.choice == "left"), 1), else_=0)),
             func.sum(case((fast, 1), else_=0)),
             func.sum(case((Trial.kind == "catch", 1), else_=0)),
@@ -157,14 +169,25 @@ def exposure_ok(requested_ms: float | None, frame_period_ms: float | None,
     return abs(measured_ms - requested_ms) <= frame_period_ms + EXPOSURE_TOLERANCE_MS
 
 
+def _between(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else round(end - start, 3)
+
+
 def _timing_fields(values: tuple) -> dict[str, Any]:
-    """The export's timing columns from the six stored ``vote`` timing columns."""
-    row = dict(zip(TIMING_COLUMNS, values, strict=True))
-    onset, offset = row["exposure_onset_ms"], row["exposure_offset_ms"]
-    measured = None if onset is None or offset is None else round(offset - onset, 3)
-    row["exposure_measured_ms"] = measured
-    row["exposure_ok"] = exposure_ok(row["exposure_requested_ms"], row["frame_period_ms"],
-                                     measured)
+    """The export's timing columns from the twelve stored ``vote`` timing columns (the
+    first image / the only exposure, then a sequential trial's interval and second image).
+    ``exposure_ok`` of a sequential trial: the first image, the interval and the second
+    image each within one frame of the request."""
+    row = dict(zip((*TIMING_COLUMNS, *SEQUENCE_FIELDS), values, strict=True))
+    period = row["frame_period_ms"]
+    row["exposure_measured_ms"] = _between(row["exposure_onset_ms"], row["exposure_offset_ms"])
+    row["isi_measured_ms"] = _between(row["exposure_offset_ms"], row["second_onset_ms"])
+    row["second_measured_ms"] = _between(row["second_onset_ms"], row["second_offset_ms"])
+    checks = [exposure_ok(row["exposure_requested_ms"], period, row["exposure_measured_ms"])]
+    if row["second_requested_ms"] is not None:
+        checks += [exposure_ok(row["isi_requested_ms"], period, row["isi_measured_ms"]),
+                   exposure_ok(row["second_requested_ms"], period, row["second_measured_ms"])]
+    row["exposure_ok"] = None if checks[0] is None else all(checks)
     return row
 
 
@@ -190,7 +213,7 @@ def iter_responses(connection: Connection, study_key: str | int,
             Vote.chosen_condition, Trial.expected_condition, Vote.rt_ms, Vote.presented_at,
             Vote.answered_at, Vote.reference_shown, Vote.viewport_w, Vote.viewport_h,
             Vote.device_pixel_ratio, Participant.prolific_pid, Trial.info_gain,
-            *(getattr(Vote, name) for name in TIMING_COLUMNS),
+            *(getattr(Vote, name) for name in (*TIMING_COLUMNS, *SEQUENCE_FIELDS)),
         )
         .join(Trial, Vote.trial_id == Trial.id)
         .join(Participant, Vote.participant_id == Participant.id)
@@ -205,10 +228,12 @@ def iter_responses(connection: Connection, study_key: str | int,
         batch = []
         for r in partition:
             reasons = excluded.get(r[0], "")
+            jnd = r[8] in JND_ANSWERS
             batch.append({
                 "study": study.slug, "participant": r[1], "trial_index": r[3],
                 "trial_kind": r[4], "image_id": r[5], "condition_left": r[6],
-                "condition_right": r[7], "choice": r[8], "chosen_condition": r[9],
+                "condition_right": r[7], "choice": None if jnd else r[8],
+                "chosen_condition": r[9],  # jnd: the answer (catch/repeat checks)
                 "expected_condition": r[10], "rt_ms": float(r[11]),
                 "presented_at": _iso(r[12]), "answered_at": _iso(r[13]),
                 "reference_shown": bool(r[14]), "viewport_w": int(r[15]),
@@ -216,6 +241,7 @@ def iter_responses(connection: Connection, study_key: str | int,
                 "participant_status": r[2], "participant_excluded": bool(reasons),
                 "exclusion_reasons": reasons, "prolific_pid": r[18],
                 "info_gain": None if r[19] is None else float(r[19]),
+                "task": "jnd" if jnd else "2afc", "jnd_answer": r[8] if jnd else None,
                 **_timing_fields(tuple(r[20:])),
             })
         yield batch
@@ -282,8 +308,8 @@ def arrow_schema():
         "device_pixel_ratio": pa.float64(), "participant_excluded": pa.bool_(),
         "info_gain": pa.float64(),
         "exposure_ok": pa.bool_(),  # null without frame timing
-        **{c: pa.int64() if c in INT_TIMING_COLUMNS else pa.float64()
-           for c in (*TIMING_COLUMNS, "exposure_measured_ms")},
+        **{c: pa.int64() for c in INT_TIMING_COLUMNS},
+        **{c: pa.float64() for c in FLOAT_TIMING_COLUMNS},
     }
     return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
 
@@ -326,8 +352,9 @@ def read_responses(database_url: str, study: str | int) -> pd.DataFrame:
         "trial_index": "int64", "rt_ms": "float64", "reference_shown": "bool",
         "viewport_w": "int64", "viewport_h": "int64", "device_pixel_ratio": "float64",
         "participant_excluded": "bool", "prolific_pid": "str",  # None -> missing, as Parquet
+        "jnd_answer": "str",
         "info_gain": "float64",  # None -> NaN, as Parquet
         # timing: nullable, as pyarrow gives them (whole frames as float64 with NaN)
-        **{c: "float64" for c in (*TIMING_COLUMNS, "exposure_measured_ms")},
+        **{c: "float64" for c in (*INT_TIMING_COLUMNS, *FLOAT_TIMING_COLUMNS)},
         "exposure_ok": "object",
     })

@@ -56,6 +56,12 @@ def participant_texts() -> dict[str, str]:
         "practice_progress": gettext("Practice %(number)s / %(total)s"),
         "correct": gettext("Correct."),
         "not_quite": gettext("Not quite: the other image was identical to the reference."),
+        "not_quite_same": gettext("Not quite: the two images were the same."),
+        "not_quite_different": gettext("Not quite: the two images were different."),
+        "answer_first": gettext("First"),
+        "answer_second": gettext("Second"),
+        "answer_same": gettext("Same"),
+        "answer_different": gettext("Different"),
         "paused_waiting": gettext("The study is paused for a moment. Please keep this page "
                                   "open; it continues automatically."),
         "waiting": gettext("Waiting for the next trials. Please keep this page open."),

@@ -359,7 +359,10 @@ class Vote(db.Model):
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
     participant_id: Mapped[int] = mapped_column(ForeignKey("participant.id", ondelete="CASCADE"))
     trial_index: Mapped[int] = mapped_column(Integer)  # 0-based answer order
-    choice: Mapped[str] = mapped_column(String(5))
+    # 2afc: "left" | "right" (sequential: first | second); jnd: "same" | "different"
+    choice: Mapped[str] = mapped_column(String(9))
+    # 2afc: the chosen image's condition; jnd: the answer again (so catch and repeat
+    # checks compare one column for both tasks)
     chosen_condition: Mapped[str] = mapped_column(String(200))
     rt_ms: Mapped[float] = mapped_column(Float)
     presented_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -376,5 +379,13 @@ class Vote(db.Model):
     exposure_onset_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     exposure_offset_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     exposure_frames_measured: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Sequential presentation: the exposure fields above time the first image; these the
+    # interval (requested) and the second image (all null for side-by-side trials).
+    isi_requested_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    second_requested_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    second_frames_requested: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    second_onset_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    second_offset_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    second_frames_measured: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     trial: Mapped[Trial] = relationship()

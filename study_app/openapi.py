@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from study_app.scheduling import SEQUENCE_FIELDS as _SEQUENCE
 from study_app.scheduling import TIMING_FIELDS as _TIMING
 
 _ERROR_CODES = {
@@ -87,7 +88,8 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "reference_url": {"type": ["string", "null"]}, "left_url": {"type": "string"},
-            "right_url": {"type": "string"}, "correct": {"enum": ["left", "right"]},
+            "right_url": {"type": "string"},
+            "correct": {"enum": ["left", "right", "same", "different"]},
         },
     },
     "Study": {
@@ -109,8 +111,19 @@ _SCHEMAS: dict[str, Any] = {
                     "pixelated": {"type": "boolean"},
                     "exposure_ms": {"type": ["integer", "null"]},
                     "min_viewport_w": {"type": ["integer", "null"]},
+                    "presentation": {"enum": ["side-by-side", "sequential"]},
+                    "sequence": {
+                        "type": ["object", "null"],
+                        "description": "sequential only: durations in ms, frame-timed",
+                        "properties": {
+                            "first_ms": {"type": "integer"}, "isi_ms": {"type": "integer"},
+                            "second_ms": {"type": "integer"},
+                            "isi_mask": {"enum": ["none", "grey", "noise"]},
+                        },
+                    },
                 },
             },
+            "task": {"enum": ["2afc", "jnd"]},
             "trials_total": {"type": "integer"}, "batch_size": {"type": "integer"},
             "practice": {"type": "array", "items": _ref("PracticeTrial")},
         },
@@ -131,7 +144,9 @@ _SCHEMAS: dict[str, Any] = {
                      "viewport_w", "viewport_h", "device_pixel_ratio"],
         "properties": {
             "trial_token": _TOKEN,
-            "choice": {"enum": ["left", "right"]},
+            "choice": {"enum": ["left", "right", "same", "different"],
+                       "description": "2afc: left/right (sequential: first = left); "
+                                      "jnd: same/different"},
             "rt_ms": {"type": "number", "minimum": 0, "maximum": 600000},
             "presented_at": {**_TIME, "description": "with a zone; years 2000-2199"},
             "answered_at": {**_TIME, "description": "with a zone; not before presented_at"},
@@ -147,9 +162,20 @@ _SCHEMAS: dict[str, Any] = {
             "exposure_offset_ms": {"type": "number", "minimum": 0, "maximum": 1e10,
                                    "description": "not before exposure_onset_ms"},
             "exposure_frames_measured": {"type": "integer", "minimum": 0, "maximum": 100000},
+            # sequential presentation: the interval and the second image, all six or none
+            "isi_requested_ms": {"type": "number", "minimum": 0, "maximum": 60000},
+            "second_requested_ms": {"type": "number", "minimum": 1, "maximum": 60000},
+            "second_frames_requested": {"type": "integer", "minimum": 1, "maximum": 100000},
+            "second_onset_ms": {"type": "number", "minimum": 0, "maximum": 1e10,
+                                "description": "not before exposure_offset_ms"},
+            "second_offset_ms": {"type": "number", "minimum": 0, "maximum": 1e10,
+                                 "description": "not before second_onset_ms"},
+            "second_frames_measured": {"type": "integer", "minimum": 0, "maximum": 100000},
         },
         "dependentRequired": {
-            name: [other for other in _TIMING if other != name] for name in _TIMING
+            **{name: [other for other in _TIMING if other != name] for name in _TIMING},
+            **{name: [other for other in (*_TIMING, *_SEQUENCE) if other != name]
+               for name in _SEQUENCE},
         },
     },
     "VoteResponse": {
@@ -157,7 +183,8 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {"vote": {
             "type": "object",
             "properties": {
-                "trial_token": {"type": "string"}, "choice": {"enum": ["left", "right"]},
+                "trial_token": {"type": "string"},
+                "choice": {"enum": ["left", "right", "same", "different"]},
                 "trial_index": {"type": "integer"},
                 "received_at": {"type": "string", "format": "date-time"},
             },

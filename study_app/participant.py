@@ -29,12 +29,16 @@ KEYS_RIGHT = Markup("<kbd>J</kbd> / <kbd>→</kbd>")
 def render_study_page(study: Study, preview: bool = False) -> str:
     """The participant page for ``study`` (``preview``: a logged-in researcher's trial
     run), in the study's language."""
-    language = study_config(study).language
+    config = study_config(study)
+    language = config.language
     with study_language(language):
+        texts = participant_texts()
+        labels = ((texts["answer_same"], texts["answer_different"]) if config.task == "jnd"
+                  else (texts["answer_first"], texts["answer_second"]))
         return render_template(
             "participant/study.html", study=study, api_base=API_BASE, preview=preview,
-            texts=participant_texts(), html_lang=language, keys_left=KEYS_LEFT,
-            keys_right=KEYS_RIGHT,
+            texts=texts, html_lang=language, keys_left=KEYS_LEFT,
+            keys_right=KEYS_RIGHT, sequential=config.sequential, answer_labels=labels,
         )
 
 

@@ -57,6 +57,7 @@ from study_app.models import COLLABORATOR_ROLES, Item, Participant, StimulusSet,
 from study_app.participant import render_study_page
 from study_app.studies import (
     MAX_EXPOSURE_MS,
+    MAX_SEQUENCE_MS,
     QUESTIONS,
     StudyConfigError,
     create_study,
@@ -136,6 +137,21 @@ class StudyForm(FlaskForm):
         "Limited exposure (ms, then a mask; empty = unlimited)",
         validators=[Optional(), NumberRange(1, MAX_EXPOSURE_MS)],
     )
+    task = SelectField("Task", default="2afc", choices=[
+        SelectChoice("2afc", "2afc: which of two images"),
+        SelectChoice("jnd", "jnd: same or different? (each condition vs its reference)")])
+    presentation = SelectField("Presentation", default="side-by-side", choices=[
+        SelectChoice("side-by-side", "side by side"),
+        SelectChoice("sequential", "sequential: one after the other at one place")])
+    first_ms = IntegerField("Sequential: first image (ms)", default=500,
+                            validators=[Optional(), NumberRange(1, MAX_SEQUENCE_MS)])
+    isi_ms = IntegerField("Sequential: interval between them (ms)", default=500,
+                          validators=[Optional(), NumberRange(0, MAX_SEQUENCE_MS)])
+    second_ms = IntegerField("Sequential: second image (ms)", default=500,
+                             validators=[Optional(), NumberRange(1, MAX_SEQUENCE_MS)])
+    isi_mask = SelectField("Sequential: the interval shows", default="grey", choices=[
+        SelectChoice("grey", "a grey field"), SelectChoice("noise", "random noise"),
+        SelectChoice("none", "nothing (the page background)")])
     min_viewport_w = IntegerField(
         "Refuse windows narrower than (CSS px; empty = any)",
         validators=[Optional(), NumberRange(1, 100_000)],
@@ -212,6 +228,12 @@ def config_from_form(form: StudyForm) -> dict[str, Any]:
         "display_scale": scale,
         "pixelated": bool(form.pixelated.data),
         "exposure_ms": form.exposure_ms.data,
+        "task": form.task.data,
+        "presentation": form.presentation.data,
+        # empty: the defaults (500 ms each)
+        **{name: getattr(form, name).data for name in ("first_ms", "isi_ms", "second_ms")
+           if getattr(form, name).data is not None},
+        "isi_mask": form.isi_mask.data,
         "min_viewport_w": form.min_viewport_w.data,
         "completion_code": (form.completion_code.data or "").strip() or None,
         "completion_url": (form.completion_url.data or "").strip() or None,
@@ -233,7 +255,10 @@ def config_from_form(form: StudyForm) -> dict[str, Any]:
         value = (getattr(form, text_field).data or "").strip()
         if value:
             data[text_field] = value
-    if data["conditions"] is not None and len(data["conditions"]) < 2:
+    if data["task"] == "jnd":  # no separate reference: each condition against it
+        data.pop("question_mode")
+        data["presentation"] = "sequential"
+    elif data["conditions"] is not None and len(data["conditions"]) < 2:
         raise StudyConfigError("choose at least two conditions (or none for all of them)")
     return data
 
@@ -391,9 +416,11 @@ def preference_rows(responses) -> list[dict[str, Any]]:
     """The report's per-pair table (``analysis.report.pair_table``: share of votes with
     the two-way interval and test, participants and images random) over the included
     participants' main trials; NaN (not estimable yet) becomes None."""
+    from analysis.qc import two_afc
     from analysis.report import pair_table
 
-    table = pair_table(_included(responses))
+    included = _included(responses)
+    table = pair_table(included[two_afc(included)])  # a JND answer has no winner
     columns = ["condition_a", "condition_b", "n", "wins_a", "rate_a", "ci_low", "ci_high",
                "p_value", "p_holm"]
 

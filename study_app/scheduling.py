@@ -85,7 +85,7 @@ class VoteInput:
     """A validated vote request (see ``api.parse_vote``); times are aware UTC datetimes."""
 
     trial_token: str
-    choice: str  # "left" | "right"
+    choice: str  # 2afc: "left" | "right" (first | second); jnd: "same" | "different"
     rt_ms: float
     presented_at: datetime
     answered_at: datetime
@@ -93,6 +93,12 @@ class VoteInput:
     viewport_h: int
     device_pixel_ratio: float
     timing: ExposureTiming | None = None  # frame-timed limited exposure, if any
+    sequence: SequenceTiming | None = None  # sequential: the interval and second image
+
+    @property
+    def task(self) -> str:
+        """The task this answer belongs to ("2afc" or "jnd"), from its choice."""
+        return "jnd" if self.choice in JND_ANSWERS else "2afc"
 
 
 @dataclass(frozen=True)
@@ -115,8 +121,28 @@ class ExposureTiming:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class SequenceTiming:
+    """The rest of a sequential trial's timing (validated by ``api.parse_sequence``): the
+    requested inter-stimulus interval and the second image, as :class:`ExposureTiming`
+    times the first (ms; rAF timestamps on the page's ``performance.now()`` clock).
+    The measured interval is ``second_onset_ms - exposure_offset_ms``."""
+
+    isi_requested_ms: float
+    second_requested_ms: float
+    second_frames_requested: int
+    second_onset_ms: float
+    second_offset_ms: float
+    second_frames_measured: int
+
+
 TIMING_FIELDS = tuple(ExposureTiming.__dataclass_fields__)
-NO_TIMING = dict.fromkeys(TIMING_FIELDS)  # the columns of a vote without frame timing
+SEQUENCE_FIELDS = tuple(SequenceTiming.__dataclass_fields__)
+# the columns of a vote without frame timing / without a sequential presentation
+NO_TIMING = dict.fromkeys(TIMING_FIELDS + SEQUENCE_FIELDS)
+CHOICES = ("left", "right")  # 2afc (a sequential trial: left = first, right = second)
+JND_ANSWERS = ("same", "different")
+JND_CATCH_EXPECTED = "same"  # a JND catch trial shows the reference twice
 
 
 @dataclass(frozen=True)
@@ -429,17 +455,28 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
     new: list[Trial] = []
     needed: set[tuple[int, int]] = set()
     sides = _side_counts(items, now) if items else {}
+    jnd = config.task == "jnd"
     for item in items:
         a_left = choose_a_left(*sides[item.id], rng)
         needed |= {(item.image_id, item.condition_a_id), (item.image_id, item.condition_b_id)}
+        # jnd (a = b): "left" is the first image shown; a_left: the reconstruction first
+        first, second = ((item.condition_a_id, REFERENCE if jnd else item.condition_b_id)
+                         if a_left else
+                         (REFERENCE if jnd else item.condition_b_id, item.condition_a_id))
         new.append(_new_trial(participant, study, now, config, kind="main", item_id=item.id,
                               image_id=item.image_id, a_left=a_left,
-                              condition_left=str(item.condition_a_id if a_left
-                                                 else item.condition_b_id),
-                              condition_right=str(item.condition_b_id if a_left
-                                                  else item.condition_a_id),
+                              condition_left=str(first), condition_right=str(second),
                               left_sha256="", right_sha256="", info_gain=gains.get(item.id)))
-    for _ in range(kinds.count("catch")):
+    for _ in range(kinds.count("catch") if jnd else 0):  # the reference twice: "same"
+        image_id = db.session.scalars(
+            select(Item.image_id).where(Item.study_id == study.id)
+            .order_by(_seeded_order(rng.randrange(1, _HASH_MOD))).limit(1)
+        ).one()
+        new.append(_new_trial(participant, study, now, config, kind="catch", item_id=None,
+                              image_id=image_id, expected_condition=JND_CATCH_EXPECTED,
+                              condition_left=REFERENCE, condition_right=REFERENCE,
+                              left_sha256="", right_sha256=""))
+    for _ in range(0 if jnd else kinds.count("catch")):
         item = db.session.scalars(
             select(Item).where(Item.study_id == study.id)
             .order_by(_seeded_order(rng.randrange(1, _HASH_MOD))).limit(1)
@@ -538,7 +575,8 @@ def record_vote(participant_id: int, study: Study, vote: VoteInput, reference_sh
         raise ApiError(410, "trial_expired",
                        "this trial's lease expired and it went back to the pool; "
                        "fetch the next trials")
-    chosen = trial.condition_left if vote.choice == "left" else trial.condition_right
+    _check_task(trial, vote, study)
+    chosen = chosen_condition(vote.choice, trial.condition_left, trial.condition_right)
     row = Vote(
         trial_id=trial.id, study_id=study.id, participant_id=participant.id,
         trial_index=participant.n_answered, choice=vote.choice, chosen_condition=chosen,
@@ -570,6 +608,7 @@ JOIN study s ON s.id = p.study_id
 JOIN trial t ON t.participant_id = p.id AND t.study_id = s.id
 WHERE p.token = :participant_token AND t.token = :trial_token AND p.status = 'started'
   AND s.status <> 'closed' AND t.status = 'leased' AND t.expires_at > :now
+  AND coalesce(json_extract(s.config, '$.task'), '2afc') = :task
 """  # :now is read inside BEGIN IMMEDIATE (no other writer until this one commits)
 _VOTE_COUNT_SQLITE = "UPDATE participant SET n_answered = n_answered + 1 WHERE id = ?"
 _VOTE_ITEM_SQLITE = "UPDATE item SET n_votes = n_votes + 1, n_a_left = n_a_left + ? WHERE id = ?"
@@ -579,14 +618,40 @@ INSERT INTO vote (trial_id, study_id, participant_id, trial_index, choice, chose
                   rt_ms, presented_at, answered_at, received_at, reference_shown,
                   viewport_w, viewport_h, device_pixel_ratio, exposure_requested_ms,
                   frame_period_ms, exposure_frames_requested, exposure_onset_ms,
-                  exposure_offset_ms, exposure_frames_measured)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                  exposure_offset_ms, exposure_frames_measured, isi_requested_ms,
+                  second_requested_ms, second_frames_requested, second_onset_ms,
+                  second_offset_ms, second_frames_measured)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 
 def _timing_columns(vote: VoteInput) -> dict[str, float | int | None]:
-    """The vote's frame-timing columns by name (all None without frame timing)."""
-    return vote.timing.columns() if vote.timing is not None else dict(NO_TIMING)
+    """The vote's frame-timing columns by name, in ``NO_TIMING``'s order (None where the
+    vote has no frame timing / no sequential presentation)."""
+    columns = dict(NO_TIMING)
+    if vote.timing is not None:
+        columns.update(vote.timing.columns())
+    if vote.sequence is not None:
+        columns.update(vote.sequence.__dict__)
+    return columns
+
+
+def chosen_condition(choice: str, condition_left: str, condition_right: str) -> str:
+    """What ``vote.chosen_condition`` stores: the chosen side's condition (2afc), or the
+    answer itself (jnd: "same" / "different")."""
+    if choice in JND_ANSWERS:
+        return choice
+    return condition_left if choice == "left" else condition_right
+
+
+def _check_task(trial: Trial, vote: VoteInput, study: Study) -> None:
+    """A 2afc answer to a JND study's trial (or the reverse) is refused (400)."""
+    task = study.config.get("task", "2afc")
+    if vote.task != task:
+        allowed = JND_ANSWERS if task == "jnd" else CHOICES
+        raise ApiError(400, "invalid_field",
+                       f"this is a {task} study: 'choice' must be one of {list(allowed)}",
+                       field="choice")
 
 
 def record_vote_sqlite(connection: Connection, participant_token: str, vote: VoteInput,
@@ -604,7 +669,8 @@ def record_vote_sqlite(connection: Connection, participant_token: str, vote: Vot
     now = now or utcnow()
     row = driver.execute(_VOTE_READ_SQLITE, {
         "participant_token": participant_token, "trial_token": vote.trial_token,
-        "reference_mode": REFERENCE_QUESTION_MODE, "now": as_stored(now)}).fetchone()
+        "reference_mode": REFERENCE_QUESTION_MODE, "now": as_stored(now),
+        "task": vote.task}).fetchone()
     if row is None:
         return None
     (participant_id, study_id, trial_id, kind, item_id, preview, a_left, condition_left,
@@ -615,7 +681,7 @@ def record_vote_sqlite(connection: Connection, participant_token: str, vote: Vot
     driver.execute(_VOTE_CLAIM_SQLITE, (trial_id,))
     driver.execute(_VOTE_INSERT_SQLITE, (
         trial_id, study_id, participant_id, n_answered, vote.choice,
-        condition_left if vote.choice == "left" else condition_right, vote.rt_ms,
+        chosen_condition(vote.choice, condition_left, condition_right), vote.rt_ms,
         as_stored(vote.presented_at), as_stored(vote.answered_at), as_stored(now),
         bool(reference_shown), vote.viewport_w, vote.viewport_h, vote.device_pixel_ratio,
         *_timing_columns(vote).values()))
@@ -646,7 +712,8 @@ _VOTE_STATEMENT_POSTGRESQL = """
 WITH found AS (
     SELECT p.id AS participant_id, s.id AS study_id, t.id AS trial_id, t.kind, t.item_id,
            t.preview, t.a_left, t.expires_at,
-           CASE WHEN %(choice)s = 'left' THEN t.condition_left ELSE t.condition_right END
+           CASE %(choice)s WHEN 'left' THEN t.condition_left
+                           WHEN 'right' THEN t.condition_right ELSE %(choice)s END
                AS chosen_condition,
            coalesce((s.config ->> 'question_mode') = %(reference_mode)s, false) AS reference_shown
     FROM participant p
@@ -654,6 +721,7 @@ WITH found AS (
     JOIN trial t ON t.participant_id = p.id AND t.study_id = s.id
     WHERE p.token = %(participant_token)s AND t.token = %(trial_token)s AND p.status = 'started'
       AND s.status <> 'closed' AND t.status = 'leased'
+      AND coalesce(s.config ->> 'task', '2afc') = %(task)s
     FOR UPDATE OF p, t
 ), item_locked AS (
     SELECT item.id FROM item JOIN found ON item.id = found.item_id
@@ -683,14 +751,19 @@ WITH found AS (
                       chosen_condition, rt_ms, presented_at, answered_at, received_at,
                       reference_shown, viewport_w, viewport_h, device_pixel_ratio,
                       exposure_requested_ms, frame_period_ms, exposure_frames_requested,
-                      exposure_onset_ms, exposure_offset_ms, exposure_frames_measured)
+                      exposure_onset_ms, exposure_offset_ms, exposure_frames_measured,
+                      isi_requested_ms, second_requested_ms, second_frames_requested,
+                      second_onset_ms, second_offset_ms, second_frames_measured)
     SELECT valid.trial_id, valid.study_id, valid.participant_id, counted.n_answered - 1,
            %(choice)s, valid.chosen_condition, %(rt_ms)s, %(presented_at)s, %(answered_at)s,
            valid.now, valid.reference_shown, %(viewport_w)s, %(viewport_h)s,
            %(device_pixel_ratio)s, %(exposure_requested_ms)s::float8,
            %(frame_period_ms)s::float8, %(exposure_frames_requested)s::integer,
            %(exposure_onset_ms)s::float8, %(exposure_offset_ms)s::float8,
-           %(exposure_frames_measured)s::integer
+           %(exposure_frames_measured)s::integer, %(isi_requested_ms)s::float8,
+           %(second_requested_ms)s::float8, %(second_frames_requested)s::integer,
+           %(second_onset_ms)s::float8, %(second_offset_ms)s::float8,
+           %(second_frames_measured)s::integer
     FROM valid, counted
     RETURNING trial_index, received_at
 )
@@ -714,6 +787,7 @@ def record_vote_postgresql(connection: Connection, participant_token: str, vote:
         _VOTE_STATEMENT_POSTGRESQL, {
             "participant_token": participant_token, "trial_token": vote.trial_token,
             "choice": vote.choice, "reference_mode": REFERENCE_QUESTION_MODE,
+            "task": vote.task,
             "now": None if now is None else as_stored(now), "rt_ms": vote.rt_ms,
             "presented_at": as_stored(vote.presented_at),
             "answered_at": as_stored(vote.answered_at), "viewport_w": vote.viewport_w,

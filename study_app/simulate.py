@@ -10,6 +10,12 @@ a participant survives server restarts. Observers:
 - ``metric``: a Thurstone-like observer that downloads the three images, computes the
   RMSE of each candidate to the reference (pixels in [0, 1]) and picks the candidate
   with the smaller ``rmse + N(0, noise²)`` (reference mode only).
+
+In a JND study (same or different?) the same observers answer "same" / "different":
+``random`` either with probability 1/2, ``one-side`` always the answer on its side (left =
+same), ``metric`` "different" when the RMSE between the two images shown plus
+N(0, noise²) exceeds ``JND_RMSE`` (so a catch trial, the reference twice, is "same"
+unless the noise says otherwise).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 import requests
 
 OBSERVERS = ("random", "one-side", "metric")
+JND_RMSE = 0.03  # the metric observer's JND threshold: RMSE in [0, 1] pixel units
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
 
@@ -127,8 +134,31 @@ def metric_observer(rng: random.Random, noise: float = 0.02,
     return observe
 
 
+def jnd_observer(name: str, rng: random.Random, noise: float = 0.02, side: str = "left",
+                 cache: dict[str, np.ndarray] | None = None) -> Observer:
+    """An observer of a JND study: answers "same" or "different" (module docstring)."""
+    cache = {} if cache is None else cache
+    if name == "random":
+        return lambda trial, client: rng.choice(("same", "different"))
+    if name == "one-side":
+        return lambda trial, client: "same" if side == "left" else "different"
+    if name != "metric":
+        raise ValueError(f"observer must be one of {OBSERVERS}, not {name!r}")
+
+    def observe(trial: dict, client: Client) -> str:
+        first = _image(client, trial["left_url"], cache)
+        second = _image(client, trial["right_url"], cache)
+        rmse = float(np.sqrt(np.mean((first - second) ** 2)))
+        return "different" if rmse + rng.gauss(0.0, noise) > JND_RMSE else "same"
+
+    return observe
+
+
 def make_observer(name: str, rng: random.Random, noise: float = 0.02, side: str = "left",
-                  cache: dict | None = None) -> Observer:
+                  cache: dict | None = None, task: str = "2afc") -> Observer:
+    """The observer ``name`` for a study of ``task`` ("2afc" or "jnd")."""
+    if task == "jnd":
+        return jnd_observer(name, rng, noise, side, cache)
     if name == "random":
         return random_observer(rng)
     if name == "one-side":
@@ -222,6 +252,10 @@ def run_simulation(base_url: str, slug: str, participants: int = 100, concurrenc
     lock = threading.Lock()
     cache: dict[str, np.ndarray] = {}
     prefix = pid_prefix or f"sim{seed}"
+    study = Client(base_url).request("GET", f"/api/v1/studies/{slug}")
+    if study.status_code != 200:
+        raise SimulationError(f"study {slug!r}: {study.status_code} {study.text}")
+    task = study.json()["study"].get("task", "2afc")
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, participants))) as pool:
         futures = []
@@ -229,7 +263,7 @@ def run_simulation(base_url: str, slug: str, participants: int = 100, concurrenc
             rng = random.Random(f"{seed}:{i}")
             futures.append(pool.submit(
                 run_participant, base_url, slug, f"{prefix}-{i}",
-                make_observer(observer, rng, noise, side, cache), rng, result, lock,
+                make_observer(observer, rng, noise, side, cache, task), rng, result, lock,
                 fetch_images=fetch_images,
             ))
         for future in tqdm(as_completed(futures), total=participants, disable=not progress,

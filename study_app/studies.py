@@ -28,6 +28,18 @@ QUESTIONS = {  # translated when shown (study_app.i18n); these are the catalogue
     "reference": lazy_gettext("Which image is closer to the reference?"),
     "no-reference": lazy_gettext("Which image looks better?"),
 }
+# The same questions when the two images are shown one after the other (presentation
+# "sequential"), and the JND task's question.
+SEQUENTIAL_QUESTIONS = {
+    "reference": lazy_gettext("Which image was closer to the reference: the first or the "
+                              "second?"),
+    "no-reference": lazy_gettext("Which image looked better: the first or the second?"),
+}
+JND_QUESTION = lazy_gettext("Were the two images the same or different?")
+TASKS = ("2afc", "jnd")  # two-alternative forced choice; just-noticeable difference
+PRESENTATIONS = ("side-by-side", "sequential")
+MASKS = ("none", "grey", "noise")  # what fills the inter-stimulus interval
+MAX_SEQUENCE_MS = 10_000  # one image or interval of a sequential trial, at most (ms)
 # draft -> live <-> paused -> closed; a closed study stays closed.
 TRANSITIONS = {
     "draft": {"live", "closed"},
@@ -96,6 +108,15 @@ class StudyConfig:
     display_scale: int | str = "auto"  # integer enlargement factor, or "auto"
     pixelated: bool = True
     exposure_ms: int | None = None  # limited exposure, then a mask
+    # "2afc" (which of two) or "jnd" (same or different? each condition vs its reference)
+    task: str = "2afc"
+    # "side-by-side", or "sequential": the two images one after the other at one place,
+    # first_ms, then isi_ms of isi_mask, then second_ms (frame-timed), then the question
+    presentation: str = "side-by-side"
+    first_ms: int = 500
+    isi_ms: int = 500
+    second_ms: int = 500
+    isi_mask: str = "grey"
     min_viewport_w: int | None = None
     lease_seconds: int = 600
     batch_size: int = 4
@@ -114,8 +135,16 @@ class StudyConfig:
         return asdict(self)
 
     @property
+    def sequential(self) -> bool:
+        return self.presentation == "sequential"
+
+    @property
     def question_text(self) -> str:
-        return self.question or str(QUESTIONS[self.question_mode])
+        if self.question:
+            return self.question
+        if self.task == "jnd":
+            return str(JND_QUESTION)
+        return str((SEQUENTIAL_QUESTIONS if self.sequential else QUESTIONS)[self.question_mode])
 
     @property
     def consent_text(self) -> str:
@@ -125,6 +154,7 @@ class StudyConfig:
 
     @property
     def reference_shown(self) -> bool:
+        """Whether a separate reference image is shown (never in a JND study)."""
         return self.question_mode == REFERENCE_QUESTION_MODE
 
     @property
@@ -137,13 +167,26 @@ def default_instructions(config: StudyConfig) -> str:
     """Instructions that say what this study's settings do: the reference or not, limited
     exposure or none, practice, breaks (in the active language; how to answer, keys or
     taps, the page adds for the participant's device)."""
-    if config.reference_shown:
+    if config.task == "jnd":
+        parts = [gettext("You will see two images, one after the other, at the same place. "
+                         "Say whether they were the same or different.")]
+    elif config.sequential and config.reference_shown:
+        parts = [gettext("You will see a reference image and, below it, two other versions "
+                         "of it, one after the other. Choose the one that was closer to the "
+                         "reference: the first or the second.")]
+    elif config.sequential:
+        parts = [gettext("You will see two versions of an image, one after the other. Choose "
+                         "the one that looked better: the first or the second.")]
+    elif config.reference_shown:
         parts = [gettext("You will see a reference image and, below it, two other versions "
                          "of it. Choose the one that is closer to the reference.")]
     else:
         parts = [gettext("You will see two versions of an image. Choose the one that looks "
                          "better.")]
-    if config.exposure_ms:
+    if config.sequential:
+        parts.append(gettext(
+            "Each image is shown for a moment only; you answer once both have been shown."))
+    elif config.exposure_ms:
         parts.append(gettext(
             "The images are shown for %(seconds)s s, then hidden behind a noise pattern: "
             "look carefully, then answer (you can still answer once they are hidden).",
@@ -168,7 +211,7 @@ def _check(condition: bool, message: str) -> None:
 
 def parse_config(data: dict[str, Any]) -> StudyConfig:
     """Validate a mapping into a StudyConfig; unknown keys and bad values are errors."""
-    data = dict(data)
+    data = _task_defaults(dict(data))
     known = {f.name for f in fields(StudyConfig)}
     unknown = sorted(set(data) - known)
     _check(not unknown, f"unknown study setting(s) {unknown}; known: {sorted(known)}")
@@ -215,6 +258,7 @@ def parse_config(data: dict[str, Any]) -> StudyConfig:
         _check(value is None or (isinstance(value, int | float) and 0 <= value <= 1),
                f"exclusion rule '{name}' must be a fraction 0..1 or null")
     _check_design(config)
+    _check_presentation(config)
     if config.pairs is not None:
         _check(all(isinstance(p, list | tuple) and len(p) == 2 and p[0] != p[1]
                    for p in config.pairs), "'pairs' must be a list of [condition, condition]")
@@ -222,6 +266,50 @@ def parse_config(data: dict[str, Any]) -> StudyConfig:
 
 
 DESIGNS = ("balanced", "active")
+
+
+def _task_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A JND study shows its images one after the other and no separate reference, unless
+    the mapping says otherwise (which :func:`_check_presentation` then refuses)."""
+    if data.get("task") == "jnd":
+        data.setdefault("presentation", "sequential")
+        data.setdefault("question_mode", "no-reference")
+    return data
+
+
+def _check_presentation(config: StudyConfig) -> None:
+    """The task and presentation settings (task, presentation, first_ms, isi_ms,
+    second_ms, isi_mask) and how they combine with the others."""
+    _check(config.task in TASKS,
+           f"'task' must be one of {list(TASKS)} (2afc: which of two images; jnd: the same "
+           "or different, each condition against its reference)")
+    _check(config.presentation in PRESENTATIONS,
+           f"'presentation' must be one of {list(PRESENTATIONS)} (sequential: the two images "
+           "one after the other at the same place)")
+    for name, low in (("first_ms", 1), ("isi_ms", 0), ("second_ms", 1)):
+        value = getattr(config, name)
+        _check(isinstance(value, int) and not isinstance(value, bool)
+               and low <= value <= MAX_SEQUENCE_MS,
+               f"'{name}' must be an integer number of milliseconds in [{low}, "
+               f"{MAX_SEQUENCE_MS}] (shown in whole display frames)")
+    _check(config.isi_mask in MASKS,
+           f"'isi_mask' must be one of {list(MASKS)} (what fills the interval between the "
+           "two images)")
+    _check(not (config.sequential and config.exposure_ms),
+           "'exposure_ms' is for side-by-side presentation; a sequential one times each "
+           "image with 'first_ms' and 'second_ms' (set exposure_ms: null)")
+    if config.task == "jnd":
+        _check(config.sequential,
+               "task 'jnd' shows the two images one after the other: use presentation: "
+               "sequential (or leave it out)")
+        _check(config.question_mode == "no-reference",
+               "task 'jnd' shows no separate reference (the reference is one of the two "
+               "images): use question_mode: no-reference (or leave it out)")
+        _check(config.pairs is None,
+               "task 'jnd' pairs each condition with its reference: leave 'pairs' out and "
+               "choose the conditions with 'conditions'")
+        _check(config.design == "balanced",
+               "task 'jnd' needs design: balanced (the active design ranks condition pairs)")
 
 
 def _check_design(config: StudyConfig) -> None:
@@ -249,19 +337,23 @@ def _check_design(config: StudyConfig) -> None:
 def resolve_design(
     config: StudyConfig, stimulus_set: StimulusSet
 ) -> tuple[list[Image], list[tuple[Condition, Condition]]]:
-    """The images and (a < b) condition pairs a config selects from a set."""
+    """The images and (a < b) condition pairs a config selects from a set; for a JND
+    study, each condition paired with itself (its item: the condition vs the reference)."""
     by_name = {c.name: c for c in stimulus_set.conditions}
     names = config.conditions if config.conditions is not None else sorted(by_name)
     missing = sorted(set(names) - set(by_name))
     _check(not missing, f"condition(s) {missing} are not in stimulus set "
            f"'{stimulus_set.name}' (it has {sorted(by_name)})")
-    if config.pairs is None:
+    if config.task == "jnd":  # each condition against the reference: stored as (c, c)
+        pairs = [(name, name) for name in sorted(set(names))]
+    elif config.pairs is None:
         pairs = list(itertools.combinations(sorted(set(names)), 2))
     else:
         pairs = sorted({tuple(sorted(p)) for p in config.pairs})
         missing = sorted({c for p in pairs for c in p} - set(by_name))
         _check(not missing, f"pairs name unknown condition(s) {missing}")
-    _check(len(pairs) >= 1, "a study needs at least one condition pair")
+    _check(len(pairs) >= 1, "a study needs at least one condition pair (a jnd study: one "
+           "condition)")
     by_key = {i.key: i for i in stimulus_set.images}
     keys = config.images if config.images is not None else sorted(by_key)
     missing = sorted(set(keys) - set(by_key))

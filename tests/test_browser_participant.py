@@ -56,6 +56,23 @@ def answer_practice(page, action) -> None:
     page.click("#start-main-button")
 
 
+PHONE = {  # a phone-sized touch screen (browser.new_context(**PHONE))
+    "viewport": {"width": 390, "height": 740},
+    "device_scale_factor": 3,
+    "is_mobile": True,
+    "has_touch": True,
+}
+
+
+def consent_by_touch(page, url: str) -> None:
+    """Open ``url`` and tap through consent to the instructions."""
+    page.goto(url)
+    page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
+    page.tap("#consent-check")
+    page.tap("#consent-button")
+    page.wait_for_selector("body[data-state='instructions']", timeout=TIMEOUT_MS)
+
+
 def participant_tokens(app, study_id):
     from sqlalchemy import select
 
@@ -140,19 +157,11 @@ def test_participant_on_a_phone_answers_by_touch_and_is_redirected(
         practice_trials=0,
         question_mode="no-reference",
     )
-    context = browser.new_context(
-        viewport={"width": 390, "height": 740},
-        device_scale_factor=3,
-        is_mobile=True,
-        has_touch=True,
-    )
+    context = browser.new_context(**PHONE)
     page = context.new_page()
     try:
-        page.goto(f"{live_server}/s/phone?PROLIFIC_PID=pid123&STUDY_ID=st1&SESSION_ID=se1")
-        page.wait_for_selector("body[data-state='consent']", timeout=TIMEOUT_MS)
-        page.tap("#consent-check")
-        page.tap("#consent-button")
-        page.wait_for_selector("body[data-state='instructions']")
+        prolific = "PROLIFIC_PID=pid123&STUDY_ID=st1&SESSION_ID=se1"
+        consent_by_touch(page, f"{live_server}/s/phone?{prolific}")
         # touch-first: the tap instruction, no keyboard instruction
         assert page.is_visible("text=Answer by tapping the image you choose.")
         assert not page.is_visible("kbd")

@@ -19,15 +19,19 @@ from tests.study_support import Participant, make_study, write_stimulus_set
 @schemathesis.check
 def allowed_is_not_refused_as_malformed(ctx, response, case):
     """What the document allows is never answered 400/415 (semantic refusals such as an
-    unknown trial, 404, or a finished participant, 409, are states, not form). The two
-    rules JSON Schema cannot say: ``answered_at`` not before ``presented_at``, and
-    ``exposure_offset_ms`` not before ``exposure_onset_ms``."""
+    unknown trial, 404, or a finished participant, 409, are states, not form). The rules
+    JSON Schema cannot say: ``answered_at`` not before ``presented_at``,
+    ``exposure_offset_ms`` not before ``exposure_onset_ms``, a sequential trial's second
+    image after its first, and a choice that fits the study's task (2afc or jnd)."""
     if case.meta is None or not case.meta.generation.mode.is_positive:
         return None
     if response.status_code in (400, 415):
         body = response.json()
-        ordered = body.get("field") in ("answered_at", "exposure_offset_ms")
+        ordered = body.get("field") in ("answered_at", "exposure_offset_ms", "second_onset_ms",
+                                        "second_offset_ms")
         if ordered and "before" in body.get("error", ""):
+            return None
+        if body.get("field") == "choice" and body.get("error", "").startswith("this is a "):
             return None
         raise AssertionError(f"{case.operation.label}: the document allows this request, "
                              f"the server refused it: {response.status_code} {body}")

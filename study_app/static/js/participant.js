@@ -271,6 +271,68 @@
     });
   }
 
+  /**
+   * A sequential trial in whole frames: `onPhase(0)` shows the first image in one rAF
+   * callback (its onset), `onPhase(1)` the interval's mask, `onPhase(2)` the second image
+   * and `onPhase(3)` hides it, each in the callback that ends the phase before
+   * (PStudyCore.exposureEnds); an interval of 0 ms shows the second image at once.
+   * Resolves with the timing record: the first image in the exposure fields, then the
+   * interval and the second image (docs/study_api.md).
+   */
+  function frameTimedSequence(durationsMs, periodMs, onPhase) {
+    const frames = core.sequenceFrames(durationsMs, periodMs);
+    const ms = (value) => Math.round(value * 1000) / 1000;
+    return new Promise((resolve) => {
+      const onsets = [];
+      let phase = 0;
+      const enter = (next, timestamp) => {
+        phase = next;
+        onsets[phase] = timestamp;
+        if (phase === 1 && frames[1] === 0) return enter(2, timestamp);
+        onPhase(phase);
+        return undefined;
+      };
+      const tick = (timestamp) => {
+        if (core.exposureEnds(timestamp - onsets[phase], frames[phase], periodMs)) enter(phase + 1, timestamp);
+        if (phase < 3) {
+          requestAnimationFrame(tick);
+          return;
+        }
+        resolve({
+          exposure_requested_ms: durationsMs[0],
+          frame_period_ms: ms(periodMs),
+          exposure_frames_requested: frames[0],
+          exposure_onset_ms: ms(onsets[0]),
+          exposure_offset_ms: ms(onsets[1]),
+          exposure_frames_measured: Math.round((onsets[1] - onsets[0]) / periodMs),
+          isi_requested_ms: durationsMs[1],
+          second_requested_ms: durationsMs[2],
+          second_frames_requested: frames[2],
+          second_onset_ms: ms(onsets[2]),
+          second_offset_ms: ms(onsets[3]),
+          second_frames_measured: Math.round((onsets[3] - onsets[2]) / periodMs),
+        });
+      };
+      requestAnimationFrame((onset) => {
+        enter(0, onset);
+        requestAnimationFrame(tick);
+      });
+    });
+  }
+
+  /** The display's frame period for a timed trial: measured again if the first measure
+   * was taken while the page was hidden; `valid` false when it is still nonsense (then
+   * 60 Hz is assumed and no timing is sent). */
+  async function timedFramePeriod() {
+    let periodMs = await framePeriod;
+    if (!core.validFramePeriod(periodMs)) {
+      framePeriod = measureFramePeriod();
+      periodMs = await framePeriod;
+    }
+    const valid = core.validFramePeriod(periodMs);
+    return { periodMs: valid ? periodMs : 1000 / 60, valid: valid };
+  }
+
   // ------------------------------------------------------------------ one trial
 
   function layoutSpace(referenceShown) {
@@ -286,22 +348,70 @@
     };
   }
 
-  /** Decode the trial's images, put them on screen, resolve once they are visible. */
-  async function present(trial, practice) {
+  /** The mask that fills a sequential trial's interval (and follows the second image). */
+  function intervalMask(kind, img, cssW, cssH) {
+    if (kind === "noise") return makeMask(img.naturalWidth, img.naturalHeight, cssW, cssH);
+    const blank = document.createElement("div");
+    blank.className = "mask stimulus" + (kind === "none" ? " blank" : "");
+    blank.style.width = cssW + "px";
+    blank.style.height = cssH + "px";
+    return blank; // "grey": the stimulus background (#777)
+  }
+
+  function setSequential(on) {
     const stage = $("trial-stage");
-    stage.classList.add("pending");
-    stage.dataset.ready = "0";
-    delete stage.dataset.exposure;
+    stage.classList.toggle("sequential", on);
+    $("sequence-row").hidden = !on;
+    ["choice-left", "choice-right"].forEach((id) => { $(id).disabled = on; });
+  }
+
+  /**
+   * A sequential trial: the reference (if shown) stays on screen; the first image, the
+   * interval, the second image follow in one slot, frame-timed; then the answer buttons
+   * (first/second or same/different) are enabled and the response clock starts.
+   */
+  async function presentSequence(trial, practice, stage, display) {
     const images = await Promise.all([
       trial.reference_url ? decodedImage(trial.reference_url) : Promise.resolve(null),
       decodedImage(trial.left_url),
       decodedImage(trial.right_url),
     ]);
-    const [reference, left, right] = images;
-    const space = layoutSpace(Boolean(reference));
-    const display = study.display || {};
+    const [reference, first, second] = images;
+    const scale = placeImages(images, Boolean(reference), display);
+    const sequence = display.sequence;
+    const mask = intervalMask(sequence.isi_mask, first, scale.cssW, scale.cssH);
+    const before = intervalMask("none", first, scale.cssW, scale.cssH);
+    const slot = $("sequence-slot");
+    slot.replaceChildren(before);
+    setSequential(true);
+    $("reference-row").hidden = !reference;
+    $("reference-slot").replaceChildren(...(reference ? [reference] : []));
+    const { periodMs, valid } = await timedFramePeriod();
+    stage.dataset.phase = "";
+    const shown = [first, mask, second, mask];
+    const timing = await frameTimedSequence(
+      [sequence.first_ms, sequence.isi_ms, sequence.second_ms], periodMs,
+      (phase) => {
+        if (phase === 0) stage.classList.remove("pending");
+        slot.replaceChildren(shown[phase]);
+        stage.dataset.phase = String(phase);
+      });
+    ["choice-left", "choice-right"].forEach((id) => { $(id).disabled = false; });
+    await new Promise((resolve) => requestAnimationFrame(() => resolve()));
+    const current = { trial: trial, practice: practice, presentedPerf: performance.now(),
+      timing: valid && core.sequenceWithinLimits(timing) ? timing : null };
+    if (current.timing) stage.dataset.exposure = JSON.stringify(current.timing);
+    stage.dataset.ready = "1";
+    active = current;
+    return new Promise((resolve) => { current.answer = resolve; });
+  }
+
+  /** Size the trial's images for the space and style them; the display scale. */
+  function placeImages(images, referenceShown, display) {
+    const space = layoutSpace(referenceShown);
+    const sample = images[1];
     const scale = core.displayScale(
-      left.naturalWidth, left.naturalHeight, space.w, space.h, window.devicePixelRatio || 1,
+      sample.naturalWidth, sample.naturalHeight, space.w, space.h, window.devicePixelRatio || 1,
       { upscale: display.scale === "auto" || display.scale == null ? "auto" : String(display.scale) }
     );
     images.forEach((img) => {
@@ -312,18 +422,38 @@
       img.alt = "";
       img.draggable = false;
     });
+    const stage = $("trial-stage");
+    stage.dataset.scale = String(scale.factor);
+    stage.dataset.cssWidth = scale.cssW.toFixed(2);
+    return scale;
+  }
+
+  /** Decode the trial's images, put them on screen, resolve once they are visible. */
+  async function present(trial, practice) {
+    const stage = $("trial-stage");
+    stage.classList.add("pending");
+    stage.dataset.ready = "0";
+    delete stage.dataset.exposure;
+    const display = study.display || {};
+    stage.dataset.token = trial.token || "";
+    $("practice-badge").hidden = !practice;
+    $("feedback").textContent = "";
+    $("choice-left").classList.remove("chosen");
+    $("choice-right").classList.remove("chosen");
+    if (display.presentation === "sequential") return presentSequence(trial, practice, stage, display);
+    setSequential(false);
+    const images = await Promise.all([
+      trial.reference_url ? decodedImage(trial.reference_url) : Promise.resolve(null),
+      decodedImage(trial.left_url),
+      decodedImage(trial.right_url),
+    ]);
+    const [reference, left, right] = images;
+    const scale = placeImages(images, Boolean(reference), display);
     const referenceRow = $("reference-row");
     referenceRow.hidden = !reference;
     $("reference-slot").replaceChildren(...(reference ? [reference] : []));
     $("left-slot").replaceChildren(left);
     $("right-slot").replaceChildren(right);
-    $("practice-badge").hidden = !practice;
-    $("feedback").textContent = "";
-    $("choice-left").classList.remove("chosen");
-    $("choice-right").classList.remove("chosen");
-    stage.dataset.scale = String(scale.factor);
-    stage.dataset.token = trial.token || "";
-    stage.dataset.cssWidth = scale.cssW.toFixed(2);
     const exposure = display.exposure_ms;
     if (!exposure) {
       // Reveal in one frame; the response clock starts at the next frame, when the
@@ -341,14 +471,7 @@
     const slots = [["left-slot", left], ["right-slot", right], ["reference-slot", reference]]
       .filter(([, img]) => img)
       .map(([slot, img]) => [slot, makeMask(img.naturalWidth, img.naturalHeight, scale.cssW, scale.cssH)]);
-    let periodMs = await framePeriod;
-    if (!core.validFramePeriod(periodMs)) {
-      // measured while the page was hidden or stalled: measure again, now it is shown
-      framePeriod = measureFramePeriod();
-      periodMs = await framePeriod;
-    }
-    const sendTiming = core.validFramePeriod(periodMs);
-    if (!sendTiming) periodMs = 1000 / 60; // still nonsense: assume 60 Hz, send no timing
+    const { periodMs, valid: sendTiming } = await timedFramePeriod();
     const current = { trial: trial, practice: practice, presentedPerf: null, timing: null };
     stage.dataset.masked = "0";
     let onsetSeen;
@@ -374,11 +497,14 @@
     return new Promise((resolve) => { current.answer = resolve; });
   }
 
-  function choose(choice) {
+  /** An answer by side (F / left button or J / right button); the vote's choice is the
+   * side (2afc; sequential: left = first) or the JND answer (left = same). */
+  function choose(side) {
     if (!active || active.done) return;
     const answeredPerf = performance.now();
     active.done = true; // also stops a running exposure (its trial then has no timing)
-    $("choice-" + choice).classList.add("chosen");
+    $("choice-" + side).classList.add("chosen");
+    const choice = core.answerFor(study.task, side);
     const $stage = $("trial-stage");
     $stage.dataset.ready = "0";
     const current = active;
@@ -395,8 +521,11 @@
       setProgress(i, trials.length, t("practice_progress", { number: i + 1, total: trials.length }));
       show("trial");
       const answer = await present(trials[i], true);
-      const correct = answer.choice === trials[i].correct;
-      $("feedback").textContent = correct ? t("correct") : t("not_quite");
+      const expected = trials[i].correct;
+      const correct = answer.choice === expected;
+      const miss = expected === "same" ? "not_quite_same"
+        : expected === "different" ? "not_quite_different" : "not_quite";
+      $("feedback").textContent = correct ? t("correct") : t(miss);
       await sleep(correct ? 500 : 1200);
     }
   }
@@ -636,7 +765,15 @@
       fail(error.status === 404 ? t("no_such_study") : t("study_not_loaded", { reason: error.message }));
       return;
     }
-    if (study.display && study.display.exposure_ms) framePeriod = measureFramePeriod();
+    const display = study.display || {};
+    if (display.exposure_ms || display.presentation === "sequential") framePeriod = measureFramePeriod();
+    const labels = study.task === "jnd" ? ["answer_same", "answer_different"] : ["answer_first", "answer_second"];
+    $("left-label").textContent = t(labels[0]);
+    $("right-label").textContent = t(labels[1]);
+    if (display.presentation === "sequential") {
+      $("choice-left").setAttribute("aria-label", t(labels[0]) + " (F / ←)");
+      $("choice-right").setAttribute("aria-label", t(labels[1]) + " (J / →)");
+    }
     document.title = study.title;
     $("question").textContent = study.question;
     $("consent-text").textContent = study.consent;

@@ -121,7 +121,41 @@
       timing.exposure_offset_ms >= timing.exposure_onset_ms;
   }
 
+  /**
+   * Whether a sequential trial's interval and second image (the fields after the first
+   * image's timing record) are within the API's limits and in order.
+   */
+  function sequenceWithinLimits(timing) {
+    return timingWithinLimits(timing) &&
+      timing.isi_requested_ms >= 0 && timing.isi_requested_ms <= TIMING_LIMITS.exposureMs &&
+      timing.second_requested_ms >= 1 && timing.second_requested_ms <= TIMING_LIMITS.exposureMs &&
+      timing.second_frames_requested <= TIMING_LIMITS.frames &&
+      timing.second_frames_measured <= TIMING_LIMITS.frames &&
+      timing.second_onset_ms >= timing.exposure_offset_ms &&
+      timing.second_offset_ms >= timing.second_onset_ms;
+  }
+
+  /**
+   * Frames per phase of a sequential trial: the first image, the interval (0 frames when
+   * 0 ms: the second image follows at once), the second image.
+   * @param {number[]} durationsMs [first, isi, second] in milliseconds
+   * @param {number} periodMs frame period in milliseconds
+   * @returns {number[]} whole frames per phase
+   */
+  function sequenceFrames(durationsMs, periodMs) {
+    return durationsMs.map((ms, phase) => (phase === 1 && ms === 0 ? 0 : framesFor(ms, periodMs)));
+  }
+
+  /** The vote's choice for the left (F) / right (J) answer: JND "same" / "different". */
+  function answerFor(task, side) {
+    if (task !== "jnd") return side;
+    return side === "left" ? "same" : "different";
+  }
+
   global.PStudyCore = {
+    sequenceWithinLimits: sequenceWithinLimits,
+    sequenceFrames: sequenceFrames,
+    answerFor: answerFor,
     validFramePeriod: validFramePeriod,
     timingWithinLimits: timingWithinLimits,
     medianFramePeriod: medianFramePeriod,
