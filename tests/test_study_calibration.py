@@ -1,0 +1,295 @@
+"""Display calibration on the server: the geometry (checked against the visual angles it
+must produce), the study's requirements (clear errors), and the display-report API
+(strict validation, nothing stored on a refusal, the server's own verdict, trials
+refused until the display passes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from sqlalchemy import select
+
+from study_app.calibration import (
+    BLIND_SPOT_DEG,
+    CARD_WIDTH_MM,
+    DisplayReport,
+    DisplayRequirements,
+    check_display,
+    px_per_degree,
+    px_per_mm,
+    unscaled,
+    viewing_distance_mm,
+)
+from study_app.extensions import db
+from study_app.models import Participant as ParticipantRow
+from study_app.studies import StudyConfigError, parse_config
+from tests.study_support import Participant, make_study, write_stimulus_set
+
+BASE = {"title": "T", "slug": "cal"}
+GOOD = {"device_pixel_ratio": 1, "screen_w": 1920, "screen_h": 1080, "zoom_estimate": 1.0}
+
+
+def test_geometry_gives_back_the_visual_angles_it_assumes():
+    px_mm = px_per_mm(323.5)
+    assert px_mm * CARD_WIDTH_MM == pytest.approx(323.5)
+    for blind_spot_px in (250.0, 480.0, 900.0):
+        distance = viewing_distance_mm(blind_spot_px, px_mm)
+        # the dot disappeared at 13.5° from fixation, seen from `distance`
+        assert math.degrees(math.atan((blind_spot_px / px_mm) / distance)) == pytest.approx(
+            BLIND_SPOT_DEG
+        )
+        deg = px_per_degree(px_mm, distance)
+        # `deg` pixels centred on the line of sight span exactly one degree
+        half_mm = deg / px_mm / 2
+        assert math.degrees(2 * math.atan(half_mm / distance)) == pytest.approx(1.0)
+    # a 96-dpi desktop (3.78 px/mm) at 57 cm: about 37.6 px/deg (1 cm ≈ 1° at 57.3 cm)
+    assert px_per_degree(96 / 25.4, 573.0) == pytest.approx(96 / 25.4 * 10.0, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("dpr", "zoom", "ok"),
+    [
+        (1, 1.0, True),
+        (2, None, True),
+        (3, 1.02, True),
+        (1.25, None, False),
+        (1.5, 1.0, False),
+        (1, 1.1, False),
+        (0.9, None, False),
+        (2.0000001, 1.0, True),
+    ],
+)
+def test_unscaled_means_an_integer_ratio_and_100_percent_zoom(dpr, zoom, ok):
+    assert unscaled(dpr, zoom) is ok
+
+
+def test_check_display_lists_what_to_fix():
+    req = DisplayRequirements(
+        mode="required", viewing_distance="required", min_px_per_deg=40, require_unscaled=True
+    )
+    close = check_display(DisplayReport(1.25, 1536, 864, None, 323.5, 300.0), req)
+    assert [code for code, _ in close.problems] == ["display_scaled", "too_few_px_per_deg"]
+    assert "zoom to 100 %" in close.problems[0][1] and "farther" in close.problems[1][1]
+    far = check_display(DisplayReport(2, 1536, 864, 1.0, 323.5, 300.0 * 2), req)
+    assert far.passed and far.px_per_deg == pytest.approx(2 * close.px_per_deg)
+
+
+@pytest.mark.parametrize(
+    ("calibration", "message"),
+    [
+        ({"mode": "sometimes"}, "'mode' must be one of ['off', 'optional', 'required']"),
+        ({"viewing_distance": 1}, "'viewing_distance' must be one of"),
+        ({"require_unscaled": "yes"}, "'require_unscaled' must be true or false"),
+        ({"min_px_per_deg": 30}, "needs mode: required and viewing_distance: required"),
+        (
+            {"mode": "required", "viewing_distance": "required", "min_px_per_deg": -2},
+            "'min_px_per_deg' must be a number",
+        ),
+        ({"fullscreen": True}, "unknown calibration setting(s) ['fullscreen']"),
+        ("on", "'calibration' must be a mapping"),
+    ],
+)
+def test_bad_requirements_are_refused_with_the_setting_named(calibration, message):
+    with pytest.raises(StudyConfigError) as error:
+        parse_config({**BASE, "calibration": calibration})
+    assert message in str(error.value)
+
+
+def test_requirements_round_trip_through_the_stored_config():
+    config = parse_config({**BASE, "calibration": {"mode": "required", "require_fullscreen": True}})
+    again = parse_config(config.to_dict())
+    assert again == config and again.calibration.require_fullscreen
+    assert parse_config(BASE).calibration == DisplayRequirements()  # old configs: off
+
+
+@pytest.fixture
+def strict(app, tmp_path):
+    return make_study(
+        app,
+        write_stimulus_set(tmp_path / "set"),
+        slug="strict",
+        calibration={
+            "mode": "required",
+            "viewing_distance": "required",
+            "min_px_per_deg": 25,
+            "require_unscaled": True,
+        },
+    )
+
+
+def _row(app, token: str) -> dict:
+    with app.app_context():
+        row = db.session.scalars(select(ParticipantRow).where(ParticipantRow.token == token)).one()
+        return {
+            c: getattr(row, c)
+            for c in (
+                "display_status",
+                "display_attempts",
+                "display_dpr",
+                "display_screen_w",
+                "display_zoom",
+                "display_scaling_ok",
+                "card_width_px",
+                "px_per_mm",
+                "blind_spot_px",
+                "viewing_distance_mm",
+                "px_per_deg",
+            )
+        }
+
+
+def _report(person: Participant, body):
+    return person.client.post("/api/v1/participant/display", headers=person.headers, json=body)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "field"),
+    [
+        ({**GOOD}, 422, "calibration_mismatch", "card_width_px"),
+        ({**GOOD, "card_width_px": 323.5}, 422, "calibration_mismatch", "blind_spot_px"),
+        (
+            {
+                "device_pixel_ratio": 1,
+                "screen_w": 1920,
+                "card_width_px": 323.5,
+                "blind_spot_px": 400,
+            },
+            400,
+            "missing_field",
+            "screen_h",
+        ),
+        ({**GOOD, "blind_spot_px": 400}, 400, "missing_field", "card_width_px"),
+        (
+            {**GOOD, "card_width_px": 323.5, "blind_spot_px": 400, "pixels": 3},
+            400,
+            "unknown_field",
+            "pixels",
+        ),
+        (
+            {**GOOD, "card_width_px": "323", "blind_spot_px": 400},
+            400,
+            "invalid_field",
+            "card_width_px",
+        ),
+        (
+            {**GOOD, "card_width_px": 1e9, "blind_spot_px": 400},
+            400,
+            "invalid_field",
+            "card_width_px",
+        ),
+        (
+            {**GOOD, "device_pixel_ratio": 0, "card_width_px": 323.5, "blind_spot_px": 400},
+            400,
+            "invalid_field",
+            "device_pixel_ratio",
+        ),
+        (
+            {**GOOD, "screen_w": 1.5, "card_width_px": 323.5, "blind_spot_px": 400},
+            400,
+            "invalid_field",
+            "screen_w",
+        ),
+        (
+            {**GOOD, "zoom_estimate": 9, "card_width_px": 323.5, "blind_spot_px": 400},
+            400,
+            "invalid_field",
+            "zoom_estimate",
+        ),
+        # 30 px at 3.78 px/mm: a viewing distance of 3.3 cm
+        (
+            {**GOOD, "card_width_px": 323.5, "blind_spot_px": 30},
+            422,
+            "implausible_distance",
+            "blind_spot_px",
+        ),
+    ],
+)
+def test_nonsense_display_reports_are_refused_and_change_nothing(
+    app, client, strict, body, status, code, field
+):
+    person = Participant(client, strict)
+    before = _row(app, person.token)
+    response = _report(person, body)
+    assert response.status_code == status, response.get_json()
+    answer = response.get_json()
+    assert answer["code"] == code and answer["field"] == field and answer["error"]
+    assert _row(app, person.token) == before
+
+
+def test_malformed_and_unauthenticated_reports(app, client, strict):
+    person = Participant(client, strict)
+    assert client.post("/api/v1/participant/display", json=GOOD).status_code == 401
+    response = client.post(
+        "/api/v1/participant/display",
+        headers=person.headers,
+        data='{"device_pixel_ratio": NaN}',
+        content_type="application/json",
+    )
+    assert response.status_code == 400 and response.get_json()["code"] == "malformed_json"
+    assert _row(app, person.token)["display_attempts"] == 0
+
+
+def test_the_server_judges_the_display_and_gates_the_trials(app, client, strict):
+    person = Participant(client, strict)
+    assert person.start_response.get_json()["participant"]["display"]["status"] is None
+    refused = person.next()
+    assert refused.status_code == 409 and refused.get_json()["code"] == "display_check_needed"
+    # a zoomed page, too close: recorded as failed, with both problems to fix
+    scaled = _report(
+        person,
+        {
+            **GOOD,
+            "device_pixel_ratio": 1.25,
+            "zoom_estimate": None,
+            "card_width_px": 323.5,
+            "blind_spot_px": 250,
+        },
+    )
+    assert scaled.status_code == 200
+    verdict = scaled.get_json()["display"]
+    assert verdict["passed"] is False and verdict["status"] == "failed"
+    assert [p["code"] for p in verdict["problems"]] == ["display_scaled", "too_few_px_per_deg"]
+    assert person.next().status_code == 409
+    # fixed: 100 % zoom, farther away
+    fixed = _report(person, {**GOOD, "card_width_px": 323.5, "blind_spot_px": 400})
+    verdict = fixed.get_json()["display"]
+    assert verdict["passed"] and verdict["problems"] == [] and verdict["attempts"] == 2
+    px_mm = 323.5 / 85.6
+    distance = 400 / px_mm / math.tan(math.radians(13.5))
+    assert verdict["px_per_mm"] == pytest.approx(px_mm)
+    assert verdict["viewing_distance_mm"] == pytest.approx(distance)
+    assert verdict["px_per_deg"] == pytest.approx(
+        2 * distance * math.tan(math.radians(0.5)) * px_mm
+    )
+    stored = _row(app, person.token)
+    assert stored["display_status"] == "passed" and stored["display_dpr"] == 1.0
+    assert stored["display_scaling_ok"] is True and stored["card_width_px"] == 323.5
+    assert stored["px_per_deg"] == pytest.approx(verdict["px_per_deg"])
+    assert person.next().status_code == 200  # the trials are open now
+    resumed = client.post("/api/v1/participant", headers=person.headers)  # GET only
+    assert resumed.status_code == 405
+    me = client.get("/api/v1/participant", headers=person.headers).get_json()
+    assert me["participant"]["display"]["status"] == "passed"
+    person.complete()
+    assert person.finish().status_code == 200
+    late = _report(person, {**GOOD, "card_width_px": 323.5, "blind_spot_px": 400})
+    assert late.status_code == 409 and late.get_json()["code"] == "participant_finished"
+
+
+def test_optional_calibration_may_be_skipped_and_off_refuses_a_card(app, client, tmp_path):
+    root = write_stimulus_set(tmp_path / "set")
+    optional = make_study(app, root, slug="opt", calibration={"mode": "optional"})
+    person = Participant(client, optional)
+    assert person.next().status_code == 200  # nothing required: no gate
+    skipped = _report(person, GOOD)
+    assert skipped.status_code == 200 and skipped.get_json()["display"]["px_per_mm"] is None
+    card_only = _report(person, {**GOOD, "card_width_px": 400})  # distance is optional
+    assert card_only.get_json()["display"]["px_per_mm"] == pytest.approx(400 / 85.6)
+    unscaled_only = make_study(app, root, slug="unscaled", calibration={"require_unscaled": True})
+    other = Participant(client, unscaled_only)
+    card = _report(other, {**GOOD, "card_width_px": 400})
+    assert card.status_code == 422 and card.get_json()["field"] == "card_width_px"
+    assert "card calibration is off" in card.get_json()["error"]
+    assert _report(other, {**GOOD, "device_pixel_ratio": 2}).get_json()["display"]["passed"]
+    assert other.next().status_code == 200
