@@ -171,6 +171,17 @@ class StudyForm(FlaskForm):
     design = SelectField("Pair selection", default="balanced", choices=[
         SelectChoice("balanced", "balanced: K votes on every image × pair"),
         SelectChoice("active", "active: the most informative pair next (K = cap per item)")])
+    calibration_mode = SelectField("Display calibration (credit card)", default="off", choices=[
+        SelectChoice("off", "off"),
+        SelectChoice("optional", "optional: offered, may be skipped"),
+        SelectChoice("required", "required")])
+    viewing_distance = SelectField(
+        "Viewing distance (blind spot, after the card)", default="optional",
+        choices=[SelectChoice(v, v) for v in ("off", "optional", "required")])
+    min_px_per_deg = StringField(
+        "Minimum pixels per degree (empty = any)", validators=[Optional()])
+    require_unscaled = BooleanField("Refuse browser zoom ≠ 100 % and fractional pixel ratios")
+    require_fullscreen = BooleanField("Trials only in fullscreen (leaving it pauses)")
     stop_half_width = StringField(
         "Active: stop at 95 % half-width (JOD; empty = no target)", validators=[Optional()])
     vote_budget = IntegerField(
@@ -220,6 +231,13 @@ def config_from_form(form: StudyForm) -> dict[str, Any]:
         "vote_budget": form.vote_budget.data,
         "language": form.language.data,
         "break_every": form.break_every.data,
+        "calibration": {
+            "mode": form.calibration_mode.data,
+            "viewing_distance": form.viewing_distance.data,
+            "min_px_per_deg": _float_or_none(form.min_px_per_deg.data, "min_px_per_deg"),
+            "require_unscaled": bool(form.require_unscaled.data),
+            "require_fullscreen": bool(form.require_fullscreen.data),
+        },
         "exclusion": {
             "min_catch_accuracy": _float_or_none(
                 form.min_catch_accuracy.data, "min_catch_accuracy"

@@ -293,3 +293,54 @@ def test_optional_calibration_may_be_skipped_and_off_refuses_a_card(app, client,
     assert "card calibration is off" in card.get_json()["error"]
     assert _report(other, {**GOOD, "device_pixel_ratio": 2}).get_json()["display"]["passed"]
     assert other.next().status_code == 200
+
+
+def test_pstudy_study_create_takes_the_calibration_options(tmp_path):
+    from click.testing import CliRunner
+
+    from study_app import create_app
+    from study_app.commands import study
+    from study_app.studies import find_study
+
+    url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    root = write_stimulus_set(tmp_path / "set", manifest=False)
+    config = tmp_path / "study.yaml"
+    config.write_text("title: Crisp\ncalibration:\n  mode: optional\n  require_fullscreen: true\n")
+    runner = CliRunner()
+    created = runner.invoke(
+        study,
+        [
+            "create",
+            str(root),
+            "--config",
+            str(config),
+            "--calibration",
+            "required",
+            "--viewing-distance",
+            "required",
+            "--min-px-per-deg",
+            "30",
+            "--require-unscaled",
+            "--database-url",
+            url,
+        ],
+    )
+    assert created.exit_code == 0, created.output
+    bad = runner.invoke(
+        study,
+        ["create", str(root), "--slug", "bad", "--min-px-per-deg", "30", "--database-url", url],
+    )
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert "'min_px_per_deg' needs mode: required and viewing_distance: required" in bad.output
+    app = create_app({"SQLALCHEMY_DATABASE_URI": url})
+    with app.app_context():
+        stored = find_study("crisp").config["calibration"]
+        db.engine.dispose()
+    # the options win setting by setting; the file's fullscreen stays
+    assert stored == {
+        "mode": "required",
+        "viewing_distance": "required",
+        "min_px_per_deg": 30.0,
+        "require_unscaled": True,
+        "require_fullscreen": True,
+    }
