@@ -40,7 +40,19 @@ COLUMNS = (
     "info_gain",  # active design: the pair's expected information gain (bits) when chosen
     # frame-timed limited exposure (empty/null for votes without one)
     *TIMING_COLUMNS, "exposure_measured_ms", "exposure_ok",
+    # the participant's display check (study_app.calibration), repeated on each of their
+    # rows; empty/null for participants without one
+    "display_status", "display_px_per_mm", "display_px_per_deg", "display_viewing_distance_mm",
+    "display_dpr", "display_unscaled",
 )
+# export column -> participant column
+DISPLAY_COLUMNS = {
+    "display_status": "display_status", "display_px_per_mm": "px_per_mm",
+    "display_px_per_deg": "px_per_deg", "display_viewing_distance_mm": "viewing_distance_mm",
+    "display_dpr": "display_dpr", "display_unscaled": "display_scaling_ok",
+}
+FLOAT_DISPLAY_COLUMNS = ("display_px_per_mm", "display_px_per_deg",
+                         "display_viewing_distance_mm", "display_dpr")
 INT_TIMING_COLUMNS = ("exposure_frames_requested", "exposure_frames_measured")
 # Timestamps are coarsened by browsers (to 0.1 ms or 5 µs) and rounded to 1 µs by the
 # page; a miss of exactly one frame must not be flagged for that.
@@ -168,6 +180,16 @@ def _timing_fields(values: tuple) -> dict[str, Any]:
     return row
 
 
+def _display_fields(values: tuple) -> dict[str, Any]:
+    """The export's display columns from the participant's stored display check."""
+    row = dict(zip(DISPLAY_COLUMNS, values, strict=True))
+    for column in FLOAT_DISPLAY_COLUMNS:
+        row[column] = None if row[column] is None else float(row[column])
+    if row["display_unscaled"] is not None:
+        row["display_unscaled"] = bool(row["display_unscaled"])
+    return row
+
+
 def _iso(value: datetime) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
@@ -191,6 +213,7 @@ def iter_responses(connection: Connection, study_key: str | int,
             Vote.answered_at, Vote.reference_shown, Vote.viewport_w, Vote.viewport_h,
             Vote.device_pixel_ratio, Participant.prolific_pid, Trial.info_gain,
             *(getattr(Vote, name) for name in TIMING_COLUMNS),
+            *(getattr(Participant, name) for name in DISPLAY_COLUMNS.values()),
         )
         .join(Trial, Vote.trial_id == Trial.id)
         .join(Participant, Vote.participant_id == Participant.id)
@@ -216,7 +239,8 @@ def iter_responses(connection: Connection, study_key: str | int,
                 "participant_status": r[2], "participant_excluded": bool(reasons),
                 "exclusion_reasons": reasons, "prolific_pid": r[18],
                 "info_gain": None if r[19] is None else float(r[19]),
-                **_timing_fields(tuple(r[20:])),
+                **_timing_fields(tuple(r[20:20 + len(TIMING_COLUMNS)])),
+                **_display_fields(tuple(r[20 + len(TIMING_COLUMNS):])),
             })
         yield batch
 
@@ -251,7 +275,7 @@ def write_csv(connection: Connection, study_key: str | int, out: IO[str],
 def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
     """A row as the CSV writes it: booleans as true/false, missing values empty."""
     row = {key: ("" if value is None else value) for key, value in row.items()}
-    for column in ("reference_shown", "participant_excluded", "exposure_ok"):
+    for column in ("reference_shown", "participant_excluded", "exposure_ok", "display_unscaled"):
         if row[column] != "":
             row[column] = "true" if row[column] else "false"
     return row
@@ -284,6 +308,8 @@ def arrow_schema():
         "exposure_ok": pa.bool_(),  # null without frame timing
         **{c: pa.int64() if c in INT_TIMING_COLUMNS else pa.float64()
            for c in (*TIMING_COLUMNS, "exposure_measured_ms")},
+        **{c: pa.float64() for c in FLOAT_DISPLAY_COLUMNS},
+        "display_unscaled": pa.bool_(),  # null without a display check
     }
     return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
 
@@ -330,4 +356,7 @@ def read_responses(database_url: str, study: str | int) -> pd.DataFrame:
         # timing: nullable, as pyarrow gives them (whole frames as float64 with NaN)
         **{c: "float64" for c in (*TIMING_COLUMNS, "exposure_measured_ms")},
         "exposure_ok": "object",
+        "display_status": "str",  # None -> missing, as Parquet
+        **{c: "float64" for c in FLOAT_DISPLAY_COLUMNS},
+        "display_unscaled": "object",
     })

@@ -339,6 +339,42 @@ def participant_counts(study: Study) -> dict[str, int]:
     return counts
 
 
+def display_coverage(study: Study) -> dict[str, Any]:
+    """Display calibration coverage over the study's participants (previews left out):
+    how many reported a display check, ``calibrated`` (a card: px/mm), ``passed``, the
+    share calibrated (None without participants), the px/deg summary
+    (:func:`analysis.display.value_summary`) and the sentence the dashboard shows."""
+    from analysis.display import value_summary
+
+    rows = db.session.execute(
+        select(Participant.display_status, Participant.px_per_mm, Participant.px_per_deg)
+        .where(Participant.study_id == study.id, Participant.preview.is_(False))
+    ).all()
+    n = len(rows)
+    calibrated = sum(1 for row in rows if row.px_per_mm is not None)
+    deg = value_summary(row.px_per_deg for row in rows)
+    coverage = {
+        "participants": n, "checked": sum(1 for row in rows if row.display_status),
+        "passed": sum(1 for row in rows if row.display_status == "passed"),
+        "calibrated": calibrated, "share": calibrated / n if n else None, "px_per_deg": deg,
+    }
+    coverage["text"] = _coverage_text(coverage)
+    return coverage
+
+
+def _coverage_text(c: dict[str, Any]) -> str:
+    if not c["participants"]:
+        return "Display calibration: no participants yet."
+    text = (f"Display calibration: {c['calibrated']} of {c['participants']} participants "
+            f"calibrated ({100 * c['share']:.1f} %); {c['passed']} passed the display check.")
+    deg = c["px_per_deg"]
+    if deg["n"]:
+        text += (f" Pixels per degree ({deg['n']} with a viewing distance): median "
+                 f"{deg['median']:.1f}, quartiles {deg['q25']:.1f}–{deg['q75']:.1f}, range "
+                 f"{deg['min']:.1f}–{deg['max']:.1f}.")
+    return text
+
+
 def item_progress(study: Study, k: int) -> dict[str, Any]:
     """Votes per item against K: a histogram, totals and a per-pair summary."""
     rows = db.session.execute(
@@ -521,6 +557,7 @@ def dashboard_data(study: Study) -> dict[str, Any]:
         "participants": participant_counts(study),
         "exclusions": exclusion_summary(responses),
         "timing": timing_quality(responses),
+        "display": display_coverage(study) if config.calibration.step_shown else None,
         "responses": int(len(responses)),
         "items": items,
         "preference": preference_rows(responses),

@@ -344,3 +344,136 @@ def test_pstudy_study_create_takes_the_calibration_options(tmp_path):
         "require_unscaled": True,
         "require_fullscreen": True,
     }
+
+
+def _attentive():
+    """Picks the reference on catch trials, alternates otherwise (no exclusion)."""
+    turns = iter(range(1000))
+
+    def choose(trial):
+        if trial["reference_url"] in (trial["left_url"], trial["right_url"]):
+            return "left" if trial["left_url"] == trial["reference_url"] else "right"
+        return ("left", "right")[next(turns) % 2]
+
+    return choose
+
+
+def test_export_dashboard_and_report_carry_the_calibration(app, client, tmp_path):
+    """Four participants of an optional-calibration study: card + blind spot, card only,
+    skipped on a scaled page, never reported. The export repeats each one's display
+    check on their rows (CSV and Parquet), the dashboard counts the coverage, and the
+    analysis report summarises it (statistics against Python's own)."""
+    import io
+    import statistics
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from analysis.display import display_calibration_table, value_summary
+    from analysis.io import load_responses
+    from analysis.qc import QCOptions
+    from analysis.report import AnalysisOptions, render_html, run_analysis
+    from study_app import export
+    from tests.study_support import log_in_as_researcher
+
+    slug = make_study(
+        app,
+        write_stimulus_set(tmp_path / "set"),
+        slug="covered",
+        votes_per_item=4,
+        trials_per_participant=4,
+        calibration={"mode": "optional"},
+    )
+    reports = [
+        {**GOOD, "card_width_px": 404.0, "blind_spot_px": 305.4},
+        {**GOOD, "card_width_px": 380.0},
+        {**GOOD, "device_pixel_ratio": 1.25, "zoom_estimate": None},
+        None,
+    ]
+    people = []
+    for report in reports:
+        person = Participant(client, slug)
+        if report is not None:
+            assert _report(person, report).status_code == 200
+        person.complete(_attentive())
+        assert person.finish().status_code == 200
+        people.append(person)
+
+    with app.app_context(), db.engine.connect() as connection:
+        buffer = io.StringIO()
+        export.write_csv(connection, slug, buffer)
+        export.write_parquet(connection, slug, tmp_path / "r.parquet")
+    (tmp_path / "r.csv").write_text(buffer.getvalue())
+    csv_frame = pd.read_csv(io.StringIO(buffer.getvalue()), keep_default_na=False)
+    parquet = pq.read_table(tmp_path / "r.parquet").to_pandas()
+    ids = [_row_id(app, person.token) for person in people]
+    first = csv_frame.groupby("participant").first()
+    px_mm = 404.0 / 85.6
+    distance = 305.4 / px_mm / math.tan(math.radians(13.5))
+    deg = 2 * distance * math.tan(math.radians(0.5)) * px_mm
+    assert first.loc[ids[0], "display_status"] == "passed"
+    assert float(first.loc[ids[0], "display_px_per_mm"]) == pytest.approx(px_mm)
+    assert float(first.loc[ids[0], "display_px_per_deg"]) == pytest.approx(deg)
+    assert float(first.loc[ids[0], "display_viewing_distance_mm"]) == pytest.approx(distance)
+    assert first.loc[ids[1], "display_px_per_deg"] == ""  # no blind spot
+    assert (first.loc[ids[2], ["display_dpr", "display_unscaled"]] == ["1.25", "false"]).all()
+    assert (
+        first.loc[ids[3], ["display_status", "display_px_per_mm", "display_unscaled"]] == ""
+    ).all()
+    assert (csv_frame.groupby("participant")["display_px_per_mm"].nunique() == 1).all()
+    pq_first = parquet.groupby("participant").first()
+    assert pq_first.loc[ids[0], "display_px_per_mm"] == pytest.approx(px_mm)
+    assert pq_first.loc[ids[0], "display_unscaled"] is True  # noqa: E712 (a real bool)
+    assert parquet.loc[parquet["participant"] == ids[3], "display_unscaled"].isna().all()
+
+    log_in_as_researcher(app, client)
+    data = client.get(f"/researcher/studies/{slug}/dashboard.json").get_json()["display"]
+    assert (data["participants"], data["checked"], data["calibrated"], data["passed"]) == (
+        4,
+        3,
+        2,
+        3,
+    )
+    assert data["share"] == pytest.approx(0.5)
+    assert data["px_per_deg"]["n"] == 1 and data["px_per_deg"]["median"] == pytest.approx(deg)
+    page = client.get(f"/researcher/studies/{slug}").get_data(as_text=True)
+    assert "Display calibration: 2 of 4 participants calibrated (50.0 %)" in page
+
+    loaded = load_responses(tmp_path / "r.csv")
+    table = display_calibration_table(loaded.frame).set_index("quantity")
+    card = table.loc["card calibration"]
+    values = [px_mm, 380.0 / 85.6]
+    assert (card["participants"], card["share"]) == (2, 0.5)
+    assert card["median"] == pytest.approx(statistics.median(values))
+    q25, _, q75 = statistics.quantiles(values, n=4, method="inclusive")
+    assert (card["q25"], card["q75"]) == pytest.approx((q25, q75))
+    assert table.loc["devicePixelRatio", "max"] == 1.25
+    assert table.iloc[-1]["participants"] == 2  # unscaled: the two at ratio 1 with a check
+    sample = [3.1, 7.4, 2.2, 9.9, 5.0, 4.4]
+    assert value_summary(sample) == pytest.approx(
+        {
+            "n": 6,
+            "median": statistics.median(sample),
+            "min": 2.2,
+            "max": 9.9,
+            **dict(
+                zip(
+                    ("q25", "q75"),
+                    statistics.quantiles(sample, n=4, method="inclusive")[::2],
+                    strict=True,
+                )
+            ),
+        }
+    )
+    no_rules = QCOptions(min_catch_accuracy=None, max_side_rate=None, max_fast_fraction=None)
+    result = run_analysis(loaded, AnalysisOptions(n_boot=20, mixed=False, qc=no_rules))
+    html = render_html(result, {})
+    assert "Display calibration of the 4 participants" in html
+    assert "display_calibration.csv" in html
+
+
+def _row_id(app, token: str) -> str:
+    with app.app_context():
+        return db.session.scalars(
+            select(ParticipantRow.public_id).where(ParticipantRow.token == token)
+        ).one()
