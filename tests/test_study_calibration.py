@@ -477,3 +477,24 @@ def _row_id(app, token: str) -> str:
         return db.session.scalars(
             select(ParticipantRow.public_id).where(ParticipantRow.token == token)
         ).one()
+
+
+def test_synthetic_participants_report_their_display(app, live_server, tmp_path):
+    """`pstudy simulate` on a study that checks the display: each synthetic participant
+    reports the 96-dpi display seen from 60 cm that its votes describe (39.6 px/deg);
+    a study asking for more is refused with the server's reason."""
+    from study_app.simulate import run_simulation
+
+    root = write_stimulus_set(tmp_path / "set")
+    required = {"mode": "required", "viewing_distance": "required", "require_unscaled": True}
+    ok = make_study(app, root, slug="sim-ok", calibration={**required, "min_px_per_deg": 30})
+    result = run_simulation(live_server, ok, participants=2, concurrency=2, progress=False)
+    assert result.errors == [] and result.completed == 2
+    with app.app_context():
+        rows = db.session.scalars(select(ParticipantRow)).all()
+        assert [row.display_status for row in rows] == ["passed", "passed"]
+        expected = 2 * 600 * math.tan(math.radians(0.5)) * 96 / 25.4
+        assert [row.px_per_deg for row in rows] == pytest.approx([expected] * 2)
+    sharp = make_study(app, root, slug="sim-sharp", calibration={**required, "min_px_per_deg": 50})
+    refused = run_simulation(live_server, sharp, participants=1, progress=False)
+    assert refused.completed == 0 and "too_few_px_per_deg" in refused.errors[0]
