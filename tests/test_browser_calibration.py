@@ -17,7 +17,13 @@ import pytest
 from sqlalchemy import select
 
 from tests.test_browser_participant import PLANNED, TIMEOUT_MS, answer, wait_trial
-from tests.test_pages_support import import_set, make_study, votes_per_trial, write_stimulus_set
+from tests.test_pages_support import (
+    import_set,
+    make_study,
+    save_screenshot,
+    votes_per_trial,
+    write_stimulus_set,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -80,6 +86,7 @@ def test_card_and_blind_spot_calibration_give_the_measured_px_per_mm_and_distanc
     assert matched == pytest.approx(expected, abs=0.01)
     height = page.eval_on_selector("#card-outline", "el => el.getBoundingClientRect().height")
     assert matched / height == pytest.approx(85.60 / 53.98, rel=1e-3)  # an ID-1 card's shape
+    save_screenshot(page, "participant-calibration-card")
     page.click("#card-done")
 
     page.wait_for_selector("body[data-state='calibration-distance']", timeout=TIMEOUT_MS)
@@ -92,6 +99,8 @@ def test_card_and_blind_spot_calibration_give_the_measured_px_per_mm_and_distanc
             polling="raf",
             timeout=TIMEOUT_MS,
         )
+        if sweep == 1:
+            save_screenshot(page, "participant-calibration-distance")
         page.keyboard.press("Space")
     wait_trial(page)  # the display passed: on to the practice trial
     assert page.is_visible("#practice-badge")
@@ -132,6 +141,7 @@ def test_a_scaled_page_is_refused_when_the_study_requires_unscaled_stimuli(
         page.wait_for_selector("body[data-state='display-refused']", timeout=TIMEOUT_MS)
         problem = page.inner_text("#display-problems")
         assert "device pixel ratio 1.25" in problem and "Ctrl+0" in problem
+        save_screenshot(page, "participant-display-refused")
         page.click("#display-retry")  # nothing changed: refused again
         page.wait_for_selector("body[data-state='display-refused']", timeout=TIMEOUT_MS)
         assert not page.is_visible("#trial-stage")
@@ -160,6 +170,7 @@ def test_leaving_fullscreen_pauses_the_study_and_no_vote_is_lost_or_doubled(
     page.evaluate("document.exitFullscreen()")
     page.wait_for_selector("body[data-paused='fullscreen']", timeout=TIMEOUT_MS)
     assert page.is_visible("#fullscreen-paused")
+    save_screenshot(page, "participant-fullscreen-paused")
     # neither keys nor clicks reach the trial behind the pause
     page.keyboard.press("j")
     page.keyboard.press("ArrowLeft")
