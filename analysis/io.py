@@ -40,6 +40,16 @@ SEQUENCE_COLUMNS = [
     "isi_measured_ms",
     "second_measured_ms",
 ]
+# The participant's display check (study_app.calibration; repeated on each of their rows,
+# missing without one). Optional columns, like the timing.
+DISPLAY_COLUMNS = [
+    "display_status",
+    "display_px_per_mm",
+    "display_px_per_deg",
+    "display_viewing_distance_mm",
+    "display_dpr",
+    "display_unscaled",
+]
 RESPONSE_COLUMNS = [
     "study",
     "participant",
@@ -65,6 +75,7 @@ RESPONSE_COLUMNS = [
     "task",  # "2afc" (filled in when missing) or "jnd"
     "jnd_answer",  # jnd: "same" | "different"; empty for 2afc
     *SEQUENCE_COLUMNS,
+    *DISPLAY_COLUMNS,
 ]
 # Without these a file cannot be analysed; the others are filled with "unknown" values.
 CORE_COLUMNS = [
@@ -260,7 +271,7 @@ def validate_responses(raw: pd.DataFrame, *, csv: bool = True) -> tuple[pd.DataF
         raise ResponsesFormatError("the responses file has no rows; export a study with votes")
     out = pd.DataFrame(index=pd.RangeIndex(len(raw)))
     # frame timing is optional (only limited-exposure studies have it): not "filled"
-    optional = {*TIMING_COLUMNS, *SEQUENCE_COLUMNS, "jnd_answer"}
+    optional = {*TIMING_COLUMNS, *SEQUENCE_COLUMNS, "jnd_answer", *DISPLAY_COLUMNS}
     filled = [c for c in RESPONSE_COLUMNS if c not in raw.columns and c not in optional]
     raw = raw.reset_index(drop=True)
     for column in [
@@ -427,18 +438,30 @@ def validate_responses(raw: pd.DataFrame, *, csv: bool = True) -> tuple[pd.DataF
     out["exclusion_reasons"] = (
         _text(raw["exclusion_reasons"]).astype(object) if "exclusion_reasons" in raw else ""
     )
-    for column in TIMING_COLUMNS[:-1] + SEQUENCE_COLUMNS:
+    _optional_columns(raw, out, TIMING_COLUMNS[:-1] + SEQUENCE_COLUMNS, "exposure_ok", csv)
+    out["display_status"] = (
+        _text(raw["display_status"]).astype(object) if "display_status" in raw else ""
+    )
+    _optional_columns(raw, out, DISPLAY_COLUMNS[1:-1], "display_unscaled", csv)
+    return out[RESPONSE_COLUMNS], filled
+
+
+def _optional_columns(
+    raw: pd.DataFrame, out: pd.DataFrame, numbers: list[str], flag: str, csv: bool
+) -> None:
+    """Optional columns into ``out``: ``numbers`` (>= 0; NaN where absent or empty) and
+    the true/false ``flag`` (missing where absent or empty)."""
+    for column in numbers:
         out[column] = (
             _parse_number(raw[column], column, csv, integer=False, minimum=0, required=False)
             if column in raw
             else np.nan
         )
-    out["exposure_ok"] = (
-        _parse_optional_bool(raw["exposure_ok"], "exposure_ok", csv)
-        if "exposure_ok" in raw
+    out[flag] = (
+        _parse_optional_bool(raw[flag], flag, csv)
+        if flag in raw
         else pd.Series(pd.NA, index=out.index, dtype="boolean")
     )
-    return out[RESPONSE_COLUMNS], filled
 
 
 def _parse_optional_bool(series: pd.Series, column: str, csv: bool) -> pd.Series:

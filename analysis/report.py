@@ -32,6 +32,7 @@ from analysis import (
     scaling,
     timing,
 )
+from analysis.display import display_calibration_table
 from analysis.formatting import format_p
 from analysis.io import LoadedResponses
 from analysis.pairs import preference_table
@@ -489,6 +490,9 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
         "pairs": pair_table(main, options.alpha),
         "pairs_everyone": pair_table(qc.everyone, options.alpha),
     }
+    calibration = display_calibration_table(frame)
+    if calibration is not None:
+        tables["display_calibration"] = calibration
     if options.mixed:
         tables["pair_tests_glmm"] = glmm.glmm_pair_tests(main, options.alpha, loaded.sides_recorded)
     level = 1 - options.alpha

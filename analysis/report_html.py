@@ -271,6 +271,14 @@ REPORT_SECTIONS: tuple[Section, ...] = (
                 "Share of left choices per kept "
                 "participant, exact binomial test against 0.5, Holm over participants.",
             ),
+            TableEntry(
+                "display_calibration",
+                "Display calibration of the {n_total} participants (before the trials): "
+                "how many measured each quantity (share of all participants), its median, "
+                "quartiles and range. Card: an outline matched to an ID-1 card (85.60 mm "
+                "wide); viewing distance: the blind spot at 13.5°; pixels per degree: "
+                "2 × distance × tan 0.5° × px/mm, in CSS pixels.",
+            ),
         ),
     ),
     Section(

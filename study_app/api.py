@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
-from study_app import scheduling
+from study_app import calibration, scheduling
 from study_app.access import may
 from study_app.auth import current_researcher
 from study_app.errors import ApiError
@@ -56,6 +56,13 @@ VOTE_FIELDS = ("trial_token", "choice", "rt_ms", "presented_at", "answered_at", 
 FRAME_PERIOD_MS = (2.0, 200.0)  # 500 Hz .. 5 Hz displays
 MAX_FRAMES = 100_000
 MAX_PAGE_CLOCK_MS = 1e10  # performance.now() of a page open for ~115 days
+# The display report (POST /participant/display): what a page may plausibly measure.
+DISPLAY_FIELDS = ("device_pixel_ratio", "screen_w", "screen_h", "zoom_estimate",
+                  "card_width_px", "blind_spot_px")
+CARD_WIDTH_PX = (40.0, 4000.0)  # CSS px: 0.5 .. 47 px/mm
+BLIND_SPOT_PX = (20.0, 8000.0)
+ZOOM_RANGE = (0.25, 5.0)  # browsers zoom 25 % .. 500 %
+DISTANCE_MM = (100.0, 3000.0)  # a viewing distance outside 10 cm .. 3 m is a misreading
 
 
 # --------------------------------------------------------------------------- errors
@@ -269,6 +276,60 @@ def parse_vote(body: dict[str, Any]) -> VoteInput:
     )
 
 
+def parse_display(body: dict[str, Any],
+                  req: calibration.DisplayRequirements) -> calibration.DisplayReport:
+    """Validate a display report against what the study offers (the card step only when
+    ``mode`` is not off, required when it is required; the blind-spot step likewise, and
+    only after the card); raise ApiError 400 naming the field."""
+    unknown = sorted(set(body) - set(DISPLAY_FIELDS))
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown field(s) {unknown}; a display report "
+                       f"has {list(DISPLAY_FIELDS)}", field=unknown[0])
+    missing = [name for name in ("device_pixel_ratio", "screen_w", "screen_h")
+               if name not in body]
+    if missing:
+        raise ApiError(400, "missing_field", f"missing field(s) {missing}", field=missing[0])
+    if "blind_spot_px" in body and "card_width_px" not in body:
+        raise ApiError(400, "missing_field", "'blind_spot_px' needs 'card_width_px' (the "
+                       "distance is measured in millimetres)", field="card_width_px")
+    _fits_study(body, req)
+    zoom = body.get("zoom_estimate")
+    report = calibration.DisplayReport(
+        device_pixel_ratio=_number(body, "device_pixel_ratio", 0.1, 16.0),
+        screen_w=int(_number(body, "screen_w", 1, 100_000, integer=True)),
+        screen_h=int(_number(body, "screen_h", 1, 100_000, integer=True)),
+        zoom_estimate=None if zoom is None else _number(body, "zoom_estimate", *ZOOM_RANGE),
+        card_width_px=(_number(body, "card_width_px", *CARD_WIDTH_PX)
+                       if "card_width_px" in body else None),
+        blind_spot_px=(_number(body, "blind_spot_px", *BLIND_SPOT_PX)
+                       if "blind_spot_px" in body else None),
+    )
+    if report.blind_spot_px is not None:
+        distance = calibration.viewing_distance_mm(
+            report.blind_spot_px, calibration.px_per_mm(report.card_width_px))
+        if not DISTANCE_MM[0] <= distance <= DISTANCE_MM[1]:
+            raise ApiError(422, "implausible_distance",
+                           f"the blind spot at {report.blind_spot_px:g} px means a viewing "
+                           f"distance of {distance:.0f} mm, outside {DISTANCE_MM[0]:g}.."
+                           f"{DISTANCE_MM[1]:g} mm: measure again (press the key the moment "
+                           "the dot disappears)", field="blind_spot_px")
+    return report
+
+
+def _fits_study(body: dict[str, Any], req: calibration.DisplayRequirements) -> None:
+    """The steps a report carries match the study's settings, else ApiError 422."""
+    steps = {"card_width_px": req.mode, "blind_spot_px": "off" if req.mode == "off"
+             else req.viewing_distance}
+    names = {"card_width_px": "card calibration", "blind_spot_px": "viewing distance"}
+    for name, mode in steps.items():
+        needed = mode == "required" and (name == "card_width_px" or "card_width_px" in body)
+        if (mode == "off" and name in body) or (needed and name not in body):
+            raise ApiError(422, "calibration_mismatch",
+                           f"this study's {names[name]} is {mode}: "
+                           + ("send no" if mode == "off" else "send") + f" '{name}'",
+                           field=name)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -310,6 +371,16 @@ def participant_json(participant: Participant, study: Study, config: StudyConfig
         "id": participant.public_id, "token": participant.token, "status": participant.status,
         "study": study.slug, "preview": participant.preview,
         "progress": _progress(participant, config),
+        "display": display_json(participant),
+    }
+
+
+def display_json(participant: Participant) -> dict:
+    """The participant's latest display check (status None: none reported yet)."""
+    return {
+        "status": participant.display_status, "attempts": participant.display_attempts or 0,
+        "px_per_mm": participant.px_per_mm, "viewing_distance_mm": participant.viewing_distance_mm,
+        "px_per_deg": participant.px_per_deg, "scaling_ok": participant.display_scaling_ok,
     }
 
 
@@ -383,6 +454,7 @@ def _study_json(study: Study, config: StudyConfig) -> dict:
             if config.sequential else None,
         },
         "task": config.task,
+        "calibration": config.calibration.to_public(),
         "trials_total": scheduling.planned_total(config),
         "batch_size": config.batch_size,
         "practice": _practice(study, config),
@@ -493,6 +565,10 @@ def next_trials():
         raise ApiError(400, "unknown_field", f"unknown field(s) {unknown}; send {{}} or no "
                        "body", field=unknown[0])
     participant, study, config = _authenticated()
+    if config.calibration.check_needed and participant.display_status != "passed":
+        raise ApiError(409, "display_check_needed",
+                       "this study checks the display before the trials: send a passing "
+                       "report to /participant/display first")
     participant_id = participant.id
     trials, done = run_write(lambda: scheduling.lease_trials(participant_id, study, config))
     references = dict(db.session.execute(
@@ -536,6 +612,41 @@ def vote():
     if replayed:
         response.headers["X-Idempotent-Replay"] = "true"
     return response
+
+
+@bp.post("/participant/display")
+def display():
+    """Record the participant's display check (the latest report wins) and answer the
+    server's verdict: px/mm, viewing distance, px/deg, and the problems to fix."""
+    _bearer_token()  # 401 before any look at the body
+    body = json_body(START_MAX_BYTES)
+    participant, study, config = _authenticated()
+    report = parse_display(body, config.calibration)
+    verdict = calibration.check_display(report, config.calibration)
+    participant_id = participant.id
+
+    def store() -> Participant:
+        row = scheduling.lock_participant(participant_id)
+        if row.status != "started":
+            raise ApiError(409, "participant_finished",
+                           f"this participation is already {row.status}")
+        row.display_status = "passed" if verdict.passed else "failed"
+        row.display_attempts = (row.display_attempts or 0) + 1
+        row.display_checked_at = datetime.now(UTC)
+        row.display_dpr = report.device_pixel_ratio
+        row.display_screen_w, row.display_screen_h = report.screen_w, report.screen_h
+        row.display_zoom = report.zoom_estimate
+        row.display_scaling_ok = verdict.scaling_ok
+        row.card_width_px, row.px_per_mm = report.card_width_px, verdict.px_per_mm
+        row.blind_spot_px = report.blind_spot_px
+        row.viewing_distance_mm, row.px_per_deg = verdict.viewing_distance_mm, verdict.px_per_deg
+        return row
+
+    participant = run_write(store)
+    return jsonify(display={
+        **display_json(participant), "passed": verdict.passed,
+        "problems": [{"code": code, "message": message} for code, message in verdict.problems],
+    })
 
 
 @bp.post("/participant/finish")

@@ -98,6 +98,13 @@ def _load_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+# study create's options for the ``calibration`` settings (study_app.calibration)
+CALIBRATION_OPTIONS = {"mode": "calibration_mode", "viewing_distance": "viewing_distance",
+                       "min_px_per_deg": "min_px_per_deg",
+                       "require_unscaled": "require_unscaled",
+                       "require_fullscreen": "require_fullscreen"}
+
+
 @study.command("create")
 @click.argument("stimulus_set", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False,
@@ -133,6 +140,19 @@ def _load_config_file(path: Path) -> dict[str, Any]:
 @click.option("--second-ms", type=int, help="Sequential: second image, ms (default 500).")
 @click.option("--isi-mask", type=click.Choice(["grey", "noise", "none"]),
               help="Sequential: what the interval shows (default grey).")
+@click.option("--calibration", "calibration_mode",
+              type=click.Choice(["off", "optional", "required"]),
+              help="Display calibration before the trials: the credit-card step (CSS px per "
+              "mm), may be skipped when optional (default: off).")
+@click.option("--viewing-distance", type=click.Choice(["off", "optional", "required"]),
+              help="The blind-spot viewing-distance step after the card (default: optional).")
+@click.option("--min-px-per-deg", type=float,
+              help="Refuse displays giving fewer CSS pixels per degree (needs --calibration "
+              "required --viewing-distance required).")
+@click.option("--require-unscaled", is_flag=True, default=None,
+              help="Refuse browser zoom other than 100 %% and fractional devicePixelRatio.")
+@click.option("--require-fullscreen", is_flag=True, default=None,
+              help="Trials only in fullscreen; leaving it pauses the study.")
 @click.option("--live", is_flag=True, help="Open the study for participants right away.")
 @click.option("--owner", metavar="EMAIL",
               help="Researcher who owns the study and its stimulus set (default: nobody, "
@@ -151,6 +171,7 @@ def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, li
       pstudy study create stimuli/demo --owner ada@example.org
       pstudy study create stimuli/demo --design active --stop-half-width 0.2 -k 3
       pstudy study create stimuli/demo --task jnd --first-ms 1000 --isi-ms 250 --second-ms 1000
+      pstudy study create stimuli/demo --calibration required --require-unscaled
     """
     import re
 
@@ -170,6 +191,12 @@ def study_create(stimulus_set: Path, config_file: Path | None, base_url: str, li
     conditions = options.pop("conditions")
     if conditions:
         settings["conditions"] = [c.strip() for c in conditions.split(",") if c.strip()]
+    calibration = {name: options.pop(option) for name, option in CALIBRATION_OPTIONS.items()}
+    calibration = {name: value for name, value in calibration.items() if value is not None}
+    if calibration:  # the options win over the file's calibration mapping, setting by setting
+        from_file = settings.get("calibration")
+        settings["calibration"] = {**(from_file if isinstance(from_file, dict) else {}),
+                                   **calibration}
     settings.update({k: v for k, v in options.items() if v is not None})
     settings.setdefault("title", stimulus_set.resolve().name)
     if "slug" not in settings:

@@ -47,12 +47,25 @@ COLUMNS = (
     # sequential presentation: the exposure columns above time the first image, these the
     # interval and the second image (empty/null for side-by-side trials)
     *SEQUENCE_FIELDS, "isi_measured_ms", "second_measured_ms",
+    # the participant's display check (study_app.calibration), repeated on each of their
+    # rows; empty/null for participants without one
+    "display_status", "display_px_per_mm", "display_px_per_deg", "display_viewing_distance_mm",
+    "display_dpr", "display_unscaled",
 )
 INT_TIMING_COLUMNS = ("exposure_frames_requested", "exposure_frames_measured",
                       "second_frames_requested", "second_frames_measured")
 FLOAT_TIMING_COLUMNS = tuple(
     c for c in (*TIMING_COLUMNS, "exposure_measured_ms", *SEQUENCE_FIELDS, "isi_measured_ms",
                 "second_measured_ms") if c not in INT_TIMING_COLUMNS)
+# export column -> participant column
+DISPLAY_COLUMNS = {
+    "display_status": "display_status", "display_px_per_mm": "px_per_mm",
+    "display_px_per_deg": "px_per_deg", "display_viewing_distance_mm": "viewing_distance_mm",
+    "display_dpr": "display_dpr", "display_unscaled": "display_scaling_ok",
+}
+N_VOTE_TIMING = len(TIMING_COLUMNS) + len(SEQUENCE_FIELDS)  # vote timing columns selected
+FLOAT_DISPLAY_COLUMNS = ("display_px_per_mm", "display_px_per_deg",
+                         "display_viewing_distance_mm", "display_dpr")
 # Timestamps are coarsened by browsers (to 0.1 ms or 5 µs) and rounded to 1 µs by the
 # page; a miss of exactly one frame must not be flagged for that.
 EXPOSURE_TOLERANCE_MS = 0.5
@@ -191,6 +204,16 @@ def _timing_fields(values: tuple) -> dict[str, Any]:
     return row
 
 
+def _display_fields(values: tuple) -> dict[str, Any]:
+    """The export's display columns from the participant's stored display check."""
+    row = dict(zip(DISPLAY_COLUMNS, values, strict=True))
+    for column in FLOAT_DISPLAY_COLUMNS:
+        row[column] = None if row[column] is None else float(row[column])
+    if row["display_unscaled"] is not None:
+        row["display_unscaled"] = bool(row["display_unscaled"])
+    return row
+
+
 def _iso(value: datetime) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
@@ -214,6 +237,7 @@ def iter_responses(connection: Connection, study_key: str | int,
             Vote.answered_at, Vote.reference_shown, Vote.viewport_w, Vote.viewport_h,
             Vote.device_pixel_ratio, Participant.prolific_pid, Trial.info_gain,
             *(getattr(Vote, name) for name in (*TIMING_COLUMNS, *SEQUENCE_FIELDS)),
+            *(getattr(Participant, name) for name in DISPLAY_COLUMNS.values()),
         )
         .join(Trial, Vote.trial_id == Trial.id)
         .join(Participant, Vote.participant_id == Participant.id)
@@ -242,7 +266,8 @@ def iter_responses(connection: Connection, study_key: str | int,
                 "exclusion_reasons": reasons, "prolific_pid": r[18],
                 "info_gain": None if r[19] is None else float(r[19]),
                 "task": "jnd" if jnd else "2afc", "jnd_answer": r[8] if jnd else None,
-                **_timing_fields(tuple(r[20:])),
+                **_timing_fields(tuple(r[20:20 + N_VOTE_TIMING])),
+                **_display_fields(tuple(r[20 + N_VOTE_TIMING:])),
             })
         yield batch
 
@@ -277,7 +302,7 @@ def write_csv(connection: Connection, study_key: str | int, out: IO[str],
 def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
     """A row as the CSV writes it: booleans as true/false, missing values empty."""
     row = {key: ("" if value is None else value) for key, value in row.items()}
-    for column in ("reference_shown", "participant_excluded", "exposure_ok"):
+    for column in ("reference_shown", "participant_excluded", "exposure_ok", "display_unscaled"):
         if row[column] != "":
             row[column] = "true" if row[column] else "false"
     return row
@@ -310,6 +335,8 @@ def arrow_schema():
         "exposure_ok": pa.bool_(),  # null without frame timing
         **{c: pa.int64() for c in INT_TIMING_COLUMNS},
         **{c: pa.float64() for c in FLOAT_TIMING_COLUMNS},
+        **{c: pa.float64() for c in FLOAT_DISPLAY_COLUMNS},
+        "display_unscaled": pa.bool_(),  # null without a display check
     }
     return pa.schema([(c, types.get(c, pa.string())) for c in COLUMNS])
 
@@ -357,4 +384,7 @@ def read_responses(database_url: str, study: str | int) -> pd.DataFrame:
         # timing: nullable, as pyarrow gives them (whole frames as float64 with NaN)
         **{c: "float64" for c in (*INT_TIMING_COLUMNS, *FLOAT_TIMING_COLUMNS)},
         "exposure_ok": "object",
+        "display_status": "str",  # None -> missing, as Parquet
+        **{c: "float64" for c in FLOAT_DISPLAY_COLUMNS},
+        "display_unscaled": "object",
     })

@@ -97,4 +97,26 @@ def participant_texts() -> dict[str, str]:
                                     "marked as withdrawn."),
         "could_not_withdraw": gettext("Could not withdraw (%(reason)s). Reload the page and "
                                       "try again."),
+        # the display step (calibration.js)
+        "distance_progress": gettext("Measurement %(number)s of %(total)s"),
+        "dot_missed": gettext("The dot reached the edge: keep looking at the square and "
+                              "press as soon as the dot disappears. Once more…"),
+        "display_scaled": gettext("Your page is scaled (device pixel ratio %(ratio)s), so the "
+                                  "images would be resampled. Reset the browser zoom (Ctrl+0, "
+                                  "or Cmd+0 on a Mac) and set the system's display scaling to "
+                                  "100 or 200 percent, then check again."),
+        "zoom_not_100": gettext("Your browser zoom seems to be %(zoom)s percent. Reset it to "
+                                "100 percent (Ctrl+0, or Cmd+0 on a Mac), then check again."),
+        "too_few_px_per_deg": gettext("At your viewing distance the screen gives %(value)s "
+                                      "pixels per degree; this study needs at least "
+                                      "%(minimum)s. Sit farther from the screen, then measure "
+                                      "again."),
+        "implausible_distance": gettext("That measurement does not look right. Keep looking at "
+                                        "the square and press the moment the dot disappears; "
+                                        "let us measure again."),
+        "fullscreen_unavailable": gettext("This study needs fullscreen, which this browser does "
+                                          "not offer. Please open the link in another browser, "
+                                          "for example on a computer."),
+        "fullscreen_refused": gettext("The browser did not switch to fullscreen (%(reason)s). "
+                                      "Please try again."),
     }

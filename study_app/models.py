@@ -292,6 +292,23 @@ class Participant(db.Model):
     user_agent: Mapped[str | None] = mapped_column(String(400))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The display check before the trials (study_app.calibration), its latest report:
+    # status "passed" / "failed" (None: never reported), how many reports were sent.
+    display_status: Mapped[str | None] = mapped_column(String(8))
+    display_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    display_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    display_dpr: Mapped[float | None] = mapped_column(Float)  # window.devicePixelRatio
+    display_screen_w: Mapped[int | None] = mapped_column(Integer)  # screen.width, CSS px
+    display_screen_h: Mapped[int | None] = mapped_column(Integer)
+    display_zoom: Mapped[float | None] = mapped_column(Float)  # browser zoom estimate, 1 = 100 %
+    display_scaling_ok: Mapped[bool | None] = mapped_column(Boolean)
+    # Card (CSS px/mm) and blind-spot (viewing distance, CSS px/deg) calibration; None:
+    # that step was skipped or not offered.
+    card_width_px: Mapped[float | None] = mapped_column(Float)
+    px_per_mm: Mapped[float | None] = mapped_column(Float)
+    blind_spot_px: Mapped[float | None] = mapped_column(Float)
+    viewing_distance_mm: Mapped[float | None] = mapped_column(Float)
+    px_per_deg: Mapped[float | None] = mapped_column(Float)
 
     study: Mapped[Study] = relationship()
 

@@ -13,9 +13,12 @@ _ERROR_CODES = {
     403: "trial_not_assigned, preview_needs_login",
     404: "unknown_study, unknown_trial, unknown_participant",
     409: "vote_conflict, study_closed, study_not_live, participant_finished, trials_open, "
-         "trials_remaining",
+         "trials_remaining, display_check_needed",
     410: "trial_expired",
     413: "payload_too_large",
+    422: "calibration_mismatch (the display report does not fit the study's calibration "
+         "settings), implausible_distance (the blind spot gives a viewing distance outside "
+         "10 cm .. 3 m)",
     415: "unsupported_media_type",
     429: "rate_limited: too many requests from this address (retry after the Retry-After "
          "header)",
@@ -71,7 +74,37 @@ _SCHEMAS: dict[str, Any] = {
             "study": {"type": "string"},
             "preview": {"type": "boolean"},
             "progress": _ref("Progress"),
+            "display": _ref("DisplayCheck"),
         },
+    },
+    "DisplayCheck": {
+        "type": "object",
+        "description": "the latest display check (status null: none reported yet); CSS px",
+        "properties": {
+            "status": {"enum": ["passed", "failed", None]},
+            "attempts": {"type": "integer"},
+            "px_per_mm": {"type": ["number", "null"]},
+            "viewing_distance_mm": {"type": ["number", "null"]},
+            "px_per_deg": {"type": ["number", "null"]},
+            "scaling_ok": {"type": ["boolean", "null"]},
+        },
+    },
+    "DisplayRequest": {
+        "type": "object", "additionalProperties": False,
+        "required": ["device_pixel_ratio", "screen_w", "screen_h"],
+        "properties": {
+            "device_pixel_ratio": {"type": "number", "minimum": 0.1, "maximum": 16},
+            "screen_w": {"type": "integer", "minimum": 1, "maximum": 100000},
+            "screen_h": {"type": "integer", "minimum": 1, "maximum": 100000},
+            "zoom_estimate": {"type": ["number", "null"], "minimum": 0.25, "maximum": 5,
+                              "description": "browser zoom, 1 = 100 %; null: unknown"},
+            "card_width_px": {"type": "number", "minimum": 40, "maximum": 4000,
+                              "description": "matched ID-1 card outline width, CSS px"},
+            "blind_spot_px": {"type": "number", "minimum": 20, "maximum": 8000,
+                              "description": "fixation to blind spot, CSS px (needs "
+                                             "card_width_px)"},
+        },
+        "dependentRequired": {"blind_spot_px": ["card_width_px"]},
     },
     "Trial": {
         "type": "object",
@@ -124,6 +157,18 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "task": {"enum": ["2afc", "jnd"]},
+            "calibration": {
+                "type": "object", "description": "display calibration settings",
+                "properties": {
+                    "mode": {"enum": ["off", "optional", "required"]},
+                    "viewing_distance": {"enum": ["off", "optional", "required"]},
+                    "min_px_per_deg": {"type": ["number", "null"]},
+                    "require_unscaled": {"type": "boolean"},
+                    "require_fullscreen": {"type": "boolean"},
+                    "card_mm": {"type": "array", "items": {"type": "number"}},
+                    "blind_spot_deg": {"type": "number"},
+                },
+            },
             "trials_total": {"type": "integer"}, "batch_size": {"type": "integer"},
             "practice": {"type": "array", "items": _ref("PracticeTrial")},
         },
@@ -262,6 +307,21 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json(_ref("VoteResponse"),
                                            "stored (or replayed: X-Idempotent-Replay: true)"),
                               **_errors(400, 401, 403, 404, 409, 410, 413, 415, 503)},
+            }},
+            "/api/v1/participant/display": {"post": {
+                "summary": "Report the display check (card, blind spot, scaling); the "
+                           "latest report counts",
+                "security": _BEARER,
+                "requestBody": _body(_ref("DisplayRequest")),
+                "responses": {"200": _json({"type": "object", "properties": {"display": {
+                    "allOf": [_ref("DisplayCheck")], "properties": {
+                        "passed": {"type": "boolean"},
+                        "problems": {"type": "array", "items": {
+                            "type": "object", "properties": {
+                                "code": {"enum": ["display_scaled", "too_few_px_per_deg"]},
+                                "message": {"type": "string"}}}}}}}},
+                    "recorded, with the server's verdict"),
+                    **_errors(400, 401, 409, 413, 415, 422, 503)},
             }},
             "/api/v1/participant/finish": {"post": {
                 "summary": "Finish as completed (completion code, redirect) or returned",

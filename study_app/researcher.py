@@ -188,6 +188,17 @@ class StudyForm(FlaskForm):
     design = SelectField("Pair selection", default="balanced", choices=[
         SelectChoice("balanced", "balanced: K votes on every image × pair"),
         SelectChoice("active", "active: the most informative pair next (K = cap per item)")])
+    calibration_mode = SelectField("Display calibration (credit card)", default="off", choices=[
+        SelectChoice("off", "off"),
+        SelectChoice("optional", "optional: offered, may be skipped"),
+        SelectChoice("required", "required")])
+    viewing_distance = SelectField(
+        "Viewing distance (blind spot, after the card)", default="optional",
+        choices=[SelectChoice(v, v) for v in ("off", "optional", "required")])
+    min_px_per_deg = StringField(
+        "Minimum pixels per degree (empty = any)", validators=[Optional()])
+    require_unscaled = BooleanField("Refuse browser zoom ≠ 100 % and fractional pixel ratios")
+    require_fullscreen = BooleanField("Trials only in fullscreen (leaving it pauses)")
     stop_half_width = StringField(
         "Active: stop at 95 % half-width (JOD; empty = no target)", validators=[Optional()])
     vote_budget = IntegerField(
@@ -243,6 +254,13 @@ def config_from_form(form: StudyForm) -> dict[str, Any]:
         "vote_budget": form.vote_budget.data,
         "language": form.language.data,
         "break_every": form.break_every.data,
+        "calibration": {
+            "mode": form.calibration_mode.data,
+            "viewing_distance": form.viewing_distance.data,
+            "min_px_per_deg": _float_or_none(form.min_px_per_deg.data, "min_px_per_deg"),
+            "require_unscaled": bool(form.require_unscaled.data),
+            "require_fullscreen": bool(form.require_fullscreen.data),
+        },
         "exclusion": {
             "min_catch_accuracy": _float_or_none(
                 form.min_catch_accuracy.data, "min_catch_accuracy"
@@ -345,6 +363,42 @@ def participant_counts(study: Study) -> dict[str, int]:
     counts = {"started": 0, "completed": 0, "returned": 0}
     counts.update({status: int(n) for status, n in rows})
     return counts
+
+
+def display_coverage(study: Study) -> dict[str, Any]:
+    """Display calibration coverage over the study's participants (previews left out):
+    how many reported a display check, ``calibrated`` (a card: px/mm), ``passed``, the
+    share calibrated (None without participants), the px/deg summary
+    (:func:`analysis.display.value_summary`) and the sentence the dashboard shows."""
+    from analysis.display import value_summary
+
+    rows = db.session.execute(
+        select(Participant.display_status, Participant.px_per_mm, Participant.px_per_deg)
+        .where(Participant.study_id == study.id, Participant.preview.is_(False))
+    ).all()
+    n = len(rows)
+    calibrated = sum(1 for row in rows if row.px_per_mm is not None)
+    deg = value_summary(row.px_per_deg for row in rows)
+    coverage = {
+        "participants": n, "checked": sum(1 for row in rows if row.display_status),
+        "passed": sum(1 for row in rows if row.display_status == "passed"),
+        "calibrated": calibrated, "share": calibrated / n if n else None, "px_per_deg": deg,
+    }
+    coverage["text"] = _coverage_text(coverage)
+    return coverage
+
+
+def _coverage_text(c: dict[str, Any]) -> str:
+    if not c["participants"]:
+        return "Display calibration: no participants yet."
+    text = (f"Display calibration: {c['calibrated']} of {c['participants']} participants "
+            f"calibrated ({100 * c['share']:.1f} %); {c['passed']} passed the display check.")
+    deg = c["px_per_deg"]
+    if deg["n"]:
+        text += (f" Pixels per degree ({deg['n']} with a viewing distance): median "
+                 f"{deg['median']:.1f}, quartiles {deg['q25']:.1f}–{deg['q75']:.1f}, range "
+                 f"{deg['min']:.1f}–{deg['max']:.1f}.")
+    return text
 
 
 def item_progress(study: Study, k: int) -> dict[str, Any]:
@@ -531,6 +585,7 @@ def dashboard_data(study: Study) -> dict[str, Any]:
         "participants": participant_counts(study),
         "exclusions": exclusion_summary(responses),
         "timing": timing_quality(responses),
+        "display": display_coverage(study) if config.calibration.step_shown else None,
         "responses": int(len(responses)),
         "items": items,
         "preference": preference_rows(responses),

@@ -21,6 +21,7 @@ unless the noise says otherwise).
 from __future__ import annotations
 
 import io
+import math
 import random
 import threading
 import time
@@ -180,6 +181,36 @@ def _vote_body(token: str, choice: str, rng: random.Random) -> dict:
     }
 
 
+# The synthetic participants' display: the 1280 × 800 window at devicePixelRatio 1 their
+# votes report, on a 1920 × 1080 screen at 96 dpi (3.78 CSS px/mm), seen from 60 cm.
+SIM_PX_PER_MM = 96 / 25.4
+SIM_DISTANCE_MM = 600.0
+
+
+def synthetic_display(calibration: dict) -> dict:
+    """A display report (POST /participant/display) that fits a study's ``calibration``
+    settings: the card step unless it is off, the blind spot (13.5° at SIM_DISTANCE_MM)
+    unless that is off; 39.6 CSS px per degree."""
+    body = {"device_pixel_ratio": 1.0, "screen_w": 1920, "screen_h": 1080,
+            "zoom_estimate": 1.0}
+    if calibration.get("mode", "off") != "off":
+        body["card_width_px"] = round(85.6 * SIM_PX_PER_MM, 3)
+        if calibration.get("viewing_distance", "optional") != "off":
+            body["blind_spot_px"] = round(
+                SIM_DISTANCE_MM * math.tan(math.radians(13.5)) * SIM_PX_PER_MM, 3)
+    return body
+
+
+def _check_display(client: Client, slug: str, headers: dict) -> None:
+    """Report the synthetic display when the study wants one before the trials."""
+    study = client.request("GET", f"/api/v1/studies/{slug}").json()["study"]
+    response = client.request("POST", "/api/v1/participant/display", headers=headers,
+                              json=synthetic_display(study.get("calibration") or {}))
+    verdict = response.json().get("display") if response.status_code == 200 else None
+    if not verdict or not verdict["passed"]:
+        raise SimulationError(f"display check refused: {response.status_code} {response.text}")
+
+
 def run_participant(base_url: str, slug: str, pid: str, observer: Observer,
                     rng: random.Random, result: SimulationResult, lock: threading.Lock,
                     idle_polls: int = 40, fetch_images: bool = False) -> bool:
@@ -196,6 +227,9 @@ def run_participant(base_url: str, slug: str, pid: str, observer: Observer,
         while True:
             response = client.request("POST", "/api/v1/participant/trials/next",
                                       headers=headers)
+            if response.status_code == 409 and "display_check_needed" in response.text:
+                _check_display(client, slug, headers)
+                continue
             if response.status_code != 200:
                 raise SimulationError(f"next refused: {response.status_code} {response.text}")
             body = response.json()

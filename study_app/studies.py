@@ -15,6 +15,7 @@ from typing import Any
 from flask_babel import gettext, lazy_gettext, ngettext
 from sqlalchemy import func, select
 
+from study_app.calibration import DisplayRequirements, RequirementsError, parse_requirements
 from study_app.extensions import db
 from study_app.i18n import DEFAULT_LANGUAGE, LANGUAGES
 from study_app.models import STUDY_STATUSES, Condition, Image, Item, StimulusSet, Study
@@ -130,6 +131,9 @@ class StudyConfig:
     stop_half_width: float | None = None  # active: stop main trials at this 95 % half-width
     vote_budget: int | None = None  # active: stop main trials at this many main votes
     exclusion: ExclusionRules = field(default_factory=ExclusionRules)
+    # Display calibration before the trials and what a display must satisfy
+    # (study_app.calibration, docs/participant_pages.md).
+    calibration: DisplayRequirements = field(default_factory=DisplayRequirements)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,7 +229,11 @@ def parse_config(data: dict[str, Any]) -> StudyConfig:
     rule_names = {f.name for f in fields(ExclusionRules)}
     bad_rules = sorted(set(rules) - rule_names)
     _check(not bad_rules, f"unknown exclusion rule(s) {bad_rules}; known: {sorted(rule_names)}")
-    config = StudyConfig(**data, exclusion=ExclusionRules(**rules))
+    try:
+        calibration = parse_requirements(data.pop("calibration", None))
+    except RequirementsError as error:
+        raise StudyConfigError(str(error)) from None
+    config = StudyConfig(**data, exclusion=ExclusionRules(**rules), calibration=calibration)
     for name in ("votes_per_item", "trials_per_participant", "lease_seconds", "batch_size"):
         value = getattr(config, name)
         _check(isinstance(value, int) and value >= 1, f"'{name}' must be an integer >= 1")

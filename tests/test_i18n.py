@@ -77,13 +77,15 @@ def test_the_compiled_catalogue_is_the_source_catalogue(language):
 
 def test_the_participant_script_has_no_text_of_its_own():
     """participant.js shows only texts from the catalogue (study_app.i18n), so none can
-    be left untranslated: a string literal that reads like a sentence is an error."""
-    script = (REPO / "study_app" / "static" / "js" / "participant.js").read_text()
-    code = re.sub(r"^\s*(//|/?\*).*$", "", script, flags=re.M)  # comments
-    sentences = re.findall(r'"([A-Z][a-z]+ [^"]*)"', code)
-    assert [s for s in sentences if not s.startswith("Bearer")] == []
-    used = set(re.findall(r'\bt\("(\w+)"', code))
-    assert used and used <= set(participant_texts()), used - set(participant_texts())
+    be left untranslated: a string literal that reads like a sentence is an error. The
+    same holds for the display step's script (calibration.js)."""
+    for name in ("participant.js", "calibration.js"):
+        script = (REPO / "study_app" / "static" / "js" / name).read_text()
+        code = re.sub(r"^\s*(//|/?\*).*$", "", script, flags=re.M)  # comments
+        sentences = re.findall(r'"([A-Z][a-z]+ [^"]*)"', code)
+        assert [s for s in sentences if not s.startswith("Bearer")] == [], name
+        used = set(re.findall(r'\bt\("(\w+)"', code))
+        assert used and used <= set(participant_texts()), (name, used - set(participant_texts()))
 
 
 class _Text(HTMLParser):

@@ -349,6 +349,24 @@ def test_an_active_study_is_created_by_form_and_its_dashboard_shows_the_precisio
     assert "vote budget 400" in dashboard and dashboard.count("<td>blurred</td>") == 1
 
 
+def test_a_study_with_display_requirements_is_created_by_form(app, client, set_id, researcher):
+    from study_app.extensions import db
+    from study_app.models import Study
+
+    login(client)
+    form_page = client.get(f"/researcher/studies/new?set={set_id}").get_data(as_text=True)
+    assert 'id="calibration_mode"' in form_page and 'id="require_fullscreen"' in form_page
+    created = client.post(f"/researcher/studies/new?set={set_id}", data=study_form(
+        form_page, calibration_mode="required", viewing_distance="required",
+        min_px_per_deg="32.5", require_unscaled="y", require_fullscreen="y"))
+    assert created.status_code == 303, created.get_data(as_text=True)[-2000:]
+    with app.app_context():
+        study = db.session.scalars(select(Study).where(Study.slug == "loss-cmp")).one()
+        assert study.config["calibration"] == {
+            "mode": "required", "viewing_distance": "required", "min_px_per_deg": 32.5,
+            "require_unscaled": True, "require_fullscreen": True}
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -360,6 +378,10 @@ def test_an_active_study_is_created_by_form_and_its_dashboard_shows_the_precisio
         ({"votes_per_item": "0"}, "Votes per item (K)"),
         ({"stop_half_width": "0.2"}, "need design: active"),
         ({"design": "active", "stop_half_width": "tight"}, "'stop_half_width' must be a number"),
+        ({"min_px_per_deg": "30"}, "'min_px_per_deg' needs mode: required and viewing_distance"),
+        ({"calibration_mode": "required", "viewing_distance": "required",
+          "min_px_per_deg": "sharp"}, "'min_px_per_deg' must be a number"),
+        ({"calibration_mode": "always"}, "Not a valid choice"),
     ],
 )
 def test_a_bad_study_form_is_refused_with_the_reason_and_creates_nothing(

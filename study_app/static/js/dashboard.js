@@ -47,6 +47,7 @@
           " frame-timed trials within one frame of the requested " + timing.dataset.exposureMs + " ms."
         : "Exposure timing: no frame-timed trials yet.";
     }
+    if (data.display) text("display-coverage", data.display.text);
     text("votes-total", data.items.votes);
     text("votes-wanted", data.items.votes_wanted);
     text("items-complete", data.items.items_complete);

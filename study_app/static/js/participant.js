@@ -12,6 +12,7 @@
   "use strict";
 
   const core = window.PStudyCore;
+  const display = window.PStudyDisplay; // the display step before the trials (calibration.js)
   const root = document.getElementById("participant-app");
   // Every text this script shows, in the study's language (study_app/i18n.py).
   const TEXT = JSON.parse(root.dataset.texts);
@@ -48,7 +49,7 @@
   const REDIRECT_DELAY_MS = 3000;
 
   const $ = (id) => document.getElementById(id);
-  const screens = ["loading", "refused", "consent", "declined", "instructions", "main-start", "break", "trial", "waiting", "done", "failed", "withdrawn"];
+  const screens = ["loading", "refused", "consent", "declined", "instructions", "main-start", "break", "trial", "waiting", "done", "failed", "withdrawn", ...display.screens];
   // Touch-first where the main pointer is a finger: tap hints, no keyboard hints.
   const touch = window.matchMedia("(pointer: coarse)").matches;
   document.body.classList.toggle("touch", touch);
@@ -169,6 +170,7 @@
     next: () => request("POST", "/participant/trials/next", {}, participant.token),
     vote: (body) => request("POST", "/participant/votes", body, participant.token),
     finish: (status) => request("POST", "/participant/finish", { status: status }, participant.token),
+    display: (body) => request("POST", "/participant/display", body, participant.token),
   };
 
   // ------------------------------------------------------------------ images
@@ -740,6 +742,18 @@
     return data;
   }
 
+  /** The display step (calibration.js); false when it failed for good (the page says why). */
+  async function prepareDisplay() {
+    try {
+      await display.prepare({ study: study, participant: participant, t: t, show: show,
+        report: (body) => withRetry(() => api.display(body)) });
+      return true;
+    } catch (error) {
+      fail(t("went_wrong", { reason: error.message }));
+      return false;
+    }
+  }
+
   function waitForClick(id) {
     return new Promise((resolve) => $(id).addEventListener("click", resolve, { once: true }));
   }
@@ -832,12 +846,15 @@
       $("start-button").textContent = (study.practice || []).length ? t("start_practice") : t("start");
       await waitForClick("start-button");
       stayOnBack();
+      if (!(await prepareDisplay())) return;
       await runPractice();
       if ((study.practice || []).length) {
         show("main-start"); // the real trials start now
         await waitForClick("start-main-button");
       }
       storage.setItem(storeKey("stage"), "main");
+    } else if (!(await prepareDisplay())) {
+      return;
     }
     stayOnBack(); // also for a page that resumed straight into the trials
     try {
