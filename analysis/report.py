@@ -308,7 +308,7 @@ def _timing_table(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def _jnd_tables(trials: pd.DataFrame, options: AnalysisOptions) -> dict[str, pd.DataFrame]:
     """The JND tables of the kept participants' answers: jnd_rates, with levels
     jnd_levels and jnd_psychometric, with a stimulus set jnd_metric_ap (and the
-    metric_distances / metric_status it used)."""
+    metric_distances / jnd_metric_status it used)."""
     rates = jnd.different_rates(trials, 1 - options.alpha)
     tables = {"jnd_rates": rates}
     if options.jnd_levels:
@@ -321,7 +321,7 @@ def _jnd_tables(trials: pd.DataFrame, options: AnalysisOptions) -> dict[str, pd.
         )
         tables.update(
             metric_distances=distances,
-            metric_status=status,
+            jnd_metric_status=status,
             jnd_metric_ap=jnd.metric_average_precision(trials, distances),
         )
     return tables

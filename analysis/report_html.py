@@ -454,6 +454,9 @@ REPORT_SECTIONS: tuple[Section, ...] = (
                 'distance to the reference as a predictor of "different", over the main '
                 'and repeated answers; chance = the share of "different".',
             ),
+            TableEntry(
+                "jnd_metric_status", "The metrics asked for, and whether each was computed."
+            ),
         ),
         text=lambda result, ctx: (
             ""

@@ -72,6 +72,8 @@ def test_pstudy_analyze_reports_a_jnd_study_with_its_tables_and_exposure_timing(
     for heading in ("Same or different (JND)", "Exposure timing", "Participants and quality"):
         assert heading in html
     assert "Pairwise results" not in html and "Scales" not in html
+    assert "Metric agreement" not in html  # the metrics' status is in the JND section
+    assert set(pd.read_csv(tables / "jnd_metric_status.csv")["metric"]) == {"l2", "ssim"}
     assert "same/different (just-noticeable difference, JND) task" in html
 
 
