@@ -120,8 +120,11 @@ def test_card_and_blind_spot_calibration_give_the_measured_px_per_mm_and_distanc
     assert row.display_status == "passed" and row.display_attempts == 1
     assert row.px_per_mm == pytest.approx(px_mm, rel=0.01)  # the 1 %
     assert row.card_width_px == pytest.approx(expected, abs=0.01)
-    # the dot moves ≤ 1 frame (50 mm/s ≈ 4 px at 60 Hz) past the target before the key lands
-    assert BLIND_SPOT_TARGET_PX <= row.blind_spot_px <= BLIND_SPOT_TARGET_PX * 1.1
+    # the mean of the three sweeps as the page showed them when the key landed (the dot
+    # moves on, 50 mm/s ≈ 236 px/s here, while the key is on its way)
+    measured = [float(x) for x in page.get_attribute("#blind-spot-area", "data-measured").split()]
+    assert len(measured) == 3 and min(measured) >= BLIND_SPOT_TARGET_PX
+    assert row.blind_spot_px == pytest.approx(sum(measured) / 3, abs=0.002)
     distance = row.blind_spot_px / px_mm / math.tan(math.radians(13.5))
     assert row.viewing_distance_mm == pytest.approx(distance)
     assert row.px_per_deg == pytest.approx(2 * distance * math.tan(math.radians(0.5)) * px_mm)

@@ -196,6 +196,7 @@
     const fixationX = fixation.offsetLeft + fixation.offsetWidth / 2;
     const offsets = [];
     area.dataset.running = "1";
+    area.dataset.measured = "";
     while (offsets.length < BLIND_SPOT_REPEATS) {
       $("distance-status").textContent = t("distance_progress",
         { number: offsets.length + 1, total: BLIND_SPOT_REPEATS });
@@ -206,6 +207,7 @@
         await new Promise((resolve) => setTimeout(resolve, 1200));
       } else {
         offsets.push(offset);
+        area.dataset.measured = offsets.map((x) => x.toFixed(3)).join(" "); // state, as data-*
         await new Promise((resolve) => setTimeout(resolve, 500)); // look back at the square
       }
     }
