@@ -134,6 +134,7 @@
   function sweep(area, dot, fixationX, pxMm) {
     const speed = DOT_SPEED_MM_S * pxMm; // CSS px per second
     const start = DOT_START_MM * pxMm;
+    dot.hidden = false; // shown first: its width centres it and bounds the sweep
     const limit = fixationX - dot.offsetWidth;
     return new Promise((resolve) => {
       let offset = start;
@@ -152,6 +153,7 @@
         resolve(value);
       };
       const onKey = (event) => {
+        if (event.repeat) return; // a key held down since the sweep began
         if (event.key === " " || event.key === "Enter") {
           event.preventDefault();
           end(offset);
@@ -168,7 +170,6 @@
         requestAnimationFrame(tick);
       };
       place();
-      dot.hidden = false;
       document.addEventListener("keydown", onKey);
       $("distance-seen").addEventListener("click", onSeen);
       requestAnimationFrame(tick);
