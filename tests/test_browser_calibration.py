@@ -50,6 +50,16 @@ def start(page, url: str) -> None:
     page.click("#start-button")
 
 
+def answer_the_rest(app, page, study_id: int, answered: int) -> None:
+    """Answer the trials left after ``answered``, then check every vote is stored once."""
+    for _ in range(PLANNED - answered):
+        wait_trial(page)
+        answer(page, lambda: page.keyboard.press("j"))
+    page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
+    stored = votes_per_trial(app, study_id)
+    assert len(stored) == PLANNED and set(stored.values()) == {1}
+
+
 def outline_width(page) -> float:
     return page.eval_on_selector("#card-outline", "el => el.getBoundingClientRect().width")
 
@@ -110,8 +120,11 @@ def test_card_and_blind_spot_calibration_give_the_measured_px_per_mm_and_distanc
     assert row.display_status == "passed" and row.display_attempts == 1
     assert row.px_per_mm == pytest.approx(px_mm, rel=0.01)  # the issue's 1 %
     assert row.card_width_px == pytest.approx(expected, abs=0.01)
-    # the dot moves ≤ 1 frame (50 mm/s ≈ 4 px at 60 Hz) past the target before the key lands
-    assert BLIND_SPOT_TARGET_PX <= row.blind_spot_px <= BLIND_SPOT_TARGET_PX * 1.1
+    # the mean of the three sweeps as the page showed them when the key landed (the dot
+    # moves on, 50 mm/s ≈ 236 px/s here, while the key is on its way)
+    measured = [float(x) for x in page.get_attribute("#blind-spot-area", "data-measured").split()]
+    assert len(measured) == 3 and min(measured) >= BLIND_SPOT_TARGET_PX
+    assert row.blind_spot_px == pytest.approx(sum(measured) / 3, abs=0.002)
     distance = row.blind_spot_px / px_mm / math.tan(math.radians(13.5))
     assert row.viewing_distance_mm == pytest.approx(distance)
     assert row.px_per_deg == pytest.approx(2 * distance * math.tan(math.radians(0.5)) * px_mm)
@@ -187,12 +200,38 @@ def test_leaving_fullscreen_pauses_the_study_and_no_vote_is_lost_or_doubled(
     page.wait_for_function("() => !document.body.dataset.paused", timeout=TIMEOUT_MS)
     assert page.evaluate("Boolean(document.fullscreenElement)")
     assert page.get_attribute("#trial-stage", "data-token") == token  # the same trial resumes
-    for _ in range(PLANNED - 1):
-        wait_trial(page)
-        answer(page, lambda: page.keyboard.press("j"))
-    page.wait_for_selector("body[data-state='done']", timeout=TIMEOUT_MS)
-    counts = votes_per_trial(app, study["id"])
-    assert len(counts) == PLANNED and set(counts.values()) == {1}
+    answer_the_rest(app, page, study["id"], answered=1)
     page.evaluate("document.exitFullscreen()")  # after the end: no pause
     page.wait_for_function("() => !document.fullscreenElement", timeout=TIMEOUT_MS)
     assert not page.is_visible("#fullscreen-paused")
+
+
+def test_zooming_during_the_study_pauses_it_until_the_page_is_unscaled_again(
+    app, live_server, page, tmp_path
+):
+    """The page passes the check at devicePixelRatio 1, then the display is rescaled to
+    1.25 mid-study (Chromium's own device-metrics override, as a zoom or a move to another
+    screen does): the study pauses with what to change; back at 1 it resumes, and every
+    vote is stored once."""
+    set_id = import_set(app, write_stimulus_set(tmp_path / "set"))
+    study = make_study(
+        app, set_id, slug="zoom", practice_trials=0, calibration={"require_unscaled": True}
+    )
+    start(page, f"{live_server}/s/zoom")
+    wait_trial(page)
+    answer(page, lambda: page.keyboard.press("f"))
+    token = wait_trial(page)
+    cdp = page.context.new_cdp_session(page)
+    metrics = {"width": 1280, "height": 800, "mobile": False}
+    cdp.send("Emulation.setDeviceMetricsOverride", {**metrics, "deviceScaleFactor": 1.25})
+    page.wait_for_selector("body[data-paused='scaling']", timeout=TIMEOUT_MS)
+    assert "device pixel ratio 1.25" in page.inner_text("#scaling-paused-message")
+    page.keyboard.press("j")  # no answer while paused
+    page.click("#scaling-check")  # still scaled: still paused
+    page.wait_for_timeout(300)
+    assert page.get_attribute("body", "data-paused") == "scaling"
+    assert page.get_attribute("#trial-stage", "data-token") == token
+    assert len(votes_per_trial(app, study["id"])) == 1
+    cdp.send("Emulation.setDeviceMetricsOverride", {**metrics, "deviceScaleFactor": 1})
+    page.wait_for_function("() => !document.body.dataset.paused", timeout=TIMEOUT_MS)
+    answer_the_rest(app, page, study["id"], answered=1)

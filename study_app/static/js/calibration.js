@@ -134,6 +134,7 @@
   function sweep(area, dot, fixationX, pxMm) {
     const speed = DOT_SPEED_MM_S * pxMm; // CSS px per second
     const start = DOT_START_MM * pxMm;
+    dot.hidden = false; // shown first: its width centres it and bounds the sweep
     const limit = fixationX - dot.offsetWidth;
     return new Promise((resolve) => {
       let offset = start;
@@ -152,6 +153,7 @@
         resolve(value);
       };
       const onKey = (event) => {
+        if (event.repeat) return; // a key held down since the sweep began
         if (event.key === " " || event.key === "Enter") {
           event.preventDefault();
           end(offset);
@@ -168,7 +170,6 @@
         requestAnimationFrame(tick);
       };
       place();
-      dot.hidden = false;
       document.addEventListener("keydown", onKey);
       $("distance-seen").addEventListener("click", onSeen);
       requestAnimationFrame(tick);
@@ -196,6 +197,7 @@
     const fixationX = fixation.offsetLeft + fixation.offsetWidth / 2;
     const offsets = [];
     area.dataset.running = "1";
+    area.dataset.measured = "";
     while (offsets.length < BLIND_SPOT_REPEATS) {
       $("distance-status").textContent = t("distance_progress",
         { number: offsets.length + 1, total: BLIND_SPOT_REPEATS });
@@ -206,6 +208,7 @@
         await new Promise((resolve) => setTimeout(resolve, 1200));
       } else {
         offsets.push(offset);
+        area.dataset.measured = offsets.map((x) => x.toFixed(3)).join(" "); // state, as data-*
         await new Promise((resolve) => setTimeout(resolve, 500)); // look back at the square
       }
     }
@@ -274,6 +277,7 @@
   // ------------------------------------------------------------------ fullscreen
 
   let guarding = false;
+  let watching = false;
 
   /** Ask for fullscreen (a click is needed); resolves once the page is fullscreen. */
   async function enterFullscreen(env) {
@@ -297,49 +301,91 @@
     }
   }
 
-  function setPaused(paused) {
-    const overlay = $("fullscreen-paused");
-    overlay.hidden = !paused;
-    Array.from(overlay.parentElement.children).forEach((el) => {
-      if (el !== overlay && el.id !== "connection-notice") el.inert = paused;
+  // ------------------------------------------------------------------ pauses
+
+  // Why the study is paused, each with its overlay and the button focused on it.
+  const PAUSES = {
+    fullscreen: { overlay: "fullscreen-paused", button: "fullscreen-return" },
+    scaling: { overlay: "scaling-paused", button: "scaling-check" },
+  };
+  const paused = new Set();
+  let blocking = false;
+
+  /**
+   * Pause (`on`) or resume for `reason`: its overlay covers the page, everything behind
+   * the overlays is inert, and no key reaches the trial (a capturing listener stops it;
+   * Tab and the keys on an overlay's button keep their default action). Answers already
+   * given stay in the outbox and are sent as usual, so nothing is lost or sent twice.
+   */
+  function setPause(reason, on) {
+    if (on && FINAL_STATES.includes(document.body.dataset.state)) on = false;
+    if (on === paused.has(reason)) return;
+    if (on) paused.add(reason); else paused.delete(reason);
+    const overlays = Object.values(PAUSES).map((p) => $(p.overlay));
+    overlays.forEach((el) => { el.hidden = !Object.keys(PAUSES).some(
+      (name) => paused.has(name) && PAUSES[name].overlay === el.id); });
+    Array.from(overlays[0].parentElement.children).forEach((el) => {
+      if (!overlays.includes(el) && el.id !== "connection-notice") el.inert = paused.size > 0;
     });
-    if (paused) {
-      document.body.dataset.paused = "fullscreen";
-      $("fullscreen-return").focus();
+    if (paused.size) {
+      document.body.dataset.paused = Array.from(paused).join(" ");
+      if (on) $(PAUSES[reason].button).focus();
     } else {
       delete document.body.dataset.paused;
     }
+    if (!blocking) {
+      blocking = true;
+      const block = (event) => {
+        if (!paused.size) return;
+        event.stopImmediatePropagation();
+        const onOverlay = overlays.some((el) => !el.hidden && el.contains(event.target));
+        if (!onOverlay && event.key !== "Tab") event.preventDefault();
+      };
+      window.addEventListener("keydown", block, true);
+      window.addEventListener("keyup", block, true);
+    }
   }
 
-  /**
-   * Leaving fullscreen pauses the study: an overlay covers the page, everything behind it
-   * is inert and no key reaches the trial; returning to fullscreen resumes. Answers
-   * already given stay in the outbox and are sent as usual, so nothing is lost or sent twice.
-   */
+  /** Leaving fullscreen pauses the study; returning to fullscreen resumes it. */
   function guardFullscreen(env) {
     if (guarding) return;
     guarding = true;
-    const overlay = $("fullscreen-paused");
     document.addEventListener("fullscreenchange", () => {
-      const leaving = !document.fullscreenElement;
-      setPaused(leaving && !FINAL_STATES.includes(document.body.dataset.state));
+      setPause("fullscreen", !document.fullscreenElement);
     });
-    // No key reaches the page's listeners while paused; Tab and the keys on the overlay's
-    // own button keep their default action (Enter / Space press it).
-    const block = (event) => {
-      if (!document.body.dataset.paused) return;
-      event.stopImmediatePropagation();
-      if (!overlay.contains(event.target) && event.key !== "Tab") event.preventDefault();
-    };
-    window.addEventListener("keydown", block, true);
-    window.addEventListener("keyup", block, true);
     $("fullscreen-return").addEventListener("click", () => {
       $("paused-message").textContent = "";
       document.documentElement.requestFullscreen().catch((error) => {
         $("paused-message").textContent = env.t("fullscreen_refused", { reason: error.message });
       });
     });
-    if (!document.fullscreenElement) setPaused(true);
+    if (!document.fullscreenElement) setPause("fullscreen", true);
+  }
+
+  const SCALING_POLL_MS = 1000;
+
+  /**
+   * A page that becomes scaled during the study (browser zoom, a window moved to a screen
+   * with another pixel ratio) pauses it, saying what to change, until it is unscaled
+   * again: checked on every resize, pixel-ratio change and "Check again", and once a
+   * second besides (not every browser fires an event for every change of scale, e.g.
+   * an emulated one; the check reads no layout).
+   */
+  function watchScaling(env) {
+    const check = () => {
+      const report = baseReport();
+      const scaled = !unscaled(report.device_pixel_ratio, report.zoom_estimate);
+      if (scaled) $("scaling-paused-message").textContent = scaledText(env.t, report);
+      setPause("scaling", scaled);
+    };
+    const watchRatio = () => {
+      window.matchMedia("(resolution: " + window.devicePixelRatio + "dppx)")
+        .addEventListener("change", () => { check(); watchRatio(); }, { once: true });
+    };
+    window.addEventListener("resize", check);
+    $("scaling-check").addEventListener("click", check);
+    watchRatio();
+    setInterval(check, SCALING_POLL_MS);
   }
 
   /**
@@ -355,6 +401,10 @@
     const now = baseReport();
     const scaledNow = req.require_unscaled && !unscaled(now.device_pixel_ratio, now.zoom_estimate);
     if (stepShown && (status !== "passed" || scaledNow)) await checkDisplay(env, req);
+    if (req.require_unscaled && !watching) {
+      watching = true;
+      watchScaling(env);
+    }
     if (req.require_fullscreen) {
       await enterFullscreen(env);
       guardFullscreen(env);
