@@ -25,6 +25,9 @@ Estimands (what "covered" means):
   participant on a typical image). It equals 0 under the null; with effects it is known
   exactly only for logistic data (``--model bt``: q_a - q_b), so with Thurstone data
   these intervals are scored under the null only.
+- metric agreement (``metrics.metric_agreement``, the report's metric-vs-human table):
+  simulated metrics (``metric_producer``) whose 2AFC agreement with a new vote on a new
+  image is known exactly (``metric_truth``).
 - tests (Holm over the 10 pairs): family-wise error = share of studies with any
   rejection of a true null (all 10 under "null"; none under "effects", where the
   per-null rejection rate, the power, is printed instead).
