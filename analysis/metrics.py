@@ -240,7 +240,7 @@ def metric_agreement(
         rows.append(row)
     columns = ["metric", "n_trials", "score_2afc", "ci_low", "ci_high", "human_ceiling", "interval"]
     table = pd.DataFrame(rows, columns=columns)
-    table["ratio"] = table["score_2afc"] / table["human_ceiling"]
+    table.insert(6, "ratio", table["score_2afc"] / table["human_ceiling"])
     return table.sort_values("score_2afc", ascending=False, ignore_index=True)
 
 
