@@ -17,7 +17,9 @@ held: a likelihood-ratio statistic for "SD = 0"). Rules: the report's (Hessian d
 floored at G - 1 of the factors whose SD is not 0), components (c_k with G_k - 1 df),
 per-factor min (each c_k with min(G_k - 1, theta_k^2 / (2 var theta_k)) df), and the
 floor or the components over only the factors whose SD's LR statistic exceeds a
-threshold (an SD far from significant treated as 0; z when none is left), and blends
+threshold (an SD far from significant treated as 0; z when none is left), each factor's
+share relative to the binomial part averaged over the study's pairs (borrowing across
+pairs; alone, or as a floor under the pair's own share), and blends
 of the report's and the component df: 1/df = w/df_report + (1 - w)/df_components (2/df
 is the relative variance of V's estimate, so this averages the two rules' estimates of
 it).
@@ -223,6 +225,25 @@ def glmm_rules(frame: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             component_df(free, np.maximum(np.minimum(levels - 1, hessian_factor), 1e-9)),
         ),
     }
+    # borrowing across pairs: each factor's share relative to the binomial part
+    # (V_b = V - sum c_k), averaged over the study's pairs, replaces (or floors) the
+    # pair's own share
+    known = np.where(np.isfinite(share), share, 0.0)
+    binomial = var - known.sum(axis=1)
+    relative = known / binomial[:, None]
+    study = (frame["scenario"] + "|" + frame["truth"] + "|" + frame["study"].astype(str)).to_numpy()
+    pooled = pd.DataFrame(relative).groupby(study).transform("mean").to_numpy()
+    for label, shares in (
+        ("study-pooled shares", binomial[:, None] * pooled),
+        ("max(own, study-pooled) shares", binomial[:, None] * np.maximum(relative, pooled)),
+    ):
+        spread = np.sum(shares**2 / np.maximum(levels - 1, 1), axis=1)
+        total = binomial + shares.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rules[f"{label}, components df"] = (
+                total,
+                np.where(spread > 0, total**2 / spread, np.inf),
+            )
     report_df = frame["df_report"].to_numpy(dtype=float)
     components = rules["components (G_k - 1 each)"][1]
     for weight in HARMONIC_WEIGHTS:
