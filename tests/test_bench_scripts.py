@@ -185,5 +185,11 @@ def test_bench_df_rules_scores_the_reports_own_intervals():
     np.testing.assert_allclose([r["df_report"] for r in rows], table["df"], rtol=1e-9)
     np.testing.assert_allclose([r["var"] for r in rows], table["se"] ** 2, rtol=1e-9)
     assert all(r["share"].shape == (2,) for r in rows)
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    scored = module.score(frame, module.glmm_rules(frame)).set_index("rule")
+    assert scored.loc["report: Hessian df, floor G - 1", "fwe"] in (0.0, 1.0)
+    assert {"study-pooled shares, components df", "components (G_k - 1 each)"} <= set(scored.index)
     output = run_script("bench/bench_df_rules.py", "pairs", "--studies", "2", "--jobs", "1")
     assert "| report: V_p + V_i - V_c floored at V_c, Satterthwaite | null |" in output
