@@ -399,8 +399,9 @@ REPORT_SECTIONS: tuple[Section, ...] = (
                 "participants' votes: 2AFC score (share of votes for the image the "
                 "metric ranks closer to the reference) and the human ceiling (the "
                 "agreement of two random participants on the same item), "
-                "vote-weighted; the score's {level} interval is a percentile bootstrap over "
-                "images ({n_boot} replicates; participants are not resampled).",
+                "vote-weighted; the score's {level} interval counts participants and "
+                "images as random (two-way cluster-robust variance of the per-vote "
+                "agreement, Student t; column interval).",
             ),
             TableEntry(
                 "metric_holdout",

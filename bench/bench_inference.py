@@ -25,6 +25,9 @@ Estimands (what "covered" means):
   participant on a typical image). It equals 0 under the null; with effects it is known
   exactly only for logistic data (``--model bt``: q_a - q_b), so with Thurstone data
   these intervals are scored under the null only.
+- metric agreement (``metrics.metric_agreement``, the report's metric-vs-human table):
+  simulated metrics (``metric_producer``) whose 2AFC agreement with a new vote on a new
+  image is known exactly (``metric_truth``).
 - tests (Holm over the 10 pairs): family-wise error = share of studies with any
   rejection of a true null (all 10 under "null"; none under "effects", where the
   per-null rejection rate, the power, is printed instead).
@@ -364,6 +367,78 @@ def glmm_producer(study: Study) -> list[Measure]:
     return out
 
 
+METRIC_SDS = (0.25, 0.5, 1.0)  # JOD: simulated metrics' errors per (image, condition)
+
+
+def metric_truth(qualities: dict[str, float], model: str, tau2: float, metric_sd: float) -> float:
+    """Population 2AFC agreement of a simulated metric (``metric_producer``) with human
+    votes: a new vote, by a new participant on a new image, on a pair drawn uniformly.
+
+    The metric prefers a over b when q_a - q_b > e_b - e_a, e ~ N(0, metric_sd^2) per
+    (image, condition), independent of the participants' and images' effects on the
+    humans, whose choice of a has the population rate of ``true_pair_rates`` (random part
+    with variance ``tau2``). So agreement = P_m P_h + (1 - P_m)(1 - P_h) per pair, with
+    P_m = Phi((q_a - q_b) / (sqrt(2) metric_sd)), averaged over the pairs."""
+    from itertools import combinations
+
+    from scipy import stats
+
+    from analysis.simulation import true_pair_rates
+
+    pairs = list(combinations(qualities, 2))
+    human = true_pair_rates(qualities, pairs, model, observer_sd=float(np.sqrt(tau2)))
+    diff = np.array([qualities[a] - qualities[b] for a, b in pairs])
+    metric = stats.norm.cdf(diff / (np.sqrt(2.0) * metric_sd))
+    return float(np.mean(metric * human + (1 - metric) * (1 - human)))
+
+
+def metric_producer(study: Study) -> list[Measure]:
+    """``metrics.metric_agreement`` (the report's metric-vs-human table) with simulated
+    metrics: distance(image, condition) = -quality + e, e ~ N(0, sd^2) drawn per study for
+    each sd in ``METRIC_SDS``, so a metric is right more often on larger differences and
+    its errors vary from image to image. Truth: ``metric_truth`` (participants and images
+    as samples). Also the old percentile bootstrap over images, for comparison."""
+    from analysis.metrics import metric_agreement
+
+    rng = np.random.default_rng([study.seed, 17])
+    images = sorted(study.main["image_id"].astype(str).unique())
+    names = list(study.qualities)
+    quality = np.array([study.qualities[c] for c in names])
+    frames, truth = [], {}
+    for sd in METRIC_SDS:
+        error = rng.normal(0.0, sd, (len(images), len(names)))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "metric": f"sd{sd}",
+                    "image_id": np.repeat(images, len(names)),
+                    "condition": np.tile(names, len(images)),
+                    "distance": (-quality[None, :] + error).ravel(),
+                }
+            )
+        )
+        tau2 = study.observer_sd**2 + study.image_sd**2
+        truth[f"sd{sd}"] = metric_truth(study.qualities, study.model, tau2, sd)
+    distances = pd.concat(frames, ignore_index=True)
+    out = []
+    for interval, label, role in (
+        ("two-way", "", INFERENTIAL),
+        ("images", " [images bootstrap]", "old method (not in the report)"),
+    ):
+        table = metric_agreement(
+            study.main, distances, n_boot=study.n_boot, seed=study.seed, interval=interval
+        )
+        expected = table["metric"].map(truth).to_numpy(dtype=float)
+        out.append(
+            Measure(
+                f"metric_agreement: 2AFC score interval{label}",
+                role,
+                covered=_covers(table["ci_low"], table["ci_high"], expected),
+            )
+        )
+    return out
+
+
 def registry(intervals: list[str], with_mixed: bool = False) -> dict[str, Callable]:
     """Producer name -> function(Study) -> list[Measure]."""
     out: dict[str, Callable] = {}
@@ -376,6 +451,7 @@ def registry(intervals: list[str], with_mixed: bool = False) -> dict[str, Callab
     out["cluster_glm"] = cluster_glm_producer
     out["cluster_bootstrap"] = cluster_bootstrap_producer
     out["per_participant_tests"] = per_participant_producer
+    out["metric_agreement"] = metric_producer
     if importlib.util.find_spec("analysis.glmm") is not None:
         out["glmm"] = glmm_producer
     if with_mixed:

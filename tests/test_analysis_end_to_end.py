@@ -187,6 +187,72 @@ def test_metric_vs_human_agreement_on_a_stimulus_set(tmp_path):
     assert table.loc["l1", "n_trials"] == len(votes)
 
 
+def test_metric_agreement_interval_counts_participants_and_images():
+    """The 2AFC score's interval is the two-way interval of the per-vote agreement
+    (participants and images random): checked against a per-vote agreement computed here
+    and statsmodels' one-way cluster-robust variances of its mean, combined by hand
+    (V_participants + V_images - V_cells, never below V_cells)."""
+    import statsmodels.api as sm
+
+    votes = simulate_responses(
+        dict(zip("abcd", (0.0, 0.4, 0.8, 1.2), strict=True)),
+        16,
+        8,
+        40,
+        observer_sd=0.5,
+        image_sd=0.4,
+        seed=11,
+    )
+    rng = np.random.default_rng(5)
+    images = sorted(votes["image_id"].unique())
+    quality = {"a": 0.0, "b": 0.4, "c": 0.8, "d": 1.2}
+    distances = pd.DataFrame(
+        [
+            {"metric": "m", "image_id": i, "condition": c, "distance": -q + rng.normal(0, 0.5)}
+            for i in images
+            for c, q in quality.items()
+        ]
+    )
+    table = metric_agreement(votes, distances).set_index("metric")
+    lookup = distances.set_index(["image_id", "condition"])["distance"]
+    d_left = lookup.loc[list(zip(votes["image_id"], votes["condition_left"], strict=True))]
+    d_right = lookup.loc[list(zip(votes["image_id"], votes["condition_right"], strict=True))]
+    preferred = np.where(
+        d_left.to_numpy() < d_right.to_numpy(), votes["condition_left"], votes["condition_right"]
+    )
+    agree = (preferred == votes["chosen_condition"]).to_numpy(dtype=float)
+    assert table.loc["m", "score_2afc"] == pytest.approx(agree.mean())
+    ones = np.ones((len(agree), 1))
+    parts = {}
+    cells = votes["participant"] + "|" + votes["image_id"]
+    for name, groups in (("p", votes["participant"]), ("i", votes["image_id"]), ("c", cells)):
+        codes = pd.factorize(groups)[0]
+        fit = sm.OLS(agree, ones).fit(cov_type="cluster", cov_kwds={"groups": codes})
+        n_groups = codes.max() + 1
+        # statsmodels' factor G/(G-1) (n-1)/(n-k) is G/(G-1) with one parameter
+        parts[name] = float(fit.cov_params()[0, 0])
+        assert n_groups > 1
+    var = max(parts["p"] + parts["i"] - parts["c"], parts["c"])
+    spread = sum(
+        v**2 / (g - 1)
+        for v, g in (
+            (parts["p"], votes["participant"].nunique()),
+            (parts["i"], votes["image_id"].nunique()),
+            (parts["c"], cells.nunique()),
+        )
+    )
+    df = cells.nunique() - 1 if var == parts["c"] else var**2 / spread
+    half = stats.t.isf(0.025, df) * np.sqrt(var)
+    assert table.loc["m", "ci_low"] == pytest.approx(agree.mean() - half, rel=1e-9)
+    assert table.loc["m", "ci_high"] == pytest.approx(agree.mean() + half, rel=1e-9)
+    assert "two-way" in table.loc["m", "interval"]
+    old = metric_agreement(votes, distances, n_boot=200, interval="images").set_index("metric")
+    assert old.loc["m", "score_2afc"] == table.loc["m", "score_2afc"]
+    assert "bootstrap over images" in old.loc["m", "interval"]
+    with pytest.raises(ValueError, match="interval must be one of"):
+        metric_agreement(votes, distances, interval="participants")
+
+
 @pytest.mark.slow
 def test_analyze_reads_a_study_database(app, tmp_path):
     set_root = write_stimulus_set(tmp_path / "set", n_images=4)

@@ -158,3 +158,38 @@ def test_bench_votes_next_latency_prints_both_designs():
                         "--rounds", "2")
     for design in ("balanced", "active"):
         assert re.search(rf"^sqlite\s+{design}\s+8\s+[\d.]+\s+[\d.]+\s+0$", output, re.M), output
+
+
+def test_bench_df_rules_scores_the_reports_own_intervals():
+    """bench_df_rules.py records, for its "report" rules, exactly the variance and df of
+    the report's tables (two_way_rate_tests; glmm_pair_tests), and prints a row per
+    rule."""
+    import importlib.util
+
+    import numpy as np
+
+    from analysis.clustered import two_way_rate_tests
+    from analysis.glmm import glmm_pair_tests
+
+    path = REPO / "bench" / "bench_df_rules.py"
+    spec = importlib.util.spec_from_file_location("bench_df_rules", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    study = module._study("both", "null", 0)
+    rows = module._pairs_study(("both", "null", 0))
+    table = two_way_rate_tests(study.main)
+    np.testing.assert_allclose([r["var_report"] for r in rows], table["se"] ** 2, rtol=1e-12)
+    np.testing.assert_allclose([r["df_report"] for r in rows], table["df"], rtol=1e-12)
+    rows = module._glmm_study(("both", "null", 0))
+    table = glmm_pair_tests(study.main, with_ml=False)
+    np.testing.assert_allclose([r["df_report"] for r in rows], table["df"], rtol=1e-9)
+    np.testing.assert_allclose([r["var"] for r in rows], table["se"] ** 2, rtol=1e-9)
+    assert all(r["share"].shape == (2,) for r in rows)
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    scored = module.score(frame, module.glmm_rules(frame)).set_index("rule")
+    assert scored.loc["report: Hessian df, floor G - 1", "fwe"] in (0.0, 1.0)
+    assert {"study-pooled shares, components df", "components (G_k - 1 each)"} <= set(scored.index)
+    output = run_script("bench/bench_df_rules.py", "pairs", "--studies", "2", "--jobs", "1")
+    assert "| report: V_p + V_i - V_c floored at V_c, Satterthwaite | null |" in output
