@@ -56,22 +56,25 @@ TWO_WAY_RATE_METHOD = (
     "two-way cluster-robust variance V_participants + V_images - V_cells "
     "(never below V_cells), Student t with Satterthwaite df"
 )
+POOLED_RATE_METHOD = (
+    "two-way cluster-robust variance with the participants' and images' shares pooled over "
+    "the study's pairs: V = V_cells (1 + max(r_participants + r_images, 0)), r = V_factor / "
+    "V_cells - 1 averaged over the pairs (vote-weighted); Student t with G - 1 df, G the "
+    "fewer levels of the factors whose pooled share is positive"
+)
 
 
-def two_way_rate(
-    y: np.ndarray, participants: np.ndarray, images: np.ndarray, level: float = 0.95
-) -> dict:
-    """A rate (mean of 0/1 votes ``y``) with an interval and a test against 1/2 that count
-    participants and images as random.
+# A pair's own two-way variance replaces the pooled one when it exceeds it by more than
+# this many standard errors of a variance estimated from G_images - 1 df (one-sided 5 %).
+HETEROGENEITY_Z = 1.645
 
-    Two-way cluster-robust variance (Cameron, Gelbach & Miller 2011), combined and floored
-    exactly as the scale intervals are (``analysis.scaling.ScaleVariance``): V =
-    V_participants + V_images - V_cells, never below V_cells, each one-way part the
-    sandwich sum_g (sum of y - rate in cluster g)^2 / n^2 times G / (G - 1); Student t
-    with Satterthwaite degrees of freedom. With fewer than ``MIN_IMAGES`` images:
-    participants only (G - 1 df). Returns rate, se, df, ci_low, ci_high (clipped to
-    [0, 1]), p_value (NaN when the variance is 0 or not estimable) and interval (the
-    method in words)."""
+
+def _rate_components(
+    y: np.ndarray, participants, images
+) -> tuple[float, dict[str, float], dict[str, int]]:
+    """The rate (mean of 0/1 ``y``) and its one-way cluster-robust variances by
+    participant, image and participant × image cell: sum_g (sum of y - rate in g)^2 / n^2
+    × G / (G - 1) (NaN with one cluster), with the cluster counts G."""
     y = np.asarray(y, dtype=float)
     n = len(y)
     rate = float(y.mean()) if n else np.nan
@@ -84,47 +87,125 @@ def two_way_rate(
         codes = pd.factorize(codes)[0]
         sums = np.bincount(codes, residual) if n else np.zeros(0)
         groups = len(sums)
-        var = np.sum(sums**2) / n**2 * groups / (groups - 1) if groups > 1 else np.nan
-        parts[name], clusters[name] = np.array([[var]]), groups
-    two_way = clusters["image"] >= MIN_IMAGES
-    variance = ScaleVariance(
-        method="two-way rate",
-        combine="two-way" if two_way else "participants",
-        components=parts,
-        clusters=clusters,
-    )
-    var, df = variance.contrast(np.ones((1, 1)))
-    if np.isfinite(var[0]) and var[0] > 0:
-        se, low, high, _, p = (float(v[0]) for v in t_interval(rate - 0.5, var, df, level))
+        parts[name] = np.sum(sums**2) / n**2 * groups / (groups - 1) if groups > 1 else np.nan
+        clusters[name] = groups
+    return rate, parts, clusters
+
+
+def _rate_result(rate: float, var: float, df: float, level: float, interval: str) -> dict:
+    """se, df, ci_low, ci_high (clipped to [0, 1]) and p_value against 1/2 of a rate with
+    variance ``var`` and a Student t (``df``); NaN where the variance is 0 or unknown."""
+    if np.isfinite(var) and var > 0:
+        se, low, high, _, p = (
+            float(v[0]) for v in t_interval(rate - 0.5, np.array([var]), np.array([df]), level)
+        )
         low, high = float(np.clip(low + 0.5, 0, 1)), float(np.clip(high + 0.5, 0, 1))
     else:
         se = low = high = p = np.nan
     return {
         "rate": rate,
         "se": se,
-        "df": float(df[0]),
+        "df": float(df),
         "ci_low": low,
         "ci_high": high,
         "p_value": p,
-        "interval": TWO_WAY_RATE_METHOD
+        "interval": interval,
+    }
+
+
+def two_way_rate(
+    y: np.ndarray, participants: np.ndarray, images: np.ndarray, level: float = 0.95
+) -> dict:
+    """A rate (mean of 0/1 votes ``y``) with an interval and a test against 1/2 that count
+    participants and images as random.
+
+    Two-way cluster-robust variance (Cameron, Gelbach & Miller 2011), combined and floored
+    exactly as the scale intervals are (``analysis.scaling.ScaleVariance``): V =
+    V_participants + V_images - V_cells, never below V_cells, each one-way part the
+    sandwich of ``_rate_components``; Student t with Satterthwaite degrees of freedom. With
+    fewer than ``MIN_IMAGES`` images: participants only (G - 1 df). Returns rate, se, df,
+    ci_low, ci_high (clipped to [0, 1]), p_value (NaN when the variance is 0 or not
+    estimable) and interval (the method in words). For several pairs of one study,
+    ``two_way_rate_tests`` pools the variance shares over the pairs instead."""
+    rate, parts, clusters = _rate_components(y, participants, images)
+    two_way = clusters["image"] >= MIN_IMAGES
+    variance = ScaleVariance(
+        method="two-way rate",
+        combine="two-way" if two_way else "participants",
+        components={k: np.array([[v]]) for k, v in parts.items()},
+        clusters=clusters,
+    )
+    var, df = variance.contrast(np.ones((1, 1)))
+    interval = (
+        TWO_WAY_RATE_METHOD
         if two_way
         else (
             "participant cluster-robust variance, t (G - 1 df); fewer than "
             f"{MIN_IMAGES} images: image variance not included"
-        ),
+        )
+    )
+    return _rate_result(rate, float(var[0]), float(df[0]), level, interval)
+
+
+def pooled_variance_shares(components: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """The participants' and images' variance shares r_k = V_k / V_cells - 1 averaged over
+    pairs, each pair weighted by its votes (``components``: (n, one-way parts) per pair;
+    pairs with V_cells 0 or unknown are left out). A pair's own shares scatter around
+    theirs with G - 1 df (G = 10 images: an SD of about half the binomial variance), and
+    the scatter floored at 0 only ever adds variance; over a study's pairs — the same
+    participants and images judge every pair — it averages out. Empty dict: no pair
+    qualifies."""
+    used = [
+        (n, parts)
+        for n, parts in components
+        if np.isfinite(parts["cell"])
+        and parts["cell"] > 0
+        and np.isfinite(parts["participant"])
+        and np.isfinite(parts["image"])
+    ]
+    if not used:
+        return {}
+    weights = np.array([n for n, _ in used], dtype=float)
+    return {
+        k: float(np.average([parts[k] / parts["cell"] - 1.0 for _, parts in used], weights=weights))
+        for k in ("participant", "image")
     }
 
 
 def two_way_rate_tests(main: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """Per pair: the pooled rate of choosing condition_a (rate_a = wins_a / n) with the
-    interval and test of ``two_way_rate`` (participants and images random); Holm and
+    """Per pair: the pooled rate of choosing condition_a (rate_a = wins_a / n) with an
+    interval and a test against 1/2 that count participants and images as random; Holm and
     Benjamini–Hochberg over all pairs. Columns: condition_a, condition_b, n, wins_a,
-    rate_a, se, df, ci_low, ci_high, p_value, p_holm, p_bh, interval."""
+    rate_a, se, df, ci_low, ci_high, p_value, p_holm, p_bh, interval.
+
+    The variance is the two-way cluster-robust one with the factors' shares pooled over the
+    study's pairs (``pooled_variance_shares``; V = V_cells (1 + max(r_p + r_i, 0)), t with
+    G - 1 df for the fewest levels among factors with a positive share, V_cells' cells - 1
+    when neither is positive). Each pair's own two-way variance (``two_way_rate``) was
+    measured conservative without random effects and liberal in Holm's tail with them
+    (docs/benchmarks.md). Pairs with fewer than ``MIN_IMAGES`` images keep
+    ``two_way_rate``'s participants-only interval."""
     frame = _pair_frame(main, sides_recorded=False)
-    rows = []
+    pairs = []
     for (a, b), group in frame.groupby(["condition_a", "condition_b"], sort=True):
         y = group["win_a"].to_numpy(dtype=float)
-        result = two_way_rate(y, group["participant"], group["image_id"], 1 - alpha)
+        pairs.append(
+            (a, b, y, group, *_rate_components(y, group["participant"], group["image_id"]))
+        )
+    eligible = [p for p in pairs if p[6]["image"] >= MIN_IMAGES]
+    shares = pooled_variance_shares([(len(p[2]), p[5]) for p in eligible])
+    rows = []
+    for a, b, y, group, rate, parts, clusters in pairs:
+        own = two_way_rate(y, group["participant"], group["image_id"], 1 - alpha)
+        result = own
+        if clusters["image"] >= MIN_IMAGES and shares:
+            var = parts["cell"] * (1.0 + max(shares["participant"] + shares["image"], 0.0))
+            active = [clusters[k] for k in ("participant", "image") if shares[k] > 0]
+            df = (min(active) if active else clusters["cell"]) - 1.0
+            # a pair clustered well beyond the study's shares keeps its own variance
+            limit = var * (1.0 + HETEROGENEITY_Z * np.sqrt(2.0 / (clusters["image"] - 1.0)))
+            if not own["se"] ** 2 > limit:
+                result = _rate_result(rate, var, df, 1 - alpha, POOLED_RATE_METHOD)
         rows.append(
             {
                 "condition_a": a,

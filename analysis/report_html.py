@@ -298,7 +298,7 @@ REPORT_SECTIONS: tuple[Section, ...] = (
                 "which the row condition was chosen over the column condition, pooled "
                 "over the {n_kept} kept participants ({n_votes} votes). Brackets: "
                 "{level} interval of that share with participants and images random "
-                "(two-way cluster-robust variance, Satterthwaite df). *: {mark_label} < "
+                "(two-way cluster-robust variance, shares pooled over the pairs). *: {mark_label} < "
                 "{alpha}. Grey: pair not compared.",
             ),
             TableEntry(
@@ -315,8 +315,11 @@ REPORT_SECTIONS: tuple[Section, ...] = (
                 "Share of votes per pair ({n_votes} votes of the {n_kept} kept "
                 "participants): P(A chosen), the population preference rate, with its "
                 "{level} CI and a t test against 0.5 that count participants and images "
-                "as random (two-way cluster-robust variance, Satterthwaite df), Holm and "
-                "Benjamini–Hochberg adjusted over the {n_pairs} pairs; Cohen's h.",
+                "as random (two-way cluster-robust variance with the participants' and "
+                "images' shares pooled over the pairs, t with G - 1 df; a pair clustered "
+                "well beyond the others keeps its own two-way variance — see the interval "
+                "column), Holm and Benjamini–Hochberg adjusted over the {n_pairs} pairs; "
+                "Cohen's h.",
                 PAIR_COLUMNS,
             ),
             SUPPLEMENTARY_PAIRS,
@@ -704,8 +707,10 @@ def _statistics_sentences(result: AnalysisResult, ctx: dict) -> list[str]:
     sentences = [
         "The share of votes for each pair (the population preference rate) is reported with "
         "an interval and a t test against 50 % that count participants and images as random: "
-        "a two-way cluster-robust variance (Cameron, Gelbach & Miller, 2011), never below its "
-        "vote-level part, with Satterthwaite (1946) degrees of freedom.",
+        "a two-way cluster-robust variance (Cameron, Gelbach & Miller, 2011) whose "
+        "participant and image shares are averaged over the study's pairs (a pair clustered "
+        "well beyond the others keeps its own), never below its vote-level part, with G - 1 "
+        "degrees of freedom for the factor with the fewest levels.",
         f"{primary}; p-values are adjusted over the {ctx['n_pairs']} pairs with Holm's "
         "(1979) step-down procedure (Benjamini–Hochberg, 1995, false-discovery rates in the "
         "share-of-votes table).",

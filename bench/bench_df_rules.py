@@ -25,7 +25,8 @@ is the relative variance of V's estimate, so this averages the two rules' estima
 it).
 
 pairs (``clustered.two_way_rate``): V_participants, V_images, V_cells and their
-cluster counts. Rules: the report's (V = V_p + V_i - V_c, floored at V_c; Satterthwaite
+cluster counts. Rules: the report's (the factors' shares pooled over the study's pairs,
+``clustered.two_way_rate_tests``), each pair's own (V = V_p + V_i - V_c, floored at V_c; Satterthwaite
 df, cells - 1 where floored), components over the excess (V = V_c + (V_p - V_c)+ +
 (V_i - V_c)+, each excess with G - 1 df), and the report's V with the Satterthwaite
 spread of the difference (var V_p + var V_i - var V_c: the three share the vote-level
@@ -179,6 +180,7 @@ def _pairs_study(args) -> list[dict]:
                 "truth": truth,
                 "study": index,
                 "estimate": y.mean(),
+                "n": len(y),
                 "null_value": 0.5,
                 "var_report": float(report[0][0]),
                 "df_report": float(report[1][0]),
@@ -274,9 +276,12 @@ def pairs_rules(frame: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]
     excess_spread = vc**2 / (gc - 1) + excess_p**2 / (gp - 1) + excess_i**2 / (gi - 1)
     spread = np.maximum(vp**2 / (gp - 1) + vi**2 / (gi - 1) - vc**2 / (gc - 1), 1e-300)
     return {
-        "report: V_p + V_i - V_c floored at V_c, Satterthwaite": (
+        "own pair: V_p + V_i - V_c floored at V_c, Satterthwaite (two_way_rate)": (
             frame["var_report"].to_numpy(),
             frame["df_report"].to_numpy(),
+        ),
+        "report: shares pooled over the study's pairs, G - 1 df, own if beyond": _pooled_rule(
+            frame
         ),
         "excess components: V_c + (V_p - V_c)+ + (V_i - V_c)+": (excess, excess**2 / excess_spread),
         "report's V, spread var V_p + var V_i - var V_c": (
@@ -284,6 +289,34 @@ def pairs_rules(frame: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]
             np.minimum(np.where(floored, gc - 1, var**2 / spread), cap),
         ),
     }
+
+
+def _pooled_rule(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The report's rule (``clustered.two_way_rate_tests``) from the recorded parts: the
+    shares V_k / V_c - 1 averaged over each study's pairs (vote-weighted),
+    V = V_c (1 + max(r_p + r_i, 0)), G - 1 df of the fewest-level factor with a positive
+    share; a pair whose own V exceeds that by HETEROGENEITY_Z SEs keeps its own."""
+    from analysis.clustered import HETEROGENEITY_Z
+
+    vp, vi, vc = (frame[f"v_{k}"].to_numpy() for k in ("participant", "image", "cell"))
+    gp, gi, gc = (frame[f"g_{k}"].to_numpy() for k in ("participant", "image", "cell"))
+    study = frame[["scenario", "truth", "study"]].astype(str).agg("|".join, axis=1).to_numpy()
+    n = frame["n"].to_numpy(dtype=float)
+    total = pd.Series(n).groupby(study).transform("sum").to_numpy()
+    shares = {
+        k: pd.Series(n * (v / vc - 1.0)).groupby(study).transform("sum").to_numpy() / total
+        for k, v in (("participant", vp), ("image", vi))
+    }
+    var = vc * (1.0 + np.maximum(shares["participant"] + shares["image"], 0.0))
+    active_p, active_i = shares["participant"] > 0, shares["image"] > 0
+    df = np.where(
+        active_p & active_i,
+        np.minimum(gp, gi) - 1.0,
+        np.where(active_i, gi - 1.0, np.where(active_p, gp - 1.0, gc - 1.0)),
+    )
+    own_var, own_df = frame["var_report"].to_numpy(), frame["df_report"].to_numpy()
+    beyond = own_var > var * (1.0 + HETEROGENEITY_Z * np.sqrt(2.0 / (gi - 1.0)))
+    return np.where(beyond, own_var, var), np.where(beyond, own_df, df)
 
 
 def score(frame: pd.DataFrame, rules: dict, pairs_per_study: int = 10) -> pd.DataFrame:

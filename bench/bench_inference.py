@@ -243,7 +243,7 @@ def two_way_rate_producer(study: Study) -> list[Measure]:
     return _rate_measures(
         study,
         two_way_rate_tests(study.main, ALPHA),
-        "pairs: rate interval (two-way robust, Satterthwaite t)",
+        "pairs: rate interval (two-way, shares pooled over pairs, t)",
         "pairs: two-way rate test, Holm",
         "ci_low",
         "ci_high",

@@ -175,7 +175,7 @@ def test_the_reported_pair_intervals_and_tests_keep_their_promises(harness):
         60, seed=3, scenarios=("none", "both"), n_boot=10, outputs=("pairs", "pooled")
     )
     assert records["error"].isna().all(), records["error"].dropna().tolist()
-    output = "pairs: rate interval (two-way robust, Satterthwaite t)"
+    output = "pairs: rate interval (two-way, shares pooled over pairs, t)"
     for scenario in ("none", "both"):
         for truth in ("null", "effects"):
             coverage = _value(table, output, scenario, truth, "coverage")

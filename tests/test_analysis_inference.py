@@ -11,6 +11,8 @@ from statsmodels.stats.inter_rater import fleiss_kappa
 
 from analysis.agreement import fleiss_kappa_pairs, kendall_u, position_bias
 from analysis.clustered import (
+    POOLED_RATE_METHOD,
+    TWO_WAY_RATE_METHOD,
     cluster_bootstrap,
     cluster_bootstrap_rates,
     cluster_robust_glm,
@@ -151,12 +153,13 @@ def _sandwich(y, groups):
     return float(fit.cov_params()[0, 0])
 
 
-def test_two_way_rate_variance_is_statsmodels_one_way_sandwiches_combined(votes):
-    table = two_way_rate_tests(votes).set_index(["condition_a", "condition_b"])
+def _statsmodels_parts(votes, a, b):
+    """A pair's votes for ``a`` and its one-way variances by participant, image and cell
+    from statsmodels' cluster-robust variance of a mean, times G / (G - 1)."""
     from analysis.pairs import ordered_pairs
 
     pairs = ordered_pairs(votes)
-    rows = (pairs["condition_a"] == "a") & (pairs["condition_b"] == "c")
+    rows = (pairs["condition_a"] == a) & (pairs["condition_b"] == b)
     y = pairs.loc[rows, "win_a"].to_numpy(dtype=float)
     p = pd.factorize(votes.loc[rows, "participant"])[0]
     i = pd.factorize(votes.loc[rows, "image_id"])[0]
@@ -165,24 +168,83 @@ def test_two_way_rate_variance_is_statsmodels_one_way_sandwiches_combined(votes)
     for name, g in (("p", p), ("i", i), ("c", cell)):
         groups = len(np.unique(g))
         parts[name] = (_sandwich(y, g) * groups / (groups - 1), groups)
+    return y, parts
+
+
+def test_two_way_rate_variance_is_statsmodels_sandwiches_with_shares_pooled_over_pairs(votes):
+    table = two_way_rate_tests(votes).set_index(["condition_a", "condition_b"])
+    every = {pair: _statsmodels_parts(votes, *pair) for pair in table.index}
+    weights = np.array([len(y) for y, _ in every.values()], dtype=float)
+    shares = {
+        k: np.average(
+            [parts[k][0] / parts["c"][0] - 1 for _, parts in every.values()], weights=weights
+        )
+        for k in ("p", "i")
+    }
+    pooled_rows = table["interval"] == POOLED_RATE_METHOD
+    assert pooled_rows.sum() >= len(table) - 1  # alike pairs: (nearly) all pooled
+    for pair in table.index[pooled_rows]:
+        y, parts = every[pair]
+        row = table.loc[pair]
+        expected = parts["c"][0] * (1 + max(shares["p"] + shares["i"], 0))
+        assert row["se"] ** 2 == pytest.approx(expected, rel=1e-10)
+        active = [parts[k][1] for k in ("p", "i") if shares[k] > 0]
+        assert row["df"] == (min(active) if active else parts["c"][1]) - 1
+        assert row["rate_a"] == pytest.approx(y.mean())
+        t = (y.mean() - 0.5) / row["se"]
+        assert row["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), row["df"]))
+        crit = stats.t.isf(0.025, row["df"])
+        assert row["ci_low"] == pytest.approx(y.mean() - crit * row["se"])
+        assert row["ci_high"] == pytest.approx(y.mean() + crit * row["se"])
+        # image and participant effects make the interval wider than the binomial one
+        assert row["se"] > np.sqrt(y.mean() * (1 - y.mean()) / len(y))
+    assert table["p_holm"].ge(table["p_value"]).all()
+
+
+def test_two_way_rate_is_the_pairs_own_sandwiches_combined(votes):
+    """``two_way_rate`` alone (one quantity: position bias, JND, metric agreement, and a
+    pair clustered beyond the others): V_p + V_i - V_c never below V_c, Satterthwaite df."""
+    from analysis.pairs import ordered_pairs
+
+    y, parts = _statsmodels_parts(votes, "a", "c")
+    pairs = ordered_pairs(votes)
+    rows = (pairs["condition_a"] == "a") & (pairs["condition_b"] == "c")
+    result = two_way_rate(y, votes.loc[rows, "participant"], votes.loc[rows, "image_id"])
     combined = parts["p"][0] + parts["i"][0] - parts["c"][0]
-    expected = max(combined, parts["c"][0])
-    row = table.loc[("a", "c")]
-    assert row["se"] ** 2 == pytest.approx(expected, rel=1e-10)
-    assert row["rate_a"] == pytest.approx(y.mean())
+    assert result["se"] ** 2 == pytest.approx(max(combined, parts["c"][0]), rel=1e-10)
     if combined > parts["c"][0]:  # Satterthwaite over the three components
         spread = sum(v**2 / (g - 1) for v, g in parts.values())
-        assert row["df"] == pytest.approx(
+        assert result["df"] == pytest.approx(
             min(combined**2 / spread, sum(g - 1 for _, g in parts.values()))
         )
-    t = (y.mean() - 0.5) / row["se"]
-    assert row["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), row["df"]))
-    crit = stats.t.isf(0.025, row["df"])
-    assert row["ci_low"] == pytest.approx(y.mean() - crit * row["se"])
-    assert row["ci_high"] == pytest.approx(y.mean() + crit * row["se"])
-    # image and participant effects make the interval wider than the binomial one
-    assert row["se"] > np.sqrt(y.mean() * (1 - y.mean()) / len(y))
-    assert table["p_holm"].ge(table["p_value"]).all()
+    assert result["interval"] == TWO_WAY_RATE_METHOD
+
+
+def test_a_pair_clustered_beyond_the_others_keeps_its_own_variance():
+    """Pooling the shares assumes the pairs are alike; one pair whose votes depend on the
+    image far more than the others' (image SD 1.2 JOD there, none elsewhere) keeps its own
+    two-way variance, which the pooled one would understate, and the rest stay pooled."""
+    from analysis.pairs import ordered_pairs
+
+    equal = {c: 0.0 for c in "abcde"}
+    calm = simulate_responses(equal, 20, 10, 60, seed=21)
+    wild = simulate_responses(equal, 20, 10, 60, image_sd=1.2, seed=22)
+
+    def pair_ab(frame):
+        sides = frame[["condition_left", "condition_right"]]
+        return sides.isin(["a", "b"]).all(axis=1)
+
+    main = pd.concat([calm[~pair_ab(calm)], wild[pair_ab(wild)]], ignore_index=True)
+    table = two_way_rate_tests(main).set_index(["condition_a", "condition_b"])
+    votes = main[pair_ab(main)]
+    own = two_way_rate(
+        ordered_pairs(votes)["win_a"].to_numpy(float), votes["participant"], votes["image_id"]
+    )
+    assert table.loc[("a", "b"), "interval"] == TWO_WAY_RATE_METHOD
+    assert table.loc[("a", "b"), "se"] == pytest.approx(own["se"])
+    assert (table.drop(index=("a", "b"))["interval"] == POOLED_RATE_METHOD).all()
+    # the average would have understated it: the pair's own variance is far above
+    assert table.loc[("a", "b"), "se"] > 1.5 * table.drop(index=("a", "b"))["se"].max()
 
 
 def test_two_way_rate_falls_back_to_participants_with_few_images():

@@ -162,13 +162,14 @@ def test_bench_votes_next_latency_prints_both_designs():
 
 def test_bench_df_rules_scores_the_reports_own_intervals():
     """bench_df_rules.py records, for its "report" rules, exactly the variance and df of
-    the report's tables (two_way_rate_tests; glmm_pair_tests), and prints a row per
+    the report's tables (two_way_rate_tests; glmm_pair_tests) and of each pair's own
+    two_way_rate, and prints a row per
     rule."""
     import importlib.util
 
     import numpy as np
 
-    from analysis.clustered import two_way_rate_tests
+    from analysis.clustered import _pair_frame, two_way_rate, two_way_rate_tests
     from analysis.glmm import glmm_pair_tests
 
     path = REPO / "bench" / "bench_df_rules.py"
@@ -178,8 +179,17 @@ def test_bench_df_rules_scores_the_reports_own_intervals():
     study = module._study("both", "null", 0)
     rows = module._pairs_study(("both", "null", 0))
     table = two_way_rate_tests(study.main)
-    np.testing.assert_allclose([r["var_report"] for r in rows], table["se"] ** 2, rtol=1e-12)
-    np.testing.assert_allclose([r["df_report"] for r in rows], table["df"], rtol=1e-12)
+    import pandas as pd
+
+    pooled_var, pooled_df = module._pooled_rule(pd.DataFrame(rows))
+    np.testing.assert_allclose(pooled_var, table["se"] ** 2, rtol=1e-12)
+    np.testing.assert_allclose(pooled_df, table["df"], rtol=1e-12)
+    own = [
+        two_way_rate(g["win_a"].to_numpy(float), g["participant"], g["image_id"])
+        for _, g in _pair_frame(study.main, False).groupby(["condition_a", "condition_b"])
+    ]
+    np.testing.assert_allclose([r["var_report"] for r in rows], [o["se"] ** 2 for o in own])
+    np.testing.assert_allclose([r["df_report"] for r in rows], [o["df"] for o in own])
     rows = module._glmm_study(("both", "null", 0))
     table = glmm_pair_tests(study.main, with_ml=False)
     np.testing.assert_allclose([r["df_report"] for r in rows], table["df"], rtol=1e-9)
@@ -192,4 +202,19 @@ def test_bench_df_rules_scores_the_reports_own_intervals():
     assert scored.loc["report: Hessian df, floor G - 1", "fwe"] in (0.0, 1.0)
     assert {"study-pooled shares, components df", "components (G_k - 1 each)"} <= set(scored.index)
     output = run_script("bench/bench_df_rules.py", "pairs", "--studies", "2", "--jobs", "1")
-    assert "| report: V_p + V_i - V_c floored at V_c, Satterthwaite | null |" in output
+    assert "| report: shares pooled over the study's pairs, G - 1 df, own if beyond | null |" in output
+    assert "| own pair: V_p + V_i - V_c floored at V_c, Satterthwaite (two_way_rate) |" in output
+
+
+def test_bench_pair_heterogeneity_scores_the_three_rules():
+    """The heterogeneity benchmark runs and prints the report's, the pooled-only and the
+    own-pair coverage; a bad argument is a usage error, not a traceback."""
+    output = run_script("bench/bench_pair_heterogeneity.py", "--studies", "3")
+    for rule in ("report (pooled, guarded)", "pooled shares alone", "own pair (two_way_rate)"):
+        assert re.search(rf"^{re.escape(rule)}\s+coverage [01]\.\d{{3}}", output, re.M), output
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_pair_heterogeneity.py"), "--studies", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "--studies must be >= 1" in done.stderr
+    assert "Traceback" not in done.stderr
