@@ -29,14 +29,16 @@ analysis fits its scales from the exported votes (``pstudy analyze``).
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import func, select, text, update
 
 from analysis.active import Posterior, all_pairs, select_pairs, thurstone_posterior
 from study_app.extensions import db
-from study_app.models import Condition, Item, Study, StudyPosterior, Trial, Vote
+from study_app.models import Condition, Image, Item, Study, StudyPosterior, Trial, Vote
+from study_app.studies import design_pairs
 
 
 def study_condition_ids(study: Study) -> list[int]:
@@ -119,7 +121,8 @@ def _recompute(
     ).scalar_one_or_none()
     if row is not None and locked is None:  # another worker is recomputing it right now
         return Posterior.from_dict(row.posterior), list(row.conditions)
-    ids = study_condition_ids(study)
+    # the conditions never change after the study is made: the stored list when there is one
+    ids = list(locked.conditions) if locked is not None else study_condition_ids(study)
     previous = None if locked is None else Posterior.from_dict(locked.posterior)
     initial = previous.mean if previous is not None and len(previous.mean) == len(ids) else None
     posterior = thurstone_posterior(win_matrix(study, ids), initial=initial)
@@ -195,26 +198,15 @@ def choose_pairs(
         )
     # Open leases first, then votes: a vote committed in between is counted twice (as a
     # lease and a vote), never missed (READ COMMITTED: each statement sees new commits).
-    open_rows = db.session.execute(
+    open_rows = db.session.execute(  # over index ix_trial_study_open: the open leases only
         select(Item.condition_a_id, Item.condition_b_id, func.count(Trial.id))
-        .join(Trial, Trial.item_id == Item.id)
+        .join(Item, Trial.item_id == Item.id)
         .where(
-            Item.study_id == study.id, Trial.kind == "main", Trial.preview.is_(False), open_trial
+            Trial.study_id == study.id, Trial.kind == "main", Trial.preview.is_(False), open_trial
         )
         .group_by(Item.condition_a_id, Item.condition_b_id)
     ).all()
-    free = and_(Item.id.not_in(taken), Item.n_votes < config.votes_per_item)
-    per_pair = db.session.execute(
-        select(
-            Item.condition_a_id,
-            Item.condition_b_id,
-            func.sum(Item.n_votes),
-            func.sum(case((free, 1), else_=0)),
-            func.min(case((free, Item.n_votes), else_=None)),
-        )
-        .where(Item.study_id == study.id)
-        .group_by(Item.condition_a_id, Item.condition_b_id)
-    ).all()
+    per_pair = pair_counts(study, config, taken)
     posterior, ids = current_posterior(study, config, now, sum(int(r[2]) for r in per_pair))
     if study.main_closed_at is not None:
         return []
@@ -251,6 +243,70 @@ def choose_pairs(
     )
     stored = {key(r[0], r[1]): (int(r[0]), int(r[1])) for r in per_pair}  # the items' own order
     return [(*stored[position[(c.i, c.j)]], c.gain) for c in chosen]
+
+
+def study_pairs(study: Study, config) -> tuple[list[tuple[int, int]], int]:
+    """The study's condition pairs as its items store them (condition ids, a before b by
+    name) and the items per pair (its images), from the config and the stimulus set's
+    conditions: no read of the items."""
+    ids = dict(
+        db.session.execute(
+            select(Condition.name, Condition.id).where(
+                Condition.stimulus_set_id == study.stimulus_set_id
+            )
+        ).all()
+    )
+    pairs = [(ids[a], ids[b]) for a, b in design_pairs(config, sorted(ids))]
+    if config.images is not None:
+        return pairs, len(config.images)
+    images = db.session.scalar(
+        select(func.count()).select_from(Image).where(
+            Image.stimulus_set_id == study.stimulus_set_id
+        )
+    )
+    return pairs, int(images)
+
+
+def pair_counts(study: Study, config, taken) -> list[tuple[int, int, int, int, int | None]]:
+    """Per condition pair (as the items store it): ``(a, b, votes, free items, lowest votes
+    of a free item or None)``; an item is free for the participant when under K votes and
+    not in ``taken`` (a subquery of item ids).
+
+    One statement counts each pair's items at each vote level below K, every count an
+    index range of ix_item_study_pair_load (pairs × K seeks, no grouping of every item);
+    items not counted hold K votes. Then the participant's own items are taken off: the
+    same numbers as grouping every item with the participant's exclusions."""
+    k = config.votes_per_item
+    pairs, per_pair = study_pairs(study, config)
+    # condition ids and levels are integers from the database: inlined, not user input
+    pair_rows = ", ".join(f"({int(a)}, {int(b)})" for a, b in pairs)
+    level_rows = ", ".join(f"({v})" for v in range(k))
+    levels = db.session.execute(
+        text(
+            f"WITH p(a, b) AS (VALUES {pair_rows}), l(v) AS (VALUES {level_rows}) "
+            "SELECT p.a, p.b, l.v, (SELECT count(*) FROM item WHERE item.study_id = :study"
+            " AND item.condition_a_id = p.a AND item.condition_b_id = p.b"
+            " AND item.n_votes = l.v) FROM p CROSS JOIN l"
+        ),
+        {"study": study.id},
+    ).all()
+    mine = Counter(
+        tuple(row)
+        for row in db.session.execute(
+            select(Item.condition_a_id, Item.condition_b_id, Item.n_votes).where(
+                Item.id.in_(taken), Item.n_votes < k
+            )
+        )
+    )
+    totals: dict[tuple[int, int], list] = {pair: [k * per_pair, 0, None] for pair in pairs}
+    for a, b, votes, count in sorted(levels):
+        entry = totals[(a, b)]
+        entry[0] -= (k - votes) * count  # these items hold `votes`, not K
+        free = count - mine[(a, b, votes)]
+        if free > 0:
+            entry[1] += free
+            entry[2] = votes if entry[2] is None else entry[2]
+    return [(a, b, v, f, low) for (a, b), (v, f, low) in totals.items()]
 
 
 def precision_summary(study: Study, config) -> dict | None:

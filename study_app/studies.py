@@ -13,11 +13,19 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from flask_babel import gettext, lazy_gettext, ngettext
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from study_app.extensions import db
 from study_app.i18n import DEFAULT_LANGUAGE, LANGUAGES
-from study_app.models import STUDY_STATUSES, Condition, Image, Item, StimulusSet, Study
+from study_app.models import (
+    STUDY_STATUSES,
+    Condition,
+    Image,
+    Item,
+    StimulusSet,
+    Study,
+    draw_key_sql,
+)
 from study_app.stimuli import canonical_json_sha256
 
 # The question mode that shows the reference image (also tested in SQL by the vote path).
@@ -244,6 +252,15 @@ def _check_design(config: StudyConfig) -> None:
            "stops when every item has K votes)")
 
 
+def design_pairs(config: StudyConfig, set_conditions: list[str]) -> list[tuple[str, str]]:
+    """The condition-name pairs ``(a, b)``, a < b, a config selects from a set whose
+    conditions are ``set_conditions`` (pure; the items store their pairs in this order)."""
+    if config.pairs is not None:
+        return sorted({tuple(sorted(p)) for p in config.pairs})
+    names = config.conditions if config.conditions is not None else set_conditions
+    return list(itertools.combinations(sorted(set(names)), 2))
+
+
 def resolve_design(
     config: StudyConfig, stimulus_set: StimulusSet
 ) -> tuple[list[Image], list[tuple[Condition, Condition]]]:
@@ -253,10 +270,8 @@ def resolve_design(
     missing = sorted(set(names) - set(by_name))
     _check(not missing, f"condition(s) {missing} are not in stimulus set "
            f"'{stimulus_set.name}' (it has {sorted(by_name)})")
-    if config.pairs is None:
-        pairs = list(itertools.combinations(sorted(set(names)), 2))
-    else:
-        pairs = sorted({tuple(sorted(p)) for p in config.pairs})
+    pairs = design_pairs(config, sorted(by_name))
+    if config.pairs is not None:
         missing = sorted({c for p in pairs for c in p} - set(by_name))
         _check(not missing, f"pairs name unknown condition(s) {missing}")
     _check(len(pairs) >= 1, "a study needs at least one condition pair")
@@ -289,6 +304,9 @@ def create_study(stimulus_set: StimulusSet, config: StudyConfig,
         for image in images for a, b in pairs
     )
     db.session.flush()
+    db.session.execute(  # the draw keys follow from the ids the flush assigned
+        update(Item).where(Item.study_id == study.id).values(draw_key=draw_key_sql(Item.id))
+        .execution_options(synchronize_session=False))
     if config.design == "active":
         from study_app.active import create_posterior
 
