@@ -260,9 +260,9 @@ def study_pairs(study: Study, config) -> tuple[list[tuple[int, int]], int]:
     if config.images is not None:
         return pairs, len(config.images)
     images = db.session.scalar(
-        select(func.count()).select_from(Image).where(
-            Image.stimulus_set_id == study.stimulus_set_id
-        )
+        select(func.count())
+        .select_from(Image)
+        .where(Image.stimulus_set_id == study.stimulus_set_id)
     )
     return pairs, int(images)
 
