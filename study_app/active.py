@@ -267,29 +267,41 @@ def study_pairs(study: Study, config) -> tuple[list[tuple[int, int]], int]:
     return pairs, int(images)
 
 
+def _level_counts(study: Study, pairs: list[tuple[int, int]], k: int):
+    """SQL: ``(a, b, votes, items)`` for every pair and vote level below ``k``.
+
+    SQLite: pairs × K counts, each an index range of ix_item_study_pair_load (no row is
+    read and nothing grouped: ~3 ms at 60 000 items against ~35 ms for a GROUP BY).
+    PostgreSQL: one grouped scan (~12 ms there; its index ranges would visit every row's
+    heap tuple, since votes keep changing the rows, and took ~150 ms)."""
+    if db.session.get_bind().dialect.name != "sqlite":
+        return (
+            select(Item.condition_a_id, Item.condition_b_id, Item.n_votes, func.count())
+            .where(Item.study_id == study.id, Item.n_votes < k)
+            .group_by(Item.condition_a_id, Item.condition_b_id, Item.n_votes)
+        )
+    # condition ids and levels are integers from the database: inlined, not user input
+    pair_rows = ", ".join(f"({int(a)}, {int(b)})" for a, b in pairs)
+    level_rows = ", ".join(f"({v})" for v in range(k))
+    return text(
+        f"WITH p(a, b) AS (VALUES {pair_rows}), l(v) AS (VALUES {level_rows}) "
+        "SELECT p.a, p.b, l.v, (SELECT count(*) FROM item WHERE item.study_id = :study"
+        " AND item.condition_a_id = p.a AND item.condition_b_id = p.b"
+        " AND item.n_votes = l.v) FROM p CROSS JOIN l"
+    ).bindparams(study=study.id)
+
+
 def pair_counts(study: Study, config, taken) -> list[tuple[int, int, int, int, int | None]]:
     """Per condition pair (as the items store it): ``(a, b, votes, free items, lowest votes
     of a free item or None)``; an item is free for the participant when under K votes and
     not in ``taken`` (a subquery of item ids).
 
-    One statement counts each pair's items at each vote level below K, every count an
-    index range of ix_item_study_pair_load (pairs × K seeks, no grouping of every item);
-    items not counted hold K votes. Then the participant's own items are taken off: the
-    same numbers as grouping every item with the participant's exclusions."""
+    One statement counts each pair's items at each vote level below K (items not counted
+    hold K votes; :func:`_level_counts`), then the participant's own items are taken off:
+    the same numbers as grouping every item with the participant's exclusions."""
     k = config.votes_per_item
     pairs, per_pair = study_pairs(study, config)
-    # condition ids and levels are integers from the database: inlined, not user input
-    pair_rows = ", ".join(f"({int(a)}, {int(b)})" for a, b in pairs)
-    level_rows = ", ".join(f"({v})" for v in range(k))
-    levels = db.session.execute(
-        text(
-            f"WITH p(a, b) AS (VALUES {pair_rows}), l(v) AS (VALUES {level_rows}) "
-            "SELECT p.a, p.b, l.v, (SELECT count(*) FROM item WHERE item.study_id = :study"
-            " AND item.condition_a_id = p.a AND item.condition_b_id = p.b"
-            " AND item.n_votes = l.v) FROM p CROSS JOIN l"
-        ),
-        {"study": study.id},
-    ).all()
+    levels = db.session.execute(_level_counts(study, pairs, k)).all()
     mine = Counter(
         tuple(row)
         for row in db.session.execute(
