@@ -379,32 +379,49 @@ def _lease_items(participant: Participant, study: Study, config: StudyConfig, no
     # skipped and the next one taken.
     candidates = _lowest_load(participant, study, config, now, 2 * n, start, pair, exclude,
                               leased)
-    locked: list[Item] = []
-    tried = 0
-    while len(locked) < n and tried < len(candidates):
-        batch = candidates[tried:tried + n - len(locked)]
-        tried += len(batch)
+    return _lock_fresh([(candidates, n)], config, now)[0]
+
+
+def _lock_fresh(groups: list[tuple[list[int], int]], config: StudyConfig,
+                now: datetime) -> list[list[Item]]:
+    """For each ``(candidate ids, n)``: lock up to ``n`` of the candidates, in their order
+    (SKIP LOCKED: one held by a concurrent transaction is passed over for the next), then
+    re-read the loads under the locks and keep the items still under K. One locking
+    statement per round for every group, one re-read for all."""
+    chosen: list[list[Item]] = [[] for _ in groups]
+    tried = [0] * len(groups)
+    while True:
+        batches = []
+        for g, (candidates, n) in enumerate(groups):
+            batch = candidates[tried[g]:tried[g] + max(0, n - len(chosen[g]))]
+            tried[g] += len(batch)
+            batches.append(batch)
+        wanted = [i for batch in batches for i in batch]
+        if not wanted:
+            break
         got = {item.id: item for item in db.session.scalars(
-            select(Item).where(Item.id.in_(batch)).order_by(Item.id)
+            select(Item).where(Item.id.in_(wanted)).order_by(Item.id)
             .with_for_update(skip_locked=True).execution_options(populate_existing=True))}
-        locked += [got[i] for i in batch if i in got]
-    if not locked:
-        return []
+        for g, batch in enumerate(batches):
+            chosen[g] += [got[i] for i in batch if i in got]
+    every = [item.id for items in chosen for item in items]
+    if not every:
+        return chosen
     # Re-read the load after the lock: a statement of its own sees every commit made by
     # transactions that held these rows before us (PostgreSQL READ COMMITTED).
     loads = dict(db.session.execute(
-        select(Item.id, item_load(now)).where(Item.id.in_([i.id for i in locked]))
+        select(Item.id, item_load(now)).where(Item.id.in_(every))
     ).all())
-    return [i for i in locked if loads[i.id] < config.votes_per_item]
+    return [[i for i in items if loads[i.id] < config.votes_per_item] for items in chosen]
 
 
 def _lease_items_active(participant: Participant, study: Study, config: StudyConfig,
                         now: datetime, n: int,
                         rng: random.Random) -> tuple[list[Item], dict[int, float]]:
     """Active design: the pairs from :func:`study_app.active.choose_pairs`, then for each
-    the lowest-load eligible items of that pair, leased as :func:`_lease_items` does (a
-    pair whose free items were all leased meanwhile: the shortfall from any pair, without
-    a gain). Returns the items and each chosen item's information gain (bits) by id.
+    the lowest-load eligible items of that pair, leased as :func:`_lease_items` does, all
+    pairs' items locked and re-checked together (a pair whose free items were all leased
+    meanwhile: the shortfall from any pair, without a gain). Returns the items and each chosen item's information gain (bits) by id.
     With ``n`` = 0 (e.g. a participant's last fetch) it only brings the posterior and the
     stopping rule up to date, so the last votes can stop the study."""
     from study_app import active  # numpy/scipy: loaded by the first active study only
@@ -424,10 +441,12 @@ def _lease_items_active(participant: Participant, study: Study, config: StudyCon
     gains: dict[int, float] = {}
     # the open leases once for every pair: this fetch's own leases are made after them
     leased = _leased_free_items(participant, study, config, now) if wanted else []
-    for (a, b), pair_gains in wanted.items():
-        for item, gain in zip(_lease_items(participant, study, config, now, len(pair_gains),
-                                           rng, pair=(a, b), leased=leased),
-                              pair_gains, strict=False):
+    groups = [(_lowest_load(participant, study, config, now, 2 * len(pair_gains),
+                            rng.randrange(1, DRAW_MOD), pair, leased=leased), len(pair_gains))
+              for pair, pair_gains in wanted.items()]
+    for pair_items, pair_gains in zip(_lock_fresh(groups, config, now), wanted.values(),
+                                      strict=True):
+        for item, gain in zip(pair_items, pair_gains, strict=False):
             items.append(item)
             gains[item.id] = gain
     if len(items) < len(choices):
