@@ -37,15 +37,12 @@ from sqlalchemy import func, select, text, update
 
 from analysis.active import Posterior, all_pairs, select_pairs, thurstone_posterior
 from study_app.extensions import db
-from study_app.models import Condition, Image, Item, Study, StudyPosterior, Trial, Vote
-from study_app.studies import design_pairs
+from study_app.models import Condition, Item, Study, StudyPosterior, Trial, Vote
 
 
 def study_condition_ids(study: Study) -> list[int]:
     """The ids of the conditions in the study's items, ascending (the scale's order)."""
-    first = select(Item.condition_a_id).where(Item.study_id == study.id)
-    second = select(Item.condition_b_id).where(Item.study_id == study.id)
-    return sorted(set(db.session.scalars(first.union(second))))
+    return sorted({c for pair in study_pairs(study) for c in pair})
 
 
 def win_matrix(study: Study, condition_ids: list[int]) -> np.ndarray:
@@ -245,44 +242,50 @@ def choose_pairs(
     return [(*stored[position[(c.i, c.j)]], c.gain) for c in chosen]
 
 
-def study_pairs(study: Study, config) -> tuple[list[tuple[int, int]], int]:
-    """The study's condition pairs as its items store them (condition ids, a before b by
-    name) and the items per pair (its images), from the config and the stimulus set's
-    conditions: no read of the items."""
-    ids = dict(
-        db.session.execute(
-            select(Condition.name, Condition.id).where(
-                Condition.stimulus_set_id == study.stimulus_set_id
-            )
-        ).all()
-    )
-    pairs = [(ids[a], ids[b]) for a, b in design_pairs(config, sorted(ids))]
-    if config.images is not None:
-        return pairs, len(config.images)
-    images = db.session.scalar(
-        select(func.count())
-        .select_from(Image)
-        .where(Image.stimulus_set_id == study.stimulus_set_id)
-    )
-    return pairs, int(images)
+# The distinct pairs of a study's items by a loose index scan: one seek of
+# ix_item_study_pair_load per pair (each step finds the next pair after the last one),
+# instead of reading every item.
+_STUDY_PAIRS = """
+WITH RECURSIVE p(a, b) AS (
+    SELECT * FROM (SELECT condition_a_id, condition_b_id FROM item WHERE study_id = :study
+                   ORDER BY condition_a_id, condition_b_id LIMIT 1) AS lowest
+    UNION ALL
+    SELECT (SELECT i.condition_a_id FROM item i WHERE i.study_id = :study
+              AND (i.condition_a_id > p.a OR (i.condition_a_id = p.a AND i.condition_b_id > p.b))
+            ORDER BY i.condition_a_id, i.condition_b_id LIMIT 1),
+           (SELECT i.condition_b_id FROM item i WHERE i.study_id = :study
+              AND (i.condition_a_id > p.a OR (i.condition_a_id = p.a AND i.condition_b_id > p.b))
+            ORDER BY i.condition_a_id, i.condition_b_id LIMIT 1)
+    FROM p WHERE p.a IS NOT NULL
+)
+SELECT a, b FROM p WHERE a IS NOT NULL
+"""
+
+
+def study_pairs(study: Study) -> list[tuple[int, int]]:
+    """The study's condition pairs as its items store them ``(condition_a_id,
+    condition_b_id)``, ascending; one index seek per pair."""
+    return [
+        (int(a), int(b)) for a, b in db.session.execute(text(_STUDY_PAIRS), {"study": study.id})
+    ]
 
 
 def _level_counts(study: Study, pairs: list[tuple[int, int]], k: int):
-    """SQL: ``(a, b, votes, items)`` for every pair and vote level below ``k``.
+    """SQL: ``(a, b, votes, items)`` for every pair and vote level up to ``k``.
 
-    SQLite: pairs × K counts, each an index range of ix_item_study_pair_load (no row is
+    SQLite: pairs × (K + 1) counts, each an index range of ix_item_study_pair_load (no row is
     read and nothing grouped: ~3 ms at 60 000 items against ~35 ms for a GROUP BY).
     PostgreSQL: one grouped scan (~12 ms there; its index ranges would visit every row's
     heap tuple, since votes keep changing the rows, and took ~150 ms)."""
     if db.session.get_bind().dialect.name != "sqlite":
         return (
             select(Item.condition_a_id, Item.condition_b_id, Item.n_votes, func.count())
-            .where(Item.study_id == study.id, Item.n_votes < k)
+            .where(Item.study_id == study.id)
             .group_by(Item.condition_a_id, Item.condition_b_id, Item.n_votes)
         )
     # condition ids and levels are integers from the database: inlined, not user input
     pair_rows = ", ".join(f"({int(a)}, {int(b)})" for a, b in pairs)
-    level_rows = ", ".join(f"({v})" for v in range(k))
+    level_rows = ", ".join(f"({v})" for v in range(k + 1))  # (no item holds more than K)
     return text(
         f"WITH p(a, b) AS (VALUES {pair_rows}), l(v) AS (VALUES {level_rows}) "
         "SELECT p.a, p.b, l.v, (SELECT count(*) FROM item WHERE item.study_id = :study"
@@ -296,12 +299,12 @@ def pair_counts(study: Study, config, taken) -> list[tuple[int, int, int, int, i
     of a free item or None)``; an item is free for the participant when under K votes and
     not in ``taken`` (a subquery of item ids).
 
-    One statement counts each pair's items at each vote level below K (items not counted
-    hold K votes; :func:`_level_counts`), then the participant's own items are taken off:
+    One statement counts each pair's items at each vote level (:func:`_level_counts`),
+    then the participant's own items are taken off:
     the same numbers as grouping every item with the participant's exclusions."""
     k = config.votes_per_item
-    pairs, per_pair = study_pairs(study, config)
-    levels = db.session.execute(_level_counts(study, pairs, k)).all()
+    sqlite = db.session.get_bind().dialect.name == "sqlite"
+    levels = db.session.execute(_level_counts(study, study_pairs(study) if sqlite else [], k))
     mine = Counter(
         tuple(row)
         for row in db.session.execute(
@@ -310,11 +313,11 @@ def pair_counts(study: Study, config, taken) -> list[tuple[int, int, int, int, i
             )
         )
     )
-    totals: dict[tuple[int, int], list] = {pair: [k * per_pair, 0, None] for pair in pairs}
+    totals: dict[tuple[int, int], list] = {}
     for a, b, votes, count in sorted(levels):
-        entry = totals[(a, b)]
-        entry[0] -= (k - votes) * count  # these items hold `votes`, not K
-        free = count - mine[(a, b, votes)]
+        entry = totals.setdefault((a, b), [0, 0, None])
+        entry[0] += votes * count
+        free = count - mine[(a, b, votes)] if votes < k else 0
         if free > 0:
             entry[1] += free
             entry[2] = votes if entry[2] is None else entry[2]

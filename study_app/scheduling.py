@@ -7,7 +7,9 @@ connection from :func:`study_app.transactions.run_on_connection`. The rules (doc
 - an item (image × condition pair) has a *load* = its votes + its open leases (leased,
   not expired, not preview); a participant's main trials are drawn from the items with
   the lowest load below K, never an item this participant was ever issued;
-  ties are broken by a seeded pseudo-random order;
+  ties are broken by a seeded pseudo-random order (the items' draw keys read from a
+  random start); :func:`_lowest_load` finds them over indexes, level by level, without
+  reading every item;
 - on PostgreSQL the candidate items are locked ``FOR UPDATE SKIP LOCKED`` (two
   participants never lease the same item concurrently) and their load is re-read after
   the lock; on SQLite ``BEGIN IMMEDIATE`` makes the whole transaction the only writer;

@@ -252,15 +252,6 @@ def _check_design(config: StudyConfig) -> None:
            "stops when every item has K votes)")
 
 
-def design_pairs(config: StudyConfig, set_conditions: list[str]) -> list[tuple[str, str]]:
-    """The condition-name pairs ``(a, b)``, a < b, a config selects from a set whose
-    conditions are ``set_conditions`` (pure; the items store their pairs in this order)."""
-    if config.pairs is not None:
-        return sorted({tuple(sorted(p)) for p in config.pairs})
-    names = config.conditions if config.conditions is not None else set_conditions
-    return list(itertools.combinations(sorted(set(names)), 2))
-
-
 def resolve_design(
     config: StudyConfig, stimulus_set: StimulusSet
 ) -> tuple[list[Image], list[tuple[Condition, Condition]]]:
@@ -270,8 +261,10 @@ def resolve_design(
     missing = sorted(set(names) - set(by_name))
     _check(not missing, f"condition(s) {missing} are not in stimulus set "
            f"'{stimulus_set.name}' (it has {sorted(by_name)})")
-    pairs = design_pairs(config, sorted(by_name))
-    if config.pairs is not None:
+    if config.pairs is None:
+        pairs = list(itertools.combinations(sorted(set(names)), 2))
+    else:
+        pairs = sorted({tuple(sorted(p)) for p in config.pairs})
         missing = sorted({c for p in pairs for c in p} - set(by_name))
         _check(not missing, f"pairs name unknown condition(s) {missing}")
     _check(len(pairs) >= 1, "a study needs at least one condition pair")

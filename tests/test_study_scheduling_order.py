@@ -161,6 +161,8 @@ def test_pair_counts_equal_grouping_every_item(db_app, tmp_path):
         taken = select(Trial.item_id).where(Trial.participant_id == pid)
         got = {(a, b): [v, f, low] for a, b, v, f, low in active.pair_counts(study, config, taken)}
         assert got == dict(expected)
+        assert active.study_pairs(study) == sorted(expected)  # the loose index scan
+        assert active.study_condition_ids(study) == sorted({c for p in expected for c in p})
         mine = db.session.scalars(select(Item).where(Item.id.in_(taken_ids))).all()
         assert any(i.n_votes < k for i in mine)  # the participant's own items were taken off
 
