@@ -5,7 +5,7 @@ and the ratios.
 
     .venv/bin/python bench/bench_votes.py [--participants 100] [--votes 60] [--paced-votes 20]
                                           [--think-s 1]
-    .venv/bin/python bench/bench_votes.py --next-latency [--conditions 16] [--images 500]
+    .venv/bin/python bench/bench_votes.py --next-latency [--conditions 16] [--images 500] [--think-s 1]
                                           [--rounds 5] [--participants 100]
 
 Each participant first starts and leases all its trials (not timed), then two timed runs:
@@ -22,7 +22,9 @@ endpoints.
 ``--next-latency`` measures ``trials/next`` instead, for a balanced and an active study of
 16 conditions (all 120 pairs) × 500 images = 60 000 items: the participants start (not
 timed), then all fetch at once, answer their batch (not timed) and fetch again, --rounds
-times.
+times (saturated: 100 fetches at once); then the same at a human pace (paced: a think
+time uniform in 0.5–1.5 × --think-s before each answer, starts spread over one think
+time; each participant fetches again when its batch is answered).
 """
 
 from __future__ import annotations
@@ -284,14 +286,16 @@ def make_design_study(database_url: str, root: Path, design: str, conditions: in
 def _next_client(args: tuple) -> tuple[list[float], int]:
     """One client process: its participants in threads, each fetching (timed) and
     answering its trials (not timed) ``rounds`` times; (latencies ms, errors)."""
-    base, starts, rounds, start_at = args
+    base, starts, rounds, start_at, think_s, seed = args
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
 
-    def participant(headers: dict) -> None:
+    def participant(headers: dict, rng: random.Random) -> None:
         session = requests.Session()
         mine = []
+        if think_s:
+            time.sleep(rng.uniform(0.0, think_s))
         for _ in range(rounds):
             t = time.perf_counter()
             response = session.post(f"{base}/api/v1/participant/trials/next", headers=headers,
@@ -302,13 +306,16 @@ def _next_client(args: tuple) -> tuple[list[float], int]:
                     errors[0] += 1
                 continue
             for i, trial in enumerate(response.json()["trials"]):
+                if think_s:
+                    time.sleep(rng.uniform(0.5 * think_s, 1.5 * think_s))
                 session.post(f"{base}/api/v1/participant/votes", headers=headers,
                              json=vote_body(trial["token"], i), timeout=60)
         with lock:
             latencies.extend(mine)
 
     time.sleep(max(0.0, start_at - time.time()))
-    threads = [threading.Thread(target=participant, args=(h,)) for h in starts]
+    threads = [threading.Thread(target=participant, args=(h, random.Random(f"{seed}:{i}")))
+               for i, h in enumerate(starts)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -316,17 +323,20 @@ def _next_client(args: tuple) -> tuple[list[float], int]:
     return latencies, errors[0]
 
 
-def next_load(base: str, slug: str, participants: int, rounds: int) -> dict:
-    """``participants`` start (not timed), then all fetch at once, ``rounds`` times each."""
+def next_load(base: str, slug: str, participants: int, rounds: int, think_s: float = 0.0,
+              tag: str = "next") -> dict:
+    """``participants`` start (not timed), then fetch ``rounds`` times each: all at once
+    (``think_s`` 0) or answering at a human pace (think time 0.5–1.5 × ``think_s``)."""
     starts = []
     for i in range(participants):
         start = requests.post(f"{base}/api/v1/studies/{slug}/participants",
-                              json={"prolific_pid": f"next-{i}"}, timeout=60).json()
+                              json={"prolific_pid": f"{tag}-{i}"}, timeout=60).json()
         starts.append({"Authorization": f"Bearer {start['participant']['token']}"})
     start_at = time.time() + 1.0
     chunks = [starts[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)]
     with ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
-        results = list(pool.map(_next_client, [(base, c, rounds, start_at) for c in chunks]))
+        results = list(pool.map(_next_client, [(base, c, rounds, start_at, think_s, i)
+                                                for i, c in enumerate(chunks)]))
     latencies = np.concatenate([np.array(r[0]) for r in results])
     return {"requests": len(latencies), "errors": sum(r[1] for r in results),
             "p50_ms": float(np.percentile(latencies, 50)),
@@ -336,22 +346,26 @@ def next_load(base: str, slug: str, participants: int, rounds: int) -> dict:
 def next_latency(args, work: Path) -> None:
     """The trials/next run: balanced vs active, on each database (--next-latency)."""
     rows = []
+    runs = [("saturated", 0.0)] + ([("paced", args.think_s)] if args.think_s > 0 else [])
     for database in args.databases.split(","):
         for design in ("balanced", "active"):
             with database_and_app(database, work / f"next-{design}.sqlite3",
                                   lambda url, d=design, db=database: make_design_study(
                                       url, work / f"set-{db}-{d}", d, args.conditions,
                                       args.images, 4 * args.rounds)) as (slug, base, _, _pid):
-                rows.append((database, design,
-                             next_load(base, slug, args.participants, args.rounds)))
+                for run, think_s in runs:  # new participants each run, the same study
+                    rows.append((database, design, run,
+                                 next_load(base, slug, args.participants, args.rounds,
+                                           think_s, tag=run)))
     items = args.images * args.conditions * (args.conditions - 1) // 2
     print(f"trials/next: {args.participants} concurrent participants × {args.rounds} fetches "
           f"of 4 trials (each batch answered, not timed); {args.conditions} conditions × "
           f"{args.images} images = {items} items; gunicorn gthread 2 workers × 4 threads; "
-          f"{os.cpu_count()} cores")
-    print(f"{'database':<10}{'design':<10}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
-    for database, design, r in rows:
-        print(f"{database:<10}{design:<10}{r['requests']:>9}{r['p50_ms']:>9.1f}"
+          f"{os.cpu_count()} cores; paced: think {args.think_s:g} s ± 50% per trial")
+    print(f"{'database':<10}{'design':<10}{'run':<10}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'errors':>8}")
+    for database, design, run, r in rows:
+        print(f"{database:<10}{design:<10}{run:<10}{r['requests']:>9}{r['p50_ms']:>9.1f}"
               f"{r['p99_ms']:>9.1f}{r['errors']:>8}")
 
 

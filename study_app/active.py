@@ -29,10 +29,11 @@ analysis fits its scales from the exported votes (``pstudy analyze``).
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import func, select, text, update
 
 from analysis.active import Posterior, all_pairs, select_pairs, thurstone_posterior
 from study_app.extensions import db
@@ -41,9 +42,7 @@ from study_app.models import Condition, Item, Study, StudyPosterior, Trial, Vote
 
 def study_condition_ids(study: Study) -> list[int]:
     """The ids of the conditions in the study's items, ascending (the scale's order)."""
-    first = select(Item.condition_a_id).where(Item.study_id == study.id)
-    second = select(Item.condition_b_id).where(Item.study_id == study.id)
-    return sorted(set(db.session.scalars(first.union(second))))
+    return sorted({c for pair in study_pairs(study) for c in pair})
 
 
 def win_matrix(study: Study, condition_ids: list[int]) -> np.ndarray:
@@ -119,7 +118,8 @@ def _recompute(
     ).scalar_one_or_none()
     if row is not None and locked is None:  # another worker is recomputing it right now
         return Posterior.from_dict(row.posterior), list(row.conditions)
-    ids = study_condition_ids(study)
+    # the conditions never change after the study is made: the stored list when there is one
+    ids = list(locked.conditions) if locked is not None else study_condition_ids(study)
     previous = None if locked is None else Posterior.from_dict(locked.posterior)
     initial = previous.mean if previous is not None and len(previous.mean) == len(ids) else None
     posterior = thurstone_posterior(win_matrix(study, ids), initial=initial)
@@ -195,26 +195,15 @@ def choose_pairs(
         )
     # Open leases first, then votes: a vote committed in between is counted twice (as a
     # lease and a vote), never missed (READ COMMITTED: each statement sees new commits).
-    open_rows = db.session.execute(
+    open_rows = db.session.execute(  # over index ix_trial_study_open: the open leases only
         select(Item.condition_a_id, Item.condition_b_id, func.count(Trial.id))
-        .join(Trial, Trial.item_id == Item.id)
+        .join(Item, Trial.item_id == Item.id)
         .where(
-            Item.study_id == study.id, Trial.kind == "main", Trial.preview.is_(False), open_trial
+            Trial.study_id == study.id, Trial.kind == "main", Trial.preview.is_(False), open_trial
         )
         .group_by(Item.condition_a_id, Item.condition_b_id)
     ).all()
-    free = and_(Item.id.not_in(taken), Item.n_votes < config.votes_per_item)
-    per_pair = db.session.execute(
-        select(
-            Item.condition_a_id,
-            Item.condition_b_id,
-            func.sum(Item.n_votes),
-            func.sum(case((free, 1), else_=0)),
-            func.min(case((free, Item.n_votes), else_=None)),
-        )
-        .where(Item.study_id == study.id)
-        .group_by(Item.condition_a_id, Item.condition_b_id)
-    ).all()
+    per_pair = pair_counts(study, config, taken)
     posterior, ids = current_posterior(study, config, now, sum(int(r[2]) for r in per_pair))
     if study.main_closed_at is not None:
         return []
@@ -251,6 +240,88 @@ def choose_pairs(
     )
     stored = {key(r[0], r[1]): (int(r[0]), int(r[1])) for r in per_pair}  # the items' own order
     return [(*stored[position[(c.i, c.j)]], c.gain) for c in chosen]
+
+
+# The distinct pairs of a study's items by a loose index scan: one seek of
+# ix_item_study_pair_load per pair (each step finds the next pair after the last one),
+# instead of reading every item.
+_STUDY_PAIRS = """
+WITH RECURSIVE p(a, b) AS (
+    SELECT * FROM (SELECT condition_a_id, condition_b_id FROM item WHERE study_id = :study
+                   ORDER BY condition_a_id, condition_b_id LIMIT 1) AS lowest
+    UNION ALL
+    SELECT (SELECT i.condition_a_id FROM item i WHERE i.study_id = :study
+              AND (i.condition_a_id > p.a OR (i.condition_a_id = p.a AND i.condition_b_id > p.b))
+            ORDER BY i.condition_a_id, i.condition_b_id LIMIT 1),
+           (SELECT i.condition_b_id FROM item i WHERE i.study_id = :study
+              AND (i.condition_a_id > p.a OR (i.condition_a_id = p.a AND i.condition_b_id > p.b))
+            ORDER BY i.condition_a_id, i.condition_b_id LIMIT 1)
+    FROM p WHERE p.a IS NOT NULL
+)
+SELECT a, b FROM p WHERE a IS NOT NULL
+"""
+
+
+def study_pairs(study: Study) -> list[tuple[int, int]]:
+    """The study's condition pairs as its items store them ``(condition_a_id,
+    condition_b_id)``, ascending; one index seek per pair."""
+    return [
+        (int(a), int(b)) for a, b in db.session.execute(text(_STUDY_PAIRS), {"study": study.id})
+    ]
+
+
+def _level_counts(study: Study, pairs: list[tuple[int, int]], k: int):
+    """SQL: ``(a, b, votes, items)`` for every pair and vote level up to ``k``.
+
+    SQLite: pairs × (K + 1) counts, each an index range of ix_item_study_pair_load (no row is
+    read and nothing grouped: ~3 ms at 60 000 items against ~35 ms for a GROUP BY).
+    PostgreSQL: one grouped scan (~12 ms there; its index ranges would visit every row's
+    heap tuple, since votes keep changing the rows, and took ~150 ms)."""
+    if db.session.get_bind().dialect.name != "sqlite":
+        return (
+            select(Item.condition_a_id, Item.condition_b_id, Item.n_votes, func.count())
+            .where(Item.study_id == study.id)
+            .group_by(Item.condition_a_id, Item.condition_b_id, Item.n_votes)
+        )
+    # condition ids and levels are integers from the database: inlined, not user input
+    pair_rows = ", ".join(f"({int(a)}, {int(b)})" for a, b in pairs)
+    level_rows = ", ".join(f"({v})" for v in range(k + 1))  # (no item holds more than K)
+    return text(
+        f"WITH p(a, b) AS (VALUES {pair_rows}), l(v) AS (VALUES {level_rows}) "
+        "SELECT p.a, p.b, l.v, (SELECT count(*) FROM item WHERE item.study_id = :study"
+        " AND item.condition_a_id = p.a AND item.condition_b_id = p.b"
+        " AND item.n_votes = l.v) FROM p CROSS JOIN l"
+    ).bindparams(study=study.id)
+
+
+def pair_counts(study: Study, config, taken) -> list[tuple[int, int, int, int, int | None]]:
+    """Per condition pair (as the items store it): ``(a, b, votes, free items, lowest votes
+    of a free item or None)``; an item is free for the participant when under K votes and
+    not in ``taken`` (a subquery of item ids).
+
+    One statement counts each pair's items at each vote level (:func:`_level_counts`),
+    then the participant's own items are taken off:
+    the same numbers as grouping every item with the participant's exclusions."""
+    k = config.votes_per_item
+    sqlite = db.session.get_bind().dialect.name == "sqlite"
+    levels = db.session.execute(_level_counts(study, study_pairs(study) if sqlite else [], k))
+    mine = Counter(
+        tuple(row)
+        for row in db.session.execute(
+            select(Item.condition_a_id, Item.condition_b_id, Item.n_votes).where(
+                Item.id.in_(taken), Item.n_votes < k
+            )
+        )
+    )
+    totals: dict[tuple[int, int], list] = {}
+    for a, b, votes, count in sorted(levels):
+        entry = totals.setdefault((a, b), [0, 0, None])
+        entry[0] += votes * count
+        free = count - mine[(a, b, votes)] if votes < k else 0
+        if free > 0:
+            entry[1] += free
+            entry[2] = votes if entry[2] is None else entry[2]
+    return [(a, b, v, f, low) for (a, b), (v, f, low) in totals.items()]
 
 
 def precision_summary(study: Study, config) -> dict | None:

@@ -45,7 +45,8 @@ def upgrade_database(app) -> None:
     as head (the migrations are tested to produce exactly the models' schema). One made
     before studies had owners is stamped at the revision before them and upgraded, so
     the migration adds the columns and assigns the owners; one made before the active
-    design is stamped at revision 3 and upgraded.
+    design is stamped at revision 3, one made before the scheduling indexes (no
+    ``item.draw_key``) at revision 4 or 5, and upgraded.
     """
     from alembic import command
     from sqlalchemy import inspect
@@ -59,9 +60,15 @@ def upgrade_database(app) -> None:
         tables = set(inspector.get_table_names())
         if "alembic_version" not in tables and {"study", "vote"} <= tables:
             study_columns = {c["name"] for c in inspector.get_columns("study")}
-            if "main_closed_at" in study_columns:
+            item_columns = {c["name"] for c in inspector.get_columns("item")}
+            if "draw_key" in item_columns:
                 db.create_all()  # only what is missing
                 command.stamp(config, "head")
+            elif "main_closed_at" in study_columns:  # before the scheduling indexes
+                vote_columns = {c["name"] for c in inspector.get_columns("vote")}
+                command.stamp(config, "0005_vote_exposure_timing"
+                              if "frame_period_ms" in vote_columns else "0004_active_design")
+                command.upgrade(config, "head")
             elif "owner_id" in study_columns:  # made before the active design: migrate it
                 command.stamp(config, "0003_owners_and_throttling")
                 command.upgrade(config, "head")

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -30,7 +31,9 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    cast,
     false,
+    literal,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
@@ -244,17 +247,36 @@ class StudyCollaborator(db.Model):
     researcher: Mapped[Researcher] = relationship()
 
 
+# Items' draw keys: (id × DRAW_MULT) mod DRAW_MOD, a fixed pseudo-random order over item ids
+# (Knuth's multiplicative hash; the modulus is the prime just above 2**32).
+DRAW_MULT = 2654435761
+DRAW_MOD = 4294967311
+
+
+def draw_key_sql(item_id):
+    """SQL: the draw key of ``item_id`` (an integer column or expression), on both databases."""
+    big = cast(item_id, BigInteger)
+    return (big * literal(DRAW_MULT, BigInteger)) % literal(DRAW_MOD, BigInteger)
+
+
 class Item(db.Model):
     """An image × unordered condition pair (``condition_a`` < ``condition_b`` by name).
 
     ``n_votes`` counts answered main trials and ``n_a_left`` those of them that showed
-    condition a on the left; both change only under this row's lock.
+    condition a on the left; both change only under this row's lock. ``draw_key`` is a
+    fixed pseudo-random key in [0, 4294967311) (``(id × 2654435761) mod 4294967311``):
+    scheduling breaks load ties by reading the items in key order from a random start,
+    over the indexes below, instead of ordering every eligible item (docs/study_api.md).
     """
 
     __tablename__ = "item"
     __table_args__ = (
         UniqueConstraint("study_id", "image_id", "condition_a_id", "condition_b_id"),
-        Index("ix_item_study_pair", "study_id", "condition_a_id", "condition_b_id"),
+        # the lowest-load items of a study / of one pair, in draw order (scheduling)
+        Index("ix_item_study_load", "study_id", "n_votes", "draw_key"),
+        Index("ix_item_study_pair_load", "study_id", "condition_a_id", "condition_b_id",
+              "n_votes", "draw_key"),
+        Index("ix_item_study_draw", "study_id", "draw_key"),  # a random item (catch trials)
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
@@ -263,6 +285,7 @@ class Item(db.Model):
     condition_b_id: Mapped[int] = mapped_column(ForeignKey("condition.id"))
     n_votes: Mapped[int] = mapped_column(Integer, default=0)
     n_a_left: Mapped[int] = mapped_column(Integer, default=0)
+    draw_key: Mapped[int] = mapped_column(BigInteger, default=0)
 
     image: Mapped[Image] = relationship()
     condition_a: Mapped[Condition] = relationship(foreign_keys=[condition_a_id])
@@ -325,6 +348,7 @@ class Trial(db.Model):
     __table_args__ = (
         Index("ix_trial_item_status", "item_id", "status"),
         Index("ix_trial_participant_status", "participant_id", "status"),
+        Index("ix_trial_study_open", "study_id", "status", "expires_at"),  # a study's leases
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     token: Mapped[str] = mapped_column(String(64), unique=True)

@@ -7,7 +7,9 @@ connection from :func:`study_app.transactions.run_on_connection`. The rules (doc
 - an item (image × condition pair) has a *load* = its votes + its open leases (leased,
   not expired, not preview); a participant's main trials are drawn from the items with
   the lowest load below K, never an item this participant was ever issued;
-  ties are broken by a seeded pseudo-random order;
+  ties are broken by a seeded pseudo-random order (the items' draw keys read from a
+  random start); :func:`_lowest_load` finds them over indexes, level by level, without
+  reading every item;
 - on PostgreSQL the candidate items are locked ``FOR UPDATE SKIP LOCKED`` (two
   participants never lease the same item concurrently) and their load is re-read after
   the lock; on SQLite ``BEGIN IMMEDIATE`` makes the whole transaction the only writer;
@@ -61,6 +63,7 @@ from sqlalchemy.engine import Connection
 from study_app.errors import ApiError
 from study_app.extensions import db
 from study_app.models import (
+    DRAW_MOD,
     Condition,
     Image,
     Item,
@@ -75,9 +78,6 @@ from study_app.studies import REFERENCE_QUESTION_MODE, StudyConfig
 
 KINDS = ("main", "catch", "repeat")
 REFERENCE = "reference"
-# A seeded pseudo-random order over item ids, computable in SQL on both databases.
-_HASH_MULT = 2654435761
-_HASH_MOD = 4294967311
 
 
 @dataclass(frozen=True)
@@ -176,10 +176,109 @@ def item_load(now: datetime):
     return Item.n_votes + open_leases
 
 
-def _seeded_order(salt: int):
-    big = cast(Item.id, BigInteger)
-    return (big * literal(_HASH_MULT, BigInteger) + literal(salt, BigInteger)) % literal(
-        _HASH_MOD, BigInteger)
+def _draw_rank(start: int):
+    """SQL: the current ``Item``'s place in draw order read from ``start`` (a rotation of
+    the fixed draw-key order; ``start`` in [1, DRAW_MOD))."""
+    return (cast(Item.draw_key, BigInteger) + literal(DRAW_MOD - start, BigInteger)) % literal(
+        DRAW_MOD, BigInteger)
+
+
+def _open_lease_exists(now: datetime):
+    """SQL: the current ``Item`` row has an open non-preview main lease."""
+    return (
+        select(Trial.id)
+        .where(Trial.item_id == Item.id, Trial.status == "leased", Trial.expires_at > now,
+               Trial.kind == "main", Trial.preview.is_(False))
+        .correlate(Item)
+        .exists()
+    )
+
+
+def _taken(participant: Participant):
+    """SQL: the item ids ever issued to ``participant`` as main trials, in any state."""
+    return select(Trial.item_id).where(
+        Trial.participant_id == participant.id, Trial.kind == "main",
+        Trial.item_id.is_not(None))
+
+
+def _unleased_free_items(participant: Participant, study: Study, config: StudyConfig,
+                         now: datetime, pair: tuple[int, int] | None = None,
+                         exclude: list[int] = ()):
+    """SQL: ``(id, n_votes, draw_key)`` of the study's items with no open lease (so their
+    load is ``n_votes``), under K and never issued to the participant; ``pair``: only its
+    items. Read over index ix_item_study_load / ix_item_study_pair_load, so a ``LIMIT``
+    stops after about as many rows as it returns."""
+    query = select(Item.id, Item.n_votes, Item.draw_key).where(
+        Item.study_id == study.id, Item.n_votes < config.votes_per_item,
+        Item.id.not_in(_taken(participant)), ~_open_lease_exists(now))
+    if pair is not None:
+        query = query.where(Item.condition_a_id == pair[0], Item.condition_b_id == pair[1])
+    if exclude:
+        query = query.where(Item.id.not_in(list(exclude)))
+    return query
+
+
+def _leased_free_items(participant: Participant, study: Study, config: StudyConfig,
+                       now: datetime) -> list[tuple[int, int, int, tuple[int, int]]]:
+    """``(id, load, draw_key, pair)`` of the study's items that have open leases, load < K,
+    never issued to the participant (one grouped read of the study's open leases, over
+    index ix_trial_study_open: as many rows as there are open leases, not items)."""
+    load = Item.n_votes + func.count(Trial.id)
+    rows = db.session.execute(
+        select(Item.id, load, Item.draw_key, Item.condition_a_id, Item.condition_b_id)
+        .join(Trial, Trial.item_id == Item.id)
+        .where(Trial.study_id == study.id, Trial.status == "leased", Trial.expires_at > now,
+               Trial.kind == "main", Trial.preview.is_(False),
+               Item.id.not_in(_taken(participant)))
+        .group_by(Item.id, Item.n_votes, Item.draw_key, Item.condition_a_id,
+                  Item.condition_b_id)
+        .having(load < config.votes_per_item)
+    ).all()
+    return [(i, int(n), int(k), (a, b)) for i, n, k, a, b in rows]
+
+
+def _count_free(participant: Participant, study: Study, config: StudyConfig, now: datetime,
+                limit: int) -> int:
+    """How many items the participant may still get (load < K, never issued), counted
+    up to ``limit``: the scan stops after ``limit`` unleased items."""
+    unleased = db.session.scalar(select(func.count()).select_from(
+        _unleased_free_items(participant, study, config, now).limit(limit).subquery()))
+    leased = _leased_free_items(participant, study, config, now)
+    return min(limit, (unleased or 0) + len(leased))
+
+
+def _lowest_load(participant: Participant, study: Study, config: StudyConfig, now: datetime,
+                 want: int, start: int, pair: tuple[int, int] | None = None,
+                 exclude: list[int] = (), leased: list | None = None) -> list[int]:
+    """The ids of up to ``want`` free items in scheduling order: lowest load first, ties in
+    draw-key order read from ``start`` (what ordering every eligible item by ``(load,
+    (draw_key - start) mod DRAW_MOD)`` gives, without reading them all).
+
+    Items without an open lease have load = votes: read level by level over the load
+    index, each level from ``start`` then wrapping around, ``want`` rows at most; items
+    with open leases (a few per participant online) are read with their loads and merged
+    (``leased``: :func:`_leased_free_items` if already read in this transaction)."""
+    unleased = _unleased_free_items(participant, study, config, now, pair, exclude)
+    first = db.session.execute(unleased.order_by(Item.n_votes).limit(1)).first()
+    found: list[tuple[int, int, int]] = []
+    if first is not None:
+        for level in range(first.n_votes, config.votes_per_item):
+            at_level = unleased.where(Item.n_votes == level).order_by(Item.draw_key)
+            for part in (Item.draw_key >= start, Item.draw_key < start):
+                found += db.session.execute(at_level.where(part).limit(want - len(found))).all()
+                if len(found) >= want:
+                    break
+            if len(found) >= want:
+                break
+    if leased is None:
+        leased = _leased_free_items(participant, study, config, now)
+    skip = set(exclude)
+    found += [row for row in leased
+              if row[0] not in skip and (pair is None or row[3] == tuple(pair))]
+    found.sort(key=lambda row: (row[1], (row[2] - start) % DRAW_MOD))
+    # Once each: on PostgreSQL the two reads see different commits, so an item leased in
+    # between is in both (its lower load first; the lease re-checks it under its lock).
+    return list(dict.fromkeys(row[0] for row in found))[:want]
 
 
 def write_time() -> datetime:
@@ -213,16 +312,9 @@ def lock_participant(participant_id: int) -> Participant:
     ).scalar_one()
 
 
-def _eligible_items(participant: Participant, study: Study, config: StudyConfig,
-                    now: datetime):
-    taken = select(Trial.item_id).where(  # ever issued to this participant, in any state
-        Trial.participant_id == participant.id, Trial.kind == "main",
-        Trial.item_id.is_not(None),
-    )
-    query = select(Item).where(Item.study_id == study.id, Item.id.not_in(taken))
-    if not participant.preview:
-        query = query.where(item_load(now) < config.votes_per_item)
-    return query
+def _preview_items(participant: Participant, study: Study):
+    """A preview may get any item it was not issued yet (no quota: previews never count)."""
+    return select(Item).where(Item.study_id == study.id, Item.id.not_in(_taken(participant)))
 
 
 def _repeat_candidates(participant: Participant, now: datetime) -> list[Trial]:
@@ -257,13 +349,16 @@ def remaining_trials(participant: Participant, study: Study, config: StudyConfig
     usage = _usage(participant, now)
     if study.main_closed_at is not None and not participant.preview:
         usage["main"] = config.trials_per_participant  # the stopping rule closed main trials
-    eligible = db.session.scalar(
-        select(func.count()).select_from(
-            _eligible_items(participant, study, config, now).subquery()
-        )
-    )
+    wanted = config.trials_per_participant - usage["main"]
+    if wanted <= 0:
+        eligible = 0
+    elif participant.preview:
+        eligible = db.session.scalar(select(func.count()).select_from(
+            _preview_items(participant, study).subquery()))
+    else:
+        eligible = _count_free(participant, study, config, now, wanted)
     return {
-        "main": max(0, min(config.trials_per_participant - usage["main"], eligible or 0)),
+        "main": max(0, min(wanted, eligible or 0)),
         "catch": max(0, config.catch_trials - usage["catch"]),
         "repeat": max(0, min(config.repeat_trials - usage["repeat"],
                              len(_repeat_candidates(participant, now)))),
@@ -293,43 +388,68 @@ def choose_a_left(a_left: int, b_left: int, rng: random.Random) -> bool:
 
 def _lease_items(participant: Participant, study: Study, config: StudyConfig, now: datetime,
                  n: int, rng: random.Random, pair: tuple[int, int] | None = None,
-                 exclude: list[int] = ()) -> list[Item]:
+                 exclude: list[int] = (), leased: list | None = None) -> list[Item]:
     """Lock up to ``n`` lowest-load eligible items (SKIP LOCKED) and re-check their load;
-    ``pair`` (condition ids): only that pair's items; ``exclude``: item ids to skip."""
+    ``pair`` (condition ids, as the items store it): only that pair's items; ``exclude``:
+    item ids to skip. Ties are broken in draw-key order from a random start."""
     if n <= 0:
         return []
-    query = _eligible_items(participant, study, config, now)
-    if exclude:
-        query = query.where(Item.id.not_in(list(exclude)))
-    if pair is not None:  # as the items store it (index ix_item_study_pair)
-        query = query.where(Item.condition_a_id == pair[0], Item.condition_b_id == pair[1])
-    query = (
-        query.order_by(item_load(now), _seeded_order(rng.randrange(1, _HASH_MOD)))
-        .limit(n)
-    )
+    start = rng.randrange(1, DRAW_MOD)
     if participant.preview:
-        return list(db.session.scalars(query))
-    locked = list(db.session.scalars(
-        query.with_for_update(skip_locked=True, of=Item)
-        .execution_options(populate_existing=True)
-    ))
-    if not locked:
-        return []
+        query = _preview_items(participant, study)
+        if exclude:
+            query = query.where(Item.id.not_in(list(exclude)))
+        if pair is not None:
+            query = query.where(Item.condition_a_id == pair[0], Item.condition_b_id == pair[1])
+        return list(db.session.scalars(query.order_by(item_load(now), _draw_rank(start))
+                                       .limit(n)))
+    # Twice as many candidates as needed: one locked by a concurrent transaction is
+    # skipped and the next one taken.
+    candidates = _lowest_load(participant, study, config, now, 2 * n, start, pair, exclude,
+                              leased)
+    return _lock_fresh([(candidates, n)], config, now)[0]
+
+
+def _lock_fresh(groups: list[tuple[list[int], int]], config: StudyConfig,
+                now: datetime) -> list[list[Item]]:
+    """For each ``(candidate ids, n)``: lock up to ``n`` of the candidates, in their order
+    (SKIP LOCKED: one held by a concurrent transaction is passed over for the next), then
+    re-read the loads under the locks and keep the items still under K. One locking
+    statement per round for every group, one re-read for all."""
+    chosen: list[list[Item]] = [[] for _ in groups]
+    tried = [0] * len(groups)
+    while True:
+        batches = []
+        for g, (candidates, n) in enumerate(groups):
+            batch = candidates[tried[g]:tried[g] + max(0, n - len(chosen[g]))]
+            tried[g] += len(batch)
+            batches.append(batch)
+        wanted = [i for batch in batches for i in batch]
+        if not wanted:
+            break
+        got = {item.id: item for item in db.session.scalars(
+            select(Item).where(Item.id.in_(wanted)).order_by(Item.id)
+            .with_for_update(skip_locked=True).execution_options(populate_existing=True))}
+        for g, batch in enumerate(batches):
+            chosen[g] += [got[i] for i in batch if i in got]
+    every = [item.id for items in chosen for item in items]
+    if not every:
+        return chosen
     # Re-read the load after the lock: a statement of its own sees every commit made by
     # transactions that held these rows before us (PostgreSQL READ COMMITTED).
     loads = dict(db.session.execute(
-        select(Item.id, item_load(now)).where(Item.id.in_([i.id for i in locked]))
+        select(Item.id, item_load(now)).where(Item.id.in_(every))
     ).all())
-    return [i for i in locked if loads[i.id] < config.votes_per_item]
+    return [[i for i in items if loads[i.id] < config.votes_per_item] for items in chosen]
 
 
 def _lease_items_active(participant: Participant, study: Study, config: StudyConfig,
                         now: datetime, n: int,
                         rng: random.Random) -> tuple[list[Item], dict[int, float]]:
     """Active design: the pairs from :func:`study_app.active.choose_pairs`, then for each
-    the lowest-load eligible items of that pair, leased as :func:`_lease_items` does (a
-    pair whose free items were all leased meanwhile: the shortfall from any pair, without
-    a gain). Returns the items and each chosen item's information gain (bits) by id.
+    the lowest-load eligible items of that pair, leased as :func:`_lease_items` does, all
+    pairs' items locked and re-checked together (a pair whose free items were all leased
+    meanwhile: the shortfall from any pair, without a gain). Returns the items and each chosen item's information gain (bits) by id.
     With ``n`` = 0 (e.g. a participant's last fetch) it only brings the posterior and the
     stopping rule up to date, so the last votes can stop the study."""
     from study_app import active  # numpy/scipy: loaded by the first active study only
@@ -339,26 +459,35 @@ def _lease_items_active(participant: Participant, study: Study, config: StudyCon
             active.current_posterior(study, config, now)
         return [], {}
 
-    taken = select(Trial.item_id).where(
-        Trial.participant_id == participant.id, Trial.kind == "main",
-        Trial.item_id.is_not(None))
     choices = active.choose_pairs(study, config, now, n,
                                   f"{config.seed}:{participant.public_id}:{participant.n_issued}",
-                                  taken, and_(Trial.kind == "main", _open(now)))
+                                  _taken(participant), and_(Trial.kind == "main", _open(now)))
     wanted: dict[tuple[int, int], list[float]] = {}
     for a, b, gain in choices:
         wanted.setdefault((a, b), []).append(gain)
     items: list[Item] = []
     gains: dict[int, float] = {}
-    for (a, b), pair_gains in wanted.items():
-        for item, gain in zip(_lease_items(participant, study, config, now, len(pair_gains),
-                                           rng, pair=(a, b)), pair_gains, strict=False):
+    # the open leases once for every pair: this fetch's own leases are made after them
+    leased = _leased_free_items(participant, study, config, now) if wanted else []
+    groups = [(_lowest_load(participant, study, config, now, 2 * len(pair_gains),
+                            rng.randrange(1, DRAW_MOD), pair, leased=leased), len(pair_gains))
+              for pair, pair_gains in wanted.items()]
+    for pair_items, pair_gains in zip(_lock_fresh(groups, config, now), wanted.values(),
+                                      strict=True):
+        for item, gain in zip(pair_items, pair_gains, strict=False):
             items.append(item)
             gains[item.id] = gain
     if len(items) < len(choices):
         items += _lease_items(participant, study, config, now, len(choices) - len(items), rng,
-                              exclude=[i.id for i in items])
+                              exclude=[i.id for i in items], leased=leased)
     return items, gains
+
+
+def _random_item(study: Study, start: int) -> Item:
+    """The study's first item in draw-key order from ``start`` (index ix_item_study_draw)."""
+    query = select(Item).where(Item.study_id == study.id).order_by(Item.draw_key).limit(1)
+    return (db.session.scalars(query.where(Item.draw_key >= start)).first()
+            or db.session.scalars(query).one())
 
 
 def _side_counts(items: list[Item], now: datetime) -> dict[int, tuple[int, int]]:
@@ -468,19 +597,13 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
                               condition_left=str(first), condition_right=str(second),
                               left_sha256="", right_sha256="", info_gain=gains.get(item.id)))
     for _ in range(kinds.count("catch") if jnd else 0):  # the reference twice: "same"
-        image_id = db.session.scalars(
-            select(Item.image_id).where(Item.study_id == study.id)
-            .order_by(_seeded_order(rng.randrange(1, _HASH_MOD))).limit(1)
-        ).one()
+        image_id = _random_item(study, rng.randrange(1, DRAW_MOD)).image_id
         new.append(_new_trial(participant, study, now, config, kind="catch", item_id=None,
                               image_id=image_id, expected_condition=JND_CATCH_EXPECTED,
                               condition_left=REFERENCE, condition_right=REFERENCE,
                               left_sha256="", right_sha256=""))
     for _ in range(0 if jnd else kinds.count("catch")):
-        item = db.session.scalars(
-            select(Item).where(Item.study_id == study.id)
-            .order_by(_seeded_order(rng.randrange(1, _HASH_MOD))).limit(1)
-        ).one()
+        item = _random_item(study, rng.randrange(1, DRAW_MOD))
         condition_id = rng.choice([item.condition_a_id, item.condition_b_id])
         needed.add((item.image_id, condition_id))
         reference_left = rng.random() < 0.5

@@ -13,12 +13,20 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from flask_babel import gettext, lazy_gettext, ngettext
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from study_app.calibration import DisplayRequirements, RequirementsError, parse_requirements
 from study_app.extensions import db
 from study_app.i18n import DEFAULT_LANGUAGE, LANGUAGES
-from study_app.models import STUDY_STATUSES, Condition, Image, Item, StimulusSet, Study
+from study_app.models import (
+    STUDY_STATUSES,
+    Condition,
+    Image,
+    Item,
+    StimulusSet,
+    Study,
+    draw_key_sql,
+)
 from study_app.stimuli import canonical_json_sha256
 
 MAX_EXPOSURE_MS = 60_000  # one minute: a longer "limited" exposure is not one
@@ -391,6 +399,9 @@ def create_study(stimulus_set: StimulusSet, config: StudyConfig,
         for image in images for a, b in pairs
     )
     db.session.flush()
+    db.session.execute(  # the draw keys follow from the ids the flush assigned
+        update(Item).where(Item.study_id == study.id).values(draw_key=draw_key_sql(Item.id))
+        .execution_options(synchronize_session=False))
     if config.design == "active":
         from study_app.active import create_posterior
 

@@ -155,9 +155,11 @@ def test_bench_next_latency_prints_both_designs():
 def test_bench_votes_next_latency_prints_both_designs():
     output = run_script("bench/bench_votes.py", "--next-latency", "--databases", "sqlite",
                         "--conditions", "3", "--images", "2", "--participants", "4",
-                        "--rounds", "2")
+                        "--rounds", "2", "--think-s", "0.05")
     for design in ("balanced", "active"):
-        assert re.search(rf"^sqlite\s+{design}\s+8\s+[\d.]+\s+[\d.]+\s+0$", output, re.M), output
+        for run in ("saturated", "paced"):
+            assert re.search(rf"^sqlite\s+{design}\s+{run}\s+8\s+[\d.]+\s+[\d.]+\s+0$",
+                             output, re.M), output
 
 
 def test_bench_df_rules_scores_the_reports_own_intervals():

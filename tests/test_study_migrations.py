@@ -240,24 +240,33 @@ def test_the_owners_migration_keeps_a_web_creator_as_owner(tmp_path):
         db.engine.dispose()
 
 
-def test_a_database_made_by_create_all_before_owners_is_migrated_not_stamped(tmp_path):
-    """A database without alembic_version whose study table has no owner_id (made by
-    db.create_all() of an older version) gets the migration, not just a stamp."""
+def _made_at_then_upgraded(tmp_path, revision: str, email: str):
+    """A SQLite database with the schema of ``revision`` and ``old_installation``'s rows
+    but no alembic_version (as ``db.create_all()`` of that version leaves it), then
+    brought up by ``upgrade_database``; returns the app on it."""
     from flask_migrate import upgrade
 
     from study_app.commands import upgrade_database
-    from study_app.models import Study
 
     url = f"sqlite:///{tmp_path / 'made.sqlite3'}"
     old = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
     with old.app_context():
-        upgrade(revision="0002_researcher_login")
+        upgrade(revision=revision)
         with db.engine.begin() as connection:
-            old_installation(connection, [researcher_row("solo@example.org")])
+            old_installation(connection, [researcher_row(email)])
             connection.exec_driver_sql("DROP TABLE alembic_version")
         db.engine.dispose()
     app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": url})
     upgrade_database(app)
+    return app
+
+
+def test_a_database_made_by_create_all_before_owners_is_migrated_not_stamped(tmp_path):
+    """A database without alembic_version whose study table has no owner_id (made by
+    db.create_all() of an older version) gets the migration, not just a stamp."""
+    from study_app.models import Study
+
+    app = _made_at_then_upgraded(tmp_path, "0002_researcher_login", "solo@example.org")
     with app.app_context():
         assert TABLES | {"alembic_version"} == set(inspect(db.engine).get_table_names())
         owners = {s.slug: s.owner.email for s in db.session.scalars(select(Study))}
@@ -289,4 +298,86 @@ def test_a_database_made_by_create_all_before_the_active_design_is_migrated(tmp_
         with db.engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, db.metadata) == []
+        db.engine.dispose()
+
+
+# ------------------------------------------------------------------ scheduling load (0007)
+
+
+def test_the_scheduling_migration_fills_draw_keys_and_goes_back_down(any_database_url):
+    """From revision 0005 with studies: every existing item gets the draw key a new item
+    of the same id gets ((id × 2654435761) mod 4294967311, computed here in Python), the
+    load indexes exist, and the way back down keeps every row."""
+    from flask_migrate import downgrade, upgrade
+
+    from study_app.commands import make_app
+    from study_app.models import DRAW_MOD, DRAW_MULT, Item
+
+    old = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": any_database_url})
+    with old.app_context():
+        upgrade(revision="0005_vote_exposure_timing")
+        with db.engine.begin() as connection:
+            made = old_installation(connection, [researcher_row("keys@example.org")])
+            before = counts(connection)
+        db.engine.dispose()
+
+    app = make_app(any_database_url)
+    with app.app_context():
+        with db.engine.connect() as connection:
+            assert counts(connection) == before
+            indexes = {i["name"] for i in inspect(connection).get_indexes("item")}
+            assert {"ix_item_study_load", "ix_item_study_pair_load",
+                    "ix_item_study_draw"} <= indexes
+            assert "ix_item_study_pair" not in indexes
+            trial_indexes = {i["name"] for i in inspect(connection).get_indexes("trial")}
+            assert "ix_trial_study_open" in trial_indexes
+        keys = dict(db.session.execute(select(Item.id, Item.draw_key)).all())
+        assert len(keys) == len(made["studies"]) and keys
+        assert keys == {i: (i * DRAW_MULT) % DRAW_MOD for i in keys}
+        assert all(0 <= k < DRAW_MOD for k in keys.values())
+        db.session.remove()
+        downgrade(revision="0005_vote_exposure_timing")
+        with db.engine.connect() as connection:
+            assert counts(connection) == before
+            assert "draw_key" not in {c["name"] for c in inspect(connection).get_columns("item")}
+            indexes = {i["name"] for i in inspect(connection).get_indexes("item")}
+            assert "ix_item_study_pair" in indexes and "ix_item_study_load" not in indexes
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_a_new_study_gets_the_same_draw_keys_as_the_migration_gives(tmp_path):
+    """Items created now carry the key the migration computes for existing ones, and the
+    keys are spread (no two items of a study share one)."""
+    from study_app.models import DRAW_MOD, DRAW_MULT, Item
+    from tests.study_support import make_study, write_stimulus_set
+
+    app = create_app({"TESTING": True,
+                      "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'new.sqlite3'}"})
+    with app.app_context():
+        from flask_migrate import upgrade
+
+        upgrade()
+    stimuli = write_stimulus_set(tmp_path / "set", n_images=3, conditions=("a", "b", "c"), size=4)
+    make_study(app, stimuli)
+    with app.app_context():
+        keys = dict(db.session.execute(select(Item.id, Item.draw_key)).all())
+        assert len(keys) == 3 * 3
+        assert keys == {i: (i * DRAW_MULT) % DRAW_MOD for i in keys}
+        assert len(set(keys.values())) == len(keys)
+        db.engine.dispose()
+
+
+def test_a_database_made_by_create_all_before_draw_keys_is_migrated(tmp_path):
+    """Made by db.create_all() before the scheduling indexes (no item.draw_key): stamped
+    at revision 5 and upgraded, so the column exists, is filled, and matches the models."""
+    from study_app.models import DRAW_MOD, DRAW_MULT
+
+    app = _made_at_then_upgraded(tmp_path, "0005_vote_exposure_timing", "made@example.org")
+    with app.app_context():
+        with db.engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, db.metadata) == []
+            keys = connection.exec_driver_sql("SELECT id, draw_key FROM item").all()
+        assert keys and all(k == (i * DRAW_MULT) % DRAW_MOD for i, k in keys)
         db.engine.dispose()
