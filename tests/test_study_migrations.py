@@ -305,7 +305,7 @@ def test_a_database_made_by_create_all_before_the_active_design_is_migrated(tmp_
 
 
 def test_the_scheduling_migration_fills_draw_keys_and_goes_back_down(any_database_url):
-    """From revision 0005 with studies: every existing item gets the draw key a new item
+    """From revision 0007 (the one before) with studies: every existing item gets the draw key a new item
     of the same id gets ((id × 2654435761) mod 4294967311, computed here in Python), the
     load indexes exist, and the way back down keeps every row."""
     from flask_migrate import downgrade, upgrade
@@ -315,7 +315,7 @@ def test_the_scheduling_migration_fills_draw_keys_and_goes_back_down(any_databas
 
     old = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": any_database_url})
     with old.app_context():
-        upgrade(revision="0005_vote_exposure_timing")
+        upgrade(revision="0007_display_calibration")
         with db.engine.begin() as connection:
             made = old_installation(connection, [researcher_row("keys@example.org")])
             before = counts(connection)
@@ -336,7 +336,7 @@ def test_the_scheduling_migration_fills_draw_keys_and_goes_back_down(any_databas
         assert keys == {i: (i * DRAW_MULT) % DRAW_MOD for i in keys}
         assert all(0 <= k < DRAW_MOD for k in keys.values())
         db.session.remove()
-        downgrade(revision="0005_vote_exposure_timing")
+        downgrade(revision="0007_display_calibration")
         with db.engine.connect() as connection:
             assert counts(connection) == before
             assert "draw_key" not in {c["name"] for c in inspect(connection).get_columns("item")}
