@@ -242,20 +242,23 @@ def choose_pairs(
     return [(*stored[position[(c.i, c.j)]], c.gain) for c in chosen]
 
 
-# The distinct pairs of a study's items by a loose index scan: one seek of
-# ix_item_study_pair_load per pair (each step finds the next pair after the last one),
-# instead of reading every item.
-_STUDY_PAIRS = """
+# The distinct pairs of a study's items by a loose index scan of ix_item_study_pair_load:
+# each step seeks the next b of the same a, else the first b of the next a (min() over an
+# index prefix: a seek, not a scan), so 120 pairs cost ~0.3 ms instead of reading every
+# item. (A row-value or OR comparison here made SQLite scan the index: 60-470 ms.)
+_NEXT_B = """(SELECT min(i.condition_b_id) FROM item i WHERE i.study_id = :study
+        AND i.condition_a_id = p.a AND i.condition_b_id > p.b)"""
+_NEXT_A = """(SELECT min(i.condition_a_id) FROM item i WHERE i.study_id = :study
+        AND i.condition_a_id > p.a)"""
+_STUDY_PAIRS = f"""
 WITH RECURSIVE p(a, b) AS (
-    SELECT * FROM (SELECT condition_a_id, condition_b_id FROM item WHERE study_id = :study
-                   ORDER BY condition_a_id, condition_b_id LIMIT 1) AS lowest
+    SELECT lowest.a, (SELECT min(i.condition_b_id) FROM item i WHERE i.study_id = :study
+                      AND i.condition_a_id = lowest.a)
+    FROM (SELECT min(condition_a_id) AS a FROM item WHERE study_id = :study) AS lowest
     UNION ALL
-    SELECT (SELECT i.condition_a_id FROM item i WHERE i.study_id = :study
-              AND (i.condition_a_id > p.a OR (i.condition_a_id = p.a AND i.condition_b_id > p.b))
-            ORDER BY i.condition_a_id, i.condition_b_id LIMIT 1),
-           (SELECT i.condition_b_id FROM item i WHERE i.study_id = :study
-              AND (i.condition_a_id > p.a OR (i.condition_a_id = p.a AND i.condition_b_id > p.b))
-            ORDER BY i.condition_a_id, i.condition_b_id LIMIT 1)
+    SELECT CASE WHEN {_NEXT_B} IS NOT NULL THEN p.a ELSE {_NEXT_A} END,
+           coalesce({_NEXT_B}, (SELECT min(i.condition_b_id) FROM item i
+                                WHERE i.study_id = :study AND i.condition_a_id = {_NEXT_A}))
     FROM p WHERE p.a IS NOT NULL
 )
 SELECT a, b FROM p WHERE a IS NOT NULL
