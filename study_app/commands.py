@@ -66,8 +66,16 @@ def upgrade_database(app) -> None:
                 command.stamp(config, "head")
             elif "main_closed_at" in study_columns:  # before the scheduling indexes
                 vote_columns = {c["name"] for c in inspector.get_columns("vote")}
-                command.stamp(config, "0005_vote_exposure_timing"
-                              if "frame_period_ms" in vote_columns else "0004_active_design")
+                participant_columns = {c["name"] for c in inspector.get_columns("participant")}
+                if "display_status" in participant_columns:
+                    made_at = "0007_display_calibration"
+                elif "second_onset_ms" in vote_columns:
+                    made_at = "0006_jnd_task"
+                elif "frame_period_ms" in vote_columns:
+                    made_at = "0005_vote_exposure_timing"
+                else:
+                    made_at = "0004_active_design"
+                command.stamp(config, made_at)
                 command.upgrade(config, "head")
             elif "owner_id" in study_columns:  # made before the active design: migrate it
                 command.stamp(config, "0003_owners_and_throttling")

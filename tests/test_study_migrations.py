@@ -368,12 +368,16 @@ def test_a_new_study_gets_the_same_draw_keys_as_the_migration_gives(tmp_path):
         db.engine.dispose()
 
 
-def test_a_database_made_by_create_all_before_draw_keys_is_migrated(tmp_path):
-    """Made by db.create_all() before the scheduling indexes (no item.draw_key): stamped
-    at revision 5 and upgraded, so the column exists, is filled, and matches the models."""
+@pytest.mark.parametrize(
+    "revision", ["0005_vote_exposure_timing", "0006_jnd_task", "0007_display_calibration"]
+)
+def test_a_database_made_by_create_all_before_draw_keys_is_migrated(tmp_path, revision):
+    """Made by db.create_all() before the scheduling indexes (no item.draw_key), at any of
+    the revisions before it: stamped at the revision its columns show and upgraded, so
+    draw_key exists, is filled, and the schema matches the models."""
     from study_app.models import DRAW_MOD, DRAW_MULT
 
-    app = _made_at_then_upgraded(tmp_path, "0005_vote_exposure_timing", "made@example.org")
+    app = _made_at_then_upgraded(tmp_path, revision, "made@example.org")
     with app.app_context():
         with db.engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
