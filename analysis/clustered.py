@@ -127,7 +127,11 @@ def two_way_rate(
     ci_low, ci_high (clipped to [0, 1]), p_value (NaN when the variance is 0 or not
     estimable) and interval (the method in words). For several pairs of one study,
     ``two_way_rate_tests`` pools the variance shares over the pairs instead."""
-    rate, parts, clusters = _rate_components(y, participants, images)
+    return _own_rate(*_rate_components(y, participants, images), level)
+
+
+def _own_rate(rate: float, parts: dict, clusters: dict, level: float) -> dict:
+    """``two_way_rate`` from the rate's one-way parts (``_rate_components``)."""
     two_way = clusters["image"] >= MIN_IMAGES
     variance = ScaleVariance(
         method="two-way rate",
@@ -189,22 +193,21 @@ def two_way_rate_tests(main: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     pairs = []
     for (a, b), group in frame.groupby(["condition_a", "condition_b"], sort=True):
         y = group["win_a"].to_numpy(dtype=float)
-        pairs.append(
-            (a, b, y, group, *_rate_components(y, group["participant"], group["image_id"]))
-        )
-    eligible = [p for p in pairs if p[6]["image"] >= MIN_IMAGES]
-    shares = pooled_variance_shares([(len(p[2]), p[5]) for p in eligible])
+        pairs.append((a, b, y, *_rate_components(y, group["participant"], group["image_id"])))
+    eligible = [
+        (len(y), parts) for _, _, y, _, parts, clusters in pairs if clusters["image"] >= MIN_IMAGES
+    ]
+    shares = pooled_variance_shares(eligible)
     rows = []
-    for a, b, y, group, rate, parts, clusters in pairs:
-        own = two_way_rate(y, group["participant"], group["image_id"], 1 - alpha)
-        result = own
+    for a, b, y, rate, parts, clusters in pairs:
+        result = _own_rate(rate, parts, clusters, 1 - alpha)
         if clusters["image"] >= MIN_IMAGES and shares:
             var = parts["cell"] * (1.0 + max(shares["participant"] + shares["image"], 0.0))
             active = [clusters[k] for k in ("participant", "image") if shares[k] > 0]
             df = (min(active) if active else clusters["cell"]) - 1.0
             # a pair clustered well beyond the study's shares keeps its own variance
             limit = var * (1.0 + HETEROGENEITY_Z * np.sqrt(2.0 / (clusters["image"] - 1.0)))
-            if not own["se"] ** 2 > limit:
+            if not result["se"] ** 2 > limit:
                 result = _rate_result(rate, var, df, 1 - alpha, POOLED_RATE_METHOD)
         rows.append(
             {
