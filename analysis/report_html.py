@@ -103,7 +103,7 @@ def report_context(result: AnalysisResult) -> dict[str, Any]:
         "conditions": ", ".join(conditions),
         "n_boot": options.get("n_boot", "–"),
         "power": format_number(float(options.get("power", 0.8))),
-        "mark_label": "the GLMM's Holm-adjusted p"
+        "mark_label": "the mixed-model test's Holm-adjusted p"
         if "pair_tests_glmm" in result.tables
         else "the two-way test's Holm-adjusted p",
         "anchor": "mean zero" if anchor is None else f"{anchor} fixed at 0",
