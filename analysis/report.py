@@ -33,7 +33,7 @@ from analysis import (
     timing,
 )
 from analysis.display import display_calibration_table
-from analysis.formatting import format_p
+from analysis.formatting import format_number, format_p
 from analysis.io import LoadedResponses
 from analysis.pairs import preference_table
 from analysis.qc import QCOptions, apply_exclusions, exclusion_note, exclusion_rules_table
@@ -241,6 +241,8 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
         )
     else:
         lines.append("Sides (left/right) were not recorded, so position bias was not assessed.")
+    if "agreement" in tables:
+        lines.append(_agreement_sentence(tables["agreement"]))
     if "metric_agreement" in tables and not tables["metric_agreement"].empty:
         best = tables["metric_agreement"].iloc[0]
         lines.append(
@@ -264,6 +266,17 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
             )
         )
     return "\n".join(lines) + "\n"
+
+
+def _agreement_sentence(table: pd.DataFrame) -> str:
+    """The agreement table (``agreement.agreement_table``) in words: each statistic by its
+    name (Fleiss' κ, Kendall's u), 3 significant digits."""
+    values = ", ".join(
+        f"{agreement.STATISTIC_LABELS.get(row.statistic, row.statistic)} "
+        + (f"= {format_number(row.value)}" if np.isfinite(row.value) else "not available")
+        for row in table.itertuples(index=False)
+    )
+    return f"Agreement between participants (1 = all agree on every item): {values}."
 
 
 def pair_table(main: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:

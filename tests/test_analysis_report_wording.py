@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.formatting import format_p
+from analysis.formatting import format_number, format_p
 from analysis.report import AnalysisOptions, run_analysis, write_outputs
 from tests.glmm_support import small_report_study
 
@@ -115,3 +115,30 @@ def test_without_the_mixed_model_the_summary_names_the_share_of_votes(fallback):
         "The mixed-model test per pair was not fitted (--no-mixed); verdicts use the two-way "
         "test of the share of votes per pair."
     ) in html
+
+
+def test_the_agreement_table_prints_its_statistics_by_name_and_the_csv_keeps_the_keys(
+    primary,
+):
+    """The report's agreement table and the summary say Fleiss' κ and Kendall's u; the
+    CSV, Parquet and JSON tables keep the keys fleiss_kappa and kendall_u."""
+    keys = ["fleiss_kappa", "kendall_u"]
+    csv = pd.read_csv(primary / "tables" / "agreement.csv")
+    assert csv["statistic"].tolist() == keys
+    assert pd.read_parquet(primary / "tables" / "agreement.parquet")["statistic"].tolist() == keys
+    value = dict(zip(csv["statistic"], csv["value"], strict=True))
+    html = (primary / "report.html").read_text()
+    start = html.index("id='table-agreement'")
+    block = html[start : html.index("</table>", start)]
+    for key, label in (("fleiss_kappa", "Fleiss' κ"), ("kendall_u", "Kendall's u")):
+        assert re.search(
+            rf"<td>{label}</td>\s*<td>{re.escape(format_number(value[key]))}</td>", block
+        ), label
+        assert key not in html
+    summary = (primary / "summary.txt").read_text()
+    assert (
+        "Agreement between participants (1 = all agree on every item): "
+        f"Fleiss' κ = {format_number(value['fleiss_kappa'])}, "
+        f"Kendall's u = {format_number(value['kendall_u'])}."
+    ) in summary
+    assert "fleiss_kappa" not in summary and "kendall_u" not in summary
