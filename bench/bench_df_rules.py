@@ -9,12 +9,14 @@ df rule needs, then scores every rule on the same fits: coverage of the 95 % int
 (truth: log-odds 0 for the GLMM, the population rate for ``pairs``), single-test
 rejection at .05 and the Holm family-wise error over the 10 pairs (FWE).
 
-glmm (``analysis.glmm``, REML fit of ``glmm_pair_tests``): per pair the Wald t's
+glmm (``analysis.glmm``): the report's rule (``glmm_pair_tests``: SDs pooled over the
+study's pairs, component df, a pair beyond them keeps its own fit) and, per pair's own
+REML fit (``test="reml"``, the previous report rule), the Wald t's
 variance V = se^2, the Hessian Satterthwaite df, each free factor's share of V
 (c_k = theta_k dV/dtheta_k / 2, as ``_satterthwaite`` computes it), its SD and the SD's
 Hessian variance, and the restricted-deviance rise when its SD is set to 0 (the others
-held: a likelihood-ratio statistic for "SD = 0"). Rules: the report's (Hessian df,
-floored at G - 1 of the factors whose SD is not 0), components (c_k with G_k - 1 df),
+held: a likelihood-ratio statistic for "SD = 0"). Rules: the previous report's (Hessian
+df, floored at G - 1 of the factors whose SD is not 0), components (c_k with G_k - 1 df),
 per-factor min (each c_k with min(G_k - 1, theta_k^2 / (2 var theta_k)) df), and the
 floor or the components over only the factors whose SD's LR statistic exceeds a
 threshold (an SD far from significant treated as 0; z when none is left), each factor's
@@ -119,7 +121,12 @@ def _glmm_study(args) -> list[dict]:
     study = _study(scenario, truth, index)
     rows = []
     frame = _pair_frame(study.main, True)
-    for _, group in frame.groupby(["condition_a", "condition_b"], sort=True):
+    report = glmm.glmm_pair_tests(study.main, ALPHA, True, with_ml=False)  # the pooled rule
+    for (_, group), pooled in zip(
+        frame.groupby(["condition_a", "condition_b"], sort=True),
+        report.itertuples(index=False),
+        strict=True,
+    ):
         glmm._df_rules_record.clear()
         row = {
             "n_participants": group["participant"].nunique(),
@@ -137,6 +144,9 @@ def _glmm_study(args) -> list[dict]:
                 "null": True,
                 "var": result.get("se", np.nan) ** 2,
                 "df_report": result.get("df", np.nan),
+                "pooled_estimate": pooled.log_odds,
+                "pooled_var": pooled.se**2,
+                "pooled_df": pooled.df,
                 **dict(glmm._df_rules_record),
             }
         )
@@ -220,7 +230,15 @@ def glmm_rules(frame: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         hessian_factor = theta**2 / (2 * theta_var)
     hessian_factor = np.where(np.isfinite(hessian_factor), hessian_factor, levels - 1)
     rules = {
-        "report: Hessian df, floor G - 1": (var, frame["df_report"].to_numpy(dtype=float)),
+        "report: SDs pooled over the study's pairs, component df, own if beyond": (
+            frame["pooled_var"].to_numpy(dtype=float),
+            frame["pooled_df"].to_numpy(dtype=float),
+            frame["pooled_estimate"].to_numpy(dtype=float),
+        ),
+        "own SDs (previous report): Hessian df, floor G - 1": (
+            var,
+            frame["df_report"].to_numpy(dtype=float),
+        ),
         "components (G_k - 1 each)": (var, component_df(free, np.maximum(levels - 1, 1))),
         "components, min(G_k - 1, Hessian) each": (
             var,
@@ -322,10 +340,11 @@ def _pooled_rule(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 def score(frame: pd.DataFrame, rules: dict, pairs_per_study: int = 10) -> pd.DataFrame:
     """Coverage (± MC error), rejection at .05 and Holm FWE (null) per rule and cell."""
     out = []
-    estimate = frame["estimate"].to_numpy(dtype=float)
     target = frame["target"].to_numpy(dtype=float)
     null = frame["null"].to_numpy(dtype=bool)
-    for name, (var, df) in rules.items():
+    for name, (var, df, *own_estimate) in rules.items():
+        # a rule may bring its own estimate (the pooled fit's); else the pair's own fit's
+        estimate = own_estimate[0] if own_estimate else frame["estimate"].to_numpy(dtype=float)
         se = np.sqrt(np.asarray(var, dtype=float))
         df = np.asarray(df, dtype=float)
         finite = np.isfinite(df)

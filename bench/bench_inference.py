@@ -314,54 +314,32 @@ def mixed_producer(study: Study) -> list[Measure]:
 
 
 def glmm_producer(study: Study) -> list[Measure]:
+    """The report's primary per-pair test (``glmm_pair_tests``: SDs pooled over the pairs)
+    and, side by side, each pair's own REML fit (``test="reml"``, the previous rule)."""
     from analysis.glmm import glmm_pair_tests  # another branch; registered only if present
 
-    table = glmm_pair_tests(study.main, ALPHA, True)
-    pairs = _pairs(table)
-    out = [
-        Measure(
-            "glmm (Laplace): Holm",
-            INFERENTIAL,
-            rejected=_rejects(table["p_holm"]),
-            true_null=study.true_null(pairs),
-        )
-    ]
-    truth = study.conditional_log_odds(pairs)
-    if truth is not None:
+    out = []
+    for test, label, role in (
+        ("pooled", "", INFERENTIAL),
+        ("reml", " [own SDs per pair]", "previous rule (not in the report)"),
+    ):
+        table = glmm_pair_tests(study.main, ALPHA, True, test=test, with_ml=False)
+        pairs = _pairs(table)
         out.append(
             Measure(
-                "glmm (Laplace): log-odds interval",
-                INFERENTIAL,
-                covered=_covers(table["ci_low"], table["ci_high"], truth),
-            )
-        )
-    if "df_components" in table:  # the alternative df rule, side by side
-        from scipy import stats
-
-        from analysis.intervals import holm_adjust
-
-        df = table["df_components"].to_numpy(dtype=float)
-        z = (table["log_odds"] / table["se"]).to_numpy(dtype=float)
-        with np.errstate(invalid="ignore"):
-            p = np.where(
-                np.isfinite(df), 2 * stats.t.sf(np.abs(z), df), 2 * stats.norm.sf(np.abs(z))
-            )
-            crit = np.where(np.isfinite(df), stats.t.isf(ALPHA / 2, df), stats.norm.isf(ALPHA / 2))
-        out.append(
-            Measure(
-                "glmm (Laplace): Holm [component df]",
-                "alternative df rule",
-                rejected=_rejects(holm_adjust(p)),
+                f"glmm (Laplace): Holm{label}",
+                role,
+                rejected=_rejects(table["p_holm"]),
                 true_null=study.true_null(pairs),
             )
         )
+        truth = study.conditional_log_odds(pairs)
         if truth is not None:
-            est, se = table["log_odds"].to_numpy(float), table["se"].to_numpy(float)
             out.append(
                 Measure(
-                    "glmm (Laplace): log-odds interval [component df]",
-                    "alternative df rule",
-                    covered=_covers(est - crit * se, est + crit * se, truth),
+                    f"glmm (Laplace): log-odds interval{label}",
+                    role,
+                    covered=_covers(table["ci_low"], table["ci_high"], truth),
                 )
             )
     return out

@@ -221,8 +221,10 @@ def test_pair_table_is_tidy_and_consistent(study):
         ["a", "c"],
         ["b", "c"],
     ]
-    assert table["reason"].eq("").all() and table["converged"].all()
-    assert table["method"].str.startswith("GLMM REML-Laplace, Wald").all()
+    assert table["converged"].all()
+    assert table["method"].str.startswith("GLMM REML-Laplace").all()
+    own_sds = table["reason"].ne("")
+    assert table.loc[own_sds, "reason"].str.startswith("own SDs: this pair's spread").all()
     np.testing.assert_allclose(table["p_holm"], holm_adjust(table["p"].to_numpy()))
     np.testing.assert_allclose(table["rate_low"], special.expit(table["ci_low"]))
     np.testing.assert_allclose(table["rate_a"], special.expit(table["log_odds"]))
@@ -232,18 +234,165 @@ def test_pair_table_is_tidy_and_consistent(study):
     ac = table.set_index(["condition_a", "condition_b"]).loc[("a", "c")]
     assert ac["log_odds"] < 0 and ac["rate_high"] < 0.5 and ac["p"] < 0.001  # c is better
     assert (table["n_votes"].sum(), table["n_participants"].max()) == (len(study), 16)
-    # REML: SDs at least ML's (less downward bias), so the SE too; estimates agree
+    # each pair's own REML fit: SDs at least ML's (less downward bias), so the SE too;
+    # estimates agree; log_odds_ml / se_ml are the own ML (glmer) fit's
     ml = glmm_pair_tests(study, sides_recorded=True, test="ml")
     assert ml["method"].str.startswith("GLMM ML-Laplace").all()
     np.testing.assert_allclose(ml["log_odds"], table["log_odds_ml"])
     np.testing.assert_allclose(ml["se"], table["se_ml"])
-    assert (table["se"] >= 0.97 * table["se_ml"]).all()
-    assert ((table["log_odds"] - table["log_odds_ml"]).abs() < 0.1 * table["se"]).all()
+    own = glmm_pair_tests(study, sides_recorded=True, test="reml")
+    assert own["method"].str.startswith("GLMM REML-Laplace, Wald").all()
+    assert (own["se"] >= 0.97 * own["se_ml"]).all()
+    assert ((own["log_odds"] - own["log_odds_ml"]).abs() < 0.1 * own["se"]).all()
+    # the pooled SDs move each pair's estimate by a fraction of its SE only
+    assert ((table["log_odds"] - own["log_odds"]).abs() < 0.25 * own["se"]).all()
     z = glmm_pair_tests(study, sides_recorded=True, test="ml-z")
     assert z["method"].eq("GLMM ML-Laplace, Wald z").all() and np.isinf(z["df"]).all()
     assert (z["p"] <= ml["p"] + 1e-12).all()  # t is never less conservative than z
     with pytest.raises(ValueError, match="test must be one of"):
         glmm_pair_tests(study, test="wald")
+
+
+POOLED_GLMER_SCRIPT = r"""
+suppressMessages(library(lme4))
+d <- read.csv(commandArgs(trailingOnly = TRUE)[1])
+for (f in c("pair", "participant", "image")) d[[f]] <- factor(d[[f]])
+fit <- glmer(y ~ 0 + pair + pair:a_left + (1 | participant:pair) + (1 | image:pair),
+             data = d, family = binomial, nAGQ = 0)
+vc <- as.data.frame(VarCorr(fit))
+cat("name,value\n")
+cat(sprintf("%s,%.10g\n", c(names(fixef(fit)), paste0("sd_", vc$grp)),
+            c(fixef(fit), vc$sdcor)), sep = "")
+"""
+
+
+def _pair_inputs(votes):
+    """Per pair (sorted): y, X = [1, a_left] and the (participant, image) labels, as
+    glmm_pair_tests builds them."""
+    from analysis.clustered import _pair_frame
+
+    out = {}
+    for key, group in _pair_frame(votes, True).groupby(["condition_a", "condition_b"]):
+        X = np.column_stack([np.ones(len(group)), group["a_left"].to_numpy(float)])
+        groups = [group["participant"].to_numpy(), group["image_id"].to_numpy()]
+        out[key] = (group["win_a"].to_numpy(float), X, groups)
+    return out
+
+
+def test_pooled_sds_are_lme4s_fit_of_the_stacked_model(tmp_path):
+    """pooled_sds with reml=False minimises glmer's nAGQ = 0 deviance of y ~ 0 + pair +
+    pair:a_left + (1|participant:pair) + (1|image:pair): the same SDs and per-pair fixed
+    effects as R's lme4 on the stacked votes."""
+    import subprocess
+
+    from analysis.glmm import pair_model, pooled_sds
+
+    require_component(
+        rscript_with_lme4(),
+        "R with lme4 (Rscript -e 'library(lme4)')",
+        "apt-get install r-cran-lme4",
+    )
+    votes = simulate_crossed(QUALITIES, 16, 8, 60, participant_sd=0.8, image_sd=0.6, seed=11)
+    inputs = _pair_inputs(votes)
+    stacked = pd.concat(
+        pd.DataFrame(
+            {
+                "pair": f"{a}{b}",
+                "y": y,
+                "a_left": X[:, 1],
+                "participant": groups[0],
+                "image": groups[1],
+            }
+        )
+        for (a, b), (y, X, groups) in inputs.items()
+    )
+    stacked.to_csv(tmp_path / "stacked.csv", index=False)
+    (tmp_path / "pooled.R").write_text(POOLED_GLMER_SCRIPT)
+    done = subprocess.run(
+        ["Rscript", str(tmp_path / "pooled.R"), str(tmp_path / "stacked.csv")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = pd.read_csv(pd.io.common.StringIO(done.stdout)).set_index("name")["value"]
+    models = [pair_model(*pair) for pair in inputs.values()]
+    theta, state = pooled_sds(models, np.array([0.5, 0.5]), reml=False)
+    expected = reference[["sd_participant:pair", "sd_image:pair"]].to_numpy()
+    assert (expected > 0.2).all()  # a fit with both factors away from the boundary
+    np.testing.assert_allclose(theta, expected, rtol=2e-3)
+    for (a, b), (beta, _) in zip(inputs, state, strict=True):
+        assert beta[0] == pytest.approx(reference[f"pair{a}{b}"], abs=2e-3)
+        assert beta[1] == pytest.approx(reference[f"pair{a}{b}:a_left"], abs=2e-3)
+    # REML (the report's) integrates the fixed effects out: SDs at least ML's
+    reml_theta, _ = pooled_sds(models, np.array([0.5, 0.5]))
+    assert (reml_theta >= theta - 1e-4).all() and (reml_theta <= 1.25 * theta).all()
+
+
+def test_report_test_is_each_pair_at_the_studys_pooled_sds():
+    """The default test: one pair of SDs for the study, at the minimum of the restricted
+    deviance summed over the pairs; each pair's intercept, SE and component df at those
+    SDs; the own-SD fit (test="reml") differs."""
+    from analysis import glmm
+
+    study = simulate_crossed(QUALITIES, 16, 8, 60, participant_sd=0.8, image_sd=0.6, seed=11)
+    table = glmm_pair_tests(study, with_ml=False)
+    pooled = table["method"] == glmm.TESTS["pooled"]
+    assert pooled.sum() >= 2
+    assert table.loc[pooled, "sd_participant"].nunique() == 1
+    assert table.loc[pooled, "sd_image"].nunique() == 1
+    theta = table.loc[pooled, ["sd_participant", "sd_image"]].iloc[0].to_numpy(float)
+    assert (theta > 0).all()
+    models = [glmm.pair_model(*pair) for pair in _pair_inputs(study).values()]
+
+    def summed(th):
+        return sum(
+            m.pirls(th, np.zeros(2), np.zeros(m.d.q), joint=True, reml=True)[2] for m in models
+        )
+
+    at = summed(theta)
+    for k in range(2):
+        for step in (-0.05, 0.05):
+            assert summed(glmm._with(theta, k, theta[k] + step)) > at
+    for row, model in zip(table.itertuples(index=False), models, strict=True):
+        if row.method != glmm.TESTS["pooled"]:
+            continue
+        beta, cov, share = glmm._fit_at_sds(model, theta, np.zeros(2), np.zeros(model.d.q))
+        # (Newton from another start: the same mode to its tolerance)
+        assert row.log_odds == pytest.approx(beta[0], abs=1e-4)
+        assert row.se == pytest.approx(np.sqrt(cov[0, 0]), rel=1e-3)
+        df = cov[0, 0] ** 2 / np.sum(share**2 / (model.d.n_levels - 1.0))
+        assert row.df == pytest.approx(df, rel=1e-2)
+    own = glmm_pair_tests(study, with_ml=False, test="reml")
+    assert not np.allclose(own["se"], table["se"])
+    assert own["method"].str.startswith("GLMM REML-Laplace, Wald").all()
+
+
+def test_a_pair_with_a_spread_of_its_own_keeps_its_own_fit():
+    """One pair whose participants disagree far more than in the study's other pairs is
+    not given the study's SDs (which would make its interval too narrow): it keeps its
+    own REML fit, and its reason says why."""
+    from analysis import glmm
+
+    qualities = {"a": 0.0, "b": 0.3, "c": 0.6, "d": 0.9}
+    votes = simulate_crossed(qualities, 20, 8, 72, participant_sd=0.2, image_sd=0.2, seed=5)
+    ab = votes["condition_left"].isin(["a", "b"]) & votes["condition_right"].isin(["a", "b"])
+    rng = np.random.default_rng(1)
+    leaning = {p: rng.choice(["a", "b"]) for p in votes["participant"].unique()}
+    prefers = votes.loc[ab, "participant"].map(leaning)
+    other = np.where(prefers == "a", "b", "a")
+    chosen = np.where(rng.random(ab.sum()) < 0.85, prefers, other)
+    votes.loc[ab, "chosen_condition"] = chosen
+    votes.loc[ab, "choice"] = np.where(votes.loc[ab, "condition_left"] == chosen, "left", "right")
+    table = glmm_pair_tests(votes, with_ml=False).set_index(["condition_a", "condition_b"])
+    own = glmm_pair_tests(votes, with_ml=False, test="reml").set_index(
+        ["condition_a", "condition_b"]
+    )
+    assert table.loc[("a", "b"), "reason"].startswith("own SDs: this pair's spread exceeds")
+    assert table.loc[("a", "b"), "method"] == glmm.TESTS["reml"]
+    assert table.loc[("a", "b"), "se"] == pytest.approx(own.loc[("a", "b"), "se"])
+    others = table.drop(("a", "b"))
+    assert (others["method"] == glmm.TESTS["pooled"]).sum() >= 4
 
 
 def test_pairs_too_large_for_the_dense_fit_get_the_cluster_robust_glm(study):
@@ -325,12 +474,16 @@ def test_report_makes_the_glmm_the_primary_per_pair_test(loaded_study):
     # the line for c over a quotes the GLMM's own interval (c is preferred: 1 - the a-rate)
     from analysis.report import _pct
 
-    assert (f"CI {_pct(1 - ac['rate_high'])}–{_pct(1 - ac['rate_low'])}, Holm-adjusted p"
-            in result.summary) or (
-                f"CI {_pct(ac['rate_low'])}–{_pct(ac['rate_high'])}, Holm-adjusted p"
-                in result.summary)
-    assert any(n.startswith("The primary test, the mixed-model test per pair "
-                            "(table pair_tests_glmm.csv): ") for n in result.notes)
+    assert (
+        f"CI {_pct(1 - ac['rate_high'])}–{_pct(1 - ac['rate_low'])}, Holm-adjusted p"
+        in result.summary
+    ) or (f"CI {_pct(ac['rate_low'])}–{_pct(ac['rate_high'])}, Holm-adjusted p" in result.summary)
+    assert any(
+        n.startswith(
+            "The primary test, the mixed-model test per pair (table pair_tests_glmm.csv): "
+        )
+        for n in result.notes
+    )
     assert not {"cluster_glm", "cluster_bootstrap", "per_participant_tests"} & set(result.tables)
     html = render_html(result, {})
     assert html.index("Primary per-pair test") < html.index("Share of votes per pair")
@@ -338,8 +491,10 @@ def test_report_makes_the_glmm_the_primary_per_pair_test(loaded_study):
 
     fallback = run_analysis(loaded_study, AnalysisOptions(n_boot=30, mixed=False))
     assert "pair_tests_glmm" not in fallback.tables
-    assert ("from the share of votes per pair (table pairs.csv) with its two-way "
-            "cluster-robust interval and t test" in fallback.summary)
+    assert (
+        "from the share of votes per pair (table pairs.csv) with its two-way "
+        "cluster-robust interval and t test" in fallback.summary
+    )
     assert "share of votes, two-way test with participants and images" in fallback.summary
     title = fallback.figures["preference_matrix"].axes[0].get_title()
     assert "* two-way test Holm p" in title

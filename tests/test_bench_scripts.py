@@ -193,15 +193,21 @@ def test_bench_df_rules_scores_the_reports_own_intervals():
     np.testing.assert_allclose([r["var_report"] for r in rows], [o["se"] ** 2 for o in own])
     np.testing.assert_allclose([r["df_report"] for r in rows], [o["df"] for o in own])
     rows = module._glmm_study(("both", "null", 0))
-    table = glmm_pair_tests(study.main, with_ml=False)
-    np.testing.assert_allclose([r["df_report"] for r in rows], table["df"], rtol=1e-9)
-    np.testing.assert_allclose([r["var"] for r in rows], table["se"] ** 2, rtol=1e-9)
+    own_fits = glmm_pair_tests(study.main, with_ml=False, test="reml")
+    np.testing.assert_allclose([r["df_report"] for r in rows], own_fits["df"], rtol=1e-9)
+    np.testing.assert_allclose([r["var"] for r in rows], own_fits["se"] ** 2, rtol=1e-9)
+    table = glmm_pair_tests(study.main, with_ml=False)  # the report's: SDs pooled
+    np.testing.assert_allclose([r["pooled_var"] for r in rows], table["se"] ** 2, rtol=1e-12)
+    np.testing.assert_allclose([r["pooled_df"] for r in rows], table["df"], rtol=1e-12)
+    assert not np.allclose(table["se"], own_fits["se"])
     assert all(r["share"].shape == (2,) for r in rows)
     import pandas as pd
 
     frame = pd.DataFrame(rows)
     scored = module.score(frame, module.glmm_rules(frame)).set_index("rule")
-    assert scored.loc["report: Hessian df, floor G - 1", "fwe"] in (0.0, 1.0)
+    assert scored.loc["own SDs (previous report): Hessian df, floor G - 1", "fwe"] in (0.0, 1.0)
+    report_rule = "report: SDs pooled over the study's pairs, component df, own if beyond"
+    assert scored.loc[report_rule, "fwe"] in (0.0, 1.0)
     assert {"study-pooled shares, components df", "components (G_k - 1 each)"} <= set(scored.index)
     output = run_script("bench/bench_df_rules.py", "pairs", "--studies", "2", "--jobs", "1")
     assert "| report: shares pooled over the study's pairs, G - 1 df, own if beyond | null |" in output
