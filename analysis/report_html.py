@@ -409,7 +409,10 @@ REPORT_SECTIONS: tuple[Section, ...] = (
             TableEntry(
                 "metric_holdout",
                 "Fitted losses (--fit-holdout): each fitted on the votes for half of "
-                "the images and scored on the other half, beside the unfitted loss.",
+                "the images and scored on the other half, beside the unfitted loss; "
+                "the score's {level} interval counts participants and images as random "
+                "(two-way cluster-robust variance of the per-vote agreement on the "
+                "held-out images, Student t; column interval).",
             ),
             TableEntry("metric_status", "The metrics asked for, and whether each was computed."),
             TableEntry(
