@@ -508,6 +508,80 @@ def holdout_producer(study: Study) -> list[Measure]:
     return out
 
 
+JND_CONDITIONS = ("q1", "q2", "q3", "q4")
+JND_DETAIL = "detail: one interval per study (MC error ~0.015 at 200 studies)"
+JND_VISIBILITY = {  # truth -> (visibility of q1..q4, of the identical pair), JOD
+    "null": ((-1.5,) * 4, -1.5),  # nothing more visible than the reference itself
+    "effects": ((-1.5, -0.5, 0.5, 1.5), -2.5),
+}
+
+
+def jnd_producer(study: Study) -> list[Measure]:
+    """The JND report's table jnd_rates (``jnd.different_rates``: the share of
+    "different" per condition, catch trials as the identical pair) on a JND study
+    simulated with the study's scenario (``simulation.simulate_jnd_responses``: the same
+    participants x images x trials, four conditions and the identical pair drawn
+    uniformly; a participant's criterion varies with SD ``observer_sd``, an image's
+    masking with SD ``image_sd``, both shared by the conditions). Truth:
+    ``simulation.true_jnd_rates``. Coverage over the five rows of a study, and of the
+    identical pair's (false-alarm) row alone; also each condition's own two-way interval,
+    the rule before the shares were pooled over the conditions, and a Wilson interval that
+    treats the answers as independent (to show the clustering matters). The JND report
+    makes no corrected test."""
+    from analysis.clustered import two_way_rate
+    from analysis.intervals import wilson_interval
+    from analysis.jnd import IDENTICAL, different_rates, jnd_trials
+    from analysis.simulation import simulate_jnd_responses, true_jnd_rates
+
+    levels, identical = JND_VISIBILITY[study.truth]
+    visibility = dict(zip(JND_CONDITIONS, levels, strict=True))
+    responses = simulate_jnd_responses(
+        visibility,
+        PARTICIPANTS,
+        IMAGES,
+        TRIALS,
+        identical=identical,
+        observer_sd=study.observer_sd,
+        image_sd=study.image_sd,
+        seed=int(np.random.SeedSequence([study.seed, 29]).generate_state(1)[0]),
+    )
+    truth = true_jnd_rates(
+        {**visibility, IDENTICAL: identical},
+        observer_sd=study.observer_sd,
+        image_sd=study.image_sd,
+    )
+    trials = jnd_trials(responses)
+    table = different_rates(trials, LEVEL)
+    expected = table["condition"].map(truth).to_numpy(dtype=float)
+    catch = (table["condition"] == IDENTICAL).to_numpy()
+    own = [  # each condition's own two-way interval, the rule before the pooled shares
+        two_way_rate(g["different"].to_numpy(float), g["participant"], g["image_id"], LEVEL)
+        for _, g in trials.groupby("condition", sort=True)
+    ]
+    wilson = wilson_interval(table["n_different"], table["n"], ALPHA)
+    out = []
+    for low, high, label, role in (
+        (table["ci_low"], table["ci_high"], "", INFERENTIAL),
+        (
+            [r["ci_low"] for r in own],
+            [r["ci_high"] for r in own],
+            " [own two-way]",
+            "old method (not in the report)",
+        ),
+        (*wilson, " [Wilson]", "comparison: answers as independent (not in the report)"),
+    ):
+        covered = _covers(low, high, expected)
+        out += [
+            Measure(f'jnd_rates: "different" interval{label}', role, covered),
+            Measure(
+                f'jnd_rates: "different" interval, identical pair only{label}',
+                JND_DETAIL if role == INFERENTIAL else role,
+                covered[catch],
+            ),
+        ]
+    return out
+
+
 def registry(intervals: list[str], with_mixed: bool = False) -> dict[str, Callable]:
     """Producer name -> function(Study) -> list[Measure]."""
     out: dict[str, Callable] = {}
@@ -522,6 +596,7 @@ def registry(intervals: list[str], with_mixed: bool = False) -> dict[str, Callab
     out["per_participant_tests"] = per_participant_producer
     out["metric_agreement"] = metric_producer
     out["holdout_score"] = holdout_producer
+    out["jnd_rates"] = jnd_producer
     if importlib.util.find_spec("analysis.glmm") is not None:
         out["glmm"] = glmm_producer
     if with_mixed:
