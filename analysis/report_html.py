@@ -438,8 +438,9 @@ REPORT_SECTIONS: tuple[Section, ...] = (
                 "{n_kept} kept participants; each condition shown before or after its "
                 "reference; the identical pair is the reference twice, the catch trials' "
                 "false-alarm rate), with its {level} interval counting participants and "
-                "images as random (two-way cluster-robust variance, Satterthwaite df; "
-                "participants only with fewer than 5 images).",
+                "images as random (two-way cluster-robust variance, the participants' and "
+                "images' shares pooled over the conditions, Student t; participants only "
+                "with fewer than 5 images; column interval).",
                 JND_RATE_COLUMNS,
             ),
             TableEntry(

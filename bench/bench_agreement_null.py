@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=200, help="per scenario and truth")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.studies < 2:
+        parser.error("--studies must be >= 2 (the variance of the score across studies)")
     harness = _harness()
     start = time.perf_counter()
     rows = []
