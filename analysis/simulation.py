@@ -226,6 +226,7 @@ def simulate_jnd_responses(
     identical: float | None = None,
     observer_sd: float = 0.0,
     image_sd: float = 0.0,
+    shared: bool = True,
     seed: int = 0,
     study: str = "simulated-jnd",
 ) -> pd.DataFrame:
@@ -238,9 +239,11 @@ def simulate_jnd_responses(
     false alarms; e.g. -2.5), drawn like a condition; None: no catch trials. Random
     effects, crossed, shared by all conditions: a participant's criterion u_p ~ N(0,
     observer_sd²) (some say "different" more readily) and an image's masking w_m ~ N(0,
-    image_sd²) (artefacts show more on some images). Each trial draws a condition (or the
-    identical pair) and an image uniformly and shows the reference first or second at
-    random. ``true_jnd_rates`` gives the population rates."""
+    image_sd²) (artefacts show more on some images); with ``shared=False`` each condition
+    (and the identical pair) has its own, independent draws instead, same SDs. Each trial
+    draws a condition (or the identical pair) and an image uniformly and shows the
+    reference first or second at random. ``true_jnd_rates`` gives the population rates
+    (the same either way)."""
     from scipy import stats
 
     rng = np.random.default_rng(seed)
@@ -257,8 +260,10 @@ def simulate_jnd_responses(
     image = rng.integers(0, n_images, total)
     drawn = rng.integers(0, len(names), total)
     latent = np.asarray(levels, dtype=float)[drawn]
-    latent = latent + rng.normal(0.0, observer_sd, n_participants)[participant]
-    latent = latent + rng.normal(0.0, image_sd, n_images)[image]
+    columns = 1 if shared else len(names)
+    column = np.zeros(total, dtype=np.int64) if shared else drawn
+    latent = latent + rng.normal(0.0, observer_sd, (n_participants, columns))[participant, column]
+    latent = latent + rng.normal(0.0, image_sd, (n_images, columns))[image, column]
     different = rng.random(total) < stats.norm.cdf(latent / JOD_SIGMA)
     reference_first = rng.random(total) < 0.5
     shown = np.array(["reference" if c is None else c for c in names], dtype=object)[drawn]

@@ -255,3 +255,19 @@ def test_bench_agreement_null_takes_apart_the_harness_intervals():
         timeout=120,
     )
     assert done.returncode == 2 and "--studies must be >= 2" in done.stderr
+
+
+def test_bench_jnd_heterogeneity_scores_both_rules_per_design():
+    """The JND heterogeneity benchmark runs and prints the report's and the own rule's
+    coverage for every design and condition; the wild condition keeps its own variance."""
+    output = run_script("bench/bench_jnd_heterogeneity.py", "--studies", "3")
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in output.splitlines()
+        if re.match(r"^\| (specific|one wild)", line)
+    ]
+    assert len(rows) == 3 * 6, output
+    for cells in rows:
+        assert all(0 <= float(v) <= 1 for v in cells[2:]), cells
+    wild = [c for c in rows if c[0].startswith("one wild") and c[1] == "q2"]
+    assert float(wild[0][4]) > 0.5, output
