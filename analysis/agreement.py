@@ -8,6 +8,10 @@ from analysis.clustered import two_way_rate
 from analysis.intervals import binomial_test_half, holm_adjust
 from analysis.pairs import ordered_pairs
 
+# The agreement table's statistics: the key its ``statistic`` column holds (CSV, Parquet,
+# JSON: machine-readable) and the name the report and the summary print.
+STATISTIC_LABELS = {"fleiss_kappa": "Fleiss' κ", "kendall_u": "Kendall's u"}
+
 
 def position_bias(main: pd.DataFrame, alpha: float = 0.05) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(overall, per_participant) left-choice rates.
@@ -86,7 +90,8 @@ def kendall_u(main: pd.DataFrame) -> float:
 
 
 def agreement_table(main: pd.DataFrame) -> pd.DataFrame:
-    """Tidy agreement summary: Fleiss' kappa over (image, pair) items, Kendall's u."""
+    """Tidy agreement summary: Fleiss' kappa over (image, pair) items, Kendall's u; the
+    ``statistic`` column holds the keys of ``STATISTIC_LABELS``."""
     return pd.DataFrame(
         [
             {

@@ -267,12 +267,15 @@ def display_table(
     level: float = 0.95,
     columns: Iterable[str] | None = None,
     labels: Mapping[str, str] | None = None,
+    value_labels: Mapping[str, Mapping[str, str]] | None = None,
 ) -> pd.DataFrame:
     """A table of strings as a paper prints it: ``columns`` (default: all that exist)
     in that order, interval bounds merged into ``[low, high]``, a constant ``unit`` column
     moved into the headers, p-values APA-style, other numbers with 3 significant
     digits, headers from :func:`column_label` (``labels`` overrides per column).
-    ``level`` (0..1) names the intervals (``95 % CI``)."""
+    ``value_labels`` ({column: {raw value: label}}) prints a column's machine-readable
+    keys as words (``fleiss_kappa`` -> ``Fleiss' κ``); values it does not list stay as
+    they are. ``level`` (0..1) names the intervals (``95 % CI``)."""
     unit = _unit(table)
     wanted = [c for c in (columns or table.columns) if c in table.columns]
     if unit is not None and "unit" in wanted:
@@ -295,6 +298,9 @@ def display_table(
             continue
         header = (labels or {}).get(column) or column_label(column, unit)
         values = table[column].astype(object).where(table[column].notna(), None)
+        if column in (value_labels or {}):
+            names = value_labels[column]
+            values = values.map(lambda v, names=names: names.get(v, v) if v is not None else v)
         if column in SETTING_COLUMNS:
             out[header] = [format_setting(v) for v in values]
         else:

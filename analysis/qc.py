@@ -374,4 +374,5 @@ def exclusion_note(result: QCResult, sources: Mapping[str, str], study: str | No
     n_out = int(result.participants["excluded"].sum())
     counts = ", ".join(f"{r.rule} {r.n_excluded}" for r in fired.itertuples()) or "none"
     return (f"Exclusions: {origin}; {n_out} of {len(result.participants)} participants "
-            f"excluded (by rule: {counts}; see exclusion_rules and exclusion_log).")
+            f"excluded (by rule: {counts}; see the exclusion rules and the exclusion log, "
+            "tables exclusion_rules.csv and exclusion_log.csv).")

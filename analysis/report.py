@@ -33,7 +33,7 @@ from analysis import (
     timing,
 )
 from analysis.display import display_calibration_table
-from analysis.formatting import format_p
+from analysis.formatting import format_number, format_p
 from analysis.io import LoadedResponses
 from analysis.pairs import preference_table
 from analysis.qc import QCOptions, apply_exclusions, exclusion_note, exclusion_rules_table
@@ -110,8 +110,27 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f} %"
 
 
-def _p(x: float) -> str:
-    return "n/a" if not np.isfinite(x) else format_p(x)
+def _p_is(x: float, name: str = "p") -> str:
+    """``name`` and an APA p-value as a sentence reads it: "p = .011", "p < .001";
+    "no p" when there is none."""
+    if not np.isfinite(x):
+        return f"no {name}"
+    text = format_p(x)
+    return f"{name} {text}" if text[0] in "<>" else f"{name} = {text}"
+
+
+def _holm_p(x: float) -> str:
+    return _p_is(x, "Holm-adjusted p")
+
+
+# The per-pair tables as the prose names them; a table's file (tables/<name>.csv) is
+# named once, in parentheses, where the prose first mentions it.
+MIXED_MODEL_TEST = "the mixed-model test per pair"
+SHARE_OF_VOTES = "the share of votes per pair"
+
+
+def _table_file(name: str) -> str:
+    return f"table {name}.csv"
 
 
 SCALE_PRIORS = {"ours": "gaussian", "pwcmp": "pwcmp"}  # --scale-prior -> scale_conditions prior
@@ -143,18 +162,20 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
         f"{kept} participants kept, {excluded} excluded by the quality rules "
         f"({int(pairs['n'].sum())} main votes analysed).",
         (
-            "Verdicts below come from the primary test (table pair_tests_glmm): a logistic "
-            "mixed model with participants and images as crossed random effects "
-            f"({_methods(tests)}), Holm over all pairs. Each line also gives the share of "
-            "all votes (table pairs) with its two-way interval and test (participants and "
+            f"Verdicts below come from {MIXED_MODEL_TEST} ({_table_file('pair_tests_glmm')}), "
+            "the primary test: a logistic mixed model with participants and images as crossed "
+            f"random effects ({_methods(tests)}), its p-values Holm-adjusted over all pairs. "
+            "Each line also gives the share of all votes "
+            f"({_table_file('pairs')}) with its two-way interval and test (participants and "
             "images random)."
             if primary
-            else "The mixed model was not fitted (--no-mixed): verdicts below come from the "
-            "share of votes with its two-way cluster-robust interval and t test "
-            "(table pairs; participants and images random), Holm over all pairs."
+            else "The mixed model was not fitted (--no-mixed): verdicts below come from "
+            f"{SHARE_OF_VOTES} ({_table_file('pairs')}) with its two-way cluster-robust "
+            "interval and t test (participants and images random), its p-values "
+            "Holm-adjusted over all pairs."
         ),
     ]
-    test_name = "GLMM" if primary else "share of votes, two-way test"
+    test_name = "mixed-model test" if primary else "share of votes, two-way test"
     low_col, high_col = ("rate_low", "rate_high") if primary else ("ci_low", "ci_high")
     for row in pairs.sort_values("p_holm").itertuples(index=False):
         key = (row.condition_a, row.condition_b)
@@ -183,7 +204,7 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
                 why = "no spread between participants and images, e.g. all votes one way"
             share = (
                 f" Share of all votes: {level} CI {_pct(pooled_low)}–{_pct(pooled_high)}, "
-                f"two-way test p_Holm {_p(row.p_holm)}."
+                f"two-way test {_holm_p(row.p_holm)}."
                 if primary and np.isfinite(row.p_holm)
                 else ""
             )
@@ -199,14 +220,14 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
         typical = " for a typical participant and image" if primary else " of all votes"
         also = (
             f" (Share of all votes: {_pct(pooled)} of {row.n} trials, {level} CI "
-            f"{_pct(pooled_low)}–{_pct(pooled_high)}, two-way test p_Holm {_p(row.p_holm)}.)"
+            f"{_pct(pooled_low)}–{_pct(pooled_high)}, two-way test {_holm_p(row.p_holm)}.)"
             if primary
             else ""
         )
         lines.append(
             f"{win} over {lose}: {test_name} with participants and images random, "
-            f"{_pct(rate)}{typical} ({level} CI {_pct(low)}–{_pct(high)}, p_Holm "
-            f"{_p(clustered_p)}): {verdict}.{also}"
+            f"{_pct(rate)}{typical} ({level} CI {_pct(low)}–{_pct(high)}, "
+            f"{_holm_p(clustered_p)}): {verdict}.{also}"
         )
     scale = tables["scale_jod"].sort_values("estimate", ascending=False)
     ranking = ", ".join(f"{r.condition} ({r.estimate:+.2f})" for r in scale.itertuples())
@@ -215,10 +236,13 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
     if "position_bias" in tables:
         pb = tables["position_bias"].iloc[0]
         lines.append(
-            f"The left image was chosen in {_pct(pb.left_rate)} of main trials (p {_p(pb.p_value)})."
+            f"The left image was chosen in {_pct(pb.left_rate)} of main trials "
+            f"({_p_is(pb.p_value)})."
         )
     else:
         lines.append("Sides (left/right) were not recorded, so position bias was not assessed.")
+    if "agreement" in tables:
+        lines.append(_agreement_sentence(tables["agreement"]))
     if "metric_agreement" in tables and not tables["metric_agreement"].empty:
         best = tables["metric_agreement"].iloc[0]
         lines.append(
@@ -237,10 +261,22 @@ def plain_summary(tables: dict[str, pd.DataFrame], loaded: LoadedResponses, alph
                     .to_numpy()
                     == np.sign(pairs["rate_a"] - 0.5).to_numpy()
                 )
-                else "NOT the same for every pair (see pairs_everyone)."
+                else "NOT the same for every pair (see the share of votes with everyone "
+                f"kept, {_table_file('pairs_everyone')})."
             )
         )
     return "\n".join(lines) + "\n"
+
+
+def _agreement_sentence(table: pd.DataFrame) -> str:
+    """The agreement table (``agreement.agreement_table``) in words: each statistic by its
+    name (Fleiss' κ, Kendall's u), 3 significant digits."""
+    values = ", ".join(
+        f"{agreement.STATISTIC_LABELS.get(row.statistic, row.statistic)} "
+        + (f"= {format_number(row.value)}" if np.isfinite(row.value) else "not available")
+        for row in table.itertuples(index=False)
+    )
+    return f"Agreement between participants (1 = all agree on every item): {values}."
 
 
 def pair_table(main: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
@@ -343,7 +379,9 @@ def _run_jnd_analysis(
     study_name = (loaded.export_provenance or {}).get("study")
     notes = [
         exclusion_note(qc, options.qc_sources, study_name),
-        "Table jnd_rates: " + jnd.JND_RATE_METHOD + ".",
+        f'The share of "different" answers per condition ({_table_file("jnd_rates")}): '
+        + jnd.JND_RATE_METHOD
+        + ".",
         "Main and repeated answers of the kept participants enter the JND tables; catch "
         "trials (the reference twice) give the false-alarm row.",
     ]
@@ -456,15 +494,17 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
             f"{scaling.THURSTONE_PRIOR_SD:g}^2) prior; "
         )
     notes = [
-        "Table pairs: the share of all votes for condition_a, with an interval and a t test "
-        "against 50 % that count participants and images as random ("
+        f"{SHARE_OF_VOTES.capitalize()} ({_table_file('pairs')}): the share of all votes "
+        "for condition A, with an interval and a t test against 50 % that count "
+        "participants and images as random ("
         + clustered.TWO_WAY_RATE_METHOD
         + "); it estimates the population preference rate.",
         (
-            "Primary per-pair test (pair_tests_glmm): " + glmm.PAIR_TEST_METHOD
+            f"The primary test, {MIXED_MODEL_TEST} ({_table_file('pair_tests_glmm')}): "
+            + glmm.PAIR_TEST_METHOD
             if options.mixed
-            else "The per-pair GLMM was not fitted (--no-mixed); verdicts use the two-way "
-            "test of table pairs."
+            else f"{MIXED_MODEL_TEST.capitalize()} was not fitted (--no-mixed); verdicts "
+            f"use the two-way test of {SHARE_OF_VOTES}."
         ),
         "Holm (family-wise) and Benjamini–Hochberg (FDR) adjust over all condition pairs.",
         jod_note + "Bradley–Terry in logits by maximum likelihood (ridge alpha "

@@ -16,13 +16,14 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from math import comb
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from analysis.agreement import STATISTIC_LABELS
 from analysis.formatting import display_table, format_number
 
 if TYPE_CHECKING:
@@ -35,11 +36,13 @@ esc = html.escape
 class TableEntry:
     """A table of ``result.tables[name]``: caption (a format string over the report
     context, see :func:`report_context`), the columns shown (None: all; the CSV keeps
-    all)."""
+    all), and words for a column's machine-readable keys ({column: {key: label}}; the CSV
+    keeps the keys)."""
 
     name: str
     caption: str
     columns: tuple[str, ...] | None = None
+    value_labels: Mapping[str, Mapping[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def report_context(result: AnalysisResult) -> dict[str, Any]:
         "conditions": ", ".join(conditions),
         "n_boot": options.get("n_boot", "–"),
         "power": format_number(float(options.get("power", 0.8))),
-        "mark_label": "the GLMM's Holm-adjusted p"
+        "mark_label": "the mixed-model test's Holm-adjusted p"
         if "pair_tests_glmm" in result.tables
         else "the two-way test's Holm-adjusted p",
         "anchor": "mean zero" if anchor is None else f"{anchor} fixed at 0",
@@ -419,6 +422,7 @@ REPORT_SECTIONS: tuple[Section, ...] = (
                 "agreement",
                 "Agreement between participants: Fleiss' κ over "
                 "(image, condition pair) items and Kendall's u over condition pairs.",
+                value_labels={"statistic": STATISTIC_LABELS},
             ),
         ),
         text=lambda result, ctx: (
@@ -800,7 +804,7 @@ def _table_html(entry: TableEntry, result: AnalysisResult, ctx: dict, n: _Counte
         return ""
     n.tables += 1
     level = 1 - float(result.provenance.get("options", {}).get("alpha", 0.05))
-    shown = display_table(table, level, entry.columns)
+    shown = display_table(table, level, entry.columns, value_labels=entry.value_labels)
     caption = entry.caption.format(**ctx)
     more = (
         f" All columns: <code>tables/{esc(entry.name)}.csv</code>."

@@ -74,6 +74,20 @@ def simulate_crossed(
     )
 
 
+def small_report_study(folder: Path):
+    """The report tests' study, loaded: 3 conditions (a 0, b 0.4, c 1.2 JOD), 12
+    participants, 6 images, 30 trials each (``simulate_responses``, seed 9) as a CSV in
+    ``folder``; returns ``analysis.io.load_responses`` of it."""
+    from analysis.io import load_responses
+    from analysis.simulation import simulate_responses
+
+    path = folder / "responses.csv"
+    simulate_responses(
+        {"a": 0.0, "b": 0.4, "c": 1.2}, 12, 6, 30, observer_sd=0.3, image_sd=0.2, seed=9
+    ).to_csv(path, index=False)
+    return load_responses(path)
+
+
 def rscript_with_lme4() -> bool:
     """True when Rscript runs and loads lme4."""
     if shutil.which("Rscript") is None:

@@ -159,3 +159,18 @@ def test_display_table_merges_intervals_and_moves_the_unit_into_headers():
     assert planning.iloc[0].tolist() == ["0.05", "0.8", "210"]
     only = display_table(scale, columns=("estimate", "condition", "missing"))
     assert list(only.columns) == ["Scale (JOD)", "Condition"]
+
+
+def test_display_table_prints_listed_keys_as_words_and_leaves_the_rest():
+    table = pd.DataFrame(
+        {
+            "statistic": ["fleiss_kappa", "kendall_u", "other_key", None],
+            "value": [0.0453680, 0.2215843, 1.0, np.nan],
+        }
+    )
+    labels = {"statistic": {"fleiss_kappa": "Fleiss' κ", "kendall_u": "Kendall's u"}}
+    shown = display_table(table, value_labels=labels)
+    assert shown["Statistic"].tolist() == ["Fleiss' κ", "Kendall's u", "other_key", "–"]
+    assert shown["Value"].tolist() == ["0.0454", "0.222", "1.00", "–"]
+    assert table["statistic"].tolist()[:2] == ["fleiss_kappa", "kendall_u"]  # not changed
+    assert display_table(table)["Statistic"].tolist()[0] == "fleiss_kappa"

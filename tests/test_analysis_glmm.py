@@ -13,7 +13,12 @@ from scipy import special, stats
 
 from analysis.glmm import PAIR_TEST_COLUMNS, fit_glmm, glmm_pair_tests
 from analysis.intervals import holm_adjust
-from tests.glmm_support import glmer_reference, rscript_with_lme4, simulate_crossed
+from tests.glmm_support import (
+    glmer_reference,
+    rscript_with_lme4,
+    simulate_crossed,
+    small_report_study,
+)
 from tests.support import require_component
 
 
@@ -297,14 +302,7 @@ def test_degenerate_pairs_give_nan_and_a_reason_never_a_crash(study):
 
 @pytest.fixture(scope="module")
 def loaded_study(tmp_path_factory):
-    from analysis.io import load_responses
-    from analysis.simulation import simulate_responses
-
-    path = tmp_path_factory.mktemp("study") / "responses.csv"
-    simulate_responses(
-        {"a": 0.0, "b": 0.4, "c": 1.2}, 12, 6, 30, observer_sd=0.3, image_sd=0.2, seed=9
-    ).to_csv(path, index=False)
-    return load_responses(path)
+    return small_report_study(tmp_path_factory.mktemp("study"))
 
 
 @pytest.mark.slow
@@ -315,18 +313,24 @@ def test_report_makes_the_glmm_the_primary_per_pair_test(loaded_study):
     table = result.tables["pair_tests_glmm"]
     assert "mixed_model" not in result.tables
     assert len(table) == 3 and table["p"].notna().all()
-    assert "primary test (table pair_tests_glmm)" in result.summary
-    assert "GLMM with participants and images" in result.summary
-    assert "p_Holm" in result.summary and "Share of all votes" in result.summary
+    assert (
+        "from the mixed-model test per pair (table pair_tests_glmm.csv), the primary test"
+        in result.summary
+    )
+    assert "mixed-model test with participants and images random" in result.summary
+    assert "p_Holm" not in result.summary and "Share of all votes" in result.summary
+    assert "two-way test Holm-adjusted p " in result.summary
     ac = table.set_index(["condition_a", "condition_b"]).loc[("a", "c")]
     assert "a reliable preference" in result.summary and ac["p_holm"] < 0.05
     # the line for c over a quotes the GLMM's own interval (c is preferred: 1 - the a-rate)
     from analysis.report import _pct
 
-    assert (f"CI {_pct(1 - ac['rate_high'])}–{_pct(1 - ac['rate_low'])}, p_Holm"
-            in result.summary) or (f"CI {_pct(ac['rate_low'])}–{_pct(ac['rate_high'])}, p_Holm"
-                                   in result.summary)
-    assert any(n.startswith("Primary per-pair test (pair_tests_glmm)") for n in result.notes)
+    assert (f"CI {_pct(1 - ac['rate_high'])}–{_pct(1 - ac['rate_low'])}, Holm-adjusted p"
+            in result.summary) or (
+                f"CI {_pct(ac['rate_low'])}–{_pct(ac['rate_high'])}, Holm-adjusted p"
+                in result.summary)
+    assert any(n.startswith("The primary test, the mixed-model test per pair "
+                            "(table pair_tests_glmm.csv): ") for n in result.notes)
     assert not {"cluster_glm", "cluster_bootstrap", "per_participant_tests"} & set(result.tables)
     html = render_html(result, {})
     assert html.index("Primary per-pair test") < html.index("Share of votes per pair")
@@ -334,7 +338,8 @@ def test_report_makes_the_glmm_the_primary_per_pair_test(loaded_study):
 
     fallback = run_analysis(loaded_study, AnalysisOptions(n_boot=30, mixed=False))
     assert "pair_tests_glmm" not in fallback.tables
-    assert "two-way cluster-robust interval and t test" in fallback.summary
+    assert ("from the share of votes per pair (table pairs.csv) with its two-way "
+            "cluster-robust interval and t test" in fallback.summary)
     assert "share of votes, two-way test with participants and images" in fallback.summary
     title = fallback.figures["preference_matrix"].axes[0].get_title()
     assert "* two-way test Holm p" in title

@@ -3,6 +3,7 @@ down, on SQLite and on PostgreSQL (through Flask-Migrate, as `flask db upgrade` 
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from datetime import datetime
@@ -384,4 +385,69 @@ def test_a_database_made_by_create_all_before_draw_keys_is_migrated(tmp_path, re
             assert compare_metadata(context, db.metadata) == []
             keys = connection.exec_driver_sql("SELECT id, draw_key FROM item").all()
         assert keys and all(k == (i * DRAW_MULT) % DRAW_MOD for i, k in keys)
+        db.engine.dispose()
+
+
+# ------------------------------------------------------------------- JND answers (0006)
+
+
+def test_the_jnd_migration_goes_down_and_up_with_different_answers_stored(
+    any_database_url, tmp_path, caplog
+):
+    """At head, a JND study's answers "same" and "different" and a 2AFC study's "left" /
+    "right" are stored through the API; downgrading to 0005 (choice back to 5 characters)
+    keeps every vote, stores "different" as "diff" and logs a warning; upgrading again (as
+    every pstudy command does) gives back exactly the answers that were stored. Alembic
+    runs quietly here, as in pstudy: its logging configuration would keep a handler on
+    this test's captured stderr after the test."""
+    from alembic import command
+
+    from study_app.commands import upgrade_database
+    from study_app.models import Vote
+    from tests.study_support import Participant, make_study, write_stimulus_set
+
+    app = create_app(
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": any_database_url,
+            "PARTICIPANT_RATE_LIMIT": (10**6, 60.0),
+        }
+    )
+    upgrade_database(app)
+    stimuli = write_stimulus_set(tmp_path / "set", n_images=2)
+    plain = {"practice_trials": 0, "catch_trials": 0, "repeat_trials": 0}
+    jnd = make_study(app, stimuli, slug="jnd", task="jnd", **plain)
+    two_afc = make_study(app, stimuli, slug="two-afc", **plain)
+    client = app.test_client()
+    answers = {jnd: ["different", "same", "different"], two_afc: ["left", "right", "left"]}
+    for slug, chosen in answers.items():
+        person = Participant(client, slug)
+        for trial, choice in zip(person.next().get_json()["trials"], chosen, strict=False):
+            assert person.vote(trial["token"], choice).status_code == 200
+
+    def stored() -> dict[int, str]:
+        with db.engine.connect() as connection:
+            return dict(connection.execute(select(Vote.id, Vote.choice)).all())
+
+    with app.app_context():
+        before = stored()
+        assert sorted(before.values()) == sorted(answers[jnd] + answers[two_afc])
+        db.session.remove()
+        config = app.extensions["migrate"].migrate.get_config()
+        config.attributes["quiet"] = True
+        with caplog.at_level(logging.WARNING, logger="alembic.versions.0006_jnd_task"):
+            command.downgrade(config, "0005_vote_exposure_timing")
+        [warning] = [r for r in caplog.records if r.name == "alembic.versions.0006_jnd_task"]
+        assert warning.levelno == logging.WARNING
+        assert warning.getMessage().startswith("2 JND answers 'different' stored as 'diff'")
+        with db.engine.connect() as connection:
+            column = {c["name"]: c for c in inspect(connection).get_columns("vote")}
+            assert column["choice"]["type"].length == 5
+            assert "isi_requested_ms" not in column
+            down = dict(connection.exec_driver_sql("SELECT id, choice FROM vote").all())
+        assert down == {i: "diff" if c == "different" else c for i, c in before.items()}
+        db.engine.dispose()
+    upgrade_database(app)
+    with app.app_context():
+        assert stored() == before
         db.engine.dispose()
