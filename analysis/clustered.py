@@ -56,12 +56,20 @@ TWO_WAY_RATE_METHOD = (
     "two-way cluster-robust variance V_participants + V_images - V_cells "
     "(never below V_cells), Student t with Satterthwaite df"
 )
-POOLED_RATE_METHOD = (
-    "two-way cluster-robust variance with the participants' and images' shares pooled over "
-    "the study's pairs: V = V_cells (1 + max(r_participants + r_images, 0)), r = V_factor / "
-    "V_cells - 1 averaged over the pairs (vote-weighted); Student t with G - 1 df, G the "
-    "fewer levels of the factors whose pooled share is positive"
-)
+
+
+def pooled_rate_method(over: str = "pairs") -> str:
+    """The ``interval`` text of a rate whose variance shares are pooled ``over`` the
+    study's pairs (table pairs) or conditions (a JND study's table jnd_rates)."""
+    return (
+        "two-way cluster-robust variance with the participants' and images' shares pooled "
+        f"over the study's {over}: V = V_cells (1 + max(r_participants + r_images, 0)), "
+        f"r = V_factor / V_cells - 1 averaged over the {over} (vote-weighted); Student t "
+        "with G - 1 df, G the fewer levels of the factors whose pooled share is positive"
+    )
+
+
+POOLED_RATE_METHOD = pooled_rate_method("pairs")
 
 
 # A pair's own two-way variance replaces the pooled one when it exceeds it by more than
@@ -176,6 +184,44 @@ def pooled_variance_shares(components: list[tuple[int, dict[str, float]]]) -> di
     }
 
 
+def pooled_two_way_rates(
+    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    level: float = 0.95,
+    over: str = "pairs",
+) -> list[dict]:
+    """Several rates of one study, each ``(y, participants, images)`` (0/1 votes and their
+    clusters), with intervals and tests against 1/2 whose participants' and images'
+    variance shares are pooled over the rates (``pooled_variance_shares``; the same
+    participants and images judge every one): V = V_cells (1 + max(r_p + r_i, 0)), t with
+    G - 1 df for the fewest levels among factors with a positive share, V_cells' cells - 1
+    when neither is. A rate whose own two-way variance (``two_way_rate``) exceeds the
+    pooled one by more than ``HETEROGENEITY_Z`` standard errors of a variance with
+    G_images - 1 df keeps its own, as does one with fewer than ``MIN_IMAGES`` images
+    (participants only). One ``two_way_rate``-style dict per group, in order; the pooled
+    ones' ``interval`` is ``pooled_rate_method(over)``."""
+    parts_of = [_rate_components(y, participants, images) for y, participants, images in groups]
+    eligible = [
+        (len(y), parts)
+        for (y, _, _), (_, parts, clusters) in zip(groups, parts_of, strict=True)
+        if clusters["image"] >= MIN_IMAGES
+    ]
+    shares = pooled_variance_shares(eligible)
+    method = pooled_rate_method(over)
+    results = []
+    for rate, parts, clusters in parts_of:
+        result = _own_rate(rate, parts, clusters, level)
+        if clusters["image"] >= MIN_IMAGES and shares:
+            var = parts["cell"] * (1.0 + max(shares["participant"] + shares["image"], 0.0))
+            active = [clusters[k] for k in ("participant", "image") if shares[k] > 0]
+            df = (min(active) if active else clusters["cell"]) - 1.0
+            # a rate clustered well beyond the study's shares keeps its own variance
+            limit = var * (1.0 + HETEROGENEITY_Z * np.sqrt(2.0 / (clusters["image"] - 1.0)))
+            if not result["se"] ** 2 > limit:
+                result = _rate_result(rate, var, df, level, method)
+        results.append(result)
+    return results
+
+
 def two_way_rate_tests(main: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Per pair: the pooled rate of choosing condition_a (rate_a = wins_a / n) with an
     interval and a test against 1/2 that count participants and images as random; Holm and
@@ -183,32 +229,21 @@ def two_way_rate_tests(main: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     rate_a, se, df, ci_low, ci_high, p_value, p_holm, p_bh, interval.
 
     The variance is the two-way cluster-robust one with the factors' shares pooled over the
-    study's pairs (``pooled_variance_shares``; V = V_cells (1 + max(r_p + r_i, 0)), t with
-    G - 1 df for the fewest levels among factors with a positive share, V_cells' cells - 1
-    when neither is positive). Each pair's own two-way variance (``two_way_rate``) was
-    measured conservative without random effects and liberal in Holm's tail with them
-    (docs/benchmarks.md). Pairs with fewer than ``MIN_IMAGES`` images keep
-    ``two_way_rate``'s participants-only interval."""
+    study's pairs (``pooled_two_way_rates``). Each pair's own two-way variance
+    (``two_way_rate``) was measured conservative without random effects and liberal in
+    Holm's tail with them (docs/benchmarks.md). Pairs with fewer than ``MIN_IMAGES``
+    images keep ``two_way_rate``'s participants-only interval."""
     frame = _pair_frame(main, sides_recorded=False)
-    pairs = []
+    keys, groups = [], []
     for (a, b), group in frame.groupby(["condition_a", "condition_b"], sort=True):
-        y = group["win_a"].to_numpy(dtype=float)
-        pairs.append((a, b, y, *_rate_components(y, group["participant"], group["image_id"])))
-    eligible = [
-        (len(y), parts) for _, _, y, _, parts, clusters in pairs if clusters["image"] >= MIN_IMAGES
-    ]
-    shares = pooled_variance_shares(eligible)
+        keys.append((a, b))
+        groups.append(
+            (group["win_a"].to_numpy(dtype=float), group["participant"], group["image_id"])
+        )
     rows = []
-    for a, b, y, rate, parts, clusters in pairs:
-        result = _own_rate(rate, parts, clusters, 1 - alpha)
-        if clusters["image"] >= MIN_IMAGES and shares:
-            var = parts["cell"] * (1.0 + max(shares["participant"] + shares["image"], 0.0))
-            active = [clusters[k] for k in ("participant", "image") if shares[k] > 0]
-            df = (min(active) if active else clusters["cell"]) - 1.0
-            # a pair clustered well beyond the study's shares keeps its own variance
-            limit = var * (1.0 + HETEROGENEITY_Z * np.sqrt(2.0 / (clusters["image"] - 1.0)))
-            if not result["se"] ** 2 > limit:
-                result = _rate_result(rate, var, df, 1 - alpha, POOLED_RATE_METHOD)
+    for (a, b), (y, _, _), result in zip(
+        keys, groups, pooled_two_way_rates(groups, 1 - alpha), strict=True
+    ):
         rows.append(
             {
                 "condition_a": a,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from analysis.clustered import TWO_WAY_RATE_METHOD, two_way_rate
+from analysis.clustered import pooled_rate_method, pooled_two_way_rates
 
 REFERENCE = "reference"
 IDENTICAL = "reference (identical pair)"  # the condition label of catch trials
@@ -52,28 +52,35 @@ def jnd_trials(responses: pd.DataFrame) -> pd.DataFrame:
 def different_rates(trials: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     """Per condition (catch trials as ``IDENTICAL``, the false-alarm rate): answers n,
     participants, images, "different" answers and their share (0..1) with a ``level``
-    interval that counts participants and images as random
-    (:func:`analysis.clustered.two_way_rate`). ``trials``: :func:`jnd_trials` (main,
-    repeat and catch rows)."""
-    rows = []
+    interval that counts participants and images as random, the participants' and
+    images' variance shares pooled over the conditions — the same participants and images
+    answer every one (:func:`analysis.clustered.pooled_two_way_rates`; a condition
+    clustered well beyond the others, or seen on fewer than 5 images, keeps its own
+    :func:`analysis.clustered.two_way_rate`; column ``interval`` names the rule).
+    ``trials``: :func:`jnd_trials` (main, repeat and catch rows)."""
+    conditions, groups = [], []
     for condition, group in trials.groupby("condition", sort=True):
-        y = group["different"].to_numpy(dtype=float)
-        result = two_way_rate(y, group["participant"], group["image_id"], level)
-        rows.append(
-            {
-                "condition": condition,
-                "n": len(group),
-                "n_participants": group["participant"].nunique(),
-                "n_images": group["image_id"].nunique(),
-                "n_different": int(y.sum()),
-                "rate_different": result["rate"],
-                "se": result["se"],
-                "df": result["df"],
-                "ci_low": result["ci_low"],
-                "ci_high": result["ci_high"],
-                "interval": result["interval"],
-            }
+        conditions.append((condition, group))
+        groups.append(
+            (group["different"].to_numpy(dtype=float), group["participant"], group["image_id"])
         )
+    results = pooled_two_way_rates(groups, level, over="conditions")
+    rows = [
+        {
+            "condition": condition,
+            "n": len(group),
+            "n_participants": group["participant"].nunique(),
+            "n_images": group["image_id"].nunique(),
+            "n_different": int(y.sum()),
+            "rate_different": result["rate"],
+            "se": result["se"],
+            "df": result["df"],
+            "ci_low": result["ci_low"],
+            "ci_high": result["ci_high"],
+            "interval": result["interval"],
+        }
+        for (condition, group), (y, _, _), result in zip(conditions, groups, results, strict=True)
+    ]
     return pd.DataFrame(rows, columns=RATE_COLUMNS)
 
 
@@ -190,5 +197,6 @@ def metric_average_precision(trials: pd.DataFrame, distances: pd.DataFrame) -> p
 
 JND_RATE_METHOD = (
     'share of "different" answers per condition (catch trials: the reference shown twice, '
-    "the false-alarm rate), interval " + TWO_WAY_RATE_METHOD
+    "the false-alarm rate), interval " + pooled_rate_method("conditions") + "; a condition "
+    "clustered well beyond the others keeps its own two-way variance (column interval)"
 )

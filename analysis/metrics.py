@@ -245,6 +245,44 @@ def metric_agreement(
 
 
 HOLDOUT_BASELINES = ("l2", "ssim")
+HOLDOUT_SHARE = 0.5  # share of the images held out to score a fitted loss
+HOLDOUT_COLUMNS = [
+    "metric", "fitted_on_images", "scored_images", "n_trials", "score_2afc", "ci_low",
+    "ci_high", "human_ceiling", "interval",
+]  # fmt: skip
+
+
+def held_out_groups(groups, share: float, seed: int = 0) -> np.ndarray:
+    """The seeded split rule of ``fit_holdout`` (and of ``split_by_group`` in
+    ``generation.calibration.judgments``): of the distinct ``groups`` (image ids, sorted),
+    ``round(share × G)`` — at least 1, at most G − 1 — drawn by a permutation seeded with
+    ``seed`` are held out. Returns the held-out ids, sorted. ``share`` in (0, 1)."""
+    if not 0 < share < 1:
+        raise ValueError(f"validation share must be in (0, 1), got {share}")
+    groups = np.unique(np.asarray(groups).astype(str))
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n_held = min(len(groups) - 1, max(1, round(share * len(groups))))
+    return np.sort(groups[order[:n_held]])
+
+
+def holdout_scores(
+    main: pd.DataFrame, distances: pd.DataFrame, images, alpha: float = 0.05
+) -> pd.DataFrame:
+    """2AFC score of each metric in ``distances`` (metric, image_id, condition, distance)
+    on the votes for ``images`` only (the held-out half of ``fit_holdout``): main trials
+    of participants not excluded, the share of votes for the condition the metric prefers
+    (ties ½), with the interval of ``metric_agreement`` — ``clustered.two_way_rate`` of
+    the per-vote agreements, participants and images random (participants only with
+    fewer than 5 images). Rows in the order of ``distances``; columns: metric, n_trials,
+    score_2afc, ci_low, ci_high, human_ceiling, interval."""
+    from analysis.pairs import included_main_trials
+
+    votes = included_main_trials(main)
+    votes = votes[votes["image_id"].astype(str).isin(set(np.asarray(images).astype(str)))]
+    table = metric_agreement(votes, distances, alpha=alpha).set_index("metric")
+    order = list(dict.fromkeys(distances["metric"]))
+    columns = ["n_trials", "score_2afc", "ci_low", "ci_high", "human_ceiling", "interval"]
+    return table.loc[order, columns].reset_index()
 
 
 def fit_holdout(
@@ -252,7 +290,6 @@ def fit_holdout(
     set_dir: str | Path,
     losses: tuple[str, ...],
     seed: int = 0,
-    n_boot: int = 1000,
     alpha: float = 0.05,
     progress: bool = False,
 ) -> pd.DataFrame:
@@ -261,50 +298,59 @@ def fit_holdout(
 
     Within the fitting half, a fifth of the images decides early stopping. Rows per loss:
     the fitted and the unfitted loss, plus L2 and SSIM, all scored on the same held-out
-    images (vote-weighted 2AFC score, bootstrap interval over images). Columns: metric,
-    fitted_on_images, scored_images, n_trials, score_2afc, ci_low, ci_high, human_ceiling.
+    images (``holdout_scores``: the share of the held-out votes that agree with the
+    metric, with a two-way interval, participants and images random). Columns: metric,
+    fitted_on_images, scored_images, n_trials, score_2afc, ci_low, ci_high,
+    human_ceiling, interval.
     """
-    from analysis.intervals import group_bootstrap
     from generation.calibration.fit import FitSettings, fit_loss
     from generation.calibration.judgments import (
         export_cells,
-        human_ceiling,
-        score_2afc,
         split_by_group,
         triplet_distances,
         triplets_from_cells,
     )
     from generation.losses import build_loss
 
-    triplets = triplets_from_cells(export_cells(main), stimulus_table(set_dir))
+    cells = export_cells(main)
+    triplets = triplets_from_cells(cells, stimulus_table(set_dir))
     if triplets.n_groups < 4:
         raise ValueError(
             f"--fit-holdout needs at least 4 images with votes (2 to fit, 2 to score); "
             f"these responses have {triplets.n_groups}"
         )
-    fit_half, scored = split_by_group(triplets, 0.5, seed)
+    fit_half, scored = split_by_group(triplets, HOLDOUT_SHARE, seed)
     train, stop = split_by_group(fit_half, 0.2, seed)
-    ceiling = float((human_ceiling(scored.fraction) * scored.weight).sum() / scored.weight.sum())
+    held = np.unique(scored.group.astype(str))
+    # the scored triplets are these cells, in this order (one triplet per cell)
+    scored_cells = cells[cells["image_id"].astype(str).isin(set(held))]
 
-    def row(name: str, module) -> dict:
+    def distances(name: str, module) -> pd.DataFrame:
+        """``module``'s distance of each held-out (image, condition) stimulus."""
         d0, d1 = triplet_distances(module, scored)
-        scores = score_2afc(d0, d1, scored.fraction)
-        interval = group_bootstrap(scores, scored.weight, scored.group, n_boot, seed, alpha)
-        return {
-            "metric": name,
-            "fitted_on_images": fit_half.n_groups,
-            "scored_images": scored.n_groups,
-            "n_trials": int(scored.weight.sum()),
-            "score_2afc": interval["mean"],
-            "ci_low": interval["ci_low"],
-            "ci_high": interval["ci_high"],
-            "human_ceiling": ceiling,
-        }
+        frame = pd.concat(
+            [
+                pd.DataFrame(
+                    {
+                        "metric": name,
+                        "image_id": scored_cells["image_id"].astype(str).to_numpy(),
+                        "condition": scored_cells[column].to_numpy(),
+                        "distance": d,
+                    }
+                )
+                for column, d in (("condition_a", d0), ("condition_b", d1))
+            ],
+            ignore_index=True,
+        )
+        return frame.drop_duplicates(["image_id", "condition"])
 
-    rows = []
+    frames = []
     for loss in losses:
         result = fit_loss(build_loss(loss), train, stop, FitSettings(seed=seed), progress=progress)
-        rows.append(row(f"{loss} (fitted on the other half)", result.module))
-        rows.append(row(f"{loss} (unfitted)", build_loss(loss)))
-    rows.extend(row(name, build_loss(name)) for name in HOLDOUT_BASELINES)
-    return pd.DataFrame(rows)
+        frames.append(distances(f"{loss} (fitted on the other half)", result.module))
+        frames.append(distances(f"{loss} (unfitted)", build_loss(loss)))
+    frames.extend(distances(name, build_loss(name)) for name in HOLDOUT_BASELINES)
+    table = holdout_scores(main, pd.concat(frames, ignore_index=True), held, alpha)
+    table.insert(1, "fitted_on_images", fit_half.n_groups)
+    table.insert(2, "scored_images", scored.n_groups)
+    return table[HOLDOUT_COLUMNS]

@@ -43,6 +43,15 @@ def main_trials(responses: pd.DataFrame) -> pd.DataFrame:
     return responses[responses["trial_kind"].astype(str) == "main"]
 
 
+def included_main_trials(responses: pd.DataFrame) -> pd.DataFrame:
+    """Main trials of participants not excluded (column ``participant_excluded``, when
+    the export has it): the votes a fitted loss and its held-out score use."""
+    main = main_trials(responses)
+    if "participant_excluded" in main.columns:
+        main = main[~main["participant_excluded"].astype(bool)]
+    return main
+
+
 def ordered_pairs(responses: pd.DataFrame) -> pd.DataFrame:
     """Each trial as an unordered pair: columns condition_a < condition_b, win_a (0/1).
 

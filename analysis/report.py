@@ -606,10 +606,9 @@ def run_analysis(loaded: LoadedResponses, options: AnalysisOptions | None = None
                 main,
                 options.stimuli,
                 options.fit_holdout,
-                options.seed,
-                options.n_boot,
-                options.alpha,
-                options.progress,
+                seed=options.seed,
+                alpha=options.alpha,
+                progress=options.progress,
             )
     figures = {
         "preference_matrix": plots.preference_matrix_figure(

@@ -412,7 +412,10 @@ REPORT_SECTIONS: tuple[Section, ...] = (
             TableEntry(
                 "metric_holdout",
                 "Fitted losses (--fit-holdout): each fitted on the votes for half of "
-                "the images and scored on the other half, beside the unfitted loss.",
+                "the images and scored on the other half, beside the unfitted loss; "
+                "the score's {level} interval counts participants and images as random "
+                "(two-way cluster-robust variance of the per-vote agreement on the "
+                "held-out images, Student t; column interval).",
             ),
             TableEntry("metric_status", "The metrics asked for, and whether each was computed."),
             TableEntry(
@@ -439,8 +442,9 @@ REPORT_SECTIONS: tuple[Section, ...] = (
                 "{n_kept} kept participants; each condition shown before or after its "
                 "reference; the identical pair is the reference twice, the catch trials' "
                 "false-alarm rate), with its {level} interval counting participants and "
-                "images as random (two-way cluster-robust variance, Satterthwaite df; "
-                "participants only with fewer than 5 images).",
+                "images as random (two-way cluster-robust variance, the participants' and "
+                "images' shares pooled over the conditions, Student t; participants only "
+                "with fewer than 5 images; column interval).",
                 JND_RATE_COLUMNS,
             ),
             TableEntry(

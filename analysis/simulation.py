@@ -14,6 +14,15 @@ import pandas as pd
 JOD_SIGMA = 1.4826  # pwcmp: P(i > j) = Phi((q_i - q_j) / 1.4826), 1 JOD = 75 %
 
 
+def _labels(n_participants: int, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Participant ids p0, p1, … and image ids img0, img1, … zero-padded to one width."""
+    width = len(str(max(n_participants - 1, 0)))
+    image_width = len(str(max(n_images - 1, 0)))
+    participant_ids = np.array([f"p{i:0{width}d}" for i in range(n_participants)], dtype=object)
+    image_ids = np.array([f"img{i:0{image_width}d}" for i in range(n_images)], dtype=object)
+    return participant_ids, image_ids
+
+
 def simulate_responses(
     qualities: Mapping[str, float],
     n_participants: int = 20,
@@ -80,10 +89,7 @@ def simulate_responses(
     )
     presented = start + (trial_index * 4000).astype("timedelta64[ms]")
     answered = presented + rt.astype("int64").astype("timedelta64[ms]")
-    width = len(str(max(n_participants - 1, 0)))
-    image_width = len(str(max(n_images - 1, 0)))
-    participant_ids = np.array([f"p{i:0{width}d}" for i in range(n_participants)], dtype=object)
-    image_ids = np.array([f"img{i:0{image_width}d}" for i in range(n_images)], dtype=object)
+    participant_ids, image_ids = _labels(n_participants, n_images)
     return pd.DataFrame(
         {
             "study": study,
@@ -209,3 +215,85 @@ def population_scale(
     for (a, b), rate in zip(ordered, rates, strict=True):
         wins[index[a], index[b]] = 1000.0 * rate
     return fit_scale(wins, fit_model, 0.0, tol=1e-12)
+
+
+def simulate_jnd_responses(
+    visibility: Mapping[str, float],
+    n_participants: int = 20,
+    n_images: int = 10,
+    trials_per_participant: int = 60,
+    *,
+    identical: float | None = None,
+    observer_sd: float = 0.0,
+    image_sd: float = 0.0,
+    shared: bool = True,
+    seed: int = 0,
+    study: str = "simulated-jnd",
+) -> pd.DataFrame:
+    """Simulate a JND ("same or different?") study; returns the export columns the JND
+    analysis reads (``analysis.jnd.jnd_trials``): one row per answer.
+
+    ``visibility``: condition -> how visible its difference from the reference is, in JOD
+    (P("different") = Phi((v_c + u_p + w_m) / 1.4826): 0 → answered "different" half of
+    the time). ``identical``: the same for the reference shown twice (catch trials, the
+    false alarms; e.g. -2.5), drawn like a condition; None: no catch trials. Random
+    effects, crossed, shared by all conditions: a participant's criterion u_p ~ N(0,
+    observer_sd²) (some say "different" more readily) and an image's masking w_m ~ N(0,
+    image_sd²) (artefacts show more on some images); with ``shared=False`` each condition
+    (and the identical pair) has its own, independent draws instead, same SDs. Each trial
+    draws a condition (or the identical pair) and an image uniformly and shows the
+    reference first or second at random. ``true_jnd_rates`` gives the population rates
+    (the same either way)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    names = list(visibility)
+    levels = [visibility[c] for c in names]
+    if identical is not None:
+        names.append(None)
+        levels.append(identical)
+    if not names:
+        raise ValueError("need at least one condition")
+    total = n_participants * trials_per_participant
+    participant = np.repeat(np.arange(n_participants), trials_per_participant)
+    trial_index = np.tile(np.arange(trials_per_participant), n_participants)
+    image = rng.integers(0, n_images, total)
+    drawn = rng.integers(0, len(names), total)
+    latent = np.asarray(levels, dtype=float)[drawn]
+    columns = 1 if shared else len(names)
+    column = np.zeros(total, dtype=np.int64) if shared else drawn
+    latent = latent + rng.normal(0.0, observer_sd, (n_participants, columns))[participant, column]
+    latent = latent + rng.normal(0.0, image_sd, (n_images, columns))[image, column]
+    different = rng.random(total) < stats.norm.cdf(latent / JOD_SIGMA)
+    reference_first = rng.random(total) < 0.5
+    shown = np.array(["reference" if c is None else c for c in names], dtype=object)[drawn]
+    catch = np.array([c is None for c in names])[drawn]
+    participant_ids, image_ids = _labels(n_participants, n_images)
+    return pd.DataFrame(
+        {
+            "study": study,
+            "participant": participant_ids[participant],
+            "trial_index": trial_index.astype(np.int64),
+            "trial_kind": np.where(catch, "catch", "main"),
+            "task": "jnd",
+            "image_id": image_ids[image],
+            "condition_left": np.where(reference_first, "reference", shown),
+            "condition_right": np.where(reference_first, shown, "reference"),
+            "jnd_answer": np.where(different, "different", "same"),
+            "participant_status": "completed",
+            "participant_excluded": False,
+        }
+    )
+
+
+def true_jnd_rates(
+    visibility: Mapping[str, float], *, observer_sd: float = 0.0, image_sd: float = 0.0
+) -> dict[str, float]:
+    """Population share of "different" per condition of ``simulate_jnd_responses`` (same
+    keys as ``visibility``; pass the identical pair's visibility under any key): the
+    average over participants and images, Phi(v / sqrt(1.4826² + observer_sd² +
+    image_sd²)) — random effects pull the shares towards ½."""
+    from scipy import stats
+
+    scale = np.sqrt(JOD_SIGMA**2 + float(observer_sd) ** 2 + float(image_sd) ** 2)
+    return {c: float(stats.norm.cdf(v / scale)) for c, v in visibility.items()}

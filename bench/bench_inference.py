@@ -370,14 +370,11 @@ def metric_truth(qualities: dict[str, float], model: str, tau2: float, metric_sd
     return float(np.mean(metric * human + (1 - metric) * (1 - human)))
 
 
-def metric_producer(study: Study) -> list[Measure]:
-    """``metrics.metric_agreement`` (the report's metric-vs-human table) with simulated
-    metrics: distance(image, condition) = -quality + e, e ~ N(0, sd^2) drawn per study for
-    each sd in ``METRIC_SDS``, so a metric is right more often on larger differences and
-    its errors vary from image to image. Truth: ``metric_truth`` (participants and images
-    as samples). Also the old percentile bootstrap over images, for comparison."""
-    from analysis.metrics import metric_agreement
-
+def simulated_metrics(study: Study) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Simulated metrics for ``study``: distance(image, condition) = -quality + e,
+    e ~ N(0, sd^2) drawn per study for each sd in ``METRIC_SDS``, so a metric is right
+    more often on larger differences and its errors vary from image to image. Returns
+    (distances: metric, image_id, condition, distance; metric -> ``metric_truth``)."""
     rng = np.random.default_rng([study.seed, 17])
     images = sorted(study.main["image_id"].astype(str).unique())
     names = list(study.qualities)
@@ -397,7 +394,16 @@ def metric_producer(study: Study) -> list[Measure]:
         )
         tau2 = study.observer_sd**2 + study.image_sd**2
         truth[f"sd{sd}"] = metric_truth(study.qualities, study.model, tau2, sd)
-    distances = pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), truth
+
+
+def metric_producer(study: Study) -> list[Measure]:
+    """``metrics.metric_agreement`` (the report's metric-vs-human table) with the
+    ``simulated_metrics``. Truth: ``metric_truth`` (participants and images as samples).
+    Also the old percentile bootstrap over images, for comparison."""
+    from analysis.metrics import metric_agreement
+
+    distances, truth = simulated_metrics(study)
     out = []
     for interval, label, role in (
         ("two-way", "", INFERENTIAL),
@@ -417,6 +423,143 @@ def metric_producer(study: Study) -> list[Measure]:
     return out
 
 
+def holdout_producer(study: Study) -> list[Measure]:
+    """The interval of ``metrics.fit_holdout`` (table metric_holdout): the fit itself is
+    slow and does not change what the interval must cover, so the ``simulated_metrics``
+    stand in for the fitted loss and are scored by ``metrics.holdout_scores`` (the
+    function fit_holdout calls) on the images held out by its split rule
+    (``metrics.held_out_groups``, share ½, seeded with the study's seed): 5 of the 10
+    images. Truth: ``metric_truth``. Also the interval it replaced, a percentile
+    bootstrap over the held-out images of vote-weighted (image, pair) cell scores."""
+    from analysis.intervals import group_bootstrap
+    from analysis.metrics import HOLDOUT_SHARE, held_out_groups, holdout_scores
+    from analysis.pairs import ordered_pairs
+
+    distances, truth = simulated_metrics(study)
+    held = held_out_groups(study.main["image_id"].astype(str), HOLDOUT_SHARE, study.seed)
+    table = holdout_scores(study.main, distances, held, ALPHA)
+    expected = table["metric"].map(truth).to_numpy(dtype=float)
+    out = [
+        Measure(
+            "holdout_score: 2AFC score interval on held-out images",
+            INFERENTIAL,
+            covered=_covers(table["ci_low"], table["ci_high"], expected),
+        )
+    ]
+    main = study.main[study.main["image_id"].astype(str).isin(set(held))]
+    pairs = ordered_pairs(main)
+    cells = (
+        pd.DataFrame(
+            {
+                "image_id": main["image_id"].astype(str).to_numpy(),
+                "condition_a": pairs["condition_a"].to_numpy(),
+                "condition_b": pairs["condition_b"].to_numpy(),
+                "win_a": pairs["win_a"].to_numpy(dtype=float),
+            }
+        )
+        .groupby(["image_id", "condition_a", "condition_b"], sort=True)["win_a"]
+        .agg(n="size", rate="mean")
+        .reset_index()
+    )
+    low, high, metrics = [], [], []
+    for metric, dist in distances.groupby("metric", sort=False):
+        lookup = dist.set_index(["image_id", "condition"])["distance"]
+        da, db = (
+            lookup.reindex(pd.MultiIndex.from_arrays([cells["image_id"], cells[c]])).to_numpy()
+            for c in ("condition_a", "condition_b")
+        )
+        rate = cells["rate"].to_numpy()
+        score = np.where(da < db, rate, np.where(da > db, 1 - rate, 0.5))
+        boot = group_bootstrap(
+            score, cells["n"].to_numpy(), cells["image_id"], study.n_boot, study.seed, ALPHA
+        )
+        low.append(boot["ci_low"])
+        high.append(boot["ci_high"])
+        metrics.append(truth[metric])
+    out.append(
+        Measure(
+            "holdout_score: 2AFC score interval on held-out images [images bootstrap]",
+            "old method (not in the report)",
+            covered=_covers(low, high, metrics),
+        )
+    )
+    return out
+
+
+JND_CONDITIONS = ("q1", "q2", "q3", "q4")
+JND_DETAIL = "detail: one interval per study (MC error ~0.015 at 200 studies)"
+JND_VISIBILITY = {  # truth -> (visibility of q1..q4, of the identical pair), JOD
+    "null": ((-1.5,) * 4, -1.5),  # nothing more visible than the reference itself
+    "effects": ((-1.5, -0.5, 0.5, 1.5), -2.5),
+}
+
+
+def jnd_producer(study: Study) -> list[Measure]:
+    """The JND report's table jnd_rates (``jnd.different_rates``: the share of
+    "different" per condition, catch trials as the identical pair) on a JND study
+    simulated with the study's scenario (``simulation.simulate_jnd_responses``: the same
+    participants x images x trials, four conditions and the identical pair drawn
+    uniformly; a participant's criterion varies with SD ``observer_sd``, an image's
+    masking with SD ``image_sd``, both shared by the conditions). Truth:
+    ``simulation.true_jnd_rates``. Coverage over the five rows of a study, and of the
+    identical pair's (false-alarm) row alone; also each condition's own two-way interval,
+    the rule before the shares were pooled over the conditions, and a Wilson interval that
+    treats the answers as independent (to show the clustering matters). The JND report
+    makes no corrected test."""
+    from analysis.clustered import two_way_rate
+    from analysis.intervals import wilson_interval
+    from analysis.jnd import IDENTICAL, different_rates, jnd_trials
+    from analysis.simulation import simulate_jnd_responses, true_jnd_rates
+
+    levels, identical = JND_VISIBILITY[study.truth]
+    visibility = dict(zip(JND_CONDITIONS, levels, strict=True))
+    responses = simulate_jnd_responses(
+        visibility,
+        PARTICIPANTS,
+        IMAGES,
+        TRIALS,
+        identical=identical,
+        observer_sd=study.observer_sd,
+        image_sd=study.image_sd,
+        seed=int(np.random.SeedSequence([study.seed, 29]).generate_state(1)[0]),
+    )
+    truth = true_jnd_rates(
+        {**visibility, IDENTICAL: identical},
+        observer_sd=study.observer_sd,
+        image_sd=study.image_sd,
+    )
+    trials = jnd_trials(responses)
+    table = different_rates(trials, LEVEL)
+    expected = table["condition"].map(truth).to_numpy(dtype=float)
+    catch = (table["condition"] == IDENTICAL).to_numpy()
+    own = [  # each condition's own two-way interval, the rule before the pooled shares
+        two_way_rate(g["different"].to_numpy(float), g["participant"], g["image_id"], LEVEL)
+        for _, g in trials.groupby("condition", sort=True)
+    ]
+    wilson = wilson_interval(table["n_different"], table["n"], ALPHA)
+    out = []
+    for low, high, label, role in (
+        (table["ci_low"], table["ci_high"], "", INFERENTIAL),
+        (
+            [r["ci_low"] for r in own],
+            [r["ci_high"] for r in own],
+            " [own two-way]",
+            "old method (not in the report)",
+        ),
+        (*wilson, " [Wilson]", "comparison: answers as independent (not in the report)"),
+    ):
+        covered = _covers(low, high, expected)
+        out += [
+            Measure(f'jnd_rates: "different" interval{label}', role, covered),
+            Measure(
+                f'jnd_rates: "different" interval, identical pair only{label}',
+                JND_DETAIL if role == INFERENTIAL else role,
+                covered[catch],
+            ),
+        ]
+    return out
+
+
 def registry(intervals: list[str], with_mixed: bool = False) -> dict[str, Callable]:
     """Producer name -> function(Study) -> list[Measure]."""
     out: dict[str, Callable] = {}
@@ -430,6 +573,8 @@ def registry(intervals: list[str], with_mixed: bool = False) -> dict[str, Callab
     out["cluster_bootstrap"] = cluster_bootstrap_producer
     out["per_participant_tests"] = per_participant_producer
     out["metric_agreement"] = metric_producer
+    out["holdout_score"] = holdout_producer
+    out["jnd_rates"] = jnd_producer
     if importlib.util.find_spec("analysis.glmm") is not None:
         out["glmm"] = glmm_producer
     if with_mixed:

@@ -9,7 +9,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from analysis.metrics import fitted_metric_name, metric_agreement, metric_distances
+from analysis.clustered import two_way_rate
+from analysis.metrics import (
+    fit_holdout,
+    fitted_metric_name,
+    held_out_groups,
+    metric_agreement,
+    metric_distances,
+)
 from analysis.simulation import simulate_responses
 from generation.losses import build_loss
 from generation.losses.fitted import save_fitted
@@ -105,6 +112,8 @@ def test_analyze_with_loss_weights_and_fit_holdout(tmp_path, fitted_file):
     assert (holdout["fitted_on_images"] + holdout["scored_images"] == 8).all()
     assert holdout["score_2afc"].between(0, 1).all()
     assert (holdout["ci_low"] <= holdout["score_2afc"]).all()
+    # 4 held-out images: too few for an image variance, and the interval says so
+    assert holdout["interval"].str.contains("fewer than 5 images").all()
     assert "metric_holdout" in (tmp_path / "out" / "report.html").read_text()
     result = runner.invoke(main, [*args, "--loss-weights", str(fitted_file)])
     assert result.exit_code == 2 and "needs --stimuli" in result.output
@@ -112,3 +121,57 @@ def test_analyze_with_loss_weights_and_fit_holdout(tmp_path, fitted_file):
     torch.save({"x": torch.zeros(1)}, other)
     result = runner.invoke(main, [*args, "--stimuli", str(root), "--loss-weights", str(other)])
     assert result.exit_code == 2 and "not a fitted-loss file" in result.output
+
+
+def _held_out_agreement(votes, root, seed):
+    """Per held-out vote: participant, image and whether it chose the image with the
+    smaller L2 distance (from ``metric_distances``, not the fit's triplet code)."""
+    images = sorted(votes["image_id"].unique())
+    held = held_out_groups(images, 0.5, seed)
+    # the split rule itself: a seeded permutation of the sorted ids, the first half held
+    order = np.random.default_rng(seed).permutation(len(images))
+    assert list(held) == sorted(np.array(images)[order[: len(images) // 2]])
+    distances, _ = metric_distances(root, ["l2"])
+    lookup = distances.set_index(["image_id", "condition"])["distance"]
+    scored = votes[votes["image_id"].isin(held)]
+    d_left, d_right = (
+        lookup.loc[list(zip(scored["image_id"], scored[side], strict=True))].to_numpy()
+        for side in ("condition_left", "condition_right")
+    )
+    preferred = np.where(d_left < d_right, scored["condition_left"], scored["condition_right"])
+    agree = (preferred == scored["chosen_condition"]).to_numpy(dtype=float)
+    return scored, agree
+
+
+def test_fit_holdout_scores_the_held_out_votes_with_participants_and_images_random(tmp_path):
+    """The held-out 2AFC score and its interval equal ``two_way_rate`` of the per-vote
+    agreement computed here; with participants who disagree among themselves (one half
+    prefers the noisier image) the interval is well wider than a vote-level binomial one,
+    which the old bootstrap over images did not see (baselines only: no fitting, fast)."""
+    root = write_stimulus_set(
+        tmp_path / "set", n_images=10, conditions=("l1", "l2", "ssim"), size=16
+    )
+    votes = simulate_responses(
+        {"l1": 0.0, "l2": 0.0, "ssim": 0.0}, 16, 10, 40, observer_sd=3.0, seed=6, model="bt"
+    )
+    votes["image_id"] = votes["image_id"].str.replace("img", "img00")
+    table = fit_holdout(votes, root, (), seed=2).set_index("metric")
+    assert list(table.index) == ["l2", "ssim"]
+    scored, agree = _held_out_agreement(votes, root, seed=2)
+    expected = two_way_rate(agree, scored["participant"], scored["image_id"])
+    row = table.loc["l2"]
+    assert row["n_trials"] == len(agree)
+    assert (row["fitted_on_images"], row["scored_images"]) == (5, 5)
+    assert row["score_2afc"] == pytest.approx(agree.mean())
+    assert row["ci_low"] == pytest.approx(expected["ci_low"], rel=1e-12)
+    assert row["ci_high"] == pytest.approx(expected["ci_high"], rel=1e-12)
+    assert row["interval"] == expected["interval"]
+    binomial = 2 * 1.96 * np.sqrt(agree.mean() * (1 - agree.mean()) / len(agree))
+    assert row["ci_high"] - row["ci_low"] > 1.5 * binomial
+    # without participant effects the same study's interval is close to the binomial one
+    calm = simulate_responses({"l1": 0.0, "l2": 0.0, "ssim": 0.0}, 16, 10, 40, seed=6, model="bt")
+    calm["image_id"] = calm["image_id"].str.replace("img", "img00")
+    row = fit_holdout(calm, root, (), seed=2).set_index("metric").loc["l2"]
+    scored, agree = _held_out_agreement(calm, root, seed=2)
+    binomial = 2 * 1.96 * np.sqrt(agree.mean() * (1 - agree.mean()) / len(agree))
+    assert row["ci_high"] - row["ci_low"] < 1.3 * binomial

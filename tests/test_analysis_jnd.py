@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import optimize, special
+from scipy import optimize, special, stats
 
 from analysis.jnd import (
     IDENTICAL,
@@ -216,3 +216,78 @@ def test_exposure_accuracy_counts_trials_within_one_frame_of_the_request():
     assert phases.loc["interval", "within_one_frame"] == pytest.approx(0.5)
     assert phases.loc["second image", "within_one_frame"] == 1.0
     assert exposure_accuracy(frame.iloc[4:]).empty
+
+
+def _one_way_variance(y, groups) -> tuple[float, int]:
+    """statsmodels' cluster-robust variance of the mean of ``y`` without its small-sample
+    factor, times G / (G - 1); and G."""
+    import statsmodels.api as sm
+
+    codes = pd.factorize(pd.Series(groups).astype(str))[0]
+    fit = sm.OLS(y, np.ones((len(y), 1))).fit(
+        cov_type="cluster", cov_kwds={"groups": codes, "use_correction": False}
+    )
+    g = int(codes.max()) + 1
+    return float(fit.cov_params()[0, 0]) * g / (g - 1), g
+
+
+def test_different_rates_pool_the_variance_shares_over_the_conditions():
+    """Every condition (and the identical pair) of one JND study is answered by the same
+    participants on the same images, so the participants' and images' shares of the
+    variance, r = V_factor / V_cells - 1 from statsmodels' one-way sandwiches, are
+    averaged over the conditions (vote-weighted) and each condition gets V_cells (1 +
+    r_p + r_i), Student t with G - 1 df (G the fewer levels of the factors with a
+    positive share)."""
+    from analysis.clustered import pooled_rate_method
+    from analysis.simulation import simulate_jnd_responses
+
+    visibility = {"q1": -1.0, "q2": 0.0, "q3": 1.0}
+    answers = simulate_jnd_responses(
+        visibility, 20, 10, 60, identical=-2.0, observer_sd=0.8, image_sd=0.5, seed=4
+    )
+    trials = jnd_trials(answers)
+    rates = different_rates(trials).set_index("condition")
+    parts, sizes = {}, {}
+    for condition, group in trials.groupby("condition"):
+        y = group["different"].to_numpy(dtype=float)
+        cells = group["participant"] + "/" + group["image_id"]
+        parts[condition] = {
+            k: _one_way_variance(y, g)
+            for k, g in (("p", group["participant"]), ("i", group["image_id"]), ("c", cells))
+        }
+        sizes[condition] = len(y)
+    weights = np.array([sizes[c] for c in parts], dtype=float)
+    shares = {
+        k: np.average([v[k][0] / v["c"][0] - 1 for v in parts.values()], weights=weights)
+        for k in ("p", "i")
+    }
+    assert shares["p"] > 0 and shares["i"] > 0  # criterion and masking effects were simulated
+    assert set(rates.index) == {"q1", "q2", "q3", IDENTICAL}
+    for condition, row in rates.iterrows():
+        assert row["interval"] == pooled_rate_method("conditions")
+        expected = parts[condition]["c"][0] * (1 + shares["p"] + shares["i"])
+        assert row["se"] ** 2 == pytest.approx(expected, rel=1e-10)
+        assert row["df"] == 10 - 1  # images: the fewer levels
+        half = stats.t.isf(0.025, 9) * row["se"]
+        assert row["ci_low"] == pytest.approx(max(row["rate_different"] - half, 0.0))
+        assert row["ci_high"] == pytest.approx(min(row["rate_different"] + half, 1.0))
+
+
+def test_simulated_jnd_shares_converge_to_the_population_rates():
+    """``simulate_jnd_responses`` with many participants and images: the share of
+    "different" per condition is within 4 standard errors of ``true_jnd_rates`` (random effects pull it
+    towards 1/2), and the identical pair's rows are catch trials."""
+    from analysis.simulation import simulate_jnd_responses, true_jnd_rates
+
+    visibility = {"q1": -1.5, "q2": 0.5, "q3": 1.5}
+    answers = simulate_jnd_responses(
+        visibility, 600, 300, 50, identical=-2.5, observer_sd=0.5, image_sd=0.4, seed=8
+    )
+    assert set(answers.loc[answers["trial_kind"] == "catch", "condition_left"]) == {"reference"}
+    rates = different_rates(jnd_trials(answers)).set_index("condition")
+    truth = true_jnd_rates({**visibility, IDENTICAL: -2.5}, observer_sd=0.5, image_sd=0.4)
+    for condition, rate in truth.items():
+        row = rates.loc[condition]
+        assert abs(row["rate_different"] - rate) < 4 * row["se"] < 0.04, condition
+    no_effects = true_jnd_rates(visibility)
+    assert no_effects["q1"] < truth["q1"] and no_effects["q3"] > truth["q3"]

@@ -226,3 +226,54 @@ def test_bench_pair_heterogeneity_scores_the_three_rules():
     )
     assert done.returncode == 2 and "--studies must be >= 1" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_bench_agreement_null_takes_apart_the_harness_intervals():
+    """The metric-agreement diagnostics run on the harness's own studies: their coverage
+    column equals ``bench_inference.py``'s for the same seeds; a bad argument is a usage
+    error."""
+    import importlib.util
+
+    output = run_script("bench/bench_agreement_null.py", "--studies", "3")
+    rows = {
+        tuple(cells[:2]): cells
+        for cells in (
+            [c.strip() for c in line.strip().strip("|").split("|")]
+            for line in output.splitlines()
+            if line.startswith("| null |") or line.startswith("| effects |")
+        )
+    }
+    assert len(rows) == 8, output
+    spec = importlib.util.spec_from_file_location(
+        "bench_inference", REPO / "bench" / "bench_inference.py"
+    )
+    harness = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_inference", harness)
+    spec.loader.exec_module(harness)
+    table, _ = harness.run_harness(3, n_boot=10, outputs=("metric_agreement",))
+    table = table[table["output"] == "metric_agreement: 2AFC score interval"]
+    for row in table.itertuples():
+        assert float(rows[(row.truth, row.scenario)][2]) == pytest.approx(row.value, abs=5e-4)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_agreement_null.py"), "--studies", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "--studies must be >= 2" in done.stderr
+
+
+def test_bench_jnd_heterogeneity_scores_both_rules_per_design():
+    """The JND heterogeneity benchmark runs and prints the report's and the own rule's
+    coverage for every design and condition; the wild condition keeps its own variance."""
+    output = run_script("bench/bench_jnd_heterogeneity.py", "--studies", "3")
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in output.splitlines()
+        if re.match(r"^\| (specific|one wild)", line)
+    ]
+    assert len(rows) == 3 * 6, output
+    for cells in rows:
+        assert all(0 <= float(v) <= 1 for v in cells[2:]), cells
+    wild = [c for c in rows if c[0].startswith("one wild") and c[1] == "q2"]
+    assert float(wild[0][4]) > 0.5, output

@@ -358,11 +358,9 @@ def load_csv(path: str | Path) -> Triplets:
 def export_cells(responses: pd.DataFrame) -> pd.DataFrame:
     """Vote counts per (image_id, condition_a < condition_b) over main trials of participants
     not excluded: image_id, condition_a, condition_b, n, wins_b, fraction_b."""
-    from analysis.pairs import main_trials, ordered_pairs
+    from analysis.pairs import included_main_trials, ordered_pairs
 
-    main = main_trials(responses)
-    if "participant_excluded" in main.columns:
-        main = main[~main["participant_excluded"].astype(bool)]
+    main = included_main_trials(responses)
     pairs = ordered_pairs(main)
     cells = pd.DataFrame(
         {
@@ -455,15 +453,13 @@ def split_by_group(
 ) -> tuple[Triplets, Triplets]:
     """Seeded train/validation split by reference image (``group``): no reference is in
     both. ``validation``: share of references held out, in (0, 1); at least one each side."""
-    if not 0 < validation < 1:
-        raise ValueError(f"validation share must be in (0, 1), got {validation}")
+    from analysis.metrics import held_out_groups
+
     groups = np.unique(triplets.group.astype(str))
     if len(groups) < 2:
         raise JudgmentsError(
             f"{len(groups)} reference image(s): a train/validation split by reference needs at least 2"
         )
-    order = np.random.default_rng(seed).permutation(len(groups))
-    n_val = min(len(groups) - 1, max(1, round(validation * len(groups))))
-    held = set(groups[order[:n_val]])
+    held = set(held_out_groups(groups, validation, seed))
     is_val = np.array([g in held for g in triplets.group.astype(str)])
     return triplets.subset(np.flatnonzero(~is_val)), triplets.subset(np.flatnonzero(is_val))
