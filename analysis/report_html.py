@@ -308,9 +308,10 @@ REPORT_SECTIONS: tuple[Section, ...] = (
                 "pair_tests_glmm",
                 "Primary per-pair test: logistic mixed model with "
                 "participants and images as crossed random effects. P(A chosen) is the "
-                "rate for a typical participant and image, with its {level} CI; Wald t "
-                "with Satterthwaite df; p Holm-adjusted over the {n_pairs} pairs. A pair "
-                "that could not be tested says why.",
+                "rate for a typical participant and image, with its {level} CI; random-effect "
+                "SDs pooled over the study's pairs, Wald t; p Holm-adjusted over the "
+                "{n_pairs} pairs. A pair that could not be tested, or that keeps its own "
+                "SDs, says why.",
                 GLMM_COLUMNS,
             ),
             TableEntry(
@@ -705,9 +706,11 @@ def _statistics_sentences(result: AnalysisResult, ctx: dict) -> list[str]:
     primary = (
         "The primary test of each pair is a logistic generalised linear mixed model with "
         "crossed random intercepts for participants and images (Baayen, Davidson & Bates, "
-        "2008), its random-effect variances estimated by restricted (REML) Laplace "
-        "likelihood, and a Wald t test of no preference with Satterthwaite (1946) degrees of "
-        "freedom"
+        "2008), its two random-effect variances estimated once for the study by restricted "
+        "(REML) Laplace likelihood summed over the pairs, and a Wald t test of no preference "
+        "whose degrees of freedom count each variance component with its levels minus one "
+        "(Satterthwaite, 1946); a pair whose own spread exceeds the study's keeps its own "
+        "variances"
         if "pair_tests_glmm" in result.tables
         else "The mixed model was not fitted (--no-mixed): the per-pair verdicts come from the "
         "two-way test of the share of votes described next"

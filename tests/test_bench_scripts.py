@@ -277,3 +277,26 @@ def test_bench_jnd_heterogeneity_scores_both_rules_per_design():
         assert all(0 <= float(v) <= 1 for v in cells[2:]), cells
     wild = [c for c in rows if c[0].startswith("one wild") and c[1] == "q2"]
     assert float(wild[0][4]) > 0.5, output
+
+
+def test_bench_glmm_pooled_prints_both_tests_and_refuses_bad_scenarios():
+    """The pooled-vs-own GLMM benchmark prints a row per scenario and test with rates in
+    [0, 1]; an unknown scenario is a usage error naming the valid ones."""
+    output = run_script(
+        "bench/bench_glmm_pooled.py", "--datasets", "2", "--jobs", "1", "--scenarios", "few-both"
+    )
+    rows = re.findall(r"^\| few-both \| (.+?) \| (.+) \|$", output, re.M)
+    assert [label for label, _ in rows] == [
+        "report: SDs pooled over the pairs",
+        "own SDs per pair",
+    ]
+    for _, cells in rows:
+        means = [float(cell.split(" ± ")[0]) for cell in cells.split(" | ")]
+        assert len(means) == 4 and all(0.0 <= m <= 1.0 for m in means)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_glmm_pooled.py"), "--scenarios", "nope"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "scenarios must be among" in done.stderr
+    assert "Traceback" not in done.stderr
