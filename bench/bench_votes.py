@@ -24,7 +24,9 @@ endpoints.
 timed), then all fetch at once, answer their batch (not timed) and fetch again, --rounds
 times (saturated: 100 fetches at once); then the same at a human pace (paced: a think
 time uniform in 0.5–1.5 × --think-s before each answer, starts spread over one think
-time; each participant fetches again when its batch is answered).
+time; each participant fetches again when its batch is answered); with --arrival-s S a
+third run (arrivals) has the same think time but participants arriving spread over S
+seconds, as in a crowd study, where the first two runs start everyone within a second.
 """
 
 from __future__ import annotations
@@ -286,7 +288,7 @@ def make_design_study(database_url: str, root: Path, design: str, conditions: in
 def _next_client(args: tuple) -> tuple[list[float], int]:
     """One client process: its participants in threads, each fetching (timed) and
     answering its trials (not timed) ``rounds`` times; (latencies ms, errors)."""
-    base, starts, rounds, start_at, think_s, seed = args
+    base, starts, rounds, start_at, think_s, arrival_s, seed = args
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -294,8 +296,8 @@ def _next_client(args: tuple) -> tuple[list[float], int]:
     def participant(headers: dict, rng: random.Random) -> None:
         session = requests.Session()
         mine = []
-        if think_s:
-            time.sleep(rng.uniform(0.0, think_s))
+        if arrival_s:
+            time.sleep(rng.uniform(0.0, arrival_s))
         for _ in range(rounds):
             t = time.perf_counter()
             response = session.post(f"{base}/api/v1/participant/trials/next", headers=headers,
@@ -324,9 +326,11 @@ def _next_client(args: tuple) -> tuple[list[float], int]:
 
 
 def next_load(base: str, slug: str, participants: int, rounds: int, think_s: float = 0.0,
-              tag: str = "next") -> dict:
+              tag: str = "next", arrival_s: float | None = None) -> dict:
     """``participants`` start (not timed), then fetch ``rounds`` times each: all at once
-    (``think_s`` 0) or answering at a human pace (think time 0.5–1.5 × ``think_s``)."""
+    (``think_s`` 0) or answering at a human pace (think time 0.5–1.5 × ``think_s``), the
+    first fetches spread uniformly over ``arrival_s`` seconds (default: one think time)."""
+    arrival_s = think_s if arrival_s is None else arrival_s
     starts = []
     for i in range(participants):
         start = requests.post(f"{base}/api/v1/studies/{slug}/participants",
@@ -335,8 +339,8 @@ def next_load(base: str, slug: str, participants: int, rounds: int, think_s: flo
     start_at = time.time() + 1.0
     chunks = [starts[i::CLIENT_PROCESSES] for i in range(CLIENT_PROCESSES)]
     with ProcessPoolExecutor(CLIENT_PROCESSES) as pool:
-        results = list(pool.map(_next_client, [(base, c, rounds, start_at, think_s, i)
-                                                for i, c in enumerate(chunks)]))
+        results = list(pool.map(_next_client, [(base, c, rounds, start_at, think_s, arrival_s,
+                                                 i) for i, c in enumerate(chunks)]))
     latencies = np.concatenate([np.array(r[0]) for r in results])
     return {"requests": len(latencies), "errors": sum(r[1] for r in results),
             "p50_ms": float(np.percentile(latencies, 50)),
@@ -346,22 +350,28 @@ def next_load(base: str, slug: str, participants: int, rounds: int, think_s: flo
 def next_latency(args, work: Path) -> None:
     """The trials/next run: balanced vs active, on each database (--next-latency)."""
     rows = []
-    runs = [("saturated", 0.0)] + ([("paced", args.think_s)] if args.think_s > 0 else [])
+    runs = [("saturated", 0.0, 0.0)]
+    if args.think_s > 0:
+        runs.append(("paced", args.think_s, args.think_s))
+        if args.arrival_s > 0:  # arrivals spread as in a crowd study: the steady state
+            runs.append(("arrivals", args.think_s, args.arrival_s))
     for database in args.databases.split(","):
         for design in ("balanced", "active"):
             with database_and_app(database, work / f"next-{design}.sqlite3",
                                   lambda url, d=design, db=database: make_design_study(
                                       url, work / f"set-{db}-{d}", d, args.conditions,
                                       args.images, 4 * args.rounds)) as (slug, base, _, _pid):
-                for run, think_s in runs:  # new participants each run, the same study
+                for run, think_s, arrival_s in runs:  # new participants each run
                     rows.append((database, design, run,
                                  next_load(base, slug, args.participants, args.rounds,
-                                           think_s, tag=run)))
+                                           think_s, tag=run, arrival_s=arrival_s)))
     items = args.images * args.conditions * (args.conditions - 1) // 2
     print(f"trials/next: {args.participants} concurrent participants × {args.rounds} fetches "
           f"of 4 trials (each batch answered, not timed); {args.conditions} conditions × "
           f"{args.images} images = {items} items; gunicorn gthread 2 workers × 4 threads; "
-          f"{os.cpu_count()} cores; paced: think {args.think_s:g} s ± 50% per trial")
+          f"{os.cpu_count()} cores; paced: think {args.think_s:g} s ± 50% per trial, first "
+          f"fetches within one think time; arrivals: the same think time, first fetches spread "
+          f"over {args.arrival_s:g} s")
     print(f"{'database':<10}{'design':<10}{'run':<10}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'errors':>8}")
     for database, design, run, r in rows:
@@ -385,6 +395,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500, help="--next-latency: images")
     parser.add_argument("--rounds", type=int, default=5,
                         help="--next-latency: fetches per participant")
+    parser.add_argument("--arrival-s", type=float, default=0.0,
+                        help="--next-latency: also a paced run whose participants arrive "
+                        "spread over this many seconds (0: skip it)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pstudy-bench-"))
     if args.next_latency:

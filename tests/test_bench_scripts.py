@@ -155,9 +155,9 @@ def test_bench_next_latency_prints_both_designs():
 def test_bench_votes_next_latency_prints_both_designs():
     output = run_script("bench/bench_votes.py", "--next-latency", "--databases", "sqlite",
                         "--conditions", "3", "--images", "2", "--participants", "4",
-                        "--rounds", "2", "--think-s", "0.05")
+                        "--rounds", "2", "--think-s", "0.05", "--arrival-s", "0.2")
     for design in ("balanced", "active"):
-        for run in ("saturated", "paced"):
+        for run in ("saturated", "paced", "arrivals"):
             assert re.search(rf"^sqlite\s+{design}\s+{run}\s+8\s+[\d.]+\s+[\d.]+\s+0$",
                              output, re.M), output
 
