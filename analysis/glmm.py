@@ -679,9 +679,9 @@ PAIR_TEST_METHOD = (
     "pooled SDs are 0); Holm over the pairs. A pair whose own REML fit has a variance more "
     "than 1.645 SEs above the pooled one keeps its own fit (Satterthwaite df, at least "
     "G - 1), and its reason says so. Measured in simulations with 10 to 20 participants "
-    "and 5 to 10 images, with and without participant and image effects: intervals cover "
-    "0.94-0.97 and the Holm family-wise error stays at or below 0.05 within Monte Carlo "
-    "error (docs/analysis.md, docs/benchmarks.md). log_odds_ml / se_ml: the pair's own "
+    "and 5 to 10 images, with and without participant and image effects, the intervals "
+    "covered 0.938-0.971 and the Holm family-wise error stayed at or below 0.05 within "
+    "Monte Carlo error (docs/analysis.md, docs/benchmarks.md). log_odds_ml / se_ml: the pair's own "
     "maximum-likelihood Laplace fit, i.e. lme4's glmer (estimates and SEs within 3 % of "
     "glmer's in the tests). A pair without a finite estimate has NaN and a reason."
 )
