@@ -55,6 +55,8 @@ def preference_matrix_figure(
     compared.
     """
     names, rate, low, high = preference_matrix(table)
+    # the bounds preference_matrix drew: the table's own interval (two-way in the report)
+    interval_label = "two-way interval" if "ci_low" in table else "Wilson interval"
     size = max(len(names), 1)
     fig = _new_figure(1.6 + 1.05 * size, 1.2 + 0.9 * size)
     ax = fig.add_subplot()
@@ -84,7 +86,7 @@ def preference_matrix_figure(
     ax.set_xlabel("column condition")
     ax.set_ylabel("row condition")
     ax.set_title(
-        f"P(row preferred over column)\n[Wilson interval]; * {mark_label} < {alpha:g}",
+        f"P(row preferred over column)\n[{interval_label}]; * {mark_label} < {alpha:g}",
         fontsize=10,
     )
     ax.set_facecolor("#dddddd")

@@ -135,7 +135,14 @@ def test_preference_matrix_is_antisymmetric_and_figure_renders():
     assert isinstance(fig, Figure)
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert len(texts) == 6 and any("*" in t for t in texts)
+    assert "[Wilson interval]" in fig.axes[0].get_title()
     assert figure_png(fig).startswith(b"\x89PNG")
+    # the report's table brings its own (two-way) bounds, and the title names them
+    from analysis.clustered import two_way_rate_tests
+
+    two_way = two_way_rate_tests(responses)
+    title = preference_matrix_figure(two_way).axes[0].get_title()
+    assert "[two-way interval]" in title and "Wilson" not in title
 
 
 def test_preference_matrix_figure_of_an_empty_table_says_so_without_warnings():
