@@ -343,6 +343,19 @@ RULE_SETTINGS = {
     "exposure_timing": ("max_exposure_miss_fraction",),
 }
 
+# rule name -> the words the report's sentences use for it
+RULE_LABELS = {
+    "catch_accuracy": "catch trials failed",
+    "fast_responses": "too many fast responses",
+    "side_bias": "always the same side",
+    "repeat_consistency": "inconsistent repeats",
+    "returned": "returned the study",
+    "not_completed": "did not complete",
+    "study_exclusion": "excluded in the study",
+    "outlier_score": "outlier (disagrees with the others)",
+    "exposure_timing": "exposures off by a frame too often",
+}
+
 
 def exclusion_rules_table(result: QCResult, sources: Mapping[str, str]) -> pd.DataFrame:
     """One row per rule: its settings, where they came from (the study, the command line
@@ -372,7 +385,9 @@ def exclusion_note(result: QCResult, sources: Mapping[str, str], study: str | No
     if overridden:
         origin += f", overridden on the command line: {', '.join(overridden)}"
     n_out = int(result.participants["excluded"].sum())
-    counts = ", ".join(f"{r.rule} {r.n_excluded}" for r in fired.itertuples()) or "none"
+    counts = ", ".join(
+        f"{RULE_LABELS.get(r.rule, r.rule)} ({r.rule}) {r.n_excluded}" for r in fired.itertuples()
+    ) or "none"
     return (f"Exclusions: {origin}; {n_out} of {len(result.participants)} participants "
             f"excluded (by rule: {counts}; see the exclusion rules and the exclusion log, "
             "tables exclusion_rules.csv and exclusion_log.csv).")

@@ -140,6 +140,16 @@ def test_exclusion_rules_log_values_and_keep_everyone_sensitivity():
         ),
     )
     assert relaxed.log.empty and len(relaxed.kept) == 6 * 40
+    # the report's sentence names every rule that fired in words, with its key and count
+    from analysis.qc import RULE_LABELS, RULE_SETTINGS, exclusion_note
+
+    assert set(RULE_LABELS) == set(RULE_SETTINGS)
+    note = exclusion_note(result, {}, None)
+    assert "4 of 6 participants excluded" in note
+    for rule in ("catch_accuracy", "side_bias", "fast_responses", "study_exclusion"):
+        assert f"{RULE_LABELS[rule]} ({rule}) 1" in note
+    assert "repeat_consistency" not in note
+    assert "excluded (by rule: none;" in exclusion_note(relaxed, {}, None)
 
 
 
