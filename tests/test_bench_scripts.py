@@ -217,8 +217,15 @@ def test_bench_df_rules_scores_the_reports_own_intervals():
 def test_bench_pair_heterogeneity_scores_the_three_rules():
     """The heterogeneity benchmark runs and prints the report's, the pooled-only and the
     own-pair coverage; a bad argument is a usage error, not a traceback."""
-    output = run_script("bench/bench_pair_heterogeneity.py", "--studies", "3")
-    for rule in ("report (pooled, guarded)", "pooled shares alone", "own pair (two_way_rate)"):
+    output = run_script("bench/bench_pair_heterogeneity.py", "--studies", "2", "--glmm")
+    for rule in (
+        "report (pooled, guarded)",
+        "pooled shares alone",
+        "own pair (two_way_rate)",
+        "GLMM report (pooled SDs, guarded)",
+        "GLMM pooled SDs alone",
+        "GLMM own SDs (test=reml)",
+    ):
         assert re.search(rf"^{re.escape(rule)}\s+coverage [01]\.\d{{3}}", output, re.M), output
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_pair_heterogeneity.py"), "--studies", "0"],
