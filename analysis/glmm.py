@@ -793,6 +793,9 @@ def glmm_pair_tests(
         rows.append(row)
     if test == "pooled":
         _pool_pairs(rows, alpha)
+    else:  # the pooled fit's inputs are not needed
+        for row in rows:
+            row.pop("_inputs", None)
     table = pd.DataFrame(rows).reindex(columns=PAIR_TEST_COLUMNS)
     table["p_holm"] = holm_adjust(table["p"].to_numpy(dtype=float))
     for column in ("n_votes", "n_participants", "n_images"):
