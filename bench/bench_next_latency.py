@@ -1,9 +1,9 @@
 """Benchmark: the latency of ``trials/next`` in a balanced and an active study, in-process.
 
     python bench/bench_next_latency.py [--conditions 16] [--images 500] [--participants 30]
-                                       [--rounds 5]
+                                       [--rounds 5] [--database sqlite|postgres]
 
-One SQLite study per design (all pairs of the conditions × every image, K = 3, M = 20,
+One study per design (SQLite file, or a database of a throwaway PostgreSQL server) (all pairs of the conditions × every image, K = 3, M = 20,
 no catch or repeat trials, posterior recomputed every 20 votes), then participants take
 turns: fetch (timed; Flask's test client, no HTTP server, so this is the server's own
 work) and answer their batch. Prints p50 / p99 / max per design. Not the concurrent
@@ -26,9 +26,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def measure(
-    design: str, conditions: int, images: int, participants: int, rounds: int, root: Path
+    design: str, conditions: int, images: int, participants: int, rounds: int, root: Path,
+    database_url: str | None = None,
 ) -> np.ndarray:
-    """Seconds per ``next`` call for one study of ``design``."""
+    """Seconds per ``next`` call for one study of ``design`` (on ``database_url``, an
+    empty database; default a SQLite file under ``root``)."""
     from flask_migrate import upgrade
 
     from study_app import create_app
@@ -40,7 +42,7 @@ def measure(
         {
             "TESTING": True,
             "PARTICIPANT_RATE_LIMIT": (10**6, 60.0),
-            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{root / design}.sqlite3",
+            "SQLALCHEMY_DATABASE_URI": database_url or f"sqlite:///{root / design}.sqlite3",
         }
     )
     with app.app_context():
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--participants", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     args = parser.parse_args(argv)
     if args.conditions < 2 or min(args.images, args.participants, args.rounds) < 1:
         parser.error("--conditions must be >= 2 and --images/--participants/--rounds >= 1")
@@ -82,13 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     items = args.images * args.conditions * (args.conditions - 1) // 2
     print(
         f"{args.conditions} conditions × {args.images} images = {items} items, "
-        f"{args.participants} participants × {args.rounds} fetches, SQLite, in-process"
+        f"{args.participants} participants × {args.rounds} fetches, {args.database}, in-process"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for design in ("balanced", "active"):
-            ms = 1000 * measure(
-                design, args.conditions, args.images, args.participants, args.rounds, Path(tmp)
-            )
+            url, stop = None, lambda: None
+            if args.database == "postgres":  # a fresh server per design
+                from bench_votes import start_postgres
+
+                url, stop, _pid = start_postgres()
+            try:
+                ms = 1000 * measure(
+                    design, args.conditions, args.images, args.participants, args.rounds,
+                    Path(tmp), url,
+                )
+            finally:
+                stop()
             print(
                 f"{design:<9} next: p50 {np.percentile(ms, 50):6.1f} ms  "
                 f"p99 {np.percentile(ms, 99):6.1f} ms  max {ms.max():6.1f} ms"

@@ -5,11 +5,13 @@ Runs inside :func:`study_app.scheduling.lease_trials` (one write transaction, th
 participant locked). The numerical core is :mod:`analysis.active` (pure); this module
 reads and writes the database around it:
 
-- the posterior (``study_posterior``, one row per study) is recomputed from the stored
-  main votes when ``posterior_every`` votes arrived since it was last computed, by the one
-  transaction that gets its row lock (PostgreSQL ``FOR UPDATE SKIP LOCKED``: the others
-  use the previous one instead of waiting; SQLite: the only writer anyway), so every
-  gunicorn worker uses the same posterior and a restart loses nothing;
+- the posterior (``study_posterior``, one row per study) is recomputed from the per-pair
+  vote tallies (``pair_tally``, kept by triggers on ``item``: pairs × vote levels rows,
+  whatever the number of items and votes) when ``posterior_every`` votes arrived since it
+  was last computed, by the one transaction that gets its row lock (PostgreSQL ``FOR
+  UPDATE SKIP LOCKED``: the others use the previous one instead of waiting; SQLite: the
+  only writer anyway), so every gunicorn worker uses the same posterior and a restart
+  loses nothing; the per-pair counts of a fetch come from the same tallies;
 - the pairs are chosen with :func:`analysis.active.select_pairs`, jointly with every open
   lease of the study (the batch complements what others are answering now), among the
   pairs that still have an item this participant was never issued with load < K; the
@@ -33,11 +35,26 @@ from collections import Counter
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 
 from analysis.active import Posterior, all_pairs, select_pairs, thurstone_posterior
 from study_app.extensions import db
-from study_app.models import Condition, Item, Study, StudyPosterior, Trial, Vote
+from study_app.models import Condition, Item, PairTally, Study, StudyPosterior, Trial
+
+
+def _tally(study: Study):
+    """SQL: the study's :class:`PairTally` rows that hold items."""
+    return select(PairTally).where(PairTally.study_id == study.id, PairTally.n_items > 0)
+
+
+def study_pairs(study: Study) -> list[tuple[int, int]]:
+    """The study's condition pairs as its items store them ``(condition_a_id,
+    condition_b_id)``, ascending (from the pair tallies: pairs × levels rows)."""
+    rows = db.session.execute(
+        select(PairTally.condition_a_id, PairTally.condition_b_id)
+        .where(PairTally.study_id == study.id, PairTally.n_items > 0).distinct()
+    ).all()
+    return sorted((int(a), int(b)) for a, b in rows)
 
 
 def study_condition_ids(study: Study) -> list[int]:
@@ -46,33 +63,24 @@ def study_condition_ids(study: Study) -> list[int]:
 
 
 def win_matrix(study: Study, condition_ids: list[int]) -> np.ndarray:
-    """``wins[i, j]``: main votes (not previews) that chose condition i over j."""
+    """``wins[i, j]``: main votes (not previews) that chose condition i over j, from the
+    pair tallies (what grouping the study's votes by pair and chosen condition gives)."""
     index = {cid: k for k, cid in enumerate(condition_ids)}
-    names = dict(
-        db.session.execute(
-            select(Condition.name, Condition.id).where(Condition.id.in_(condition_ids))
-        ).all()
-    )
-    rows = db.session.execute(
-        select(Item.condition_a_id, Item.condition_b_id, Vote.chosen_condition, func.count(Vote.id))
-        .join(Trial, Trial.id == Vote.trial_id)
-        .join(Item, Item.id == Trial.item_id)
-        .where(Vote.study_id == study.id, Trial.kind == "main", Trial.preview.is_(False))
-        .group_by(Item.condition_a_id, Item.condition_b_id, Vote.chosen_condition)
-    ).all()
     wins = np.zeros((len(condition_ids), len(condition_ids)))
-    for a, b, chosen, count in rows:
-        winner = names.get(chosen)
-        loser = b if winner == a else a
-        wins[index[winner], index[loser]] += count
+    for row in db.session.scalars(_tally(study)):
+        a, b = index[row.condition_a_id], index[row.condition_b_id]
+        wins[a, b] += row.a_wins
+        wins[b, a] += row.n_votes * row.n_items - row.a_wins
     return wins
 
 
 def main_votes(study: Study) -> int:
-    """Main votes stored so far (the items' counters)."""
+    """Main votes stored so far (the pair tallies: Σ level × items)."""
     return int(
         db.session.scalar(
-            select(func.coalesce(func.sum(Item.n_votes), 0)).where(Item.study_id == study.id)
+            select(func.coalesce(func.sum(PairTally.n_votes * PairTally.n_items), 0)).where(
+                PairTally.study_id == study.id
+            )
         )
     )
 
@@ -242,72 +250,20 @@ def choose_pairs(
     return [(*stored[position[(c.i, c.j)]], c.gain) for c in chosen]
 
 
-# The distinct pairs of a study's items by a loose index scan of ix_item_study_pair_load:
-# each step seeks the next b of the same a, else the first b of the next a (min() over an
-# index prefix: a seek, not a scan), so 120 pairs cost ~0.3 ms instead of reading every
-# item. (A row-value or OR comparison here made SQLite scan the index: 60-470 ms.)
-_NEXT_B = """(SELECT min(i.condition_b_id) FROM item i WHERE i.study_id = :study
-        AND i.condition_a_id = p.a AND i.condition_b_id > p.b)"""
-_NEXT_A = """(SELECT min(i.condition_a_id) FROM item i WHERE i.study_id = :study
-        AND i.condition_a_id > p.a)"""
-_STUDY_PAIRS = f"""
-WITH RECURSIVE p(a, b) AS (
-    SELECT lowest.a, (SELECT min(i.condition_b_id) FROM item i WHERE i.study_id = :study
-                      AND i.condition_a_id = lowest.a)
-    FROM (SELECT min(condition_a_id) AS a FROM item WHERE study_id = :study) AS lowest
-    UNION ALL
-    SELECT CASE WHEN {_NEXT_B} IS NOT NULL THEN p.a ELSE {_NEXT_A} END,
-           coalesce({_NEXT_B}, (SELECT min(i.condition_b_id) FROM item i
-                                WHERE i.study_id = :study AND i.condition_a_id = {_NEXT_A}))
-    FROM p WHERE p.a IS NOT NULL
-)
-SELECT a, b FROM p WHERE a IS NOT NULL
-"""
-
-
-def study_pairs(study: Study) -> list[tuple[int, int]]:
-    """The study's condition pairs as its items store them ``(condition_a_id,
-    condition_b_id)``, ascending; one index seek per pair."""
-    return [
-        (int(a), int(b)) for a, b in db.session.execute(text(_STUDY_PAIRS), {"study": study.id})
-    ]
-
-
-def _level_counts(study: Study, pairs: list[tuple[int, int]], k: int):
-    """SQL: ``(a, b, votes, items)`` for every pair and vote level up to ``k``.
-
-    SQLite: pairs × (K + 1) counts, each an index range of ix_item_study_pair_load (no row is
-    read and nothing grouped: ~3 ms at 60 000 items against ~35 ms for a GROUP BY).
-    PostgreSQL: one grouped scan (~12 ms there; its index ranges would visit every row's
-    heap tuple, since votes keep changing the rows, and took ~150 ms)."""
-    if db.session.get_bind().dialect.name != "sqlite":
-        return (
-            select(Item.condition_a_id, Item.condition_b_id, Item.n_votes, func.count())
-            .where(Item.study_id == study.id)
-            .group_by(Item.condition_a_id, Item.condition_b_id, Item.n_votes)
-        )
-    # condition ids and levels are integers from the database: inlined, not user input
-    pair_rows = ", ".join(f"({int(a)}, {int(b)})" for a, b in pairs)
-    level_rows = ", ".join(f"({v})" for v in range(k + 1))  # (no item holds more than K)
-    return text(
-        f"WITH p(a, b) AS (VALUES {pair_rows}), l(v) AS (VALUES {level_rows}) "
-        "SELECT p.a, p.b, l.v, (SELECT count(*) FROM item WHERE item.study_id = :study"
-        " AND item.condition_a_id = p.a AND item.condition_b_id = p.b"
-        " AND item.n_votes = l.v) FROM p CROSS JOIN l"
-    ).bindparams(study=study.id)
-
-
 def pair_counts(study: Study, config, taken) -> list[tuple[int, int, int, int, int | None]]:
     """Per condition pair (as the items store it): ``(a, b, votes, free items, lowest votes
     of a free item or None)``; an item is free for the participant when under K votes and
     not in ``taken`` (a subquery of item ids).
 
-    One statement counts each pair's items at each vote level (:func:`_level_counts`),
-    then the participant's own items are taken off:
-    the same numbers as grouping every item with the participant's exclusions."""
+    The pair tallies give each pair's items per vote level (pairs × levels rows, whatever
+    the study's size), then the participant's own items are taken off: the same numbers
+    as grouping every item with the participant's exclusions."""
     k = config.votes_per_item
-    sqlite = db.session.get_bind().dialect.name == "sqlite"
-    levels = db.session.execute(_level_counts(study, study_pairs(study) if sqlite else [], k))
+    levels = db.session.execute(
+        select(PairTally.condition_a_id, PairTally.condition_b_id, PairTally.n_votes,
+               PairTally.n_items)
+        .where(PairTally.study_id == study.id, PairTally.n_items > 0)
+    ).all()
     mine = Counter(
         tuple(row)
         for row in db.session.execute(

@@ -570,15 +570,20 @@ def next_trials():
                        "this study checks the display before the trials: send a passing "
                        "report to /participant/display first")
     participant_id = participant.id
-    trials, done = run_write(lambda: scheduling.lease_trials(participant_id, study, config))
-    references = dict(db.session.execute(
-        select(Image.id, Image.sha256).where(Image.id.in_({t.image_id for t in trials}))
-    ).all()) if trials else {}
-    participant = db.session.get(Participant, participant_id)
-    return jsonify(
-        trials=[trial_json(t, config, references[t.image_id]) for t in trials],
-        done=done, study_status=study.status, progress=_progress(participant, config),
-    )
+
+    def lease_and_answer() -> dict:
+        # the answer is built before the commit, from the rows this transaction holds:
+        # after it every row would be expired and re-read, one statement per trial
+        trials, done = scheduling.lease_trials(participant_id, study, config)
+        references = dict(db.session.execute(
+            select(Image.id, Image.sha256).where(Image.id.in_({t.image_id for t in trials}))
+        ).all()) if trials else {}
+        locked = db.session.get(Participant, participant_id)  # the row lease_trials locked
+        return {"trials": [trial_json(t, config, references[t.image_id]) for t in trials],
+                "done": done, "study_status": study.status,
+                "progress": _progress(locked, config)}
+
+    return jsonify(run_write(lease_and_answer))
 
 
 @bp.post("/participant/votes")

@@ -46,7 +46,8 @@ def upgrade_database(app) -> None:
     before studies had owners is stamped at the revision before them and upgraded, so
     the migration adds the columns and assigns the owners; one made before the active
     design is stamped at revision 3, one made before the scheduling indexes (no
-    ``item.draw_key``) at revision 4 or 5, and upgraded.
+    ``item.draw_key``) at revision 4 to 7, one made before the pair tallies (no
+    ``item.n_a_wins``) at revision 8, and upgraded.
     """
     from alembic import command
     from sqlalchemy import inspect
@@ -61,9 +62,12 @@ def upgrade_database(app) -> None:
         if "alembic_version" not in tables and {"study", "vote"} <= tables:
             study_columns = {c["name"] for c in inspector.get_columns("study")}
             item_columns = {c["name"] for c in inspector.get_columns("item")}
-            if "draw_key" in item_columns:
+            if "n_a_wins" in item_columns:
                 db.create_all()  # only what is missing
                 command.stamp(config, "head")
+            elif "draw_key" in item_columns:  # before the pair tallies: they are filled
+                command.stamp(config, "0008_scheduling_load")
+                command.upgrade(config, "head")
             elif "main_closed_at" in study_columns:  # before the scheduling indexes
                 vote_columns = {c["name"] for c in inspector.get_columns("vote")}
                 participant_columns = {c["name"] for c in inspector.get_columns("participant")}

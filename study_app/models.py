@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     JSON,
     BigInteger,
     Boolean,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     cast,
+    event,
     false,
     literal,
 )
@@ -262,8 +264,9 @@ def draw_key_sql(item_id):
 class Item(db.Model):
     """An image × unordered condition pair (``condition_a`` < ``condition_b`` by name).
 
-    ``n_votes`` counts answered main trials and ``n_a_left`` those of them that showed
-    condition a on the left; both change only under this row's lock. ``draw_key`` is a
+    ``n_votes`` counts answered main trials, ``n_a_left`` those of them that showed
+    condition a on the left and ``n_a_wins`` those (2afc) that chose condition a; all
+    change only under this row's lock, and triggers keep :class:`PairTally` in step. ``draw_key`` is a
     fixed pseudo-random key in [0, 4294967311) (``(id × 2654435761) mod 4294967311``):
     scheduling breaks load ties by reading the items in key order from a random start,
     over the indexes below, instead of ordering every eligible item (docs/study_api.md).
@@ -285,11 +288,85 @@ class Item(db.Model):
     condition_b_id: Mapped[int] = mapped_column(ForeignKey("condition.id"))
     n_votes: Mapped[int] = mapped_column(Integer, default=0)
     n_a_left: Mapped[int] = mapped_column(Integer, default=0)
+    n_a_wins: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     draw_key: Mapped[int] = mapped_column(BigInteger, default=0)
 
     image: Mapped[Image] = relationship()
     condition_a: Mapped[Condition] = relationship(foreign_keys=[condition_a_id])
     condition_b: Mapped[Condition] = relationship(foreign_keys=[condition_b_id])
+
+
+class PairTally(db.Model):
+    """Per study, condition pair (as the items store it) and vote level: how many of the
+    pair's items hold exactly ``n_votes`` votes (``n_items``) and how many of those items'
+    votes chose condition a (``a_wins``).
+
+    Kept by database triggers on ``item`` (insert, delete, and any update of ``n_votes``
+    or ``n_a_wins``: the item leaves its old level's row and joins its new one), so every
+    path that counts a vote keeps it exact, in the vote's own transaction. The active
+    design reads its per-pair counts and its win matrix here: pairs × levels rows instead
+    of every item and every vote of the study. Rows whose ``n_items`` fell to 0 stay."""
+
+    __tablename__ = "pair_tally"
+    study_id: Mapped[int] = mapped_column(
+        ForeignKey("study.id", ondelete="CASCADE"), primary_key=True)
+    condition_a_id: Mapped[int] = mapped_column(ForeignKey("condition.id"), primary_key=True)
+    condition_b_id: Mapped[int] = mapped_column(ForeignKey("condition.id"), primary_key=True)
+    n_votes: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    n_items: Mapped[int] = mapped_column(Integer, default=0)
+    a_wins: Mapped[int] = mapped_column(Integer, default=0)
+
+
+# The triggers behind PairTally (migration 0009 creates the same; a migration keeps its own
+# copy). An item's move lands on its old level's row first, then its new one (ascending
+# levels as votes only add), so concurrent votes of a pair lock the rows in one order.
+_TALLY_KEY = ("study_id = {row}.study_id AND condition_a_id = {row}.condition_a_id "
+              "AND condition_b_id = {row}.condition_b_id AND n_votes = {row}.n_votes")
+_TALLY_JOIN_SQLITE = (
+    "INSERT OR IGNORE INTO pair_tally (study_id, condition_a_id, condition_b_id, n_votes, "
+    "n_items, a_wins) VALUES (NEW.study_id, NEW.condition_a_id, NEW.condition_b_id, "
+    "NEW.n_votes, 0, 0); UPDATE pair_tally SET n_items = n_items + 1, "
+    "a_wins = a_wins + NEW.n_a_wins WHERE " + _TALLY_KEY.format(row="NEW") + ";")
+_TALLY_LEAVE_SQLITE = ("UPDATE pair_tally SET n_items = n_items - 1, a_wins = a_wins - "
+                       "OLD.n_a_wins WHERE " + _TALLY_KEY.format(row="OLD") + ";")
+PAIR_TALLY_TRIGGERS_SQLITE = (
+    "CREATE TRIGGER tr_item_tally_insert AFTER INSERT ON item BEGIN "
+    + _TALLY_JOIN_SQLITE + " END",
+    "CREATE TRIGGER tr_item_tally_update AFTER UPDATE OF n_votes, n_a_wins ON item BEGIN "
+    + _TALLY_LEAVE_SQLITE + " " + _TALLY_JOIN_SQLITE + " END",
+    "CREATE TRIGGER tr_item_tally_delete AFTER DELETE ON item BEGIN "
+    + _TALLY_LEAVE_SQLITE + " END",
+)
+PAIR_TALLY_TRIGGERS_POSTGRESQL = (
+    """CREATE FUNCTION item_pair_tally() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE pair_tally SET n_items = n_items - 1, a_wins = a_wins - OLD.n_a_wins
+        WHERE """ + _TALLY_KEY.format(row="OLD") + """;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO pair_tally AS t (study_id, condition_a_id, condition_b_id, n_votes,
+                                     n_items, a_wins)
+        VALUES (NEW.study_id, NEW.condition_a_id, NEW.condition_b_id, NEW.n_votes, 1,
+                NEW.n_a_wins)
+        ON CONFLICT (study_id, condition_a_id, condition_b_id, n_votes)
+        DO UPDATE SET n_items = t.n_items + 1, a_wins = t.a_wins + EXCLUDED.a_wins;
+    END IF;
+    RETURN NULL;
+END $$""",
+    "CREATE TRIGGER tr_item_pair_tally AFTER INSERT OR DELETE OR UPDATE OF n_votes, n_a_wins "
+    "ON item FOR EACH ROW EXECUTE FUNCTION item_pair_tally()",
+)
+PAIR_TALLY_TRIGGER_NAMES = {
+    "sqlite": {"tr_item_tally_insert", "tr_item_tally_update", "tr_item_tally_delete"},
+    "postgresql": {"tr_item_pair_tally"},
+}
+# db.create_all() makes them with the item table (their bodies name pair_tally, which is
+# looked up when they fire)
+for _statement in PAIR_TALLY_TRIGGERS_SQLITE:
+    event.listen(Item.__table__, "after_create", DDL(_statement).execute_if(dialect="sqlite"))
+for _statement in PAIR_TALLY_TRIGGERS_POSTGRESQL:
+    event.listen(Item.__table__, "after_create", DDL(_statement).execute_if(dialect="postgresql"))
 
 
 class Participant(db.Model):

@@ -714,6 +714,7 @@ def record_vote(participant_id: int, study: Study, vote: VoteInput, reference_sh
     if item is not None and not trial.preview:
         item.n_votes += 1
         item.n_a_left += 1 if trial.a_left else 0
+        item.n_a_wins += 1 if chose_a(vote.choice, trial.a_left) else 0
     db.session.flush()
     return row, False
 
@@ -734,7 +735,8 @@ WHERE p.token = :participant_token AND t.token = :trial_token AND p.status = 'st
   AND coalesce(json_extract(s.config, '$.task'), '2afc') = :task
 """  # :now is read inside BEGIN IMMEDIATE (no other writer until this one commits)
 _VOTE_COUNT_SQLITE = "UPDATE participant SET n_answered = n_answered + 1 WHERE id = ?"
-_VOTE_ITEM_SQLITE = "UPDATE item SET n_votes = n_votes + 1, n_a_left = n_a_left + ? WHERE id = ?"
+_VOTE_ITEM_SQLITE = ("UPDATE item SET n_votes = n_votes + 1, n_a_left = n_a_left + ?, "
+                     "n_a_wins = n_a_wins + ? WHERE id = ?")
 _VOTE_CLAIM_SQLITE = "UPDATE trial SET status = 'answered' WHERE id = ?"
 _VOTE_INSERT_SQLITE = """
 INSERT INTO vote (trial_id, study_id, participant_id, trial_index, choice, chosen_condition,
@@ -757,6 +759,12 @@ def _timing_columns(vote: VoteInput) -> dict[str, float | int | None]:
     if vote.sequence is not None:
         columns.update(vote.sequence.__dict__)
     return columns
+
+
+def chose_a(choice: str, a_left: bool | None) -> bool:
+    """Whether a 2afc answer chose the item's condition a (shown left when ``a_left``);
+    false for a JND answer ("same" / "different"), which chooses no condition."""
+    return choice in CHOICES and a_left is not None and (choice == "left") == bool(a_left)
 
 
 def chosen_condition(choice: str, condition_left: str, condition_right: str) -> str:
@@ -800,7 +808,8 @@ def record_vote_sqlite(connection: Connection, participant_token: str, vote: Vot
      condition_right, n_answered, reference_shown) = row
     driver.execute(_VOTE_COUNT_SQLITE, (participant_id,))
     if kind == "main" and item_id is not None and not preview:
-        driver.execute(_VOTE_ITEM_SQLITE, (1 if a_left else 0, item_id))
+        driver.execute(_VOTE_ITEM_SQLITE, (1 if a_left else 0,
+                                           1 if chose_a(vote.choice, a_left) else 0, item_id))
     driver.execute(_VOTE_CLAIM_SQLITE, (trial_id,))
     driver.execute(_VOTE_INSERT_SQLITE, (
         trial_id, study_id, participant_id, n_answered, vote.choice,
@@ -865,7 +874,9 @@ WITH found AS (
     RETURNING trial.id
 ), item_counted AS (
     UPDATE item SET n_votes = item.n_votes + 1,
-                    n_a_left = item.n_a_left + CASE WHEN valid.a_left THEN 1 ELSE 0 END
+                    n_a_left = item.n_a_left + CASE WHEN valid.a_left THEN 1 ELSE 0 END,
+                    n_a_wins = item.n_a_wins + CASE WHEN %(choice)s IN ('left', 'right')
+                        AND (%(choice)s = 'left') = valid.a_left THEN 1 ELSE 0 END
     FROM valid
     WHERE item.id = valid.item_id AND valid.kind = 'main' AND NOT valid.preview
     RETURNING item.id

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from flask_babel import gettext, lazy_gettext, ngettext
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from study_app.calibration import DisplayRequirements, RequirementsError, parse_requirements
 from study_app.extensions import db
@@ -402,6 +402,11 @@ def create_study(stimulus_set: StimulusSet, config: StudyConfig,
     db.session.execute(  # the draw keys follow from the ids the flush assigned
         update(Item).where(Item.study_id == study.id).values(draw_key=draw_key_sql(Item.id))
         .execution_options(synchronize_session=False))
+    if db.session.get_bind().dialect.name == "postgresql":
+        # fresh statistics for the planner: the scheduling reads plan a LIMIT over the
+        # load index only if it knows how many items there are (stale statistics made
+        # one fetch's count of the free items scan the study: 2.3 ms instead of 0.8)
+        db.session.execute(text("ANALYZE item, pair_tally"))
     if config.design == "active":
         from study_app.active import create_posterior
 

@@ -145,9 +145,12 @@ def test_bench_design_prints_votes_needed_per_design(tmp_path):
     assert bad.returncode == 2 and "--conditions" in bad.stderr
 
 
-def test_bench_next_latency_prints_both_designs():
+@pytest.mark.parametrize("database", ["sqlite", pytest.param("postgres",
+                                                             marks=pytest.mark.postgres)])
+def test_bench_next_latency_prints_both_designs(database):
     output = run_script("bench/bench_next_latency.py", "--conditions", "3", "--images", "2",
-                        "--participants", "2", "--rounds", "1")
+                        "--participants", "2", "--rounds", "1", "--database", database)
+    assert f"2 participants × 1 fetches, {database}, in-process" in output
     for design in ("balanced", "active"):
         assert re.search(rf"^{design}\s+next: p50\s+[\d.]+ ms", output, re.M), output
 

@@ -203,7 +203,9 @@ def test_a_fresh_vote_takes_the_few_statement_path_and_stores_every_field(
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         work = [word for word in sent if word not in ("BEGIN", "COMMIT")]
         assert work.count("SELECT") == 1 and work.count("INSERT") == 1, sent
-        assert len(work) <= 5 and sent.count("COMMIT") == 1, sent
+        # 5 statements; SQLite's trace repeats the item's UPDATE 4 times more: the trigger
+        # that keeps pair_tally and its 3 steps (run inside that statement, not sent)
+        assert len(work) <= 5 + 4 and sent.count("COMMIT") == 1, sent
     else:
         assert sent == ["WITH"], sent
     with app.app_context():

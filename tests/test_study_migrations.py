@@ -15,10 +15,11 @@ from sqlalchemy import MetaData, inspect, select
 
 from study_app import create_app
 from study_app.extensions import db
+from study_app.models import PAIR_TALLY_TRIGGER_NAMES
 
 TABLES = {"researcher", "researcher_login", "login_failure", "stimulus_set", "condition", "image",
           "stimulus", "study", "study_collaborator", "item", "participant", "trial", "vote",
-          "study_posterior"}
+          "study_posterior", "pair_tally"}
 
 
 def _round_trip(url: str) -> None:
@@ -32,10 +33,29 @@ def _round_trip(url: str) -> None:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             differences = compare_metadata(context, db.metadata)
         assert differences == [], f"models and migrations differ: {differences}"
+        assert _triggers(db.engine) == PAIR_TALLY_TRIGGER_NAMES[db.engine.dialect.name]
         downgrade(revision="base")
+        assert _triggers(db.engine) == set()
         assert set(inspect(db.engine).get_table_names()) <= {"alembic_version"}
         upgrade()
         assert TABLES <= set(inspect(db.engine).get_table_names())
+        db.engine.dispose()
+
+
+def _triggers(engine) -> set[str]:
+    """The names of the database's own triggers."""
+    query = ("SELECT name FROM sqlite_master WHERE type = 'trigger'"
+             if engine.dialect.name == "sqlite"
+             else "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")
+    with engine.connect() as connection:
+        return set(connection.exec_driver_sql(query).scalars())
+
+
+def test_create_all_makes_the_triggers_the_migrations_make(any_database_url):
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": any_database_url})
+    with app.app_context():
+        db.create_all()
+        assert _triggers(db.engine) == PAIR_TALLY_TRIGGER_NAMES[db.engine.dialect.name]
         db.engine.dispose()
 
 
