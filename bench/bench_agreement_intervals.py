@@ -41,9 +41,13 @@ truth, scenario and rule, and per rule the number of cells inside 0.93-0.97.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT, ROOT / "bench"):
