@@ -22,6 +22,10 @@ image) cell, and every rule works from those cell sums S and counts N:
   E[2 Phi(q sqrt(max(W, V_c / V))) - 1] = 0.95 when V_p and V_i are scaled chi-squares
   (G - 1 df, means max(V_p, V_c), max(V_i, V_c)) and W = (V_p + V_i - V_c) / V (the
   floored estimator's own distribution, by Gauss-Laguerre quadrature);
+- ``debiased floor``: V = V_c + E*, E* the excess whose expected floored estimate under
+  that model equals the observed max(V_p + V_i - V_c, V_c) (0 where even E* = 0 expects
+  more; E* split over the factors as their observed positive excesses), Student t with
+  Satterthwaite's df of that debiased estimator under the model at E*;
 - ``moments, floored``: method-of-moments variance components of the crossed model
   y = mu + a_participant + b_image + c_cell + e (``crossed_moments``: the three cluster
   sums of squares and the within-cell one set equal to their exact expectations);
@@ -66,6 +70,7 @@ RULES = (
     "continuous df",
     "floored-estimator df",
     "chi-square mixture",
+    "debiased floor",
     "moments, floored",
     "moments, truncated",
     "pigeonhole bootstrap-t",
@@ -145,6 +150,37 @@ def mixture_quantile(v: dict, g: dict, level: float = LEVEL) -> float:
         return np.sum(weight * (2 * special.ndtr(q * np.sqrt(ratio)) - 1)) - level
 
     return optimize.brentq(excess, 0.5, 50.0)
+
+
+def debiased_floor(v: dict, g: dict) -> tuple[float, float]:
+    """(V, df) of the debiased floor (module docstring): E[M | E] tabulated on a grid of
+    excesses E (0 to 50 times the observed estimate) and inverted by interpolation."""
+    a, wa = _chi2_nodes(g["p"] - 1)
+    b, wb = _chi2_nodes(g["i"] - 1)
+    weight = wa[:, None] * wb[None, :]
+    cell = v["c"]
+    excess = {k: max(v[k] - cell, 0.0) for k in "pi"}
+    total = excess["p"] + excess["i"]
+    share = {k: excess[k] / total if total > 0 else 0.5 for k in "pi"}
+
+    def floored(e):
+        return np.maximum(
+            (cell + e * share["p"]) * a[:, None] + (cell + e * share["i"]) * b[None, :] - cell,
+            cell,
+        )
+
+    observed = max(v["p"] + v["i"] - cell, cell)
+    grid = np.concatenate([[0.0], np.geomspace(1e-3 * cell, 50.0 * observed, 160)])
+    expected = np.array([np.sum(weight * floored(e)) for e in grid])
+
+    def invert(m):
+        return np.interp(m, expected, grid, left=0.0)
+
+    e_star = float(invert(observed))
+    debiased = cell + invert(floored(e_star))
+    mean = np.sum(weight * debiased)
+    var = np.sum(weight * debiased**2) - mean**2 + 2 * cell**2 / (g["c"] - 1)
+    return cell + e_star, float(2 * mean**2 / var)
 
 
 def crossed_moments(S: np.ndarray, N: np.ndarray, within: float | None = None) -> dict:
@@ -243,7 +279,11 @@ def covered(S: np.ndarray, N: np.ndarray, truth: float, boot: int, rng) -> dict[
         "chi-square mixture": mixture_quantile(v, g) * np.sqrt(var),
         "pigeonhole bootstrap-t": pigeonhole_quantile(S, N, boot, rng) * np.sqrt(var),
     }
-    others = {"continuous df": continuous_df_rule(v, g), **moment_rules(S, N)}
+    others = {
+        "continuous df": continuous_df_rule(v, g),
+        "debiased floor": debiased_floor(v, g),
+        **moment_rules(S, N),
+    }
     for name, (var_k, df_k) in others.items():
         half[name] = stats.t.isf((1 - LEVEL) / 2, df_k) * np.sqrt(var_k)
     return {name: bool(miss <= half[name]) for name in RULES}

@@ -65,13 +65,19 @@ def test_report_rule_from_cell_sums_is_two_way_rate(bench):
 
 def test_chi_square_model_reduces_to_satterthwaite_and_student_t(bench):
     """Without a cell part the floored estimator is vp A + vi B: its df are Satterthwaite's
-    closed form, and the mixture quantile of A alone is Student's t (scipy)."""
+    closed form, the mixture quantile of A alone is Student's t (scipy), and the debiased
+    floor gives back V and those df."""
     g = {"p": 20, "i": 10, "c": 200}
     v = {"p": 3.0, "i": 1.5, "c": 1e-12}
     expected = (3.0 + 1.5) ** 2 / (3.0**2 / 19 + 1.5**2 / 9)
     assert bench.floored_estimator_df(v, g) == pytest.approx(expected, rel=1e-6)
     alone = {"p": 2.0, "i": 1e-12, "c": 1e-12}
     assert bench.mixture_quantile(alone, g) == pytest.approx(stats.t.isf(0.025, 19), rel=1e-6)
+    # the debiased floor: no bias left to remove far from the floor (V and Satterthwaite's
+    # df back), and at the floor the cell part alone
+    var, df = bench.debiased_floor({"p": 3.0, "i": 1.5, "c": 1e-6}, g)
+    assert var == pytest.approx(4.5, rel=1e-3) and df == pytest.approx(expected, rel=1e-2)
+    assert bench.debiased_floor({"p": 1.0, "i": 1.0, "c": 1.0}, g)[0] == 1.0
 
 
 R_SCRIPT = r"""

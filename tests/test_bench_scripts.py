@@ -293,7 +293,7 @@ def test_bench_agreement_intervals_scores_every_rule_on_the_harness_studies():
             if re.match(r"^\| (metric_agreement|holdout_score) \|", line)
         )
     }
-    assert len(rows) == 2 * 2 * 8, output
+    assert len(rows) == 2 * 2 * 9, output
     harness = load_harness()
     table, _ = harness.run_harness(3, n_boot=10, outputs=("metric_agreement", "holdout_score"))
     scenarios = list(harness.SCENARIOS)
