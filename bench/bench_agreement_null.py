@@ -43,17 +43,15 @@ def _harness():
     return module
 
 
-def agreement_parts(study, harness) -> list[dict]:
-    """Per simulated metric of ``study``: the score, its truth, the one-way parts and the
-    report's interval (``two_way_rate`` of the per-vote agreement)."""
-    from analysis.clustered import _rate_components, two_way_rate
+def metric_agreements(study, harness):
+    """Per simulated metric of ``study`` (``harness.simulated_metrics``): (metric, the
+    per-vote agreement with its main trials in order (1, 0, ½ on a tie), its truth)."""
     from analysis.pairs import ordered_pairs
 
     distances, truth = harness.simulated_metrics(study)
     main = study.main
     pairs = ordered_pairs(main)
     win_a = pairs["win_a"].to_numpy(dtype=float)
-    rows = []
     for metric, dist in distances.groupby("metric", sort=False):
         lookup = dist.set_index(["image_id", "condition"])["distance"]
         da, db = (
@@ -61,15 +59,25 @@ def agreement_parts(study, harness) -> list[dict]:
             for c in ("condition_a", "condition_b")
         )
         prefers_a = np.where(da < db, 1.0, np.where(da > db, 0.0, 0.5))
-        agree = prefers_a * win_a + (1 - prefers_a) * (1 - win_a)
+        yield metric, prefers_a * win_a + (1 - prefers_a) * (1 - win_a), truth[metric]
+
+
+def agreement_parts(study, harness) -> list[dict]:
+    """Per simulated metric of ``study``: the score, its truth, the one-way parts and the
+    report's interval (``two_way_rate`` of the per-vote agreement)."""
+    from analysis.clustered import _rate_components, two_way_rate
+
+    main = study.main
+    rows = []
+    for metric, agree, target in metric_agreements(study, harness):
         rate, parts, clusters = _rate_components(agree, main["participant"], main["image_id"])
         result = two_way_rate(agree, main["participant"], main["image_id"])
         rows.append(
             {
                 "metric": metric,
                 "rate": rate,
-                "truth": truth[metric],
-                "covered": result["ci_low"] <= truth[metric] <= result["ci_high"],
+                "truth": target,
+                "covered": result["ci_low"] <= target <= result["ci_high"],
                 "var": result["se"] ** 2,
                 "df": result["df"],
                 "v_participant": parts["participant"],

@@ -23,6 +23,28 @@ def run_script(*args: str) -> str:
     return done.stdout
 
 
+def load_harness():
+    """bench/bench_inference.py as a module (through bench_agreement_null's loader)."""
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    import bench_agreement_null
+
+    return bench_agreement_null._harness()
+
+
+def usage_error(script: str, *args: str) -> str:
+    """Run bench/``script`` with bad ``args``: assert a usage error (exit 2, no
+    traceback) and return its stderr."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    return done.stderr
+
+
 def table_rows(output: str) -> dict[str, list[str]]:
     """Markdown table rows keyed by their first cells (all but the numeric ones)."""
     rows = {}
@@ -242,8 +264,6 @@ def test_bench_agreement_null_takes_apart_the_harness_intervals():
     """The metric-agreement diagnostics run on the harness's own studies: their coverage
     column equals ``bench_inference.py``'s for the same seeds; a bad argument is a usage
     error."""
-    import importlib.util
-
     output = run_script("bench/bench_agreement_null.py", "--studies", "3")
     rows = {
         tuple(cells[:2]): cells
@@ -254,23 +274,40 @@ def test_bench_agreement_null_takes_apart_the_harness_intervals():
         )
     }
     assert len(rows) == 8, output
-    spec = importlib.util.spec_from_file_location(
-        "bench_inference", REPO / "bench" / "bench_inference.py"
-    )
-    harness = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_inference", harness)
-    spec.loader.exec_module(harness)
+    harness = load_harness()
     table, _ = harness.run_harness(3, n_boot=10, outputs=("metric_agreement",))
     table = table[table["output"] == "metric_agreement: 2AFC score interval"]
     for row in table.itertuples():
         assert float(rows[(row.truth, row.scenario)][2]) == pytest.approx(row.value, abs=5e-4)
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_agreement_null.py"), "--studies", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2 and "--studies must be >= 2" in done.stderr
+    assert "--studies must be >= 2" in usage_error("bench_agreement_null.py", "--studies", "1")
+
+
+def test_bench_agreement_intervals_scores_every_rule_on_the_harness_studies():
+    """The side-by-side benchmark of 2AFC-score intervals runs on the harness's own
+    studies: its "report" rows equal ``bench_inference.py``'s coverage of
+    metric_agreement and holdout_score for the same seeds, every rule has a row per
+    output and truth, and a bad argument is a usage error."""
+    output = run_script("bench/bench_agreement_intervals.py", "--studies", "3", "--boot", "50")
+    rows = {
+        tuple(cells[:3]): cells[3:]
+        for cells in (
+            [c.strip() for c in line.strip().strip("|").split("|")]
+            for line in output.splitlines()
+            if re.match(r"^\| (metric_agreement|holdout_score) \|", line)
+        )
+    }
+    assert len(rows) == 2 * 2 * 9, output
+    harness = load_harness()
+    table, _ = harness.run_harness(3, n_boot=10, outputs=("metric_agreement", "holdout_score"))
+    scenarios = list(harness.SCENARIOS)
+    for name, output_key in (
+        ("metric_agreement: 2AFC score interval", "metric_agreement"),
+        ("holdout_score: 2AFC score interval on held-out images", "holdout_score"),
+    ):
+        for row in table[table["output"] == name].itertuples():
+            cell = rows[(output_key, row.truth, "report")][scenarios.index(row.scenario)]
+            assert float(cell.split()[0]) == pytest.approx(row.value, abs=5e-4), (name, row)
+    assert "--boot must be >= 20" in usage_error("bench_agreement_intervals.py", "--boot", "5")
 
 
 def test_bench_jnd_heterogeneity_scores_both_rules_per_design():
