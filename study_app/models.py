@@ -301,9 +301,13 @@ class PairTally(db.Model):
     pair's items hold exactly ``n_votes`` votes (``n_items``) and how many of those items'
     votes chose condition a (``a_wins``).
 
-    Kept by database triggers on ``item`` (insert, delete, and any update of ``n_votes``
-    or ``n_a_wins``: the item leaves its old level's row and joins its new one), so every
-    path that counts a vote keeps it exact, in the vote's own transaction. The active
+    Made with the study's items by :func:`study_app.studies.create_study` (one grouped
+    insert: every item at level 0), then kept by database triggers on ``item`` (delete,
+    and any update of ``n_votes`` or ``n_a_wins``: the item leaves its old level's row and
+    joins its new one), so every path that counts a vote keeps it exact, in the vote's own
+    transaction. (Not a trigger per inserted item: on PostgreSQL that updated each row once
+    per item, and the dead row versions of a 240 000-item study made every read of the
+    table slow until a vacuum.) The active
     design reads its per-pair counts and its win matrix here: pairs × levels rows instead
     of every item and every vote of the study. Rows whose ``n_items`` fell to 0 stay."""
 
@@ -330,8 +334,6 @@ _TALLY_JOIN_SQLITE = (
 _TALLY_LEAVE_SQLITE = ("UPDATE pair_tally SET n_items = n_items - 1, a_wins = a_wins - "
                        "OLD.n_a_wins WHERE " + _TALLY_KEY.format(row="OLD") + ";")
 PAIR_TALLY_TRIGGERS_SQLITE = (
-    "CREATE TRIGGER tr_item_tally_insert AFTER INSERT ON item BEGIN "
-    + _TALLY_JOIN_SQLITE + " END",
     "CREATE TRIGGER tr_item_tally_update AFTER UPDATE OF n_votes, n_a_wins ON item BEGIN "
     + _TALLY_LEAVE_SQLITE + " " + _TALLY_JOIN_SQLITE + " END",
     "CREATE TRIGGER tr_item_tally_delete AFTER DELETE ON item BEGIN "
@@ -340,11 +342,9 @@ PAIR_TALLY_TRIGGERS_SQLITE = (
 PAIR_TALLY_TRIGGERS_POSTGRESQL = (
     """CREATE FUNCTION item_pair_tally() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        UPDATE pair_tally SET n_items = n_items - 1, a_wins = a_wins - OLD.n_a_wins
-        WHERE """ + _TALLY_KEY.format(row="OLD") + """;
-    END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+    UPDATE pair_tally SET n_items = n_items - 1, a_wins = a_wins - OLD.n_a_wins
+    WHERE """ + _TALLY_KEY.format(row="OLD") + """;
+    IF TG_OP = 'UPDATE' THEN
         INSERT INTO pair_tally AS t (study_id, condition_a_id, condition_b_id, n_votes,
                                      n_items, a_wins)
         VALUES (NEW.study_id, NEW.condition_a_id, NEW.condition_b_id, NEW.n_votes, 1,
@@ -354,11 +354,11 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$""",
-    "CREATE TRIGGER tr_item_pair_tally AFTER INSERT OR DELETE OR UPDATE OF n_votes, n_a_wins "
-    "ON item FOR EACH ROW EXECUTE FUNCTION item_pair_tally()",
+    "CREATE TRIGGER tr_item_pair_tally AFTER DELETE OR UPDATE OF n_votes, n_a_wins ON item "
+    "FOR EACH ROW EXECUTE FUNCTION item_pair_tally()",
 )
 PAIR_TALLY_TRIGGER_NAMES = {
-    "sqlite": {"tr_item_tally_insert", "tr_item_tally_update", "tr_item_tally_delete"},
+    "sqlite": {"tr_item_tally_update", "tr_item_tally_delete"},
     "postgresql": {"tr_item_pair_tally"},
 }
 # db.create_all() makes them with the item table (their bodies name pair_tally, which is

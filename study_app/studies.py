@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from flask_babel import gettext, lazy_gettext, ngettext
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, insert, literal, select, text, update
 
 from study_app.calibration import DisplayRequirements, RequirementsError, parse_requirements
 from study_app.extensions import db
@@ -23,6 +23,7 @@ from study_app.models import (
     Condition,
     Image,
     Item,
+    PairTally,
     StimulusSet,
     Study,
     draw_key_sql,
@@ -402,6 +403,13 @@ def create_study(stimulus_set: StimulusSet, config: StudyConfig,
     db.session.execute(  # the draw keys follow from the ids the flush assigned
         update(Item).where(Item.study_id == study.id).values(draw_key=draw_key_sql(Item.id))
         .execution_options(synchronize_session=False))
+    db.session.execute(  # every item at level 0; from here on the item triggers keep it
+        insert(PairTally).from_select(
+            ["study_id", "condition_a_id", "condition_b_id", "n_votes", "n_items", "a_wins"],
+            select(Item.study_id, Item.condition_a_id, Item.condition_b_id, literal(0),
+                   func.count(), literal(0))
+            .where(Item.study_id == study.id)
+            .group_by(Item.study_id, Item.condition_a_id, Item.condition_b_id)))
     if db.session.get_bind().dialect.name == "postgresql":
         # fresh statistics for the planner: the scheduling reads plan a LIMIT over the
         # load index only if it knows how many items there are (stale statistics made

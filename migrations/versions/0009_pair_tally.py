@@ -2,8 +2,8 @@
 
 ``item.n_a_wins`` counts the item's 2afc votes that chose condition a (filled from the
 stored votes). ``pair_tally`` holds, per study, condition pair and vote level, the items
-at that level and their wins for a (filled from the items); triggers on ``item`` keep it
-exact from now on. The active design reads its per-pair counts and win matrix there
+at that level and their wins for a (filled from the items; a new study's rows are made
+with its items); triggers on ``item`` keep it exact from now on. The active design reads its per-pair counts and win matrix there
 instead of scanning every item and every vote of the study per request.
 
 (A later migration that rebuilds ``item`` with ``batch_alter_table`` on SQLite drops its
@@ -36,7 +36,6 @@ _JOIN_SQLITE = (
 _LEAVE_SQLITE = ("UPDATE pair_tally SET n_items = n_items - 1, a_wins = a_wins - "
                  "OLD.n_a_wins WHERE " + _KEY.format(row="OLD") + ";")
 TRIGGERS_SQLITE = (
-    "CREATE TRIGGER tr_item_tally_insert AFTER INSERT ON item BEGIN " + _JOIN_SQLITE + " END",
     "CREATE TRIGGER tr_item_tally_update AFTER UPDATE OF n_votes, n_a_wins ON item BEGIN "
     + _LEAVE_SQLITE + " " + _JOIN_SQLITE + " END",
     "CREATE TRIGGER tr_item_tally_delete AFTER DELETE ON item BEGIN " + _LEAVE_SQLITE + " END",
@@ -44,11 +43,9 @@ TRIGGERS_SQLITE = (
 TRIGGERS_POSTGRESQL = (
     """CREATE FUNCTION item_pair_tally() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        UPDATE pair_tally SET n_items = n_items - 1, a_wins = a_wins - OLD.n_a_wins
-        WHERE """ + _KEY.format(row="OLD") + """;
-    END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+    UPDATE pair_tally SET n_items = n_items - 1, a_wins = a_wins - OLD.n_a_wins
+    WHERE """ + _KEY.format(row="OLD") + """;
+    IF TG_OP = 'UPDATE' THEN
         INSERT INTO pair_tally AS t (study_id, condition_a_id, condition_b_id, n_votes,
                                      n_items, a_wins)
         VALUES (NEW.study_id, NEW.condition_a_id, NEW.condition_b_id, NEW.n_votes, 1,
@@ -58,8 +55,8 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$""",
-    "CREATE TRIGGER tr_item_pair_tally AFTER INSERT OR DELETE OR UPDATE OF n_votes, n_a_wins "
-    "ON item FOR EACH ROW EXECUTE FUNCTION item_pair_tally()",
+    "CREATE TRIGGER tr_item_pair_tally AFTER DELETE OR UPDATE OF n_votes, n_a_wins ON item "
+    "FOR EACH ROW EXECUTE FUNCTION item_pair_tally()",
 )
 
 # a main, non-preview 2afc vote chose condition a when its side is the one a was shown on
@@ -106,7 +103,7 @@ def downgrade():
         op.execute("DROP TRIGGER tr_item_pair_tally ON item")
         op.execute("DROP FUNCTION item_pair_tally()")
     else:
-        for name in ("tr_item_tally_insert", "tr_item_tally_update", "tr_item_tally_delete"):
+        for name in ("tr_item_tally_update", "tr_item_tally_delete"):
             op.execute(f"DROP TRIGGER {name}")
     op.drop_table("pair_tally")
     with op.batch_alter_table("item", schema=None) as batch_op:
