@@ -259,17 +259,23 @@ def _lowest_load(participant: Participant, study: Study, config: StudyConfig, no
     with open leases (a few per participant online) are read with their loads and merged
     (``leased``: :func:`_leased_free_items` if already read in this transaction)."""
     unleased = _unleased_free_items(participant, study, config, now, pair, exclude)
-    first = db.session.execute(unleased.order_by(Item.n_votes).limit(1)).first()
     found: list[tuple[int, int, int]] = []
-    if first is not None:
-        for level in range(first.n_votes, config.votes_per_item):
-            at_level = unleased.where(Item.n_votes == level).order_by(Item.draw_key)
-            for part in (Item.draw_key >= start, Item.draw_key < start):
-                found += db.session.execute(at_level.where(part).limit(want - len(found))).all()
-                if len(found) >= want:
-                    break
+    # the levels that hold such items, lowest first, each found by one index seek (not
+    # every level up to K: with K = 10⁶ and too few items that walk never ended)
+    def lowest_level_above(level: int) -> int | None:
+        row = db.session.execute(
+            unleased.where(Item.n_votes > level).order_by(Item.n_votes).limit(1)).first()
+        return None if row is None else row.n_votes
+
+    level = lowest_level_above(-1)
+    while level is not None and len(found) < want:
+        at_level = unleased.where(Item.n_votes == level).order_by(Item.draw_key)
+        for part in (Item.draw_key >= start, Item.draw_key < start):
+            found += db.session.execute(at_level.where(part).limit(want - len(found))).all()
             if len(found) >= want:
                 break
+        if len(found) < want:
+            level = lowest_level_above(level)
     if leased is None:
         leased = _leased_free_items(participant, study, config, now)
     skip = set(exclude)

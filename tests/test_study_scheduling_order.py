@@ -187,3 +187,38 @@ def test_an_item_leased_between_the_two_reads_is_a_candidate_once(db_app, tmp_pa
         got = scheduling._lowest_load(person, study, config, NOW, 1000, 1, leased=seen_twice)
         assert len(got) == len(set(got)) == len(every)
         assert set(got) == set(every)
+
+
+def test_a_fetch_with_few_items_and_a_huge_k_reads_only_the_levels_that_exist(db_app, tmp_path):
+    """K = 10⁶ and fewer free items than a batch wants: the fetch leases what there is in a
+    handful of statements. (The level walk used to step through every level up to K, two
+    statements each, so this fetch never returned.)"""
+    from sqlalchemy import event
+
+    from tests.study_support import Participant as ApiParticipant
+    from tests.study_support import make_study, write_stimulus_set
+
+    stimuli = write_stimulus_set(tmp_path / "set", n_images=2, conditions=("a", "b", "c"),
+                                 size=4)
+    slug = make_study(db_app, stimuli, votes_per_item=10**6, trials_per_participant=10,
+                      batch_size=10, catch_trials=0, repeat_trials=0)
+    first = ApiParticipant(db_app.test_client(), slug)
+    leased = first.next().get_json()["trials"]
+    assert len(leased) == 6  # 2 images × 3 pairs
+    for trial in leased[:3]:  # three items at 1 vote, three still leased (load 1)
+        assert first.vote(trial["token"]).status_code == 200
+    statements = []
+    with db_app.app_context():
+        engine = db.engine
+
+    def count(*_args) -> None:
+        statements.append(1)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        second = ApiParticipant(db_app.test_client(), slug)
+        trials = second.next().get_json()["trials"]
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(trials) == 6  # every item again (load 1 each, far under K)
+    assert len(statements) < 60, len(statements)
