@@ -302,7 +302,10 @@ def write_time() -> datetime:
 
 def _lock_leased_items(participant: Participant) -> None:
     """Lock (in id order) the items of the participant's leased main trials, so that
-    renewing or judging those leases is ordered with every vote and lease on the items."""
+    renewing or judging those leases is ordered with every vote and lease on the items.
+    (SQLite: nothing to do, the write transaction is the only writer.)"""
+    if db.session.get_bind().dialect.name == "sqlite":
+        return
     leased = select(Trial.item_id).where(
         Trial.participant_id == participant.id, Trial.status == "leased",
         Trial.kind == "main", Trial.item_id.is_not(None))
@@ -363,11 +366,12 @@ def remaining_trials(participant: Participant, study: Study, config: StudyConfig
             _preview_items(participant, study).subquery()))
     else:
         eligible = _count_free(participant, study, config, now, wanted)
+    repeats_left = config.repeat_trials - usage["repeat"]
     return {
         "main": max(0, min(wanted, eligible or 0)),
         "catch": max(0, config.catch_trials - usage["catch"]),
-        "repeat": max(0, min(config.repeat_trials - usage["repeat"],
-                             len(_repeat_candidates(participant, now)))),
+        "repeat": max(0, min(repeats_left, len(_repeat_candidates(participant, now))))
+        if repeats_left > 0 else 0,  # (no read when none may be issued)
     }
 
 
