@@ -186,9 +186,11 @@ def budget_left(config, votes_and_leases: int) -> int | None:
 
 def choose_pairs(
     study: Study, config, now: datetime, n: int, seed: str, taken, open_trial
-) -> list[tuple[int, int, float]]:
-    """Up to ``n`` (condition_a_id, condition_b_id, gain in bits) for a participant, the
-    pair as its items store it.
+) -> list[tuple[int, int, float, int | None]]:
+    """Up to ``n`` (condition_a_id, condition_b_id, gain in bits, lowest vote level of a
+    free item) for a participant, the pair as its items store it. The level is a lower
+    bound of where the pair's lowest-load free items are (votes only ever add), so the
+    lease can start reading there.
 
     ``taken``: a subquery of the item ids ever issued to this participant; an item is
     free for them when not taken and under K votes (open leases are not subtracted here,
@@ -246,8 +248,10 @@ def choose_pairs(
         priority=priority,
         seed=seed,
     )
-    stored = {key(r[0], r[1]): (int(r[0]), int(r[1])) for r in per_pair}  # the items' own order
-    return [(*stored[position[(c.i, c.j)]], c.gain) for c in chosen]
+    # the pair in the items' own order, and its lowest free level
+    stored = {key(r[0], r[1]): (int(r[0]), int(r[1]), r[4]) for r in per_pair}
+    return [(*stored[position[(c.i, c.j)]][:2], c.gain, stored[position[(c.i, c.j)]][2])
+            for c in chosen]
 
 
 def pair_counts(study: Study, config, taken) -> list[tuple[int, int, int, int, int | None]]:

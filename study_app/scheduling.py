@@ -249,7 +249,8 @@ def _count_free(participant: Participant, study: Study, config: StudyConfig, now
 
 def _lowest_load(participant: Participant, study: Study, config: StudyConfig, now: datetime,
                  want: int, start: int, pair: tuple[int, int] | None = None,
-                 exclude: list[int] = (), leased: list | None = None) -> list[int]:
+                 exclude: list[int] = (), leased: list | None = None,
+                 from_level: int | None = None) -> list[int]:
     """The ids of up to ``want`` free items in scheduling order: lowest load first, ties in
     draw-key order read from ``start`` (what ordering every eligible item by ``(load,
     (draw_key - start) mod DRAW_MOD)`` gives, without reading them all).
@@ -257,7 +258,9 @@ def _lowest_load(participant: Participant, study: Study, config: StudyConfig, no
     Items without an open lease have load = votes: read level by level over the load
     index, each level from ``start`` then wrapping around, ``want`` rows at most; items
     with open leases (a few per participant online) are read with their loads and merged
-    (``leased``: :func:`_leased_free_items` if already read in this transaction)."""
+    (``leased``: :func:`_leased_free_items` if already read in this transaction).
+    ``from_level``: a level no free item is below (e.g. from the pair tallies), so the
+    walk starts there without first seeking the lowest level."""
     unleased = _unleased_free_items(participant, study, config, now, pair, exclude)
     found: list[tuple[int, int, int]] = []
     # the levels that hold such items, lowest first, each found by one index seek (not
@@ -267,7 +270,7 @@ def _lowest_load(participant: Participant, study: Study, config: StudyConfig, no
             unleased.where(Item.n_votes > level).order_by(Item.n_votes).limit(1)).first()
         return None if row is None else row.n_votes
 
-    level = lowest_level_above(-1)
+    level = lowest_level_above(-1) if from_level is None else from_level
     while level is not None and len(found) < want:
         at_level = unleased.where(Item.n_votes == level).order_by(Item.draw_key)
         for part in (Item.draw_key >= start, Item.draw_key < start):
@@ -473,14 +476,17 @@ def _lease_items_active(participant: Participant, study: Study, config: StudyCon
                                   f"{config.seed}:{participant.public_id}:{participant.n_issued}",
                                   _taken(participant), and_(Trial.kind == "main", _open(now)))
     wanted: dict[tuple[int, int], list[float]] = {}
-    for a, b, gain in choices:
+    lowest: dict[tuple[int, int], int | None] = {}
+    for a, b, gain, level in choices:
         wanted.setdefault((a, b), []).append(gain)
+        lowest[(a, b)] = level
     items: list[Item] = []
     gains: dict[int, float] = {}
     # the open leases once for every pair: this fetch's own leases are made after them
     leased = _leased_free_items(participant, study, config, now) if wanted else []
     groups = [(_lowest_load(participant, study, config, now, 2 * len(pair_gains),
-                            rng.randrange(1, DRAW_MOD), pair, leased=leased), len(pair_gains))
+                            rng.randrange(1, DRAW_MOD), pair, leased=leased,
+                            from_level=lowest[pair]), len(pair_gains))
               for pair, pair_gains in wanted.items()]
     for pair_items, pair_gains in zip(_lock_fresh(groups, config, now), wanted.values(),
                                       strict=True):

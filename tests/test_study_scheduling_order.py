@@ -133,6 +133,13 @@ def test_the_index_read_order_is_the_full_lowest_load_order(db_app, tmp_path):
                 scheduling._lowest_load(person, study, config, NOW, 4, start, pair=pair)
                 == in_pair[:4]
             )
+            # started at a lower bound of the pair's levels (the active design passes the
+            # tallies' lowest free level): the same items
+            lowest = {(a, b): low for a, b, _v, _f, low in active.pair_counts(
+                study, config, select(Trial.item_id).where(Trial.participant_id == pid))}
+            for from_level in {0, lowest[pair]} - {None}:
+                assert scheduling._lowest_load(person, study, config, NOW, 4, start,
+                                               pair=pair, from_level=from_level) == in_pair[:4]
             skip = everything[:2]
             assert (
                 scheduling._lowest_load(person, study, config, NOW, 3, start, exclude=skip)
