@@ -42,18 +42,18 @@ from study_app.extensions import db
 from study_app.models import Condition, Item, PairTally, Study, StudyPosterior, Trial
 
 
-def _tally(study: Study):
-    """SQL: the study's :class:`PairTally` rows that hold items."""
-    return select(PairTally).where(PairTally.study_id == study.id, PairTally.n_items > 0)
+def _tally(study: Study, *columns):
+    """SQL: ``columns`` (default: the whole row) of the study's :class:`PairTally` rows
+    that hold items."""
+    return select(*(columns or (PairTally,))).where(
+        PairTally.study_id == study.id, PairTally.n_items > 0)
 
 
 def study_pairs(study: Study) -> list[tuple[int, int]]:
     """The study's condition pairs as its items store them ``(condition_a_id,
     condition_b_id)``, ascending (from the pair tallies: pairs × levels rows)."""
     rows = db.session.execute(
-        select(PairTally.condition_a_id, PairTally.condition_b_id)
-        .where(PairTally.study_id == study.id, PairTally.n_items > 0).distinct()
-    ).all()
+        _tally(study, PairTally.condition_a_id, PairTally.condition_b_id).distinct()).all()
     return sorted((int(a), int(b)) for a, b in rows)
 
 
@@ -250,8 +250,8 @@ def choose_pairs(
     )
     # the pair in the items' own order, and its lowest free level
     stored = {key(r[0], r[1]): (int(r[0]), int(r[1]), r[4]) for r in per_pair}
-    return [(*stored[position[(c.i, c.j)]][:2], c.gain, stored[position[(c.i, c.j)]][2])
-            for c in chosen]
+    return [(a, b, c.gain, lowest)
+            for c in chosen for a, b, lowest in [stored[position[(c.i, c.j)]]]]
 
 
 def pair_counts(study: Study, config, taken) -> list[tuple[int, int, int, int, int | None]]:
@@ -264,9 +264,8 @@ def pair_counts(study: Study, config, taken) -> list[tuple[int, int, int, int, i
     as grouping every item with the participant's exclusions."""
     k = config.votes_per_item
     levels = db.session.execute(
-        select(PairTally.condition_a_id, PairTally.condition_b_id, PairTally.n_votes,
+        _tally(study, PairTally.condition_a_id, PairTally.condition_b_id, PairTally.n_votes,
                PairTally.n_items)
-        .where(PairTally.study_id == study.id, PairTally.n_items > 0)
     ).all()
     mine = Counter(
         tuple(row)

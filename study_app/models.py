@@ -307,9 +307,9 @@ class PairTally(db.Model):
     joins its new one), so every path that counts a vote keeps it exact, in the vote's own
     transaction. (Not a trigger per inserted item: on PostgreSQL that updated each row once
     per item, and the dead row versions of a 240 000-item study made every read of the
-    table slow until a vacuum.) The active
-    design reads its per-pair counts and its win matrix here: pairs × levels rows instead
-    of every item and every vote of the study. Rows whose ``n_items`` fell to 0 stay."""
+    table slow until a vacuum.) The active design reads its per-pair counts and its win
+    matrix here: pairs × levels rows instead of every item and every vote of the study.
+    Rows whose ``n_items`` fell to 0 stay."""
 
     __tablename__ = "pair_tally"
     study_id: Mapped[int] = mapped_column(

@@ -110,20 +110,30 @@ def test_deleted_items_leave_their_levels(db_app, tmp_path):
         assert _tally() == _grouped() != before
 
 
-def test_the_tally_migration_fills_what_the_triggers_keep(db_app, tmp_path):
-    """Down to 0008 (no tallies, no n_a_wins) and up again: the migration's fill from the
-    stored items and votes equals what the triggers kept while the votes came in, and the
-    triggers work again afterwards."""
-    from flask_migrate import downgrade, upgrade
+def _voted_then_down_to_0008(app, tmp_path, participants: int, seed: int) -> tuple[str, dict]:
+    """A study voted on by ``participants``, then the database taken down to revision
+    0008 (no tallies, no n_a_wins); returns the slug and the tallies the triggers kept."""
+    from flask_migrate import downgrade
     from sqlalchemy import inspect
 
-    slug = _study(db_app, tmp_path)
-    _vote_concurrently(db_app, slug, participants=4, seed=3)
-    with db_app.app_context():
+    slug = _study(app, tmp_path)
+    _vote_concurrently(app, slug, participants=participants, seed=seed)
+    with app.app_context():
         kept = _tally()
         db.session.remove()
         downgrade(revision="0008_scheduling_load")
         assert "pair_tally" not in inspect(db.engine).get_table_names()
+    return slug, kept
+
+
+def test_the_tally_migration_fills_what_the_triggers_keep(db_app, tmp_path):
+    """Down to 0008 (no tallies, no n_a_wins) and up again: the migration's fill from the
+    stored items and votes equals what the triggers kept while the votes came in, and the
+    triggers work again afterwards."""
+    from flask_migrate import upgrade
+
+    slug, kept = _voted_then_down_to_0008(db_app, tmp_path, participants=4, seed=3)
+    with db_app.app_context():
         upgrade()
         db.session.remove()
         assert _tally() == kept == _grouped()
@@ -138,19 +148,14 @@ def test_a_database_made_by_create_all_before_the_tallies_is_migrated(db_app, tm
     so the tallies are filled, the triggers exist and the schema matches the models."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
-    from flask_migrate import downgrade
     from sqlalchemy import inspect
 
     from study_app.commands import upgrade_database
     from study_app.models import PAIR_TALLY_TRIGGER_NAMES
     from tests.test_study_migrations import _triggers
 
-    slug = _study(db_app, tmp_path)
-    _vote_concurrently(db_app, slug, participants=3, seed=4)
+    _slug, kept = _voted_then_down_to_0008(db_app, tmp_path, participants=3, seed=4)
     with db_app.app_context():
-        kept = _tally()
-        db.session.remove()
-        downgrade(revision="0008_scheduling_load")
         with db.engine.begin() as connection:
             connection.exec_driver_sql("DROP TABLE alembic_version")
     upgrade_database(db_app)

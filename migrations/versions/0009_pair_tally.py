@@ -3,8 +3,9 @@
 ``item.n_a_wins`` counts the item's 2afc votes that chose condition a (filled from the
 stored votes). ``pair_tally`` holds, per study, condition pair and vote level, the items
 at that level and their wins for a (filled from the items; a new study's rows are made
-with its items); triggers on ``item`` keep it exact from now on. The active design reads its per-pair counts and win matrix there
-instead of scanning every item and every vote of the study per request.
+with its items); triggers on ``item`` keep it exact from now on. The active design reads
+its per-pair counts and win matrix there instead of scanning every item and every vote
+of the study per request.
 
 (A later migration that rebuilds ``item`` with ``batch_alter_table`` on SQLite drops its
 triggers with the old table: it must create them again.)
