@@ -51,12 +51,14 @@ class _HeldLock:
 
 
 def _one_short_lease(app, url: str, tmp_path) -> tuple:
-    """A study with 1 s leases and K = 1, one participant holding one trial, and another
-    writer holding that trial's item: ``(slug, participant, trial, held lock, item id)``."""
+    """A study with 2 s leases and K = 1, one participant holding one trial, and another
+    writer holding that trial's item: ``(slug, participant, trial, held lock, item id)``.
+    (2 s, not 1: the tests need 0.3 s of the lease left once the lock is held, and a CI
+    run once spent 0.75 s between the lease and that check.)"""
     slug = make_study(app, write_stimulus_set(tmp_path / "set", n_images=2,
                                               conditions=("a", "b")),
                       votes_per_item=1, trials_per_participant=2, catch_trials=0,
-                      repeat_trials=0, batch_size=1, lease_seconds=1)
+                      repeat_trials=0, batch_size=1, lease_seconds=2)
     participant = ApiParticipant(app.test_client(), slug)
     trial = participant.next().get_json()["trials"][0]
     with app.app_context():
