@@ -166,6 +166,10 @@ def generate(
         click.echo(f"\ninterrupted; checkpoints so far are in {kept} — run the same command "
                    "with --resume to continue", err=True)
         sys.exit(130)
+    finally:
+        from generation.train import end_distributed
+
+        end_distributed()
     if result.manifest is None:  # a non-main torchrun rank
         return
     click.echo(f"stimulus set: {result.out} ({'reused' if result.reused else 'written'})")
