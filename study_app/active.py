@@ -33,13 +33,15 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime
+from functools import cache
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, literal, select, union_all, update
 
 from analysis.active import Posterior, all_pairs, select_pairs, thurstone_posterior
-from study_app.extensions import db
-from study_app.models import Condition, Item, PairTally, Study, StudyPosterior, Trial
+from study_app.extensions import db, read
+from study_app.models import Condition, Item, PairTally, Study, StudyPosterior, Trial, utcnow
+from study_app.scheduling import issued_item_ids, open_lease
 
 
 def _tally(study: Study, *columns):
@@ -67,11 +69,18 @@ def win_matrix(study: Study, condition_ids: list[int]) -> np.ndarray:
     pair tallies (what grouping the study's votes by pair and chosen condition gives)."""
     index = {cid: k for k, cid in enumerate(condition_ids)}
     wins = np.zeros((len(condition_ids), len(condition_ids)))
-    for row in db.session.scalars(_tally(study)):
-        a, b = index[row.condition_a_id], index[row.condition_b_id]
-        wins[a, b] += row.a_wins
-        wins[b, a] += row.n_votes * row.n_items - row.a_wins
+    for a_id, b_id, votes, items, a_wins in read(_tally_wins(), {"study_id": study.id}).all():
+        a, b = index[a_id], index[b_id]
+        wins[a, b] += a_wins
+        wins[b, a] += votes * items - a_wins
     return wins
+
+
+@cache
+def _tally_wins():
+    return select(PairTally.condition_a_id, PairTally.condition_b_id, PairTally.n_votes,
+                  PairTally.n_items, PairTally.a_wins).where(
+        PairTally.study_id == bindparam("study_id"), PairTally.n_items > 0)
 
 
 def main_votes(study: Study) -> int:
@@ -185,56 +194,42 @@ def budget_left(config, votes_and_leases: int) -> int | None:
 
 
 def choose_pairs(
-    study: Study, config, now: datetime, n: int, seed: str, taken, open_trial
+    study: Study, config, now: datetime, n: int, seed: str, participant_id: int
 ) -> list[tuple[int, int, float, int | None]]:
     """Up to ``n`` (condition_a_id, condition_b_id, gain in bits, lowest vote level of a
     free item) for a participant, the pair as its items store it. The level is a lower
     bound of where the pair's lowest-load free items are (votes only ever add), so the
     lease can start reading there.
 
-    ``taken``: a subquery of the item ids ever issued to this participant; an item is
-    free for them when not taken and under K votes (open leases are not subtracted here,
-    to keep this one scan of the items: the lease itself re-checks the load);
-    ``open_trial``: the SQL condition of an open lease.
+    An item is free for the participant (``participant_id``) when never issued to them
+    and under K votes (open leases are not subtracted here: the lease itself re-checks
+    the load).
     """
     if config.vote_budget is not None:  # count and lease under one lock: never past it
-        db.session.execute(
-            select(StudyPosterior.study_id)
-            .where(StudyPosterior.study_id == study.id)
-            .with_for_update()
-        )
-    # Open leases first, then votes: a vote committed in between is counted twice (as a
-    # lease and a vote), never missed (READ COMMITTED: each statement sees new commits).
-    open_rows = db.session.execute(  # over index ix_trial_study_open: the open leases only
-        select(Item.condition_a_id, Item.condition_b_id, func.count(Trial.id))
-        .join(Item, Trial.item_id == Item.id)
-        .where(
-            Trial.study_id == study.id, Trial.kind == "main", Trial.preview.is_(False), open_trial
-        )
-        .group_by(Item.condition_a_id, Item.condition_b_id)
-    ).all()
-    per_pair = pair_counts(study, config, taken)
+        read(_posterior_locked(), {"study_id": study.id})
+    # the open leases, the tallies and the participant's own items in one statement: one
+    # snapshot, so a vote is counted either as an open lease or as a vote, never both
+    per_pair, open_rows = _pair_state(study, config, participant_id, now)
     posterior, ids = current_posterior(study, config, now, sum(int(r[2]) for r in per_pair))
     if study.main_closed_at is not None:
         return []
-    index = {cid: k for k, cid in enumerate(ids)}
-    pairs = all_pairs(len(ids))
-    position = {(int(a), int(b)): k for k, (a, b) in enumerate(pairs)}
-
-    def key(a: int, b: int) -> int:
-        return position[tuple(sorted((index[a], index[b])))]
-
+    pairs = [(int(i), int(j)) for i, j in all_pairs(len(ids))]
+    # a pair's position in ``pairs`` from its condition ids, in either order
+    key = {}
+    for k, (i, j) in enumerate(pairs):
+        key[ids[i], ids[j]] = key[ids[j], ids[i]] = k
     counts = np.zeros(len(pairs))
     available = np.zeros(len(pairs))
     priority = np.zeros(len(pairs), bool)
     for a, b, votes, n_free, lowest in per_pair:
-        counts[key(a, b)] += votes
-        available[key(a, b)] = n_free
-        priority[key(a, b)] = lowest is not None and lowest < config.item_floor
+        k = key[a, b]
+        counts[k] += votes
+        available[k] = n_free
+        priority[k] = lowest is not None and lowest < config.item_floor
     leased: list[tuple[int, int]] = []
     for a, b, count in open_rows:
-        counts[key(a, b)] += count
-        leased += [(int(pairs[key(a, b)][0]), int(pairs[key(a, b)][1]))] * count
+        counts[key[a, b]] += count
+        leased += [pairs[key[a, b]]] * count
     limit = budget_left(config, int(counts.sum()))
     if limit is not None:
         n = min(n, limit)
@@ -249,32 +244,70 @@ def choose_pairs(
         seed=seed,
     )
     # the pair in the items' own order, and its lowest free level
-    stored = {key(r[0], r[1]): (int(r[0]), int(r[1]), r[4]) for r in per_pair}
+    position = {pair: k for k, pair in enumerate(pairs)}
+    stored = {key[r[0], r[1]]: (int(r[0]), int(r[1]), r[4]) for r in per_pair}
     return [(a, b, c.gain, lowest)
             for c in chosen for a, b, lowest in [stored[position[(c.i, c.j)]]]]
 
 
-def pair_counts(study: Study, config, taken) -> list[tuple[int, int, int, int, int | None]]:
+@cache
+def _posterior_locked():
+    return (select(StudyPosterior.study_id)
+            .where(StudyPosterior.study_id == bindparam("study_id")).with_for_update())
+
+
+TALLY, ISSUED, LEASED = 0, 1, 2  # the row kinds of _pair_state_query
+
+
+@cache
+def _pair_state_query():
+    """SQL, one statement: rows ``(kind, a, b, level, n)`` of three kinds — ``TALLY``: the
+    study's pair tallies (vote level, items at it); ``ISSUED``: each item the participant
+    was issued that is under K (its vote level, 1); ``LEASED``: the study's open main
+    leases per pair (over index ix_trial_study_open: the open leases only; level -1)."""
+    tallies = select(literal(TALLY), PairTally.condition_a_id, PairTally.condition_b_id,
+                     PairTally.n_votes, PairTally.n_items).where(
+        PairTally.study_id == bindparam("study_id"), PairTally.n_items > 0)
+    issued = select(literal(ISSUED), Item.condition_a_id, Item.condition_b_id, Item.n_votes,
+                    literal(1)).where(Item.id.in_(issued_item_ids()),
+                                      Item.n_votes < bindparam("k"))
+    leased = (
+        select(literal(LEASED), Item.condition_a_id, Item.condition_b_id, literal(-1),
+               func.count(Trial.id))
+        .join(Item, Trial.item_id == Item.id)
+        .where(Trial.study_id == bindparam("study_id"), Trial.kind == "main",
+               Trial.preview.is_(False), open_lease())
+        .group_by(Item.condition_a_id, Item.condition_b_id)
+    )
+    return union_all(tallies, issued, leased)
+
+
+def _pair_state(study: Study, config, participant_id: int, now: datetime):
+    """``(pair_counts, open leases per pair as (a, b, count))`` from one read."""
+    rows = read(_pair_state_query(), {"study_id": study.id, "participant_id": participant_id,
+                                      "k": config.votes_per_item, "now": now}).all()
+    levels = [(a, b, level, n) for kind, a, b, level, n in rows if kind == TALLY]
+    mine = Counter((a, b, level) for kind, a, b, level, _n in rows if kind == ISSUED)
+    open_rows = [(a, b, int(n)) for kind, a, b, _level, n in rows if kind == LEASED]
+    return _per_pair(levels, mine, config.votes_per_item), open_rows
+
+
+def pair_counts(study: Study, config, participant_id: int,
+                now: datetime | None = None) -> list[tuple[int, int, int, int, int | None]]:
     """Per condition pair (as the items store it): ``(a, b, votes, free items, lowest votes
     of a free item or None)``; an item is free for the participant when under K votes and
-    not in ``taken`` (a subquery of item ids).
+    never issued to them.
 
     The pair tallies give each pair's items per vote level (pairs × levels rows, whatever
     the study's size), then the participant's own items are taken off: the same numbers
-    as grouping every item with the participant's exclusions."""
-    k = config.votes_per_item
-    levels = db.session.execute(
-        _tally(study, PairTally.condition_a_id, PairTally.condition_b_id, PairTally.n_votes,
-               PairTally.n_items)
-    ).all()
-    mine = Counter(
-        tuple(row)
-        for row in db.session.execute(
-            select(Item.condition_a_id, Item.condition_b_id, Item.n_votes).where(
-                Item.id.in_(taken), Item.n_votes < k
-            )
-        )
-    )
+    as grouping every item with the participant's exclusions. (``now``: when a lease is
+    open, for the open-lease rows read with them; they do not enter these counts.)"""
+    return _pair_state(study, config, participant_id, now or utcnow())[0]
+
+
+def _per_pair(levels, mine: Counter, k: int) -> list[tuple[int, int, int, int, int | None]]:
+    """:func:`pair_counts` from the tallies ``(a, b, level, items)`` and the participant's
+    items under K per ``(a, b, level)``."""
     totals: dict[tuple[int, int], list] = {}
     for a, b, votes, count in sorted(levels):
         entry = totals.setdefault((a, b), [0, 0, None])

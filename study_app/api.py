@@ -15,10 +15,11 @@ import random
 import re
 import secrets
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 from flask import Blueprint, jsonify, request
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.exceptions import HTTPException
 
@@ -353,9 +354,18 @@ def _bearer_token() -> str:
     return token
 
 
-def _authenticated() -> tuple[Participant, Study, StudyConfig]:
+@cache
+def _participant_by_token(lock: bool = False):
+    query = select(Participant).where(Participant.token == bindparam("token"))
+    return query.with_for_update().execution_options(populate_existing=True) if lock else query
+
+
+def _authenticated(lock: bool = False) -> tuple[Participant, Study, StudyConfig]:
+    """The participant of the request's bearer token, their study and its config (401
+    for a token that is not valid). ``lock``: the participant's row locked for this
+    (write) transaction, as :func:`scheduling.lock_participant` locks it."""
     token = _bearer_token()
-    participant = db.session.scalars(select(Participant).where(Participant.token == token)).first()
+    participant = db.session.scalars(_participant_by_token(lock), {"token": token}).first()
     if participant is None:
         raise ApiError(401, "unauthorized", "the participant token is not valid")
     study = db.session.get(Study, participant.study_id)
@@ -564,24 +574,25 @@ def next_trials():
     if unknown:
         raise ApiError(400, "unknown_field", f"unknown field(s) {unknown}; send {{}} or no "
                        "body", field=unknown[0])
-    participant, study, config = _authenticated()
-    if config.calibration.check_needed and participant.display_status != "passed":
-        raise ApiError(409, "display_check_needed",
-                       "this study checks the display before the trials: send a passing "
-                       "report to /participant/display first")
-    participant_id = participant.id
+    _bearer_token()  # 401 for a malformed header before any transaction
 
     def lease_and_answer() -> dict:
+        # authenticated inside the write transaction: the participant's row is read once,
+        # locked, and the study once (no read transaction before it to end and re-read)
+        participant, study, config = _authenticated(lock=True)
+        if config.calibration.check_needed and participant.display_status != "passed":
+            raise ApiError(409, "display_check_needed",
+                           "this study checks the display before the trials: send a "
+                           "passing report to /participant/display first")
         # the answer is built before the commit, from the rows this transaction holds:
         # after it every row would be expired and re-read, one statement per trial
-        trials, done = scheduling.lease_trials(participant_id, study, config)
-        references = dict(db.session.execute(
-            select(Image.id, Image.sha256).where(Image.id.in_({t.image_id for t in trials}))
-        ).all()) if trials else {}
-        locked = db.session.get(Participant, participant_id)  # the row lease_trials locked
-        return {"trials": [trial_json(t, config, references[t.image_id]) for t in trials],
+        trials, done = scheduling.lease_trials(participant.id, study, config,
+                                               locked=participant)
+        references = (scheduling.image_shas([t.image_id for t in trials])
+                      if config.reference_shown else {})
+        return {"trials": [trial_json(t, config, references.get(t.image_id)) for t in trials],
                 "done": done, "study_status": study.status,
-                "progress": _progress(locked, config)}
+                "progress": _progress(participant, config)}
 
     return jsonify(run_write(lease_and_answer))
 

@@ -86,6 +86,17 @@ def _ping_if_idle(dialect):
     return ping
 
 
+def read(statement, params: dict):
+    """The result of ``statement`` (a Core select built once, its values bind
+    parameters) on the ORM session's connection, in the session's transaction.
+
+    The hot paths' reads: building a statement and running it through the ORM session
+    cost ~0.3 ms of Python each, more than the database's own work for an index read;
+    a prebuilt statement's compiled form is reused from the engine's cache (~0.02 ms).
+    No autoflush: what it reads must not depend on unflushed changes of the session."""
+    return db.session.connection().execute(statement, params)
+
+
 def init_extensions(app: Flask) -> None:
     """Bind the extensions to ``app``."""
     db.init_app(app)

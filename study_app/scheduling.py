@@ -46,22 +46,25 @@ import random
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 
 from sqlalchemy import (
     BigInteger,
     and_,
+    bindparam,
     cast,
     func,
     literal,
     or_,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.engine import Connection
 
 from study_app.errors import ApiError
-from study_app.extensions import db
+from study_app.extensions import db, read
 from study_app.models import (
     DRAW_MOD,
     Condition,
@@ -156,24 +159,39 @@ def planned_total(config: StudyConfig) -> int:
     return config.trials_per_participant + config.catch_trials + config.repeat_trials
 
 
-def _open(now: datetime):
-    return and_(Trial.status == "leased", Trial.expires_at > now)
+# The fetch path's statements are built once per process (functools.cache; the flags
+# pick a variant) with every value a bind parameter, and column reads run on the session's
+# connection (extensions.read): building a statement and running it through the ORM
+# session cost more Python than the database's own work for these index reads. Bind
+# names: study_id, participant_id, k (votes per item), now, pair_a, pair_b, level,
+# start, limit, exclude / ids (lists).
 
 
-def _live_or_answered(now: datetime):
-    return or_(Trial.status == "answered", _open(now))
+def open_lease():
+    """SQL: the current ``Trial`` is an open lease at ``now`` (bind)."""
+    return and_(Trial.status == "leased", Trial.expires_at > bindparam("now"))
 
 
-def item_load(now: datetime):
-    """SQL expression: votes + open non-preview main leases of the current ``Item`` row."""
-    open_leases = (
+def _live_or_answered():
+    return or_(Trial.status == "answered", open_lease())
+
+
+@cache
+def _open_leases_of_item():
+    """SQL: the open non-preview main leases of the current ``Item`` row (bind ``now``)."""
+    return (
         select(func.count(Trial.id))
         .where(Trial.item_id == Item.id, Trial.kind == "main", Trial.preview.is_(False),
-               _open(now))
+               open_lease())
         .correlate(Item)
         .scalar_subquery()
     )
-    return Item.n_votes + open_leases
+
+
+def item_load():
+    """SQL expression: votes + open non-preview main leases of the current ``Item`` row
+    (bind ``now``)."""
+    return Item.n_votes + _open_leases_of_item()
 
 
 def _draw_rank(start: int):
@@ -183,39 +201,111 @@ def _draw_rank(start: int):
         DRAW_MOD, BigInteger)
 
 
-def _open_lease_exists(now: datetime):
-    """SQL: the current ``Item`` row has an open non-preview main lease."""
-    return (
-        select(Trial.id)
-        .where(Trial.item_id == Item.id, Trial.status == "leased", Trial.expires_at > now,
-               Trial.kind == "main", Trial.preview.is_(False))
-        .correlate(Item)
-        .exists()
-    )
-
-
-def _taken(participant: Participant):
-    """SQL: the item ids ever issued to ``participant`` as main trials, in any state."""
+@cache
+def issued_item_ids():
+    """SQL: the item ids ever issued to the participant (bind ``participant_id``) as main
+    trials, in any state."""
     return select(Trial.item_id).where(
-        Trial.participant_id == participant.id, Trial.kind == "main",
+        Trial.participant_id == bindparam("participant_id"), Trial.kind == "main",
         Trial.item_id.is_not(None))
 
 
-def _unleased_free_items(participant: Participant, study: Study, config: StudyConfig,
-                         now: datetime, pair: tuple[int, int] | None = None,
-                         exclude: list[int] = ()):
+@cache
+def _unleased_free_items(pair: bool = False, exclude: bool = False, suffix: str = ""):
     """SQL: ``(id, n_votes, draw_key)`` of the study's items with no open lease (so their
-    load is ``n_votes``), under K and never issued to the participant; ``pair``: only its
-    items. Read over index ix_item_study_load / ix_item_study_pair_load, so a ``LIMIT``
-    stops after about as many rows as it returns."""
+    load is ``n_votes``), under K and never issued to the participant; ``pair``: only the
+    items of pair (``pair_a``, ``pair_b``); ``exclude``: not the ids in ``exclude``. Read
+    over index ix_item_study_load / ix_item_study_pair_load, so a ``LIMIT`` stops after
+    about as many rows as it returns. ``suffix``: appended to the pair's bind names (one
+    statement that reads several pairs)."""
+    has_open_lease = (
+        select(Trial.id)
+        .where(Trial.item_id == Item.id, Trial.status == "leased",
+               Trial.expires_at > bindparam("now"), Trial.kind == "main",
+               Trial.preview.is_(False))
+        .correlate(Item)
+        .exists()
+    )
     query = select(Item.id, Item.n_votes, Item.draw_key).where(
-        Item.study_id == study.id, Item.n_votes < config.votes_per_item,
-        Item.id.not_in(_taken(participant)), ~_open_lease_exists(now))
-    if pair is not None:
-        query = query.where(Item.condition_a_id == pair[0], Item.condition_b_id == pair[1])
+        Item.study_id == bindparam("study_id"), Item.n_votes < bindparam("k"),
+        Item.id.not_in(issued_item_ids()), ~has_open_lease)
+    if pair:
+        query = query.where(Item.condition_a_id == bindparam(f"pair_a{suffix}"),
+                            Item.condition_b_id == bindparam(f"pair_b{suffix}"))
     if exclude:
-        query = query.where(Item.id.not_in(list(exclude)))
+        query = query.where(Item.id.not_in(bindparam("exclude", expanding=True)))
     return query
+
+
+@cache
+def _lowest_level_above(pair: bool, exclude: bool):
+    """SQL: the lowest vote level above ``level`` that holds such an item (one seek)."""
+    return (_unleased_free_items(pair, exclude).where(Item.n_votes > bindparam("level"))
+            .order_by(Item.n_votes).limit(1))
+
+
+@cache
+def _at_level(pair: bool, exclude: bool, wrapped: bool, suffix: str = ""):
+    """SQL: up to ``limit`` such items at vote level ``level`` in draw-key order, from
+    ``start`` on (``wrapped``: the ones before ``start``); ``suffix``: on the bind names
+    of the pair, the level, the start and the limit."""
+    start = bindparam(f"start{suffix}")
+    part = Item.draw_key < start if wrapped else Item.draw_key >= start
+    return (_unleased_free_items(pair, exclude, suffix)
+            .where(Item.n_votes == bindparam(f"level{suffix}"), part)
+            .order_by(Item.draw_key).limit(bindparam(f"limit{suffix}")))
+
+
+@cache
+def _first_reads(pairs: int):
+    """SQL, one statement for ``pairs`` pairs: what :func:`_at_level` reads first for each
+    (its level from ``start``), binds suffixed ``_0``, ``_1``, ..., each row led by the
+    pair's index."""
+    branches = []
+    for r in range(pairs):
+        rows = _at_level(True, False, False, f"_{r}").subquery()
+        branches.append(select(literal(r), rows.c.id, rows.c.n_votes, rows.c.draw_key))
+    return union_all(*branches)
+
+
+def _read_first_levels(participant: Participant, study: Study, config: StudyConfig,
+                       now: datetime, wanted: list[tuple[tuple[int, int], int, int, int]]
+                       ) -> list[list[tuple[int, int, int]]]:
+    """For each ``(pair, want, start, level)``: the first read of :func:`_lowest_load`
+    with ``from_level=level`` (up to ``want`` rows ``(id, n_votes, draw_key)``), all of
+    them in one statement (a fetch's pairs: one round trip instead of one each)."""
+    params = _free_params(participant, study, config, now)
+    for r, ((a, b), want, start, level) in enumerate(wanted):
+        params.update({f"pair_a_{r}": a, f"pair_b_{r}": b, f"level_{r}": level,
+                       f"start_{r}": start, f"limit_{r}": want})
+    found: list[list[tuple[int, int, int]]] = [[] for _ in wanted]
+    for r, item_id, votes, key in read(_first_reads(len(wanted)), params).all():
+        found[r].append((item_id, votes, key))
+    for rows in found:  # in draw-key order from the start, as the read of one pair gives
+        rows.sort(key=lambda row: row[2])
+    return found
+
+
+@cache
+def _leased_free_items_query():
+    load = Item.n_votes + func.count(Trial.id)
+    return (
+        select(Item.id, load, Item.draw_key, Item.condition_a_id, Item.condition_b_id)
+        .join(Trial, Trial.item_id == Item.id)
+        .where(Trial.study_id == bindparam("study_id"), Trial.status == "leased",
+               Trial.expires_at > bindparam("now"), Trial.kind == "main",
+               Trial.preview.is_(False), Item.id.not_in(issued_item_ids()))
+        .group_by(Item.id, Item.n_votes, Item.draw_key, Item.condition_a_id,
+                  Item.condition_b_id)
+        .having(load < bindparam("k"))
+    )
+
+
+def _free_params(participant: Participant, study: Study, config: StudyConfig,
+                 now: datetime) -> dict:
+    """The bind values of the free-item reads for ``participant`` at ``now``."""
+    return {"study_id": study.id, "participant_id": participant.id,
+            "k": config.votes_per_item, "now": now}
 
 
 def _leased_free_items(participant: Participant, study: Study, config: StudyConfig,
@@ -223,34 +313,35 @@ def _leased_free_items(participant: Participant, study: Study, config: StudyConf
     """``(id, load, draw_key, pair)`` of the study's items that have open leases, load < K,
     never issued to the participant (one grouped read of the study's open leases, over
     index ix_trial_study_open: as many rows as there are open leases, not items)."""
-    load = Item.n_votes + func.count(Trial.id)
-    rows = db.session.execute(
-        select(Item.id, load, Item.draw_key, Item.condition_a_id, Item.condition_b_id)
-        .join(Trial, Trial.item_id == Item.id)
-        .where(Trial.study_id == study.id, Trial.status == "leased", Trial.expires_at > now,
-               Trial.kind == "main", Trial.preview.is_(False),
-               Item.id.not_in(_taken(participant)))
-        .group_by(Item.id, Item.n_votes, Item.draw_key, Item.condition_a_id,
-                  Item.condition_b_id)
-        .having(load < config.votes_per_item)
-    ).all()
+    rows = read(_leased_free_items_query(),
+                _free_params(participant, study, config, now)).all()
     return [(i, int(n), int(k), (a, b)) for i, n, k, a, b in rows]
 
 
+@cache
+def _count_unleased():
+    # in load order, so PostgreSQL reads index ix_item_study_load (a sequential scan, its
+    # plan for an unordered LIMIT, read ~570 pages to count 16 items of a new study)
+    return select(func.count()).select_from(
+        _unleased_free_items().order_by(Item.n_votes).limit(bindparam("limit")).subquery())
+
+
 def _count_free(participant: Participant, study: Study, config: StudyConfig, now: datetime,
-                limit: int) -> int:
+                limit: int, leased: list | None = None) -> int:
     """How many items the participant may still get (load < K, never issued), counted
-    up to ``limit``: the scan stops after ``limit`` unleased items."""
-    unleased = db.session.scalar(select(func.count()).select_from(
-        _unleased_free_items(participant, study, config, now).limit(limit).subquery()))
-    leased = _leased_free_items(participant, study, config, now)
+    up to ``limit``: the scan stops after ``limit`` unleased items. ``leased``:
+    :func:`_leased_free_items` if already read in this transaction."""
+    params = _free_params(participant, study, config, now)
+    unleased = read(_count_unleased(), dict(params, limit=limit)).scalar()
+    if leased is None:
+        leased = _leased_free_items(participant, study, config, now)
     return min(limit, (unleased or 0) + len(leased))
 
 
 def _lowest_load(participant: Participant, study: Study, config: StudyConfig, now: datetime,
                  want: int, start: int, pair: tuple[int, int] | None = None,
                  exclude: list[int] = (), leased: list | None = None,
-                 from_level: int | None = None) -> list[int]:
+                 from_level: int | None = None, first: list | None = None) -> list[int]:
     """The ids of up to ``want`` free items in scheduling order: lowest load first, ties in
     draw-key order read from ``start`` (what ordering every eligible item by ``(load,
     (draw_key - start) mod DRAW_MOD)`` gives, without reading them all).
@@ -260,21 +351,32 @@ def _lowest_load(participant: Participant, study: Study, config: StudyConfig, no
     with open leases (a few per participant online) are read with their loads and merged
     (``leased``: :func:`_leased_free_items` if already read in this transaction).
     ``from_level``: a level no free item is below (e.g. from the pair tallies), so the
-    walk starts there without first seeking the lowest level."""
-    unleased = _unleased_free_items(participant, study, config, now, pair, exclude)
+    walk starts there without first seeking the lowest level; ``first``: the rows of the
+    walk's first read (level ``from_level`` from ``start``), if already read
+    (:func:`_read_first_levels`)."""
+    params = _free_params(participant, study, config, now)
+    variant = (pair is not None, bool(exclude))
+    if pair is not None:
+        params.update(pair_a=pair[0], pair_b=pair[1])
+    if exclude:
+        params["exclude"] = list(exclude)
     found: list[tuple[int, int, int]] = []
+
     # the levels that hold such items, lowest first, each found by one index seek (not
     # every level up to K: with K = 10⁶ and too few items that walk never ended)
     def lowest_level_above(level: int) -> int | None:
-        row = db.session.execute(
-            unleased.where(Item.n_votes > level).order_by(Item.n_votes).limit(1)).first()
+        row = read(_lowest_level_above(*variant), dict(params, level=level)).first()
         return None if row is None else row.n_votes
 
     level = lowest_level_above(-1) if from_level is None else from_level
     while level is not None and len(found) < want:
-        at_level = unleased.where(Item.n_votes == level).order_by(Item.draw_key)
-        for part in (Item.draw_key >= start, Item.draw_key < start):
-            found += db.session.execute(at_level.where(part).limit(want - len(found))).all()
+        for wrapped in (False, True):
+            if first is not None and not wrapped and level == from_level:
+                found += first
+                first = None
+            else:
+                found += read(_at_level(*variant, wrapped), dict(
+                    params, level=level, start=start, limit=want - len(found))).all()
             if len(found) >= want:
                 break
         if len(found) < want:
@@ -309,53 +411,78 @@ def _lock_leased_items(participant: Participant) -> None:
     (SQLite: nothing to do, the write transaction is the only writer.)"""
     if db.session.get_bind().dialect.name == "sqlite":
         return
+    read(_lock_leased_items_query(), {"participant_id": participant.id})
+
+
+@cache
+def _lock_leased_items_query():
     leased = select(Trial.item_id).where(
-        Trial.participant_id == participant.id, Trial.status == "leased",
+        Trial.participant_id == bindparam("participant_id"), Trial.status == "leased",
         Trial.kind == "main", Trial.item_id.is_not(None))
-    db.session.execute(
-        select(Item.id).where(Item.id.in_(leased)).order_by(Item.id).with_for_update())
+    return select(Item.id).where(Item.id.in_(leased)).order_by(Item.id).with_for_update()
+
+
+@cache
+def _participant_locked():
+    return (select(Participant).where(Participant.id == bindparam("participant_id"))
+            .with_for_update().execution_options(populate_existing=True))
 
 
 def lock_participant(participant_id: int) -> Participant:
     """The participant row, locked for this transaction (PostgreSQL ``FOR UPDATE``)."""
     return db.session.execute(
-        select(Participant).where(Participant.id == participant_id).with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalar_one()
+        _participant_locked(), {"participant_id": participant_id}).scalar_one()
 
 
-def _preview_items(participant: Participant, study: Study):
-    """A preview may get any item it was not issued yet (no quota: previews never count)."""
-    return select(Item).where(Item.study_id == study.id, Item.id.not_in(_taken(participant)))
+@cache
+def _preview_items(exclude: bool = False, pair: bool = False):
+    """A preview may get any item it was not issued yet (no quota: previews never count);
+    binds ``study_id``, ``participant_id`` (and ``exclude``, ``pair_a``/``pair_b``)."""
+    query = select(Item).where(Item.study_id == bindparam("study_id"),
+                               Item.id.not_in(issued_item_ids()))
+    if exclude:
+        query = query.where(Item.id.not_in(bindparam("exclude", expanding=True)))
+    if pair:
+        query = query.where(Item.condition_a_id == bindparam("pair_a"),
+                            Item.condition_b_id == bindparam("pair_b"))
+    return query
+
+
+@cache
+def _repeat_candidates_query():
+    repeated = select(Trial.repeat_of_id).where(
+        Trial.participant_id == bindparam("participant_id"), Trial.kind == "repeat",
+        Trial.repeat_of_id.is_not(None), _live_or_answered(),
+    )
+    return select(Trial).where(
+        Trial.participant_id == bindparam("participant_id"), Trial.kind == "main",
+        Trial.status == "answered", Trial.id.not_in(repeated),
+    ).order_by(Trial.sequence)
 
 
 def _repeat_candidates(participant: Participant, now: datetime) -> list[Trial]:
-    repeated = select(Trial.repeat_of_id).where(
-        Trial.participant_id == participant.id, Trial.kind == "repeat",
-        Trial.repeat_of_id.is_not(None), _live_or_answered(now),
-    )
     return list(db.session.scalars(
-        select(Trial).where(
-            Trial.participant_id == participant.id, Trial.kind == "main",
-            Trial.status == "answered", Trial.id.not_in(repeated),
-        ).order_by(Trial.sequence)
-    ))
+        _repeat_candidates_query(), {"participant_id": participant.id, "now": now}))
+
+
+@cache
+def _usage_query():
+    return select(Trial.kind, func.count(Trial.id)).where(
+        Trial.participant_id == bindparam("participant_id"), _live_or_answered()
+    ).group_by(Trial.kind)
 
 
 def _usage(participant: Participant, now: datetime) -> dict[str, int]:
-    rows = db.session.execute(
-        select(Trial.kind, func.count(Trial.id)).where(
-            Trial.participant_id == participant.id, _live_or_answered(now)
-        ).group_by(Trial.kind)
-    ).all()
+    rows = read(_usage_query(), {"participant_id": participant.id, "now": now}).all()
     usage = dict.fromkeys(KINDS, 0)
     usage.update({kind: count for kind, count in rows})
     return usage
 
 
 def remaining_trials(participant: Participant, study: Study, config: StudyConfig,
-                     now: datetime) -> dict[str, int]:
-    """How many more trials of each kind could be issued to ``participant`` now."""
+                     now: datetime, leased: list | None = None) -> dict[str, int]:
+    """How many more trials of each kind could be issued to ``participant`` now
+    (``leased``: :func:`_leased_free_items` if already read in this transaction)."""
     if study.status != "live" and not participant.preview:
         return dict.fromkeys(KINDS, 0)
     usage = _usage(participant, now)
@@ -365,10 +492,11 @@ def remaining_trials(participant: Participant, study: Study, config: StudyConfig
     if wanted <= 0:
         eligible = 0
     elif participant.preview:
-        eligible = db.session.scalar(select(func.count()).select_from(
-            _preview_items(participant, study).subquery()))
+        eligible = db.session.scalar(
+            select(func.count()).select_from(_preview_items().subquery()),
+            {"study_id": study.id, "participant_id": participant.id})
     else:
-        eligible = _count_free(participant, study, config, now, wanted)
+        eligible = _count_free(participant, study, config, now, wanted, leased)
     repeats_left = config.repeat_trials - usage["repeat"]
     return {
         "main": max(0, min(wanted, eligible or 0)),
@@ -401,34 +529,37 @@ def choose_a_left(a_left: int, b_left: int, rng: random.Random) -> bool:
 
 def _lease_items(participant: Participant, study: Study, config: StudyConfig, now: datetime,
                  n: int, rng: random.Random, pair: tuple[int, int] | None = None,
-                 exclude: list[int] = (), leased: list | None = None) -> list[Item]:
+                 exclude: list[int] = (), leased: list | None = None,
+                 sides: dict | None = None) -> list[Item]:
     """Lock up to ``n`` lowest-load eligible items (SKIP LOCKED) and re-check their load;
     ``pair`` (condition ids, as the items store it): only that pair's items; ``exclude``:
-    item ids to skip. Ties are broken in draw-key order from a random start."""
+    item ids to skip; ``sides``: as :func:`_lock_fresh`. Ties are broken in draw-key
+    order from a random start."""
     if n <= 0:
         return []
     start = rng.randrange(1, DRAW_MOD)
     if participant.preview:
-        query = _preview_items(participant, study)
-        if exclude:
-            query = query.where(Item.id.not_in(list(exclude)))
+        query = _preview_items(bool(exclude), pair is not None)
+        params = {"study_id": study.id, "participant_id": participant.id, "now": now,
+                  "exclude": list(exclude)}
         if pair is not None:
-            query = query.where(Item.condition_a_id == pair[0], Item.condition_b_id == pair[1])
-        return list(db.session.scalars(query.order_by(item_load(now), _draw_rank(start))
-                                       .limit(n)))
+            params.update(pair_a=pair[0], pair_b=pair[1])
+        return list(db.session.scalars(
+            query.order_by(item_load(), _draw_rank(start)).limit(n), params))
     # Twice as many candidates as needed: one locked by a concurrent transaction is
     # skipped and the next one taken.
     candidates = _lowest_load(participant, study, config, now, 2 * n, start, pair, exclude,
                               leased)
-    return _lock_fresh([(candidates, n)], config, now)[0]
+    return _lock_fresh([(candidates, n)], config, now, sides)[0]
 
 
-def _lock_fresh(groups: list[tuple[list[int], int]], config: StudyConfig,
-                now: datetime) -> list[list[Item]]:
+def _lock_fresh(groups: list[tuple[list[int], int]], config: StudyConfig, now: datetime,
+                sides: dict | None = None) -> list[list[Item]]:
     """For each ``(candidate ids, n)``: lock up to ``n`` of the candidates, in their order
     (SKIP LOCKED: one held by a concurrent transaction is passed over for the next), then
     re-read the loads under the locks and keep the items still under K. One locking
-    statement per round for every group, one re-read for all."""
+    statement per round for every group, one re-read for all. ``sides``: filled with
+    :func:`_open_sides` of the locked items (what :func:`_side_counts` needs of them)."""
     chosen: list[list[Item]] = [[] for _ in groups]
     tried = [0] * len(groups)
     while True:
@@ -440,29 +571,39 @@ def _lock_fresh(groups: list[tuple[list[int], int]], config: StudyConfig,
         wanted = [i for batch in batches for i in batch]
         if not wanted:
             break
-        got = {item.id: item for item in db.session.scalars(
-            select(Item).where(Item.id.in_(wanted)).order_by(Item.id)
-            .with_for_update(skip_locked=True).execution_options(populate_existing=True))}
+        got = {item.id: item for item in db.session.scalars(_lock_items(), {"ids": wanted})}
         for g, batch in enumerate(batches):
             chosen[g] += [got[i] for i in batch if i in got]
     every = [item.id for items in chosen for item in items]
     if not every:
         return chosen
-    # Re-read the load after the lock: a statement of its own sees every commit made by
-    # transactions that held these rows before us (PostgreSQL READ COMMITTED).
-    loads = dict(db.session.execute(
-        select(Item.id, item_load(now)).where(Item.id.in_(every))
-    ).all())
-    return [[i for i in items if loads[i.id] < config.votes_per_item] for items in chosen]
+    # The load under the locks: the votes from the locking read (it returns each row's
+    # newest committed version, and no vote changes it while we hold the lock), the open
+    # leases from a statement of its own, which sees every commit made by transactions
+    # that held these rows before us (PostgreSQL READ COMMITTED).
+    leases = _open_sides(every, now)
+    if sides is not None:
+        sides.update(leases)
+    return [[i for i in items if i.n_votes + sum(leases[i.id]) < config.votes_per_item]
+            for items in chosen]
+
+
+@cache
+def _lock_items():
+    """The items ``ids``, locked in id order, skipping those locked by others."""
+    return (select(Item).where(Item.id.in_(bindparam("ids", expanding=True))).order_by(Item.id)
+            .with_for_update(skip_locked=True).execution_options(populate_existing=True))
 
 
 def _lease_items_active(participant: Participant, study: Study, config: StudyConfig,
-                        now: datetime, n: int,
-                        rng: random.Random) -> tuple[list[Item], dict[int, float]]:
+                        now: datetime, n: int, rng: random.Random, leased: list | None = None,
+                        sides: dict | None = None) -> tuple[list[Item], dict[int, float]]:
     """Active design: the pairs from :func:`study_app.active.choose_pairs`, then for each
     the lowest-load eligible items of that pair, leased as :func:`_lease_items` does, all
     pairs' items locked and re-checked together (a pair whose free items were all leased
-    meanwhile: the shortfall from any pair, without a gain). Returns the items and each chosen item's information gain (bits) by id.
+    meanwhile: the shortfall from any pair, without a gain). Returns the items and each
+    chosen item's information gain (bits) by id. ``leased``: :func:`_leased_free_items`
+    if already read in this transaction; ``sides``: as :func:`_lock_fresh`.
     With ``n`` = 0 (e.g. a participant's last fetch) it only brings the posterior and the
     stopping rule up to date, so the last votes can stop the study."""
     from study_app import active  # numpy/scipy: loaded by the first active study only
@@ -474,7 +615,7 @@ def _lease_items_active(participant: Participant, study: Study, config: StudyCon
 
     choices = active.choose_pairs(study, config, now, n,
                                   f"{config.seed}:{participant.public_id}:{participant.n_issued}",
-                                  _taken(participant), and_(Trial.kind == "main", _open(now)))
+                                  participant.id)
     wanted: dict[tuple[int, int], list[float]] = {}
     lowest: dict[tuple[int, int], int | None] = {}
     for a, b, gain, level in choices:
@@ -483,19 +624,27 @@ def _lease_items_active(participant: Participant, study: Study, config: StudyCon
     items: list[Item] = []
     gains: dict[int, float] = {}
     # the open leases once for every pair: this fetch's own leases are made after them
-    leased = _leased_free_items(participant, study, config, now) if wanted else []
-    groups = [(_lowest_load(participant, study, config, now, 2 * len(pair_gains),
-                            rng.randrange(1, DRAW_MOD), pair, leased=leased,
-                            from_level=lowest[pair]), len(pair_gains))
-              for pair, pair_gains in wanted.items()]
-    for pair_items, pair_gains in zip(_lock_fresh(groups, config, now), wanted.values(),
-                                      strict=True):
+    if leased is None:
+        leased = _leased_free_items(participant, study, config, now) if wanted else []
+    reads = [(pair, 2 * len(pair_gains), rng.randrange(1, DRAW_MOD))
+             for pair, pair_gains in wanted.items()]
+    # every pair's first read in one statement (the pairs' lowest free level is known)
+    prefetch = [(pair, want, start, lowest[pair]) for pair, want, start in reads
+                if lowest[pair] is not None]
+    first = dict(zip([r[0] for r in prefetch],
+                     _read_first_levels(participant, study, config, now, prefetch)
+                     if len(prefetch) > 1 else [None] * len(prefetch), strict=True))
+    groups = [(_lowest_load(participant, study, config, now, want, start, pair, leased=leased,
+                            from_level=lowest[pair], first=first.get(pair)), want // 2)
+              for pair, want, start in reads]
+    for pair_items, pair_gains in zip(_lock_fresh(groups, config, now, sides),
+                                      wanted.values(), strict=True):
         for item, gain in zip(pair_items, pair_gains, strict=False):
             items.append(item)
             gains[item.id] = gain
     if len(items) < len(choices):
         items += _lease_items(participant, study, config, now, len(choices) - len(items), rng,
-                              exclude=[i.id for i in items], leased=leased)
+                              exclude=[i.id for i in items], leased=leased, sides=sides)
     return items, gains
 
 
@@ -506,31 +655,61 @@ def _random_item(study: Study, start: int) -> Item:
             or db.session.scalars(query).one())
 
 
-def _side_counts(items: list[Item], now: datetime) -> dict[int, tuple[int, int]]:
-    """(a shown left, b shown left) over votes + open leases, per item id."""
-    rows = db.session.execute(
-        select(Trial.item_id, Trial.a_left, func.count(Trial.id)).where(
-            Trial.item_id.in_([i.id for i in items]), Trial.kind == "main",
-            Trial.preview.is_(False), _open(now),
-        ).group_by(Trial.item_id, Trial.a_left)
-    ).all()
-    counts = {i.id: [i.n_a_left, i.n_votes - i.n_a_left] for i in items}
-    for item_id, a_left, count in rows:
-        counts[item_id][0 if a_left else 1] += count
-    return {k: (v[0], v[1]) for k, v in counts.items()}
+def _open_sides(ids: list[int], now: datetime) -> dict[int, tuple[int, int]]:
+    """Open non-preview main leases per item id: (showing a left, showing b left)."""
+    counts = {i: [0, 0] for i in ids}
+    if ids:
+        for item_id, a_left, count in read(_side_counts_query(),
+                                           {"ids": ids, "now": now}).all():
+            counts[item_id][0 if a_left else 1] += count
+    return {i: (a, b) for i, (a, b) in counts.items()}
+
+
+def _side_counts(items: list[Item], now: datetime,
+                 known: dict | None = None) -> dict[int, tuple[int, int]]:
+    """(a shown left, b shown left) over votes + open leases, per item id (``known``:
+    :func:`_open_sides` already read for some of them under their locks)."""
+    leases = dict(known or {})
+    leases.update(_open_sides([i.id for i in items if i.id not in leases], now))
+    return {i.id: (i.n_a_left + leases[i.id][0], i.n_votes - i.n_a_left + leases[i.id][1])
+            for i in items}
 
 
 def _stimuli(pairs: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[str, str]]:
     """(image id, condition id) -> (sha256, condition name) for the given pairs."""
     if not pairs:
         return {}
-    rows = db.session.execute(
+    rows = read(_stimuli_query(), {"images": sorted({p[0] for p in pairs}),
+                                   "conditions": sorted({p[1] for p in pairs})}).all()
+    return {(r[0], r[1]): (r[2], r[3]) for r in rows if (r[0], r[1]) in pairs}
+
+
+@cache
+def _side_counts_query():
+    return select(Trial.item_id, Trial.a_left, func.count(Trial.id)).where(
+        Trial.item_id.in_(bindparam("ids", expanding=True)), Trial.kind == "main",
+        Trial.preview.is_(False), open_lease(),
+    ).group_by(Trial.item_id, Trial.a_left)
+
+
+@cache
+def _stimuli_query():
+    return (
         select(Stimulus.image_id, Stimulus.condition_id, Stimulus.sha256, Condition.name)
         .join(Condition, Stimulus.condition_id == Condition.id)
-        .where(Stimulus.image_id.in_({p[0] for p in pairs}),
-               Stimulus.condition_id.in_({p[1] for p in pairs}))
-    ).all()
-    return {(r[0], r[1]): (r[2], r[3]) for r in rows if (r[0], r[1]) in pairs}
+        .where(Stimulus.image_id.in_(bindparam("images", expanding=True)),
+               Stimulus.condition_id.in_(bindparam("conditions", expanding=True)))
+    )
+
+
+@cache
+def _image_shas():
+    return select(Image.id, Image.sha256).where(Image.id.in_(bindparam("ids", expanding=True)))
+
+
+def image_shas(image_ids) -> dict[int, str]:
+    """The reference images' sha256 by image id."""
+    return dict(read(_image_shas(), {"ids": sorted(set(image_ids))}).all()) if image_ids else {}
 
 
 def _new_trial(participant: Participant, study: Study, now: datetime, config: StudyConfig,
@@ -544,14 +723,20 @@ def _new_trial(participant: Participant, study: Study, now: datetime, config: St
 
 def open_trials(participant: Participant, now: datetime) -> list[Trial]:
     """The participant's leased, unexpired trials in issue order."""
-    return list(db.session.scalars(
-        select(Trial).where(Trial.participant_id == participant.id, _open(now))
-        .order_by(Trial.sequence)
-    ))
+    return list(db.session.scalars(_open_trials_query(),
+                                   {"participant_id": participant.id, "now": now}))
+
+
+@cache
+def _open_trials_query():
+    return (select(Trial)
+            .where(Trial.participant_id == bindparam("participant_id"), open_lease())
+            .order_by(Trial.sequence))
 
 
 def lease_trials(participant_id: int, study: Study, config: StudyConfig,
-                 now: datetime | None = None) -> tuple[list[Trial], bool]:
+                 now: datetime | None = None,
+                 locked: Participant | None = None) -> tuple[list[Trial], bool]:
     """The participant's open trials, topped up to ``batch_size`` with new leases; the
     open ones are renewed (they expire ``lease_seconds`` from ``now``).
 
@@ -559,9 +744,10 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
     Returns ``(trials, done)``; ``done`` is true when nothing is open and nothing more can
     be issued (the participant may finish). A paused (or draft) study returns the open
     trials without renewing them and issues nothing new; a closed one answers 409
-    ``study_closed`` and changes nothing. Previews run in any state.
+    ``study_closed`` and changes nothing. Previews run in any state. ``locked``: the
+    participant's row if this transaction already locked it (as :func:`lock_participant`).
     """
-    participant = lock_participant(participant_id)
+    participant = locked if locked is not None else lock_participant(participant_id)
     if participant.status != "started":
         raise ApiError(409, "participant_finished",
                        f"this participation is already {participant.status}")
@@ -583,14 +769,21 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
     if want <= 0:
         return trials, False
     rng = random.Random(f"{config.seed}:{participant.public_id}:{participant.n_issued}")
-    remaining = remaining_trials(participant, study, config, now)
+    # the study's open leases, read once for the count and the lease (this fetch's own
+    # leases are made after both)
+    leased = None if participant.preview else _leased_free_items(participant, study, config,
+                                                                  now)
+    remaining = remaining_trials(participant, study, config, now, leased)
     kinds = draw_kinds(want, remaining, rng)
     n_main = kinds.count("main")
     gains: dict[int, float] = {}
+    sides: dict[int, tuple[int, int]] = {}  # the open leases of the items locked below
     if config.design == "active" and not participant.preview:
-        items, gains = _lease_items_active(participant, study, config, now, n_main, rng)
+        items, gains = _lease_items_active(participant, study, config, now, n_main, rng,
+                                           leased, sides)
     else:
-        items = _lease_items(participant, study, config, now, n_main, rng)
+        items = _lease_items(participant, study, config, now, n_main, rng, leased=leased,
+                             sides=sides)
     if len(items) < n_main:  # fewer items than hoped: fill the gap with other kinds
         rest = dict(remaining, main=0)
         for kind in kinds:
@@ -599,7 +792,7 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
         kinds = [k for k in kinds if k != "main"] + draw_kinds(n_main - len(items), rest, rng)
     new: list[Trial] = []
     needed: set[tuple[int, int]] = set()
-    sides = _side_counts(items, now) if items else {}
+    sides = _side_counts(items, now, sides) if items else {}
     jnd = config.task == "jnd"
     for item in items:
         a_left = choose_a_left(*sides[item.id], rng)
@@ -640,9 +833,8 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
                                   left_sha256=original.right_sha256,
                                   right_sha256=original.left_sha256))
     stimuli = _stimuli(needed)
-    references = dict(db.session.execute(
-        select(Image.id, Image.sha256).where(Image.id.in_({t.image_id for t in new}))
-    ).all()) if new else {}
+    references = image_shas([t.image_id for t in new  # the sides that show the reference
+                             if REFERENCE in (t.condition_left, t.condition_right)])
     for trial in new:
         if trial.left_sha256:  # a repeat: copied from its original
             continue

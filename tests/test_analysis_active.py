@@ -12,6 +12,8 @@ from scipy import integrate, optimize, special, stats
 
 from analysis.active import (
     Posterior,
+    _shrink,
+    _shrink_by_pending,
     a_optimal_allocation,
     all_pairs,
     asap_approx_batch,
@@ -71,6 +73,38 @@ def test_variance_reduction_and_batch_shrink_match_explicit_inverses():
         after = np.linalg.inv(np.linalg.inv(post.cov) + w * np.outer(a, a))
         expected = np.trace(centre @ post.cov @ centre) - np.trace(centre @ after @ centre)
         assert reduction[k] == pytest.approx(expected, rel=1e-9)
+        # one vote's update: the batch's rank-one step and the open leases' precision sum
+        shrunk = _shrink(post.cov, post.mean, (int(i), int(j)))
+        np.testing.assert_allclose(shrunk, after, rtol=1e-9, atol=1e-12)
+        pending = _shrink_by_pending(post.cov, post.mean, [(int(j), int(i))])
+        np.testing.assert_allclose(pending, after, rtol=1e-9, atol=1e-12)
+
+
+def test_open_leases_add_their_information_in_any_order():
+    """Hundreds of open leases: their Fisher information at the posterior summed into the
+    precision (an explicit inverse), whatever order the database lists them in."""
+    post = _posterior(7, 9, votes=10)
+    pairs = all_pairs(7)
+    rng = np.random.default_rng(3)
+    leases = [tuple(int(c) for c in pairs[k]) for k in rng.integers(0, len(pairs), 300)]
+    precision = np.linalg.inv(post.cov)
+    for i, j in leases:
+        a = np.zeros(7)
+        a[i], a[j] = 1.0, -1.0
+        mu = (post.mean[i] - post.mean[j]) / JOD_SIGMA
+        z = mu / np.sqrt(1 + a @ post.cov @ a / JOD_SIGMA**2)
+        w = stats.norm.pdf(z) ** 2 / (special.ndtr(z) * special.ndtr(-z)) / JOD_SIGMA**2
+        precision += w * np.outer(a, a)
+    expected = np.linalg.inv(precision)
+    got = _shrink_by_pending(post.cov, post.mean, leases)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    shuffled = [(j, i) if n % 2 else (i, j) for n, (i, j) in enumerate(reversed(leases))]
+    np.testing.assert_allclose(_shrink_by_pending(post.cov, post.mean, shuffled), got,
+                               rtol=1e-12, atol=1e-15)
+    chosen = select_pairs(post, 4, pending=leases, seed=2)
+    again = select_pairs(post, 4, pending=shuffled, seed=2)
+    assert [(c.i, c.j) for c in chosen] == [(c.i, c.j) for c in again]
+    assert [c.gain for c in chosen] == pytest.approx([c.gain for c in again], rel=1e-12)
 
 
 def test_thurstone_posterior_is_the_laplace_approximation():

@@ -227,6 +227,84 @@ def test_a_fresh_vote_takes_the_few_statement_path_and_stores_every_field(
     assert second.get_json()["vote"]["trial_index"] == 1
 
 
+@contextmanager
+def statements_built() -> Iterator[list[str]]:
+    """Where study_app code builds a SQL statement meanwhile, outside the statement
+    builders (the ``functools.cache``d functions of the fetch path, which build each
+    statement once per process): a ``select()`` or a generative step (``.where()``,
+    ``.limit()``...) whose nearest caller outside SQLAlchemy's ``sql`` package is such
+    code. SQLAlchemy's own ORM internals (e.g. ``Session.get``) are not counted."""
+    import sys
+
+    from sqlalchemy.sql import base, selectable
+
+    from study_app import active, api, scheduling
+
+    builders = {
+        function.__wrapped__.__code__
+        for module in (scheduling, active, api)
+        for function in vars(module).values()
+        if getattr(function, "__module__", None) == module.__name__
+        and hasattr(function, "cache_info")
+    }
+    assert len(builders) >= 15  # the fetch path's builders were found
+    built: list[str] = []
+
+    def note() -> None:
+        frame = sys._getframe(2)
+        while frame is not None and ("/sqlalchemy/sql/" in frame.f_code.co_filename
+                                     or frame.f_code.co_filename.startswith("<sqlalchemy")):
+            frame = frame.f_back  # (SQLAlchemy's generated wrappers: "<sqlalchemy ...>")
+        if (frame is not None and "/study_app/" in frame.f_code.co_filename
+                and frame.f_code not in builders):
+            built.append(f"{frame.f_code.co_filename}:{frame.f_lineno}")
+
+    init, generate = selectable.Select.__init__, base.Generative._generate
+
+    def counted_init(self, *args, **kwargs):
+        note()
+        return init(self, *args, **kwargs)
+
+    def counted_generate(self):
+        note()
+        return generate(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selectable.Select, "__init__", counted_init)
+        patch.setattr(base.Generative, "_generate", counted_generate)
+        yield built
+
+
+# the most statements a fetch of 4 new trials sends here (no BEGIN/COMMIT; SQLite's trace
+# shows the 4 inserts as 4): the most seen in 6 runs + 1 (with the random start, a pair's
+# wrap-around read and level walk vary by one or two). An added read per pair or per
+# trial fails here (docs/benchmarks.md "Serving cost").
+FETCH_STATEMENTS = {("sqlite", "balanced"): 19, ("sqlite", "active"): 23,
+                    ("postgresql", "balanced"): 18, ("postgresql", "active"): 22}
+
+
+@pytest.mark.parametrize("design", ["balanced", "active"])
+def test_a_fetch_builds_no_statement_and_sends_a_fixed_few(app, client, stimulus_root, design):
+    """``trials/next`` is the other hot path: its statements are built once per process
+    (every value a bind parameter) and a fetch sends a small, fixed number of them."""
+    slug = make_study(app, stimulus_root, slug=f"few-{design}", design=design,
+                      votes_per_item=3, trials_per_participant=8, catch_trials=0,
+                      repeat_trials=0, practice_trials=0)
+    first = P(client, slug)
+    assert len(first.next().get_json()["trials"]) == 4
+    participant = P(client, slug)
+    with app.app_context():
+        dialect = db.engine.dialect.name
+    with statements_built() as built, statements_sent(app) as sent:
+        response = participant.next()
+    assert response.status_code == 200 and len(response.get_json()["trials"]) == 4
+    assert built == [], built
+    work = [word for word in sent if word not in ("BEGIN", "COMMIT")]
+    assert len(work) <= FETCH_STATEMENTS[dialect, design], sent
+    # and the same study still serves: the first participant's open trials come back
+    assert len(first.next().get_json()["trials"]) == 4
+
+
 BAD_VOTES = [
     ({"choice": "middle"}, "choice"),
     ({"choice": None}, "choice"),

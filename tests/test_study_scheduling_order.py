@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select, update
 
 from study_app import active, scheduling
-from study_app.extensions import db
+from study_app.extensions import db, read
 from study_app.models import DRAW_MOD, Item, Participant, Study, Trial
 from study_app.studies import parse_config
 
@@ -136,7 +136,7 @@ def test_the_index_read_order_is_the_full_lowest_load_order(db_app, tmp_path):
             # started at a lower bound of the pair's levels (the active design passes the
             # tallies' lowest free level): the same items
             lowest = {(a, b): low for a, b, _v, _f, low in active.pair_counts(
-                study, config, select(Trial.item_id).where(Trial.participant_id == pid))}
+                study, config, pid)}
             for from_level in {0, lowest[pair]} - {None}:
                 assert scheduling._lowest_load(person, study, config, NOW, 4, start,
                                                pair=pair, from_level=from_level) == in_pair[:4]
@@ -148,6 +148,37 @@ def test_the_index_read_order_is_the_full_lowest_load_order(db_app, tmp_path):
         eligible = len(_reference(study_id, k, pid, 1))
         for limit in (1, eligible - 1, eligible, eligible + 5):
             assert scheduling._count_free(person, study, config, NOW, limit) == min(limit, eligible)
+
+
+def test_one_statement_reads_every_pairs_first_level_as_their_own_reads(db_app, tmp_path):
+    """An active fetch reads its pairs' first level in one statement
+    (``_read_first_levels``): the same rows as each pair's own first read, and the walk
+    given them leases the same items as without them and as the full sort."""
+    k = 3
+    study_id, config, pid = _populated_study(db_app, tmp_path, k, seed=7)
+    with db_app.app_context():
+        study = db.session.get(Study, study_id)
+        person = db.session.get(Participant, pid)
+        lowest = {(a, b): low for a, b, _v, _f, low in active.pair_counts(
+            study, config, pid, NOW)}
+        pairs = [pair for pair, low in lowest.items() if low is not None]
+        assert len(pairs) >= 3
+        rng = random.Random(5)
+        for _ in range(4):
+            wanted = [(pair, rng.choice((1, 2, 4, 8)), rng.randrange(1, DRAW_MOD), lowest[pair])
+                      for pair in rng.sample(pairs, 3)]
+            got = scheduling._read_first_levels(person, study, config, NOW, wanted)
+            for (pair, want, start, level), rows in zip(wanted, got, strict=True):
+                params = dict(scheduling._free_params(person, study, config, NOW),
+                              pair_a=pair[0], pair_b=pair[1], level=level, start=start,
+                              limit=want)
+                alone = read(scheduling._at_level(True, False, False), params).all()
+                assert [tuple(row) for row in rows] == [tuple(row) for row in alone]
+                walked = scheduling._lowest_load(person, study, config, NOW, want, start, pair,
+                                                 from_level=level, first=rows)
+                assert walked == scheduling._lowest_load(
+                    person, study, config, NOW, want, start, pair, from_level=level)
+                assert walked == _reference(study_id, k, pid, start, pair)[:want]
 
 
 def test_pair_counts_equal_grouping_every_item(db_app, tmp_path):
@@ -165,8 +196,7 @@ def test_pair_counts_equal_grouping_every_item(db_app, tmp_path):
             if item.id not in taken_ids and item.n_votes < k:
                 entry[1] += 1
                 entry[2] = item.n_votes if entry[2] is None else min(entry[2], item.n_votes)
-        taken = select(Trial.item_id).where(Trial.participant_id == pid)
-        got = {(a, b): [v, f, low] for a, b, v, f, low in active.pair_counts(study, config, taken)}
+        got = {(a, b): [v, f, low] for a, b, v, f, low in active.pair_counts(study, config, pid)}
         assert got == dict(expected)
         assert active.study_pairs(study) == sorted(expected)  # the loose index scan
         assert active.study_condition_ids(study) == sorted({c for p in expected for c in p})
