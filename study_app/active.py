@@ -44,18 +44,19 @@ from study_app.models import Condition, Item, PairTally, Study, StudyPosterior, 
 from study_app.scheduling import issued_item_ids, open_lease
 
 
-def _tally(study: Study, *columns):
-    """SQL: ``columns`` (default: the whole row) of the study's :class:`PairTally` rows
-    that hold items."""
-    return select(*(columns or (PairTally,))).where(
-        PairTally.study_id == study.id, PairTally.n_items > 0)
+def _tally(*columns):
+    """SQL: ``columns`` of the study's (bind ``study_id``) :class:`PairTally` rows that
+    hold items."""
+    return select(*columns).where(PairTally.study_id == bindparam("study_id"),
+                                  PairTally.n_items > 0)
 
 
 def study_pairs(study: Study) -> list[tuple[int, int]]:
     """The study's condition pairs as its items store them ``(condition_a_id,
     condition_b_id)``, ascending (from the pair tallies: pairs × levels rows)."""
     rows = db.session.execute(
-        _tally(study, PairTally.condition_a_id, PairTally.condition_b_id).distinct()).all()
+        _tally(PairTally.condition_a_id, PairTally.condition_b_id).distinct(),
+        {"study_id": study.id}).all()
     return sorted((int(a), int(b)) for a, b in rows)
 
 
@@ -78,9 +79,8 @@ def win_matrix(study: Study, condition_ids: list[int]) -> np.ndarray:
 
 @cache
 def _tally_wins():
-    return select(PairTally.condition_a_id, PairTally.condition_b_id, PairTally.n_votes,
-                  PairTally.n_items, PairTally.a_wins).where(
-        PairTally.study_id == bindparam("study_id"), PairTally.n_items > 0)
+    return _tally(PairTally.condition_a_id, PairTally.condition_b_id, PairTally.n_votes,
+                  PairTally.n_items, PairTally.a_wins)
 
 
 def main_votes(study: Study) -> int:
@@ -265,9 +265,8 @@ def _pair_state_query():
     study's pair tallies (vote level, items at it); ``ISSUED``: each item the participant
     was issued that is under K (its vote level, 1); ``LEASED``: the study's open main
     leases per pair (over index ix_trial_study_open: the open leases only; level -1)."""
-    tallies = select(literal(TALLY), PairTally.condition_a_id, PairTally.condition_b_id,
-                     PairTally.n_votes, PairTally.n_items).where(
-        PairTally.study_id == bindparam("study_id"), PairTally.n_items > 0)
+    tallies = _tally(literal(TALLY), PairTally.condition_a_id, PairTally.condition_b_id,
+                     PairTally.n_votes, PairTally.n_items)
     issued = select(literal(ISSUED), Item.condition_a_id, Item.condition_b_id, Item.n_votes,
                     literal(1)).where(Item.id.in_(issued_item_ids()),
                                       Item.n_votes < bindparam("k"))

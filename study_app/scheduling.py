@@ -220,9 +220,8 @@ def _unleased_free_items(pair: bool = False, exclude: bool = False, suffix: str 
     statement that reads several pairs)."""
     has_open_lease = (
         select(Trial.id)
-        .where(Trial.item_id == Item.id, Trial.status == "leased",
-               Trial.expires_at > bindparam("now"), Trial.kind == "main",
-               Trial.preview.is_(False))
+        .where(Trial.item_id == Item.id, Trial.kind == "main", Trial.preview.is_(False),
+               open_lease())
         .correlate(Item)
         .exists()
     )
