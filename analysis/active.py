@@ -288,8 +288,9 @@ def select_pairs(
 
     ``counts`` (P,) votes + open leases per pair of :func:`all_pairs` (default zeros);
     ``pending`` pairs leased but not answered (they shrink the covariance first, so this
-    batch complements them: :func:`_shrink_by_pending`); ``available`` (P,) how many more votes each pair may take
-    now (free items; a pair at 0 is never chosen; default unlimited); a pair whose count
+    batch complements them: :func:`_shrink_by_pending`); ``available`` (P,) how many
+    more votes each pair may take now (free items; a pair at 0 is never chosen; default
+    unlimited); a pair whose count
     (plus what this batch already chose) is under ``pair_floor``, or that is flagged in
     ``priority`` (P,) bool (e.g. an image under its floor; cleared once chosen), is chosen
     before any other, the best first. ``criterion``: "variance" (default; the expected

@@ -41,7 +41,7 @@ from sqlalchemy import bindparam, func, literal, select, union_all, update
 from analysis.active import Posterior, all_pairs, select_pairs, thurstone_posterior
 from study_app.extensions import db, read
 from study_app.models import Condition, Item, PairTally, Study, StudyPosterior, Trial, utcnow
-from study_app.scheduling import issued_item_ids, open_lease
+from study_app.scheduling import issued_item_ids, open_main_lease
 
 
 def _tally(*columns):
@@ -274,8 +274,7 @@ def _pair_state_query():
         select(literal(LEASED), Item.condition_a_id, Item.condition_b_id, literal(-1),
                func.count(Trial.id))
         .join(Item, Trial.item_id == Item.id)
-        .where(Trial.study_id == bindparam("study_id"), Trial.kind == "main",
-               Trial.preview.is_(False), open_lease())
+        .where(Trial.study_id == bindparam("study_id"), open_main_lease())
         .group_by(Item.condition_a_id, Item.condition_b_id)
     )
     return union_all(tallies, issued, leased)

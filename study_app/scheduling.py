@@ -172,6 +172,12 @@ def open_lease():
     return and_(Trial.status == "leased", Trial.expires_at > bindparam("now"))
 
 
+def open_main_lease():
+    """SQL: the current ``Trial`` is an open main lease of a participant, not a preview
+    (what counts toward an item's load; bind ``now``)."""
+    return and_(Trial.kind == "main", Trial.preview.is_(False), open_lease())
+
+
 def _live_or_answered():
     return or_(Trial.status == "answered", open_lease())
 
@@ -181,8 +187,7 @@ def _open_leases_of_item():
     """SQL: the open non-preview main leases of the current ``Item`` row (bind ``now``)."""
     return (
         select(func.count(Trial.id))
-        .where(Trial.item_id == Item.id, Trial.kind == "main", Trial.preview.is_(False),
-               open_lease())
+        .where(Trial.item_id == Item.id, open_main_lease())
         .correlate(Item)
         .scalar_subquery()
     )
@@ -219,11 +224,8 @@ def _unleased_free_items(pair: bool = False, exclude: bool = False, suffix: str 
     about as many rows as it returns. ``suffix``: appended to the pair's bind names (one
     statement that reads several pairs)."""
     has_open_lease = (
-        select(Trial.id)
-        .where(Trial.item_id == Item.id, Trial.kind == "main", Trial.preview.is_(False),
-               open_lease())
-        .correlate(Item)
-        .exists()
+        select(Trial.id).where(Trial.item_id == Item.id, open_main_lease())
+        .correlate(Item).exists()
     )
     query = select(Item.id, Item.n_votes, Item.draw_key).where(
         Item.study_id == bindparam("study_id"), Item.n_votes < bindparam("k"),
@@ -291,9 +293,8 @@ def _leased_free_items_query():
     return (
         select(Item.id, load, Item.draw_key, Item.condition_a_id, Item.condition_b_id)
         .join(Trial, Trial.item_id == Item.id)
-        .where(Trial.study_id == bindparam("study_id"), Trial.status == "leased",
-               Trial.expires_at > bindparam("now"), Trial.kind == "main",
-               Trial.preview.is_(False), Item.id.not_in(issued_item_ids()))
+        .where(Trial.study_id == bindparam("study_id"), open_main_lease(),
+               Item.id.not_in(issued_item_ids()))
         .group_by(Item.id, Item.n_votes, Item.draw_key, Item.condition_a_id,
                   Item.condition_b_id)
         .having(load < bindparam("k"))
@@ -630,9 +631,11 @@ def _lease_items_active(participant: Participant, study: Study, config: StudyCon
     # every pair's first read in one statement (the pairs' lowest free level is known)
     prefetch = [(pair, want, start, lowest[pair]) for pair, want, start in reads
                 if lowest[pair] is not None]
-    first = dict(zip([r[0] for r in prefetch],
-                     _read_first_levels(participant, study, config, now, prefetch)
-                     if len(prefetch) > 1 else [None] * len(prefetch), strict=True))
+    first = {}
+    if len(prefetch) > 1:  # (one pair: its own read is as many round trips)
+        first = dict(zip([pair for pair, *_ in prefetch],
+                         _read_first_levels(participant, study, config, now, prefetch),
+                         strict=True))
     groups = [(_lowest_load(participant, study, config, now, want, start, pair, leased=leased,
                             from_level=lowest[pair], first=first.get(pair)), want // 2)
               for pair, want, start in reads]
@@ -658,7 +661,7 @@ def _open_sides(ids: list[int], now: datetime) -> dict[int, tuple[int, int]]:
     """Open non-preview main leases per item id: (showing a left, showing b left)."""
     counts = {i: [0, 0] for i in ids}
     if ids:
-        for item_id, a_left, count in read(_side_counts_query(),
+        for item_id, a_left, count in read(_open_sides_query(),
                                            {"ids": ids, "now": now}).all():
             counts[item_id][0 if a_left else 1] += count
     return {i: (a, b) for i, (a, b) in counts.items()}
@@ -684,10 +687,9 @@ def _stimuli(pairs: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[str, st
 
 
 @cache
-def _side_counts_query():
+def _open_sides_query():
     return select(Trial.item_id, Trial.a_left, func.count(Trial.id)).where(
-        Trial.item_id.in_(bindparam("ids", expanding=True)), Trial.kind == "main",
-        Trial.preview.is_(False), open_lease(),
+        Trial.item_id.in_(bindparam("ids", expanding=True)), open_main_lease(),
     ).group_by(Trial.item_id, Trial.a_left)
 
 
