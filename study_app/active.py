@@ -32,6 +32,7 @@ analysis fits its scales from the exported votes (``pstudy analyze``).
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 
@@ -108,24 +109,64 @@ def create_posterior(study: Study) -> None:
     db.session.flush()
 
 
+# The stored posterior as last parsed by this process, per study (database, id and creation
+# time: a database made anew at the same address is another key): a memo of the row,
+# used only while the row's (n_votes, computed_at) is unchanged. No state of its own: a
+# restart or another worker reads the same row. Its arrays are read-only.
+_parsed: dict[tuple, tuple[tuple, Posterior, list[int]]] = {}
+
+
+@cache
+def _posterior_version():
+    return select(StudyPosterior.n_votes, StudyPosterior.computed_at).where(
+        StudyPosterior.study_id == bindparam("study_id"))
+
+
+@cache
+def _posterior_row():
+    return select(StudyPosterior.n_votes, StudyPosterior.computed_at,
+                  StudyPosterior.conditions, StudyPosterior.posterior).where(
+        StudyPosterior.study_id == bindparam("study_id"))
+
+
+def stored_posterior(study: Study) -> tuple[int, Posterior, list[int]] | None:
+    """``(votes it was computed from, posterior, condition ids)`` of the study's stored
+    row (None: no row): a small read of the row's version, the row itself parsed only
+    when it changed since this process last parsed it."""
+    params = {"study_id": study.id}
+    version = read(_posterior_version(), params).first()
+    if version is None:
+        return None
+    key = (str(db.engine.url), study.id, study.created_at)
+    known = _parsed.get(key)
+    if known is None or known[0] != tuple(version):
+        row = read(_posterior_row(), params).one()
+        posterior = Posterior.from_dict(row.posterior)
+        posterior.mean.setflags(write=False)
+        posterior.cov.setflags(write=False)
+        known = (row.n_votes, row.computed_at), posterior, [int(i) for i in row.conditions]
+        _parsed[key] = known
+    return known[0][0], known[1], known[2]
+
+
 def current_posterior(
     study: Study, config, now: datetime, total: int | None = None
 ) -> tuple[Posterior, list[int]]:
     """The study's posterior, recomputed first when ``posterior_every`` votes are new and
     this transaction gets the row (else the stored one; see the module docstring); then
     the stopping rule is checked. ``total``: the main votes now, if already counted."""
-    row = db.session.get(StudyPosterior, study.id)
+    stored = stored_posterior(study)
     total = main_votes(study) if total is None else total
-    if row is not None and total - row.n_votes < config.posterior_every:
-        posterior, ids = Posterior.from_dict(row.posterior), list(row.conditions)
+    if stored is not None and total - stored[0] < config.posterior_every:
+        posterior, ids = stored[1], stored[2]
     else:
-        posterior, ids = _recompute(study, row, now)
+        posterior, ids = _recompute(study, stored, now)
     check_stopping_rule(study, config, posterior, total, now)
     return posterior, ids
 
 
 def _recompute(
-    study: Study, row: StudyPosterior | None, now: datetime
+    study: Study, stored: tuple[int, Posterior, list[int]] | None, now: datetime
 ) -> tuple[Posterior, list[int]]:
     locked = db.session.execute(
         select(StudyPosterior)
@@ -133,8 +174,8 @@ def _recompute(
         .with_for_update(skip_locked=True)
         .execution_options(populate_existing=True)
     ).scalar_one_or_none()
-    if row is not None and locked is None:  # another worker is recomputing it right now
-        return Posterior.from_dict(row.posterior), list(row.conditions)
+    if stored is not None and locked is None:  # another worker is recomputing it right now
+        return stored[1], stored[2]
     # the conditions never change after the study is made: the stored list when there is one
     ids = list(locked.conditions) if locked is not None else study_condition_ids(study)
     previous = None if locked is None else Posterior.from_dict(locked.posterior)
@@ -193,23 +234,62 @@ def budget_left(config, votes_and_leases: int) -> int | None:
     return max(0, config.vote_budget - votes_and_leases)
 
 
+@dataclass(frozen=True)
+class PairState:
+    """What one fetch needs of the study's pairs, read in one statement (one snapshot: a
+    vote is counted either as an open lease or as a vote, never both).
+
+    ``per_pair``: as :func:`pair_counts`; ``open_per_pair``: the study's open main leases
+    per pair ``(a, b, count)``; ``leased``: the items with open leases that are free for
+    the participant (load < K, never issued to them) as ``(id, load, draw_key, (a, b))``,
+    what :func:`study_app.scheduling._leased_free_items` reads."""
+
+    per_pair: list[tuple[int, int, int, int, int | None]]
+    open_per_pair: list[tuple[int, int, int]]
+    leased: list[tuple[int, int, int, tuple[int, int]]]
+
+
+def read_pair_state(study: Study, config, participant_id: int, now: datetime,
+                    lock: bool = True) -> PairState:
+    """The :class:`PairState` of ``participant_id`` at ``now``. With a vote budget (and
+    ``lock``) it first takes the posterior row's lock (held to the commit), so a fetch
+    counts and leases under one lock and concurrent fetches never lease past the budget."""
+    if lock and config.vote_budget is not None:
+        read(_posterior_locked(), {"study_id": study.id})
+    rows = read(_pair_state_query(), {"study_id": study.id, "participant_id": participant_id,
+                                      "k": config.votes_per_item, "now": now}).all()
+    k = config.votes_per_item
+    levels, mine, issued = [], Counter(), set()
+    open_per_pair: Counter = Counter()
+    leased_rows = []
+    for kind, a, b, level, n, item_id, draw_key in rows:
+        if kind == TALLY:
+            levels.append((a, b, level, n))
+        elif kind == ISSUED:
+            mine[(a, b, level)] += 1
+            issued.add(item_id)
+        else:
+            open_per_pair[(a, b)] += int(n)
+            leased_rows.append((item_id, int(level) + int(n), int(draw_key), (a, b)))
+    # an issued item at K or more votes is not in ``issued``, but its load is not under K
+    leased = [row for row in leased_rows if row[1] < k and row[0] not in issued]
+    return PairState(_per_pair(levels, mine, k),
+                     [(a, b, count) for (a, b), count in open_per_pair.items()], leased)
+
+
 def choose_pairs(
-    study: Study, config, now: datetime, n: int, seed: str, participant_id: int
+    study: Study, config, now: datetime, n: int, seed: str, state: PairState
 ) -> list[tuple[int, int, float, int | None]]:
     """Up to ``n`` (condition_a_id, condition_b_id, gain in bits, lowest vote level of a
     free item) for a participant, the pair as its items store it. The level is a lower
     bound of where the pair's lowest-load free items are (votes only ever add), so the
-    lease can start reading there.
+    lease can start reading there. ``state``: :func:`read_pair_state` of the participant
+    in this transaction.
 
-    An item is free for the participant (``participant_id``) when never issued to them
-    and under K votes (open leases are not subtracted here: the lease itself re-checks
-    the load).
+    An item is free for the participant when never issued to them and under K votes
+    (open leases are not subtracted here: the lease itself re-checks the load).
     """
-    if config.vote_budget is not None:  # count and lease under one lock: never past it
-        read(_posterior_locked(), {"study_id": study.id})
-    # the open leases, the tallies and the participant's own items in one statement: one
-    # snapshot, so a vote is counted either as an open lease or as a vote, never both
-    per_pair, open_rows = _pair_state(study, config, participant_id, now)
+    per_pair = state.per_pair
     posterior, ids = current_posterior(study, config, now, sum(int(r[2]) for r in per_pair))
     if study.main_closed_at is not None:
         return []
@@ -227,7 +307,7 @@ def choose_pairs(
         available[k] = n_free
         priority[k] = lowest is not None and lowest < config.item_floor
     leased: list[tuple[int, int]] = []
-    for a, b, count in open_rows:
+    for a, b, count in state.open_per_pair:
         counts[key[a, b]] += count
         leased += [pairs[key[a, b]]] * count
     limit = budget_left(config, int(counts.sum()))
@@ -261,33 +341,26 @@ TALLY, ISSUED, LEASED = 0, 1, 2  # the row kinds of _pair_state_query
 
 @cache
 def _pair_state_query():
-    """SQL, one statement: rows ``(kind, a, b, level, n)`` of three kinds — ``TALLY``: the
-    study's pair tallies (vote level, items at it); ``ISSUED``: each item the participant
-    was issued that is under K (its vote level, 1); ``LEASED``: the study's open main
-    leases per pair (over index ix_trial_study_open: the open leases only; level -1)."""
+    """SQL, one statement: rows ``(kind, a, b, level, n, item id, draw key)`` of three
+    kinds — ``TALLY``: the study's pair tallies (vote level, items at it; no item);
+    ``ISSUED``: each item the participant was issued that is under K (its vote level, 1,
+    its id; no draw key); ``LEASED``: each of the study's items with open main leases (its
+    vote level, its open leases, its id and draw key; over index ix_trial_study_open: the
+    open leases only)."""
     tallies = _tally(literal(TALLY), PairTally.condition_a_id, PairTally.condition_b_id,
-                     PairTally.n_votes, PairTally.n_items)
+                     PairTally.n_votes, PairTally.n_items, literal(-1), literal(-1))
     issued = select(literal(ISSUED), Item.condition_a_id, Item.condition_b_id, Item.n_votes,
-                    literal(1)).where(Item.id.in_(issued_item_ids()),
-                                      Item.n_votes < bindparam("k"))
+                    literal(1), Item.id, literal(-1)).where(
+        Item.id.in_(issued_item_ids()), Item.n_votes < bindparam("k"))
     leased = (
-        select(literal(LEASED), Item.condition_a_id, Item.condition_b_id, literal(-1),
-               func.count(Trial.id))
+        select(literal(LEASED), Item.condition_a_id, Item.condition_b_id, Item.n_votes,
+               func.count(Trial.id), Item.id, Item.draw_key)
         .join(Item, Trial.item_id == Item.id)
         .where(Trial.study_id == bindparam("study_id"), open_main_lease())
-        .group_by(Item.condition_a_id, Item.condition_b_id)
+        .group_by(Item.id, Item.condition_a_id, Item.condition_b_id, Item.n_votes,
+                  Item.draw_key)
     )
     return union_all(tallies, issued, leased)
-
-
-def _pair_state(study: Study, config, participant_id: int, now: datetime):
-    """``(pair_counts, open leases per pair as (a, b, count))`` from one read."""
-    rows = read(_pair_state_query(), {"study_id": study.id, "participant_id": participant_id,
-                                      "k": config.votes_per_item, "now": now}).all()
-    levels = [(a, b, level, n) for kind, a, b, level, n in rows if kind == TALLY]
-    mine = Counter((a, b, level) for kind, a, b, level, _n in rows if kind == ISSUED)
-    open_rows = [(a, b, int(n)) for kind, a, b, _level, n in rows if kind == LEASED]
-    return _per_pair(levels, mine, config.votes_per_item), open_rows
 
 
 def pair_counts(study: Study, config, participant_id: int,
@@ -300,7 +373,7 @@ def pair_counts(study: Study, config, participant_id: int,
     the study's size), then the participant's own items are taken off: the same numbers
     as grouping every item with the participant's exclusions. (``now``: when a lease is
     open, for the open-lease rows read with them; they do not enter these counts.)"""
-    return _pair_state(study, config, participant_id, now or utcnow())[0]
+    return read_pair_state(study, config, participant_id, now or utcnow(), lock=False).per_pair
 
 
 def _per_pair(levels, mine: Counter, k: int) -> list[tuple[int, int, int, int, int | None]]:

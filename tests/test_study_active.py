@@ -338,3 +338,30 @@ def test_the_analysis_report_notes_an_adaptive_design():
     assert adaptive_design_note({"study_config": {"design": "balanced"}}) is None
     note = adaptive_design_note({"study_config": {"design": "active"}})
     assert "chosen adaptively" in note and "info_gain" in note
+
+
+def test_a_worker_parses_the_stored_posterior_once_and_sees_another_workers_update(
+        db_app, tmp_path):
+    """``active.stored_posterior`` keeps the parsed row per process while the row's version
+    (votes, computed_at) stands, read-only; an update stored by another process (here a
+    plain UPDATE) is read and parsed on the next call."""
+    from analysis.active import Posterior
+    from study_app import active
+
+    slug = _active_study(db_app, tmp_path)
+    with db_app.app_context():
+        study = db.session.scalars(select(Study).where(Study.slug == slug)).one()
+        votes, first, ids = active.stored_posterior(study)
+        assert votes == 0 and ids == active.study_condition_ids(study)
+        assert active.stored_posterior(study)[1] is first  # not parsed again
+        assert not first.mean.flags.writeable and not first.cov.flags.writeable
+        changed = Posterior(np.arange(4.0), np.eye(4) * 0.5, 12)
+        db.session.execute(
+            StudyPosterior.__table__.update().where(StudyPosterior.study_id == study.id)
+            .values(n_votes=12, posterior=changed.to_dict(),
+                    computed_at=datetime(2026, 12, 5, tzinfo=UTC)))
+        db.session.commit()
+        votes, second, _ = active.stored_posterior(study)
+        assert votes == 12 and second is not first
+        np.testing.assert_array_equal(second.mean, changed.mean)
+        np.testing.assert_array_equal(second.cov, changed.cov)
