@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import random
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -311,6 +312,19 @@ def _free_params(participant: Participant, study: Study, config: StudyConfig,
             "k": config.votes_per_item, "now": now}
 
 
+Leased = list | Callable[[], list] | None
+"""The study's leased items free for the participant (:func:`_leased_free_items`'s rows):
+the rows, a function that reads them once when first called (a fetch needs them only when
+the unleased items do not settle it), or None to read them at the point of use."""
+
+
+def _leased_rows(leased: Leased, participant: Participant, study: Study,
+                 config: StudyConfig, now: datetime) -> list:
+    if leased is None:
+        return _leased_free_items(participant, study, config, now)
+    return leased() if callable(leased) else leased
+
+
 def _leased_free_items(participant: Participant, study: Study, config: StudyConfig,
                        now: datetime) -> list[tuple[int, int, int, tuple[int, int]]]:
     """``(id, load, draw_key, pair)`` of the study's items that have open leases, load < K,
@@ -330,20 +344,20 @@ def _count_unleased():
 
 
 def _count_free(participant: Participant, study: Study, config: StudyConfig, now: datetime,
-                limit: int, leased: list | None = None) -> int:
+                limit: int, leased: Leased = None) -> int:
     """How many items the participant may still get (load < K, never issued), counted
-    up to ``limit``: the scan stops after ``limit`` unleased items. ``leased``:
-    :func:`_leased_free_items` if already read in this transaction."""
+    up to ``limit``: the scan stops after ``limit`` unleased items (and the leased ones
+    are not read when those reach it). ``leased``: see :data:`Leased`."""
     params = _free_params(participant, study, config, now)
-    unleased = read(_count_unleased(), dict(params, limit=limit)).scalar()
-    if leased is None:
-        leased = _leased_free_items(participant, study, config, now)
-    return min(limit, (unleased or 0) + len(leased))
+    unleased = read(_count_unleased(), dict(params, limit=limit)).scalar() or 0
+    if unleased >= limit:
+        return limit
+    return min(limit, unleased + len(_leased_rows(leased, participant, study, config, now)))
 
 
 def _lowest_load(participant: Participant, study: Study, config: StudyConfig, now: datetime,
                  want: int, start: int, pair: tuple[int, int] | None = None,
-                 exclude: list[int] = (), leased: list | None = None,
+                 exclude: list[int] = (), leased: Leased = None,
                  from_level: int | None = None, first: list | None = None) -> list[int]:
     """The ids of up to ``want`` free items in scheduling order: lowest load first, ties in
     draw-key order read from ``start`` (what ordering every eligible item by ``(load,
@@ -352,7 +366,8 @@ def _lowest_load(participant: Participant, study: Study, config: StudyConfig, no
     Items without an open lease have load = votes: read level by level over the load
     index, each level from ``start`` then wrapping around, ``want`` rows at most; items
     with open leases (a few per participant online) are read with their loads and merged
-    (``leased``: :func:`_leased_free_items` if already read in this transaction).
+    (``leased``: see :data:`Leased`; not read when ``want`` unleased items at load 0 are
+    found: an item with an open lease has load 1 or more, so none could come before them).
     ``from_level``: a level no free item is below (e.g. from the pair tallies), so the
     walk starts there without first seeking the lowest level; ``first``: the rows of the
     walk's first read (level ``from_level`` from ``start``), if already read
@@ -384,11 +399,10 @@ def _lowest_load(participant: Participant, study: Study, config: StudyConfig, no
                 break
         if len(found) < want:
             level = lowest_level_above(level)
-    if leased is None:
-        leased = _leased_free_items(participant, study, config, now)
-    skip = set(exclude)
-    found += [row for row in leased
-              if row[0] not in skip and (pair is None or row[3] == tuple(pair))]
+    if len(found) < want or max(row[1] for row in found) > 0:  # else none leased comes first
+        skip = set(exclude)
+        found += [row for row in _leased_rows(leased, participant, study, config, now)
+                  if row[0] not in skip and (pair is None or row[3] == tuple(pair))]
     found.sort(key=lambda row: (row[1], (row[2] - start) % DRAW_MOD))
     # Once each: on PostgreSQL the two reads see different commits, so an item leased in
     # between is in both (its lower load first; the lease re-checks it under its lock).
@@ -483,9 +497,9 @@ def _usage(participant: Participant, now: datetime) -> dict[str, int]:
 
 
 def remaining_trials(participant: Participant, study: Study, config: StudyConfig,
-                     now: datetime, leased: list | None = None) -> dict[str, int]:
+                     now: datetime, leased: Leased = None) -> dict[str, int]:
     """How many more trials of each kind could be issued to ``participant`` now
-    (``leased``: :func:`_leased_free_items` if already read in this transaction)."""
+    (``leased``: see :data:`Leased`)."""
     if study.status != "live" and not participant.preview:
         return dict.fromkeys(KINDS, 0)
     usage = _usage(participant, now)
@@ -532,7 +546,7 @@ def choose_a_left(a_left: int, b_left: int, rng: random.Random) -> bool:
 
 def _lease_items(participant: Participant, study: Study, config: StudyConfig, now: datetime,
                  n: int, rng: random.Random, pair: tuple[int, int] | None = None,
-                 exclude: list[int] = (), leased: list | None = None,
+                 exclude: list[int] = (), leased: Leased = None,
                  sides: dict | None = None) -> list[Item]:
     """Lock up to ``n`` lowest-load eligible items (SKIP LOCKED) and re-check their load;
     ``pair`` (condition ids, as the items store it): only that pair's items; ``exclude``:
@@ -799,8 +813,9 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
     if want <= 0:
         return trials, False
     rng = random.Random(f"{config.seed}:{participant.public_id}:{participant.n_issued}")
-    # the study's open leases, read once for the count and the lease (this fetch's own
-    # leases are made after both); an active study reads them with its pairs' state
+    # the study's open leases, read at most once for the count and the lease (this fetch's
+    # own leases are made after both): an active study reads them with its pairs' state, a
+    # balanced one only if the unleased items do not settle the count and the lease
     state = leased = None
     if config.design == "active" and not participant.preview:
         from study_app import active  # numpy/scipy: loaded by the first active study only
@@ -808,7 +823,7 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
         state = active.read_pair_state(study, config, participant.id, now)
         leased = state.leased
     elif not participant.preview:
-        leased = _leased_free_items(participant, study, config, now)
+        leased = cache(lambda: _leased_free_items(participant, study, config, now))
     remaining = remaining_trials(participant, study, config, now, leased)
     kinds = draw_kinds(want, remaining, rng)
     n_main = kinds.count("main")

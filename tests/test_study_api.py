@@ -278,8 +278,8 @@ def statements_built() -> Iterator[list[str]]:
 # the statements a fetch of 4 new trials sends here (no BEGIN/COMMIT; SQLite's trace shows
 # the 4 inserts as 4), measured: an added read per pair or per trial fails here
 # (docs/benchmarks.md "Serving cost").
-FETCH_STATEMENTS = {("sqlite", "balanced"): 17, ("sqlite", "active"): 21,
-                    ("postgresql", "balanced"): 16, ("postgresql", "active"): 20}
+FETCH_STATEMENTS = {("sqlite", "balanced"): 16, ("sqlite", "active"): 21,
+                    ("postgresql", "balanced"): 15, ("postgresql", "active"): 20}
 
 
 @pytest.mark.parametrize("design", ["balanced", "active"])

@@ -363,3 +363,45 @@ def test_the_new_trials_are_inserted_in_one_statement_as_rows_of_the_session(db_
                                     .where(Trial.id.not_in(before)).order_by(Trial.id)).all()
         assert [tuple(r) for r in stored] == sorted(made)
         assert db.session.get(Trial, made[0][0]).condition_left == "changed"
+
+
+def test_the_leased_items_are_read_only_when_the_unleased_ones_do_not_settle_it(
+        db_app, tmp_path):
+    """An item with an open lease has load 1 or more: when the walk finds every wanted item
+    at load 0, or the capped count reaches its limit on unleased items alone, the study's
+    open leases are not read (a balanced fetch's costliest read with many participants
+    online); otherwise they are, and the answer is the full order's either way."""
+    k = 3
+    study_id, config, pid = _populated_study(db_app, tmp_path, k, seed=11)
+    with db_app.app_context():
+        study = db.session.get(Study, study_id)
+        person = db.session.get(Participant, pid)
+        reads = []
+
+        def leased():
+            reads.append(1)
+            return scheduling._leased_free_items(person, study, config, NOW)
+
+        everything = _reference(study_id, k, pid, 1)
+        votes = {i.id: i.n_votes for i in db.session.scalars(select(Item))}
+        with_lease = {row[0] for row in scheduling._leased_free_items(person, study, config,
+                                                                      NOW)}
+        at_zero = sum(1 for i in everything if votes[i] == 0 and i not in with_lease)
+        assert 0 < at_zero < len(everything) and with_lease
+        assert scheduling._lowest_load(person, study, config, NOW, at_zero, 1,
+                                       leased=leased) == everything[:at_zero]
+        assert scheduling._count_free(person, study, config, NOW, at_zero,
+                                      leased=leased) == at_zero
+        assert reads == []
+        assert scheduling._lowest_load(person, study, config, NOW, len(everything) + 2, 1,
+                                       leased=leased) == everything
+        assert reads == [1]
+        assert scheduling._count_free(person, study, config, NOW, len(everything) + 2,
+                                      leased=leased) == len(everything)
+        assert reads == [1, 1]
+        # wanting a few past load 0: the leased items at load 1 take their turn in key order
+        for start in random.Random(5).sample(range(1, DRAW_MOD), 6):
+            order = _reference(study_id, k, pid, start)
+            for want in (at_zero + 1, at_zero + 3):
+                assert scheduling._lowest_load(person, study, config, NOW, want, start,
+                                               leased=leased) == order[:want]
