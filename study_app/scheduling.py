@@ -613,17 +613,16 @@ def _lock_items():
 
 
 def _lease_items_active(participant: Participant, study: Study, config: StudyConfig,
-                        now: datetime, n: int, rng: random.Random, state=None,
+                        now: datetime, n: int, rng: random.Random, leased: Leased = None,
                         sides: dict | None = None) -> tuple[list[Item], dict[int, float]]:
     """Active design: the pairs from :func:`study_app.active.choose_pairs`, then for each
     the lowest-load eligible items of that pair, leased as :func:`_lease_items` does, all
     pairs' items locked and re-checked together (a pair whose free items were all leased
     meanwhile: the shortfall from any pair, without a gain). Returns the items and each
-    chosen item's information gain (bits) by id. ``state``:
-    :func:`study_app.active.read_pair_state` if already read in this transaction (it
-    holds the open leases: this fetch's own leases are made after them); ``sides``: as
-    :func:`_lock_fresh`. With ``n`` = 0 (e.g. a participant's last fetch) it only brings
-    the posterior and the stopping rule up to date, so the last votes can stop the study."""
+    chosen item's information gain (bits) by id. ``leased``: see :data:`Leased`;
+    ``sides``: as :func:`_lock_fresh`. With ``n`` = 0 (e.g. a participant's last fetch)
+    it only brings the posterior and the stopping rule up to date, so the last votes can
+    stop the study."""
     from study_app import active  # numpy/scipy: loaded by the first active study only
 
     if n <= 0:
@@ -631,12 +630,9 @@ def _lease_items_active(participant: Participant, study: Study, config: StudyCon
             active.current_posterior(study, config, now)
         return [], {}
 
-    if state is None:
-        state = active.read_pair_state(study, config, participant.id, now)
     choices = active.choose_pairs(study, config, now, n,
                                   f"{config.seed}:{participant.public_id}:{participant.n_issued}",
-                                  state)
-    leased = state.leased
+                                  active.read_pair_state(study, config, participant.id, now))
     wanted: dict[tuple[int, int], list[float]] = {}
     lowest: dict[tuple[int, int], int | None] = {}
     for a, b, gain, level in choices:
@@ -665,6 +661,7 @@ def _lease_items_active(participant: Participant, study: Study, config: StudyCon
     if len(items) < len(choices):
         items += _lease_items(participant, study, config, now, len(choices) - len(items), rng,
                               exclude=[i.id for i in items], leased=leased, sides=sides)
+    active.remember_pairs(study, items)
     return items, gains
 
 
@@ -813,17 +810,11 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
     if want <= 0:
         return trials, False
     rng = random.Random(f"{config.seed}:{participant.public_id}:{participant.n_issued}")
-    # the study's open leases, read at most once for the count and the lease (this fetch's
-    # own leases are made after both): an active study reads them with its pairs' state, a
-    # balanced one only if the unleased items do not settle the count and the lease
-    state = leased = None
-    if config.design == "active" and not participant.preview:
-        from study_app import active  # numpy/scipy: loaded by the first active study only
-
-        state = active.read_pair_state(study, config, participant.id, now)
-        leased = state.leased
-    elif not participant.preview:
-        leased = cache(lambda: _leased_free_items(participant, study, config, now))
+    # the study's leased items free for the participant, read at most once for the count
+    # and the lease (this fetch's own leases are made after both), and only if the unleased
+    # items do not settle them
+    leased = None if participant.preview else cache(
+        lambda: _leased_free_items(participant, study, config, now))
     remaining = remaining_trials(participant, study, config, now, leased)
     kinds = draw_kinds(want, remaining, rng)
     n_main = kinds.count("main")
@@ -831,7 +822,7 @@ def lease_trials(participant_id: int, study: Study, config: StudyConfig,
     sides: dict[int, tuple[int, int]] = {}  # the open leases of the items locked below
     if config.design == "active" and not participant.preview:
         items, gains = _lease_items_active(participant, study, config, now, n_main, rng,
-                                           state, sides)
+                                           leased, sides)
     else:
         items = _lease_items(participant, study, config, now, n_main, rng, leased=leased,
                              sides=sides)

@@ -277,9 +277,11 @@ def statements_built() -> Iterator[list[str]]:
 
 # the statements a fetch of 4 new trials sends here (no BEGIN/COMMIT; SQLite's trace shows
 # the 4 inserts as 4), measured: an added read per pair or per trial fails here
-# (docs/benchmarks.md "Serving cost").
-FETCH_STATEMENTS = {("sqlite", "balanced"): 16, ("sqlite", "active"): 21,
-                    ("postgresql", "balanced"): 15, ("postgresql", "active"): 20}
+# (docs/benchmarks.md "Serving cost"). This study is small: in the active design a chosen
+# pair has fewer free items than the fetch wants as candidates, so the study's leased items
+# are read too (a large study's fetch skips that read: one statement fewer).
+FETCH_STATEMENTS = {("sqlite", "balanced"): 16, ("sqlite", "active"): 22,
+                    ("postgresql", "balanced"): 15, ("postgresql", "active"): 21}
 
 
 @pytest.mark.parametrize("design", ["balanced", "active"])

@@ -261,11 +261,12 @@ def test_a_fetch_with_few_items_and_a_huge_k_reads_only_the_levels_that_exist(db
     assert len(statements) < 60, len(statements)
 
 
-def test_one_read_gives_the_pairs_the_open_leases_and_the_leased_candidates(db_app, tmp_path):
+def test_one_read_gives_the_pairs_and_their_open_leases(db_app, tmp_path, monkeypatch):
     """``active.read_pair_state`` reads the tallies, the participant's items and the open
-    leases in one statement; what it derives equals the raw rows: the open main leases per
-    pair, and the leased items free for the participant (as the balanced design's own
-    read ``scheduling._leased_free_items`` lists them)."""
+    leases per item in one statement, the items' pairs from a per-process memo (one read
+    of the items it has not seen); the open main leases per pair equal the raw rows'. And
+    the leased items free for the participant (``scheduling._leased_free_items``) are the
+    raw rows' too: not their own, not at K."""
     k = 3
     study_id, config, pid = _populated_study(db_app, tmp_path, k, seed=4)
     with db_app.app_context():
@@ -295,12 +296,24 @@ def test_one_read_gives_the_pairs_the_open_leases_and_the_leased_candidates(db_a
                       if i not in taken and items[i].n_votes + n < k)
         assert free and own.id in open_leases and own.id not in {row[0] for row in free}
 
+        assert sorted(scheduling._leased_free_items(person, study, config, NOW)) == free
+
+        sent = []
+        monkeypatch.setattr(active, "read", lambda statement, params: sent.append(
+            statement) or read(statement, params))
+        for round_ in range(2):  # the second time, every item's pair is known
+            sent.clear()
+            state = active.read_pair_state(study, config, pid, NOW)
+            assert {(a, b): n for a, b, n in state.open_per_pair} == dict(per_pair)
+            assert state.per_pair == active.pair_counts(study, config, pid, NOW)
+            assert (active._item_pairs_query() in sent) == (round_ == 0)
+        # a process's own new leases are remembered when made: no read for them either
+        active._item_pairs.clear()
+        active.remember_pairs(study, [items[i] for i in open_leases])
+        sent.clear()
         state = active.read_pair_state(study, config, pid, NOW)
-        assert sorted(state.leased) == free
-        assert sorted(state.leased) == sorted(
-            scheduling._leased_free_items(person, study, config, NOW))
         assert {(a, b): n for a, b, n in state.open_per_pair} == dict(per_pair)
-        assert state.per_pair == active.pair_counts(study, config, pid, NOW)
+        assert active._item_pairs_query() not in sent
 
 
 def test_the_free_item_reads_look_up_each_items_leases_whatever_the_statistics(
