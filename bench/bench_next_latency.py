@@ -2,12 +2,16 @@
 
     python bench/bench_next_latency.py [--conditions 16] [--images 500] [--participants 30]
                                        [--rounds 5] [--database sqlite|postgres]
+                                       [--holding 0]
 
 One study per design (SQLite file, or a database of a throwaway PostgreSQL server) (all pairs of the conditions × every image, K = 3, M = 20,
 no catch or repeat trials, posterior recomputed every 20 votes), then participants take
 turns: fetch (timed; Flask's test client, no HTTP server, so this is the server's own
 work) and answer their batch. Prints p50 / p99 / max per design. Not the concurrent
-gunicorn load of ``bench/bench_votes.py``: one request at a time.
+gunicorn load of ``bench/bench_votes.py``: one request at a time. ``--holding N``: each
+batch is answered only after N more fetches (N participants hold their 4 open leases
+while the others fetch, as in a live study; N < participants), so the reads that grow with
+a study's open leases show.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 def measure(
     design: str, conditions: int, images: int, participants: int, rounds: int, root: Path,
-    database_url: str | None = None,
+    database_url: str | None = None, holding: int = 0,
 ) -> np.ndarray:
     """Seconds per ``next`` call for one study of ``design`` (on ``database_url``, an
-    empty database; default a SQLite file under ``root``)."""
+    empty database; default a SQLite file under ``root``); ``holding``: batches left
+    unanswered until that many later fetches."""
     from flask_migrate import upgrade
 
     from study_app import create_app
@@ -61,13 +66,17 @@ def measure(
     people = [Participant(client, slug) for _ in range(participants)]
     rng = np.random.default_rng(0)
     seconds = []
+    pending: list[tuple] = []  # (participant, trials) fetched, not yet answered
     for _ in range(rounds):
         for person in people:
             start = time.perf_counter()
             body = person.next().get_json()
             seconds.append(time.perf_counter() - start)
-            for trial in body["trials"]:
-                person.vote(trial["token"], "left" if rng.random() < 0.5 else "right")
+            pending.append((person, body["trials"]))
+            while len(pending) > holding:
+                who, trials = pending.pop(0)
+                for trial in trials:
+                    who.vote(trial["token"], "left" if rng.random() < 0.5 else "right")
     return np.array(seconds)
 
 
@@ -78,14 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--participants", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--holding", type=int, default=0,
+                        help="participants holding unanswered batches (< --participants)")
     args = parser.parse_args(argv)
     if args.conditions < 2 or min(args.images, args.participants, args.rounds) < 1:
         parser.error("--conditions must be >= 2 and --images/--participants/--rounds >= 1")
+    if not 0 <= args.holding < args.participants:
+        parser.error("--holding must be >= 0 and less than --participants (those who hold "
+                     "their batch cannot fetch again before answering it)")
     logging.disable(logging.INFO)  # Alembic's migration log
     items = args.images * args.conditions * (args.conditions - 1) // 2
     print(
         f"{args.conditions} conditions × {args.images} images = {items} items, "
         f"{args.participants} participants × {args.rounds} fetches, {args.database}, in-process"
+        + (f", {args.holding} holding their batch" if args.holding else "")
     )
     with tempfile.TemporaryDirectory() as tmp:
         for design in ("balanced", "active"):
@@ -97,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 ms = 1000 * measure(
                     design, args.conditions, args.images, args.participants, args.rounds,
-                    Path(tmp), url,
+                    Path(tmp), url, args.holding,
                 )
             finally:
                 stop()

@@ -177,6 +177,18 @@ def test_bench_next_latency_prints_both_designs(database):
         assert re.search(rf"^{design}\s+next: p50\s+[\d.]+ ms", output, re.M), output
 
 
+def test_bench_next_latency_holds_batches_open_and_refuses_too_many_holders():
+    output = run_script("bench/bench_next_latency.py", "--conditions", "3", "--images", "3",
+                        "--participants", "3", "--rounds", "2", "--holding", "2")
+    assert "3 participants × 2 fetches, sqlite, in-process, 2 holding their batch" in output
+    for design in ("balanced", "active"):
+        assert re.search(rf"^{design}\s+next: p50\s+[\d.]+ ms", output, re.M), output
+    bad = subprocess.run([sys.executable, "bench/bench_next_latency.py", "--participants", "2",
+                          "--holding", "2"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "--holding" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_bench_votes_next_latency_prints_both_designs():
     output = run_script("bench/bench_votes.py", "--next-latency", "--databases", "sqlite",
                         "--conditions", "3", "--images", "2", "--participants", "4",
