@@ -298,16 +298,18 @@ def remember_pairs(study: Study, items) -> None:
 
 
 def item_pairs(study: Study, item_ids: list[int]) -> dict[int, tuple[int, int]]:
-    """``{item id: (condition_a_id, condition_b_id)}`` covering ``item_ids`` (items of
-    ``study``): one read of those this process has not seen yet, if any."""
+    """``{item id: (condition_a_id, condition_b_id)}`` for ``item_ids`` (items of
+    ``study``): one read of those this process has not seen yet, if any. (A dict of its
+    own: another thread may clear the memo meanwhile.)"""
     known = _known_pairs(study)
-    missing = sorted({i for i in item_ids if i not in known})
+    pairs = {i: known.get(i) for i in item_ids}
+    missing = sorted(i for i, pair in pairs.items() if pair is None)
     if missing:
         if len(known) + len(missing) > ITEM_PAIRS_KEPT:
             known.clear()
         for item_id, a, b in read(_item_pairs_query(), {"ids": missing}).all():
-            known[item_id] = (a, b)
-    return known
+            known[item_id] = pairs[item_id] = (a, b)
+    return pairs
 
 
 def choose_pairs(

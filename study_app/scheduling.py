@@ -744,8 +744,9 @@ def _insert_trials(trials: list[Trial]) -> None:
     if not trials:
         return
     columns = _trial_columns()
-    ids = read(_insert_trials_query(),
-               [{c: getattr(t, c) for c in columns} for t in trials]).scalars().all()
+    ids = db.session.connection().execute(
+        _insert_trials_query(), [{c: getattr(t, c) for c in columns} for t in trials]
+    ).scalars().all()
     for trial, trial_id in zip(trials, ids, strict=True):
         trial.id = trial_id
         make_transient_to_detached(trial)

@@ -314,6 +314,15 @@ def test_one_read_gives_the_pairs_and_their_open_leases(db_app, tmp_path, monkey
         state = active.read_pair_state(study, config, pid, NOW)
         assert {(a, b): n for a, b, n in state.open_per_pair} == dict(per_pair)
         assert active._item_pairs_query() not in sent
+        # the memo past its size: cleared, and this read still maps every item
+        monkeypatch.setattr(active, "ITEM_PAIRS_KEPT", len(open_leases))
+        active._item_pairs.clear()
+        half = sorted(open_leases)[: len(open_leases) // 2]
+        active.remember_pairs(study, [items[i] for i in half] + [
+            next(i for i in items.values() if i.id not in open_leases)])
+        state = active.read_pair_state(study, config, pid, NOW)
+        assert {(a, b): n for a, b, n in state.open_per_pair} == dict(per_pair)
+        assert len(next(iter(active._item_pairs.values()))) == len(open_leases) - len(half)
 
 
 def test_the_free_item_reads_look_up_each_items_leases_whatever_the_statistics(
