@@ -109,10 +109,15 @@ def create_posterior(study: Study) -> None:
     db.session.flush()
 
 
-# The stored posterior as last parsed by this process, per study (database, id and creation
-# time: a database made anew at the same address is another key): a memo of the row,
-# used only while the row's (n_votes, computed_at) is unchanged. No state of its own: a
-# restart or another worker reads the same row. Its arrays are read-only.
+def _memo_key(study: Study) -> tuple:
+    """A study's key in this process's memos: database, id and creation time (a database
+    made anew at the same address is another key)."""
+    return str(db.engine.url), study.id, study.created_at
+
+
+# The stored posterior as last parsed by this process, per study (:func:`_memo_key`): a
+# memo of the row, used only while the row's (n_votes, computed_at) is unchanged. No state
+# of its own: a restart or another worker reads the same row. Its arrays are read-only.
 _parsed: dict[tuple, tuple[tuple, Posterior, list[int]]] = {}
 
 
@@ -137,7 +142,7 @@ def stored_posterior(study: Study) -> tuple[int, Posterior, list[int]] | None:
     version = read(_posterior_version(), params).first()
     if version is None:
         return None
-    key = (str(db.engine.url), study.id, study.created_at)
+    key = _memo_key(study)
     known = _parsed.get(key)
     if known is None or known[0] != tuple(version):
         row = read(_posterior_row(), params).one()
@@ -271,7 +276,7 @@ def read_pair_state(study: Study, config, participant_id: int, now: datetime,
                      [(a, b, count) for (a, b), count in open_per_pair.items()])
 
 
-# Each item's pair, per study (database, id and creation time): a memo of facts that never
+# Each item's pair, per study (:func:`_memo_key`): a memo of facts that never
 # change once the study is made (so never stale), filled with the items its open leases
 # name; the open-lease read then needs no join to ``item`` (at 360 open leases, 360 index
 # lookups: 1.2 ms of PostgreSQL's time per fetch). Cleared past ITEM_PAIRS_KEPT items.
@@ -286,7 +291,7 @@ def _item_pairs_query():
 
 
 def _known_pairs(study: Study) -> dict[int, tuple[int, int]]:
-    return _item_pairs.setdefault((str(db.engine.url), study.id, study.created_at), {})
+    return _item_pairs.setdefault(_memo_key(study), {})
 
 
 def remember_pairs(study: Study, items) -> None:
